@@ -1,0 +1,333 @@
+"""Typed configuration: dataclasses, YAML presets with ``base:`` inheritance, and ``key.sub=value`` overrides.
+
+A config is built in three layers, each checked against the dataclass fields (an unknown key is an error
+that names it and lists the known ones):
+
+1. the dataclass defaults,
+2. a preset name (a YAML file in ``maetok/configs/``) or a path to a YAML file, whose ``base:`` key names
+   another preset to start from,
+3. command-line overrides ``train.steps=1000 model.aux_targets='[{name: hog}]'`` (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetConfig:
+    """One auxiliary-decoder target: ``name`` from the target registry, its loss weight and type."""
+
+    name: str = "hog"
+    weight: float = 1.0
+    loss: str = "mse"  # "mse" or "cosine"
+    options: dict = field(default_factory=dict)  # passed to the target factory (e.g. weights path)
+
+
+@dataclass
+class TokenizerConfig:
+    """Architecture of the tokenizer. ``variant``: ``maetok`` (plain bottleneck, mask modeling and
+    auxiliary decoders), ``ae`` (plain bottleneck, no masking, no auxiliary decoders) or ``vae``
+    (diagonal-Gaussian bottleneck with a KL term; masking allowed for the paper's VAE+MM baseline)."""
+
+    variant: str = "maetok"
+    image_size: int = 256
+    in_channels: int = 3
+    patch_size: int = 16
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 768
+    decoder_depth: int = 12
+    decoder_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_latent_tokens: int = 128
+    latent_dim: int = 32
+    rope_theta: float = 100.0
+    layer_scale_init: float = 0.0  # 0 = no LayerScale
+    mask_ratio_min: float = 0.4
+    mask_ratio_max: float = 0.6
+    aux_depth: int = 3
+    aux_width: int = 0  # 0 = decoder_width
+    aux_heads: int = 0  # 0 = decoder_heads
+    aux_targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig("hog")])
+
+    def validate(self) -> None:
+        if self.variant not in ("maetok", "ae", "vae"):
+            raise ConfigError(f"model.variant must be 'maetok', 'ae' or 'vae', got {self.variant!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
+            )
+        if not 0.0 <= self.mask_ratio_min <= self.mask_ratio_max < 1.0:
+            raise ConfigError(
+                "need 0 <= model.mask_ratio_min <= model.mask_ratio_max < 1, got "
+                f"{self.mask_ratio_min}, {self.mask_ratio_max}"
+            )
+        if self.variant == "ae" and (self.mask_ratio_max > 0 or self.aux_targets):
+            raise ConfigError(
+                "model.variant='ae' is the plain autoencoder: set model.mask_ratio_min=0 model.mask_ratio_max=0 "
+                "model.aux_targets=[] (or use variant 'maetok' for masked training)"
+            )
+        names = [t.name for t in self.aux_targets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model.aux_targets names must be unique, got {names}")
+        for t in self.aux_targets:
+            if t.loss not in ("mse", "cosine"):
+                raise ConfigError(f"aux target {t.name!r}: loss must be 'mse' or 'cosine', got {t.loss!r}")
+        for part in ("encoder", "decoder"):
+            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+            if width % heads or (width // heads) % 4:
+                raise ConfigError(
+                    f"model.{part}_width={width} / {part}_heads={heads} must give a head dim divisible by 4 (2D RoPE)"
+                )
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size // self.patch_size, self.image_size // self.patch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (shared by the tokenizer and the diffusion models)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)
+    warmup_steps: int = 10_000
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500_000
+    batch_size: int = 512  # global, split over processes
+    seed: int = 0
+    precision: str = "auto"  # "auto" (bf16 autocast where supported), "bf16", "fp32"
+    ema_decay: float = 0.9999  # 0 = no EMA
+    flip: bool = True  # random horizontal flips
+    num_workers: int = 4
+    log_every: int = 50
+    eval_every: int = 5_000
+    ckpt_every: int = 5_000
+    compile: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Eq. 6 of the paper plus the mask-modeling and KL terms."""
+
+    recon_weight: float = 1.0  # pixel MSE
+    perceptual_weight: float = 1.0  # LPIPS-VGG
+    perceptual_warmup: int = 0
+    gan_weight: float = 0.4
+    gan_start: int = 30_000
+    gan_backbone: str = "dinov2-s"
+    gan_lr: float = 1e-4
+    lecam_weight: float = 0.001
+    kl_weight: float = 1e-6  # vae only
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: frozen encoder, pixel decoder fine-tuned while the mask ratio decays linearly."""
+
+    steps: int = 50_000
+    mask_ratio_start: float = 0.6
+    mask_ratio_end: float = 0.0
+    mask_decay_steps: int = 50_000
+    lr: float = 1e-4
+    warmup_steps: int = 1_000
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # "fashion-mnist" or an image folder path
+    eval_images: int = 64  # images in the periodic reconstruction grid
+
+
+@dataclass
+class TokenizerTrainConfig:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.optim.schedule!r}")
+        if self.train.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.train.precision!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from dicts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass ``cls`` from a (possibly partial) dict, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {name!r}; known keys here: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return dataclasses.replace(cls(), **kwargs)  # a nested partial dict starts from its class defaults
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass -> plain dict (tuples become lists), JSON/YAML-serialisable."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_preset(name_or_path: str, _seen: Optional[set] = None) -> dict:
+    """Read a preset name or YAML path into a raw dict, resolving ``base:`` chains."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"no preset or YAML file named {name_or_path!r}; presets: {', '.join(list_presets())}"
+            )
+    seen = _seen or set()
+    if path.resolve() in seen:
+        raise ConfigError(f"preset {path} inherits from itself through 'base:'")
+    seen.add(path.resolve())
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level")
+    base_name = raw.pop("base", None)
+    if base_name:
+        raw = _deep_merge(read_preset(base_name, seen), raw)
+    return raw
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.steps=10", "model.variant=ae"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {err}") from None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(cls: type[T], preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> T:
+    """Defaults <- preset/YAML <- overrides, validated."""
+    raw = read_preset(preset) if preset else {}
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    cfg = from_dict(cls, raw)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg

@@ -1,0 +1,345 @@
+"""The MAETok tokenizer (paper §3): a ViT encoder with learnable 1D latent tokens, a ViT pixel decoder,
+auxiliary shallow decoders, and the AE / VAE baselines from the same class.
+
+Data flow (B images, N = (H/p)(W/p) patch tokens, L latent tokens, H_lat channels per latent token)::
+
+    images (B, C, H, W) --patch embed--> x (B, N, D) --mask--> [x ; z + ape] (B, N+L, D)
+        --encoder blocks (2D RoPE on the N image tokens)--> last L tokens --norm, linear--> latents (B, L, H_lat)
+    latents --linear + ape--> [e ; h] (B, N+L, D) --decoder blocks (2D RoPE on e)--> first N tokens
+        --norm, linear--> patches (B, N, p*p*C) --unpatchify--> images (B, C, H, W)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from maetok.config import ConfigError, TokenizerConfig, from_dict, to_dict
+from maetok.models.blocks import (
+    Block,
+    PatchEmbed,
+    Rope,
+    init_vit_weights,
+    rope_angles_2d,
+    rope_from_angles,
+    unpatchify,
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _grid_rope(grid: tuple[int, int], head_dim: int, theta: float, num_latent: int, device: torch.device) -> Rope:
+    """RoPE (cos, sin) for ``[image tokens ; latent tokens]``: 2D on the grid, identity on latents."""
+    cos, sin = rope_from_angles(rope_angles_2d(grid[0], grid[1], head_dim, theta), num_unrotated=num_latent)
+    return cos.to(device), sin.to(device)
+
+
+class ViTEncoder(nn.Module):
+    """Patch tokens + learnable latent tokens through a ViT; returns the latent positions.
+
+    ``forward(images (B, C, H, W), mask (B, N) bool or None) -> (B, L, out_dim)``.
+    """
+
+    def __init__(self, cfg: TokenizerConfig, out_dim: int):
+        super().__init__()
+        width = cfg.encoder_width
+        self.num_latent_tokens = cfg.num_latent_tokens
+        self.head_dim = width // cfg.encoder_heads
+        self.rope_theta = cfg.rope_theta
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, width)
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.latent_tokens = nn.Parameter(torch.zeros(cfg.num_latent_tokens, width))
+        self.latent_pos_embed = nn.Parameter(torch.zeros(cfg.num_latent_tokens, width))
+        self.blocks = nn.ModuleList(
+            Block(width, cfg.encoder_heads, cfg.mlp_ratio, layer_scale_init=cfg.layer_scale_init or None)
+            for _ in range(cfg.encoder_depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.to_latent = nn.Linear(width, out_dim)
+        self.apply(init_vit_weights)
+        for p in (self.mask_token, self.latent_tokens, self.latent_pos_embed):
+            nn.init.normal_(p, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        tokens = self.patch_embed(images)  # (B, N, D)
+        grid = (images.shape[-2] // self.patch_embed.patch_size, images.shape[-1] // self.patch_embed.patch_size)
+        if mask is not None:
+            tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        latent = (self.latent_tokens + self.latent_pos_embed).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([tokens, latent.to(tokens.dtype)], dim=1)  # (B, N + L, D)
+        rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, x.device)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.to_latent(self.norm(x[:, -self.num_latent_tokens :]))
+
+
+class ViTDecoder(nn.Module):
+    """Learnable image query tokens + projected latents through a ViT; returns one vector per query.
+
+    Used for the pixel decoder (``out_dim = p * p * C``) and for the auxiliary decoders (``out_dim = D^j``).
+    The N query tokens are learned on the training grid and bilinearly resampled for other grids.
+    ``forward(latents (B, L, H_lat), grid (gh, gw)) -> (B, gh * gw, out_dim)``.
+    """
+
+    def __init__(
+        self,
+        cfg: TokenizerConfig,
+        width: int,
+        depth: int,
+        num_heads: int,
+        out_dim: int,
+    ):
+        super().__init__()
+        self.num_latent_tokens = cfg.num_latent_tokens
+        self.head_dim = width // num_heads
+        self.rope_theta = cfg.rope_theta
+        self.train_grid = cfg.grid_size
+        self.query_tokens = nn.Parameter(torch.zeros(self.train_grid[0] * self.train_grid[1], width))
+        self.latent_proj = nn.Linear(cfg.latent_dim, width)
+        self.latent_pos_embed = nn.Parameter(torch.zeros(cfg.num_latent_tokens, width))
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, cfg.mlp_ratio, layer_scale_init=cfg.layer_scale_init or None)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_dim)
+        self.apply(init_vit_weights)
+        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.latent_pos_embed, std=0.02)
+
+    def queries(self, grid: tuple[int, int]) -> Tensor:
+        """Query tokens ``(gh * gw, D)`` for a grid, resampled from the training grid if needed."""
+        if tuple(grid) == tuple(self.train_grid):
+            return self.query_tokens
+        q = self.query_tokens.T.reshape(1, -1, *self.train_grid)
+        q = F.interpolate(q, size=grid, mode="bicubic", align_corners=False)
+        return q.reshape(q.shape[1], -1).T
+
+    def forward(self, latents: Tensor, grid: tuple[int, int]) -> Tensor:
+        b = latents.shape[0]
+        latent = self.latent_proj(latents) + self.latent_pos_embed
+        queries = self.queries(grid).expand(b, -1, -1).to(latent.dtype)
+        x = torch.cat([queries, latent], dim=1)  # (B, N + L, D)
+        rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, x.device)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.head(self.norm(x[:, : grid[0] * grid[1]]))
+
+
+@dataclass
+class TokenizerOutput:
+    """What one training forward pass produces."""
+
+    reconstruction: Tensor  # (B, C, H, W)
+    grid: tuple[int, int]  # patch grid (gh, gw) of the images
+    latents: Tensor  # (B, L, H_lat), the sample for a VAE
+    mask: Optional[Tensor]  # (B, N) bool, True = masked; None when nothing was masked
+    aux_predictions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, N, D^j)
+    posterior_mean: Optional[Tensor] = None  # VAE only, (B, L, H_lat)
+    posterior_logvar: Optional[Tensor] = None  # VAE only
+
+
+MaskRatio = Union[float, tuple[float, float], Tensor]
+
+
+class MAETok(nn.Module):
+    """MAETok / AE / VAE tokenizer. Images are ``(B, C, H, W)`` in [-1, 1]; latents ``(B, L, H_lat)``.
+
+    ``aux_dims`` maps auxiliary-target names to their feature sizes; auxiliary decoders are built only for
+    training and are never part of :meth:`save_pretrained`.
+    """
+
+    def __init__(self, config: TokenizerConfig, aux_dims: Optional[dict[str, int]] = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        is_vae = config.variant == "vae"
+        self.encoder = ViTEncoder(config, out_dim=2 * config.latent_dim if is_vae else config.latent_dim)
+        self.decoder = ViTDecoder(
+            config,
+            config.decoder_width,
+            config.decoder_depth,
+            config.decoder_heads,
+            out_dim=config.patch_size**2 * config.in_channels,
+        )
+        self.aux_decoders = nn.ModuleDict()
+        for name, dim in (aux_dims or {}).items():
+            self.aux_decoders[name] = ViTDecoder(
+                config,
+                config.aux_width or config.decoder_width,
+                config.aux_depth,
+                config.aux_heads or config.decoder_heads,
+                out_dim=dim,
+            )
+
+    # -- geometry ----------------------------------------------------------------------------------------
+
+    def grid_size(self, images: Tensor) -> tuple[int, int]:
+        p = self.config.patch_size
+        if images.dim() != 4 or images.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}"
+            )
+        if images.shape[-2] % p or images.shape[-1] % p:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}")
+        return images.shape[-2] // p, images.shape[-1] // p
+
+    @staticmethod
+    def random_mask(
+        batch_size: int,
+        num_tokens: int,
+        ratio: MaskRatio,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Boolean mask ``(B, N)``, True = masked. ``ratio``: a float, a ``(min, max)`` range drawn uniformly
+        per image, or a ``(B,)`` tensor of per-image ratios. Each image gets ``round(r * N)`` masked tokens
+        chosen uniformly at random. Drawn on the CPU from ``generator`` (reproducible on every device)."""
+        if isinstance(ratio, tuple):
+            low, high = ratio
+            ratio = low + (high - low) * torch.rand(batch_size, generator=generator)
+        ratios = torch.as_tensor(ratio, dtype=torch.float64).expand(batch_size)
+        num_masked = torch.round(ratios * num_tokens).long()
+        noise = torch.rand(batch_size, num_tokens, generator=generator)
+        ranks = noise.argsort(dim=1).argsort(dim=1)
+        return ranks < num_masked[:, None]
+
+    # -- encode / decode ---------------------------------------------------------------------------------
+
+    def encode_posterior(self, images: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Encoder output: ``(mean, logvar)`` for a VAE, ``(latents, None)`` otherwise; each ``(B, L, H_lat)``."""
+        self.grid_size(images)
+        out = self.encoder(images, mask)
+        if self.config.variant != "vae":
+            return out, None
+        mean, logvar = out.chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, images: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+        """images ``(B, C, H, W)`` in [-1, 1] -> latents ``(B, L, H_lat)``. A VAE returns its posterior mean
+        unless ``sample``."""
+        mean, logvar = self.encode_posterior(images)
+        if logvar is None or not sample:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + (0.5 * logvar).exp() * noise
+
+    def decode(self, latents: Tensor, image_size: Optional[tuple[int, int]] = None) -> Tensor:
+        """latents ``(B, L, H_lat)`` -> images ``(B, C, H, W)`` (unclamped, nominally [-1, 1])."""
+        cfg = self.config
+        if latents.dim() != 3 or latents.shape[1:] != (cfg.num_latent_tokens, cfg.latent_dim):
+            raise ValueError(
+                f"expected latents (B, {cfg.num_latent_tokens}, {cfg.latent_dim}), got {tuple(latents.shape)}"
+            )
+        h, w = image_size or (cfg.image_size, cfg.image_size)
+        grid = (h // cfg.patch_size, w // cfg.patch_size)
+        patches = self.decoder(latents, grid)
+        return unpatchify(patches, cfg.patch_size, grid[0], grid[1], cfg.in_channels)
+
+    def forward(
+        self,
+        images: Tensor,
+        mask_ratio: Optional[MaskRatio] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> TokenizerOutput:
+        """Training pass: mask (if ``mask_ratio``), encode, decode, run the auxiliary decoders."""
+        grid = self.grid_size(images)
+        mask = None
+        if mask_ratio is not None:
+            mask = self.random_mask(images.shape[0], grid[0] * grid[1], mask_ratio, generator).to(images.device)
+            if not mask.any():
+                mask = None
+        mean, logvar = self.encode_posterior(images, mask)
+        latents = mean
+        if logvar is not None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            latents = mean + (0.5 * logvar).exp() * noise
+        patches = self.decoder(latents, grid)
+        reconstruction = unpatchify(patches, self.config.patch_size, grid[0], grid[1], self.config.in_channels)
+        aux = {name: decoder(latents, grid) for name, decoder in self.aux_decoders.items()}
+        return TokenizerOutput(
+            reconstruction=reconstruction,
+            grid=grid,
+            latents=latents,
+            mask=mask,
+            aux_predictions=aux,
+            posterior_mean=mean if logvar is not None else None,
+            posterior_logvar=logvar,
+        )
+
+    def last_decoder_layer(self) -> Tensor:
+        """The pixel head's weight: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.head.weight
+
+    # -- parameters --------------------------------------------------------------------------------------
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {
+            "encoder": sum(p.numel() for p in self.encoder.parameters()),
+            "decoder": sum(p.numel() for p in self.decoder.parameters()),
+        }
+        for name, module in self.aux_decoders.items():
+            counts[f"aux.{name}"] = sum(p.numel() for p in module.parameters())
+        counts["tokenizer (encoder + decoder)"] = counts["encoder"] + counts["decoder"]
+        return counts
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """Encoder + pixel decoder weights (no auxiliary decoders)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("aux_decoders.")}
+
+    # -- persistence -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (encoder + pixel decoder), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.inference_state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith("aux_decoders.")}
+        config = {"model_type": "maetok", **to_dict(self.config)}
+        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp_weights), metadata={"format": "pt"})
+        tmp_config = directory / (CONFIG_NAME + ".tmp")
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+        tmp_weights.replace(directory / WEIGHTS_NAME)
+        tmp_config.replace(directory / CONFIG_NAME)
+        return directory
+
+    @classmethod
+    def load_config(cls, directory: Union[str, Path]) -> TokenizerConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: a tokenizer directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+        model_type = raw.pop("model_type", "maetok")
+        if model_type != "maetok":
+            raise ConfigError(f"{path}: model_type {model_type!r} is not a maetok tokenizer")
+        return from_dict(TokenizerConfig, raw, where=str(path))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "MAETok":
+        """Load a directory written by :meth:`save_pretrained` (safetensors: no code is executed)."""
+        directory = Path(directory)
+        config = cls.load_config(directory)
+        model = cls(config)
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights} not found")
+        state = load_file(str(weights), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match its config: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+        return model.eval()

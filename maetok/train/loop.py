@@ -1,0 +1,279 @@
+"""What every training run shares: devices and processes, precision, the learning-rate schedule, EMA,
+a deterministic resumable batch stream, atomic checkpoints, and the progress/CSV log.
+
+A resumed run continues exactly as the uninterrupted one would: the batch order is a pure function of
+(seed, step), and every other random draw of a step comes from one CPU ``torch.Generator`` whose state is
+saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maetok.config import OptimConfig, TrainConfig
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes and devices
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> DistInfo:
+    """One process (CPU or one GPU) or many under ``torchrun`` (NCCL on GPUs, gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device supports it (``auto``: CUDA with bf16 only), else a no-op."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def mean_across_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimisation helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warmup then cosine (to ``min_lr_ratio``) or constant; multiplies ``optim.lr``."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_adamw(params: Sequence[nn.Parameter] | Iterator[nn.Parameter], optim: OptimConfig, lr: Optional[float] = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases, tokens and embeddings)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr or optim.lr, betas=tuple(optim.betas))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (a detached copy kept in fp32)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], 1 - self.decay)
+        for k, v in self.shadow.items():
+            if not v.is_floating_point():
+                v.copy_(current[k])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks keys {sorted(missing)[:5]}")
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic, resumable batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Global batch ``k`` holds positions ``[k*B, (k+1)*B)`` of the endless stream of per-epoch random
+    permutations (epoch ``e`` permuted with seed ``seed + e``). Each process takes its slice of each global
+    batch. Starting at ``start_step`` reproduces exactly the batches an uninterrupted run would see."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
+        if num_items < 1:
+            raise ValueError("the dataset is empty")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self._perm_epoch = -1
+        self._perm: Optional[Tensor] = None
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.num_items, generator=g)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch_indices(self, step: int) -> list[int]:
+        start = step * self.batch_size
+        out = []
+        for pos in range(start, start + self.batch_size):
+            epoch, offset = divmod(pos, self.num_items)
+            out.append(int(self._permutation(epoch)[offset]))
+        per_rank = self.batch_size // self.world_size
+        return out[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            yield self.batch_indices(step)
+            step += 1
+
+
+def batch_stream(
+    dataset: Dataset, batch_size: int, seed: int, start_step: int, dist_info: DistInfo, num_workers: int
+) -> Iterator[Any]:
+    """Endless iterator of collated batches beginning at ``start_step``."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, dist_info.rank, dist_info.world_size)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=dist_info.device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write to ``path.tmp`` then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint written by :func:`atomic_torch_save` without executing pickled code."""
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - report which file is broken
+        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Appends rows to ``DIR/log.csv`` (header grows when new columns appear) and drives a tqdm bar."""
+
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, desc: str = "train"):
+        self.path = path
+        self.enabled = enabled
+        self.rows: list[dict[str, float]] = []
+        if enabled and path.exists():
+            with path.open() as f:
+                self.rows = [
+                    {k: float(v) for k, v in row.items() if v not in ("", None)}
+                    for row in csv.DictReader(f)
+                    if float(row["step"]) <= start_step
+                ]
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1)
+        self._last_time = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        if self.bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "img_per_s", "psnr", "lr")}
+            self.bar.set_postfix(shown, refresh=False)
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [k for k in r if k not in columns]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
