@@ -110,17 +110,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class EMA:
-    """Exponential moving average of a module's parameters and buffers (a detached copy kept in fp32)."""
+    """Exponential moving average of a module's parameters and buffers (a detached copy kept in fp32).
+
+    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` so that short runs are not dominated by
+    the random initialisation (with 0.999 and no warmup, 30% of the average after 1200 steps would still be
+    the initial weights)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
         current = model.state_dict()
         floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], 1 - self.decay)
+        weight = 1 - self.decay_at(step)
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], weight)
         for k, v in self.shadow.items():
             if not v.is_floating_point():
                 v.copy_(current[k])

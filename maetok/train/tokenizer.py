@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
 from maetok.data import build_dataset, random_hflip, save_image_grid
+from maetok.eval.metrics import psnr, to_uint8
 from maetok.losses.objective import TokenizerObjective
 from maetok.models.tokenizer import MAETok
 from maetok.targets import build_target
@@ -43,12 +44,6 @@ from maetok.train.loop import (
 )
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-
-
-def psnr_of(reconstruction: Tensor, images: Tensor) -> float:
-    """Mean per-image PSNR (dB) of images in [-1, 1] measured on [0, 1]."""
-    mse = ((reconstruction.float().clamp(-1, 1) - images.float()) / 2).pow(2).flatten(1).mean(dim=1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
 
 
 def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
@@ -110,7 +105,9 @@ class TokenizerTrainer:
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels)
 
         torch.manual_seed(cfg.train.seed)
-        self.objective = build_objective(cfg, with_targets=stage == "pretrain", device=self.device)
+        # stage 2 starts after stage 1's discriminator warm-up: the adversarial term is on from its step 0
+        objective_cfg = cfg if stage == "pretrain" else dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gan_start=0))
+        self.objective = build_objective(objective_cfg, with_targets=stage == "pretrain", device=self.device)
         aux_dims = {name: t.dim for name, t in self.objective.targets.items()}
         model = MAETok(m, aux_dims)
         if stage == "finetune":
@@ -189,7 +186,7 @@ class TokenizerTrainer:
             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_cfg.grad_clip).item()
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step)
         with autocast(cfg.train.precision, self.device):
             logs.update(self.objective.discriminator_step(images, out.reconstruction.detach(), self.step))
         logs["lr"] = lr
@@ -212,7 +209,7 @@ class TokenizerTrainer:
         images = self.eval_images.to(self.device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)
         save_image_grid(torch.cat([images, recon]).cpu(), self.out_dir / f"recon_{self.stage}_step{step:07d}.png", nrow=min(16, len(images)))
-        return {"eval_psnr": psnr_of(recon, images)}
+        return {"eval_psnr": psnr(to_uint8(images.cpu()), to_uint8(recon.cpu()))}
 
     def save_checkpoint(self) -> None:
         generators = [self.generator.get_state()]
@@ -241,7 +238,9 @@ class TokenizerTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def fit(self) -> Path:
+    def fit(self, stop_at: Optional[int] = None) -> Path:
+        """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
+        that continue with ``--resume``); export the EMA tokenizer when the run is complete."""
         cfg, dist_info = self.cfg, self.dist
         if dist_info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +251,8 @@ class TokenizerTrainer:
         log = RunLog(self.out_dir / "log.csv", self.total_steps, self.step, enabled=dist_info.is_main, desc=self.stage)
         window_start, window_images, window_steps, sums = time.perf_counter(), 0, 0, {}
         self.model.train()
-        while self.step < self.total_steps:
+        end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
+        while self.step < end:
             images, _labels = next(stream)
             logs = self.train_step(images)
             self.step += 1
@@ -271,10 +271,12 @@ class TokenizerTrainer:
                     row.update(self.evaluate(self.step))
                 log.log(row)
                 window_start, window_images, window_steps, sums = time.perf_counter(), 0, 0, {}
-            if self.step % cfg.train.ckpt_every == 0 or last:
+            if self.step % cfg.train.ckpt_every == 0 or last or self.step == end:
                 self.save_checkpoint()
         log.close()
-        if dist_info.is_main:
+        if hasattr(self.train_set, "log_skipped"):
+            self.train_set.log_skipped()
+        if dist_info.is_main and self.step == self.total_steps:
             path = self.export()
             print(f"[maetok] {self.stage} done: tokenizer saved to {path}")
         return self.out_dir / "model"

@@ -1,0 +1,665 @@
+"""Image datasets: Fashion-MNIST from its IDX files, any folder of images, a stable hash split, hflip.
+
+Every dataset returns ``(image, label)`` with ``image`` a float32 tensor (C, H, W) in [-1, 1] and ``label``
+an int (``(image, label, caption)`` for ``ImageFolder(return_captions=True)``), and exposes
+``num_classes`` (0 if unlabeled), ``class_names``, ``channels``, ``image_size`` and ``labels``
+(int64 array of length ``len(dataset)``).
+
+There is no random augmentation inside datasets: the training loop flips batches with ``random_hflip`` and its
+own seeded ``torch.Generator``, so a resumed run replays the exact same flips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from maetok.data.images import BadImageError, load_image, resize_center_crop, to_tensor
+
+__all__ = [
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "FashionMNIST",
+    "ImageFolder",
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "DEFAULT_FASHION_MNIST_ROOT",
+    "FASHION_MNIST_ENV",
+    "DEFAULT_HOLDOUT_FRACTION",
+    "read_idx",
+    "hash_split",
+    "split_paths",
+    "build_dataset",
+    "random_hflip",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "MAETOK_FASHION_MNIST"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+DEFAULT_HOLDOUT_FRACTION = 0.05
+_MAX_WARNINGS_PER_PROCESS = 5
+_MAX_CONSECUTIVE_FAILURES = 256
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files or folder are missing; the message says how to get them."""
+
+
+class ImageDataset(Dataset):
+    """Common attributes of maetok datasets (see module docstring)."""
+
+    num_classes: int
+    class_names: list[str]
+    channels: int
+    image_size: int
+    labels: np.ndarray
+
+
+def _normalise_split(split: str | None, allowed: Sequence[str]) -> str | None:
+    if split is None:
+        return None
+    name = str(split).lower()
+    if name == "val":
+        name = "test"
+    if name not in allowed:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------- IDX files
+
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
+    """Parse an IDX file (the MNIST / Fashion-MNIST format), gzip-compressed or raw (detected from the bytes).
+
+    The header is a big-endian magic number ``0x0000TTNN`` (TT = element type, NN = number of dimensions)
+    followed by NN big-endian uint32 sizes, then the data.
+
+    Args:
+        path: the file.
+        expected_magic: if given, the exact magic number required (0x803 for images, 0x801 for labels).
+
+    Returns:
+        array of the file's shape and dtype (a read-only view of the decompressed bytes).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DatasetNotFoundError(f"cannot read IDX file '{path}': {error.strerror or error}") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip, whatever the file name says
+        try:
+            raw = zlib.decompress(raw, wbits=31)
+        except zlib.error as error:
+            raise ValueError(f"IDX file '{path}' is a damaged gzip stream ({error})") from None
+    if len(raw) < 4:
+        raise ValueError(f"IDX file '{path}' is too short ({len(raw)} bytes) to hold a header")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if expected_magic is not None and magic != expected_magic:
+        raise ValueError(f"IDX file '{path}' has magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+    type_code, num_dims = raw[2], raw[3]
+    if raw[0] != 0 or raw[1] != 0 or type_code not in _IDX_DTYPES or num_dims == 0:
+        raise ValueError(f"'{path}' is not an IDX file (magic number 0x{magic:08x})")
+    header_bytes = 4 + 4 * num_dims
+    if len(raw) < header_bytes:
+        raise ValueError(f"IDX file '{path}' is truncated inside its header")
+    shape = struct.unpack(f">{num_dims}I", raw[4:header_bytes])
+    dtype = _IDX_DTYPES[type_code]
+    count = int(np.prod(shape, dtype=np.int64))
+    expected_bytes = header_bytes + count * dtype.itemsize
+    if len(raw) != expected_bytes:
+        raise ValueError(
+            f"IDX file '{path}' has {len(raw)} bytes but its header (shape {shape}, {dtype}) needs {expected_bytes}"
+        )
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=header_bytes).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------ Fashion-MNIST
+
+
+def _find_idx_file(root: Path, stem: str) -> Path | None:
+    dotted = stem.replace("-idx", ".idx")
+    for name in (f"{stem}.gz", stem, f"{dotted}.gz", dotted):
+        candidate = root / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class FashionMNIST(ImageDataset):
+    """Fashion-MNIST (60,000 train / 10,000 test, 28x28 gray, 10 classes) read from the original IDX files.
+
+    Files are looked up in ``root``, else ``$MAETOK_FASHION_MNIST``, else ``/usr/share/datasets/fashion-mnist``
+    (Debian package ``dataset-fashion-mnist``). All images are decoded once into one uint8 array (well under
+    a second for the 60k training images).
+
+    Images are zero-padded (centered, black, i.e. -1 after scaling) from 28x28 to ``image_size`` when
+    ``image_size >= 28``, or resized (bicubic, antialiased) when smaller.
+
+    Items: ``(image, label)``, image float32 (channels, image_size, image_size) in [-1, 1], label int 0..9.
+    With ``channels=3`` the gray image is repeated over RGB. ``images`` holds the uint8 array (N, S, S).
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        root: str | os.PathLike | None = None,
+        image_size: int = 32,
+        channels: int = 1,
+    ) -> None:
+        split_name = _normalise_split(split, ("train", "test"))
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        root_path = Path(root or os.environ.get(FASHION_MNIST_ENV) or DEFAULT_FASHION_MNIST_ROOT).expanduser()
+        prefix = "train" if split_name == "train" else "t10k"
+        images_file = _find_idx_file(root_path, f"{prefix}-images-idx3-ubyte")
+        labels_file = _find_idx_file(root_path, f"{prefix}-labels-idx1-ubyte")
+        if images_file is None or labels_file is None:
+            missing = f"{prefix}-images-idx3-ubyte.gz" if images_file is None else f"{prefix}-labels-idx1-ubyte.gz"
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST file '{missing}' not found in '{root_path}'. Install the dataset with "
+                f"`apt-get install dataset-fashion-mnist` (files go to {DEFAULT_FASHION_MNIST_ROOT}), or point "
+                f"${FASHION_MNIST_ENV} / root= at a folder holding the original IDX .gz files."
+            )
+        images = read_idx(images_file, expected_magic=0x00000803)
+        labels = read_idx(labels_file, expected_magic=0x00000801)
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise ValueError(f"'{images_file}' holds images of shape {images.shape[1:]}, expected (28, 28)")
+        if len(images) != len(labels):
+            raise ValueError(f"'{images_file}' has {len(images)} images but '{labels_file}' has {len(labels)} labels")
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"'{labels_file}' holds label {int(labels.max())}, expected 0..9")
+
+        self.split = split_name
+        self.root = root_path
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.class_names = list(FASHION_MNIST_CLASSES)
+        self.num_classes = len(self.class_names)
+        self.labels = labels.astype(np.int64)
+        self.images = self._fit_size(images, self.image_size)  # uint8 (N, S, S)
+
+    @staticmethod
+    def _fit_size(images: np.ndarray, size: int) -> np.ndarray:
+        height = images.shape[1]
+        if size == height:
+            return np.array(images, dtype=np.uint8, copy=True)  # writable (the IDX view is read-only)
+        if size > height:
+            before = (size - height) // 2
+            after = size - height - before
+            return np.pad(images, ((0, 0), (before, after), (before, after)), mode="constant", constant_values=0)
+        resized = np.empty((len(images), size, size), dtype=np.uint8)
+        for start in range(0, len(images), 8192):
+            chunk = torch.from_numpy(np.array(images[start : start + 8192], dtype=np.float32))[:, None]
+            chunk = torch.nn.functional.interpolate(chunk, size=(size, size), mode="bicubic", antialias=True)
+            resized[start : start + 8192] = chunk[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+        return resized
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _as_float(self, uint8_images: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(uint8_images)).to(torch.float32).div_(127.5).sub_(1.0)
+        tensor = tensor.unsqueeze(-3)
+        if self.channels == 3:
+            tensor = tensor.expand(*tensor.shape[:-3], 3, *tensor.shape[-2:]).contiguous()
+        return tensor
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for Fashion-MNIST {self.split} ({len(self)} images)")
+        return self._as_float(self.images[index]), int(self.labels[index])
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised access: images (B, channels, S, S) float32 in [-1, 1] and labels (B,) int64."""
+        index_array = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+        return self._as_float(self.images[index_array]), torch.from_numpy(self.labels[index_array])
+
+    def __repr__(self) -> str:
+        return (
+            f"FashionMNIST(split={self.split!r}, root='{self.root}', image_size={self.image_size}, "
+            f"channels={self.channels}, len={len(self)})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+def hash_split(relative_path: str, holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> Literal["train", "test"]:
+    """Deterministic train / held-out assignment of one file from its path relative to the dataset root.
+
+    The SHA-1 of the '/'-separated relative path, read as a number in [0, 1), is compared with
+    ``holdout_fraction``; the result never changes across runs or machines, nor when other files are added.
+    """
+    if not 0.0 <= holdout_fraction <= 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
+    key = relative_path.replace(os.sep, "/").encode("utf-8")
+    position = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
+    return "test" if position < holdout_fraction else "train"
+
+
+def split_paths(
+    relative_paths: Sequence[str], split: str, holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
+) -> list[int]:
+    """Indices of ``relative_paths`` in ``split`` ('train', 'test' / 'val' or 'all') under ``hash_split``."""
+    split_name = _normalise_split(split, ("train", "test", "all"))
+    if split_name == "all":
+        return list(range(len(relative_paths)))
+    return [i for i, rel in enumerate(relative_paths) if hash_split(rel, holdout_fraction) == split_name]
+
+
+# ------------------------------------------------------------------------------------------- ImageFolder
+
+
+def _scan_image_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    """All image files below root (hidden files / folders skipped), as '/'-joined relative paths, sorted."""
+    found: list[tuple[str, ...]] = []
+    stack: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
+    while stack:
+        folder, parts = stack.pop()
+        try:
+            with os.scandir(folder) as iterator:
+                entries = list(iterator)
+        except OSError as error:
+            logger.warning("cannot list folder '%s': %s", folder, error)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    stack.append((entry.path, parts + (entry.name,)))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
+                    found.append(parts + (entry.name,))
+            except OSError:
+                continue
+    found.sort()
+    return ["/".join(parts) for parts in found]
+
+
+class _PackedStrings:
+    """A list of strings stored as one uint8 buffer + offsets, so DataLoader workers forked from the main
+    process do not copy millions of Python objects (copy-on-read through reference counts)."""
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        encoded = [s.encode("utf-8") for s in strings]
+        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
+
+    def to_list(self) -> list[str]:
+        return [self[i] for i in range(len(self))]
+
+
+class ImageFolder(ImageDataset):
+    """Every image below ``root`` (any depth), sorted by relative path; decoded, converted to RGB / gray,
+    resized + center cropped (or padded) to ``image_size`` on access.
+
+    Classes: the names of the top-level sub-folders that hold images (at any depth), sorted, are the classes
+    and labels are their indices; loose images directly in ``root`` then get label -1 (a warning names one).
+    Without sub-folders (or with ``use_classes=False``) the dataset is unlabeled: ``num_classes == 0`` and
+    every label is 0. An explicit ``class_names`` list (e.g. the train classes for a val folder) fixes the
+    mapping: top-level folders map to those indices, images anywhere else get label -1.
+
+    Split: ``split=None`` or 'all' keeps every file; 'train' / 'test' ('val') keep the files that
+    ``hash_split`` assigns to that side with ``holdout_fraction``.
+
+    Bad files (truncated, corrupt, empty, not an image) never stop a run: ``__getitem__`` deterministically
+    returns the next readable index instead (wrapping around), and marks the bad index in a shared-memory flag
+    array that DataLoader workers write to, so ``num_skipped`` / ``skipped_files`` in the main process count
+    the distinct bad files met by any worker. The first few bad files are logged by each process, and
+    ``log_skipped()`` logs a summary. ``scan()`` validates every file up front and drops the bad ones.
+
+    Items: ``(image, label)`` or, with ``return_captions=True``, ``(image, label, caption)`` where caption is
+    the stripped text of the ``.txt`` file of the same stem next to the image ("" if absent).
+    image: float32 (channels, image_size, image_size) in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        channels: int = 3,
+        split: str | None = None,
+        *,
+        return_captions: bool = False,
+        holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+        resize_mode: Literal["crop", "pad"] = "crop",
+        use_classes: bool = True,
+        class_names: Sequence[str] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if resize_mode not in ("crop", "pad"):
+            raise ValueError(f"resize_mode must be 'crop' or 'pad', got {resize_mode!r}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"image folder '{self.root}' does not exist or is not a directory")
+        self.split = _normalise_split(split, ("train", "test", "all"))
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.return_captions = bool(return_captions)
+        self.resize_mode = resize_mode
+        self.holdout_fraction = float(holdout_fraction)
+        normalised_extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+        relative_paths = _scan_image_files(self.root, normalised_extensions)
+        if not relative_paths:
+            raise DatasetNotFoundError(
+                f"no images found under '{self.root}' (extensions: {', '.join(normalised_extensions)})"
+            )
+        if self.split in ("train", "test"):
+            keep = split_paths(relative_paths, self.split, self.holdout_fraction)
+            if not keep:
+                raise ValueError(
+                    f"split {self.split!r} of '{self.root}' is empty ({len(relative_paths)} images, "
+                    f"holdout_fraction={self.holdout_fraction}); use split=None or a larger folder"
+                )
+            relative_paths = [relative_paths[i] for i in keep]
+
+        top_folders = [rel.split("/", 1)[0] if "/" in rel else None for rel in relative_paths]
+        if class_names is not None:
+            self.class_names = list(class_names)
+        elif use_classes:
+            self.class_names = sorted({top for top in top_folders if top is not None})
+        else:
+            self.class_names = []
+        if self.class_names:
+            index_of = {name: i for i, name in enumerate(self.class_names)}
+            labels = [index_of.get(top, -1) if top is not None else -1 for top in top_folders]
+            if -1 in labels:
+                logger.warning(
+                    "%d image(s) under '%s' are outside the %d class folders (e.g. '%s'): label -1",
+                    labels.count(-1), self.root, len(self.class_names), relative_paths[labels.index(-1)],
+                )
+        else:
+            labels = [0] * len(relative_paths)
+        self.num_classes = len(self.class_names)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._relative_paths = _PackedStrings(relative_paths)
+        self._bad_flags = self._new_flags(len(relative_paths))
+        self._scanned_out: list[str] = []
+        self._warnings_logged = 0
+
+    @staticmethod
+    def _new_flags(count: int) -> torch.Tensor:
+        flags = torch.zeros(max(count, 1), dtype=torch.uint8)
+        try:
+            flags.share_memory_()
+        except (RuntimeError, OSError) as error:  # no shared memory: counts then cover this process only
+            logger.warning("shared memory unavailable (%s): bad files met in DataLoader workers are not counted", error)
+        return flags
+
+    # -------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self._relative_paths)
+
+    def relative_path(self, index: int) -> str:
+        """'/'-separated path of item ``index`` relative to ``root``."""
+        return self._relative_paths[index]
+
+    @property
+    def relative_paths(self) -> list[str]:
+        return self._relative_paths.to_list()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / rel for rel in self._relative_paths.to_list()]
+
+    def caption(self, index: int) -> str:
+        """Text of the ``.txt`` file with the same stem as image ``index`` ("" if there is none)."""
+        caption_path = (self.root / self.relative_path(index)).with_suffix(".txt")
+        try:
+            return caption_path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+
+    def load(self, index: int) -> torch.Tensor:
+        """Decode, convert, resize and crop item ``index``: float32 (channels, S, S) in [-1, 1].
+        Raises ``BadImageError`` for an unreadable file (no skipping)."""
+        pixels = load_image(self.root / self.relative_path(index), self.channels)
+        pixels = resize_center_crop(pixels, self.image_size, mode=self.resize_mode)
+        return to_tensor(pixels)
+
+    def __getitem__(self, index: int):
+        count = len(self)
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for ImageFolder '{self.root}' ({count} images)")
+        index %= count
+        failures = 0
+        for step in range(count):
+            candidate = (index + step) % count
+            if self._bad_flags[candidate]:
+                continue
+            try:
+                image = self.load(candidate)
+            except BadImageError as error:
+                self._mark_bad(candidate, error)
+                failures += 1
+                if failures >= _MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f"{failures} unreadable images in a row after index {index} in '{self.root}': "
+                        f"the dataset looks corrupt (last: {error})"
+                    ) from None
+                continue
+            label = int(self.labels[candidate])
+            if self.return_captions:
+                return image, label, self.caption(candidate)
+            return image, label
+        raise RuntimeError(f"no readable image in '{self.root}' ({count} files, all unreadable)")
+
+    def _mark_bad(self, index: int, error: BadImageError) -> None:
+        self._bad_flags[index] = 1
+        if self._warnings_logged < _MAX_WARNINGS_PER_PROCESS:
+            self._warnings_logged += 1
+            last = self._warnings_logged == _MAX_WARNINGS_PER_PROCESS
+            suffix = " (further bad files in this process are not logged)" if last else ""
+            logger.warning("skipping %s: %s%s", error.path, error.reason, suffix)
+
+    # ------------------------------------------------------------------------------ bad-file bookkeeping
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of distinct bad files met so far (by any DataLoader worker, or removed by ``scan``)."""
+        return int(self._bad_flags[: len(self)].sum()) + len(self._scanned_out)
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Relative paths of the bad files met so far (those removed by ``scan`` first)."""
+        flagged = torch.nonzero(self._bad_flags[: len(self)]).flatten().tolist()
+        return list(self._scanned_out) + [self.relative_path(i) for i in flagged]
+
+    def log_skipped(self, max_names: int = 5) -> int:
+        """Log one summary line naming the first ``max_names`` bad files; returns ``num_skipped``."""
+        skipped = self.skipped_files
+        if skipped:
+            names = ", ".join(skipped[:max_names]) + (", ..." if len(skipped) > max_names else "")
+            logger.warning("%d unreadable image(s) skipped under '%s': %s", len(skipped), self.root, names)
+        return len(skipped)
+
+    def scan(self, full_decode: bool = True, num_threads: int = 4) -> list[tuple[str, str]]:
+        """Validate every file now and drop the bad ones from the dataset (indices and ``labels`` shift: call
+        it before building samplers / DataLoaders).
+
+        Args:
+            full_decode: decode every image fully (finds truncated files; costs about one epoch of decoding).
+                False only opens headers (finds empty, non-image and unknown-format files; fast).
+            num_threads: decoding threads (Pillow releases the GIL while decoding).
+
+        Returns:
+            (relative path, reason) for each bad file found (files already flagged bad included).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        def check(index: int) -> str | None:
+            path = self.root / self.relative_path(index)
+            try:
+                if full_decode:
+                    load_image(path, self.channels)
+                else:
+                    if os.path.getsize(path) == 0:
+                        return "empty file (0 bytes)"
+                    with Image.open(path) as img:
+                        if img.width <= 0 or img.height <= 0:
+                            return f"image has zero size {img.width}x{img.height}"
+            except BadImageError as error:
+                return error.reason
+            except Exception as error:  # header-only mode: any failure to open is a bad file
+                return f"{type(error).__name__}: {error}"
+            return None
+
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            reasons = list(pool.map(check, range(len(self))))
+        already_flagged = self._bad_flags[: len(self)].bool().tolist()
+        bad_indices = [i for i, reason in enumerate(reasons) if reason is not None or already_flagged[i]]
+        bad = [(self.relative_path(i), reasons[i] or "unreadable (found earlier)") for i in bad_indices]
+        if not bad:
+            return bad
+        for rel, reason in bad[:_MAX_WARNINGS_PER_PROCESS]:
+            logger.warning("scan: dropping %s: %s", rel, reason)
+        if len(bad) > _MAX_WARNINGS_PER_PROCESS:
+            logger.warning("scan: dropped %d unreadable files under '%s' in all", len(bad), self.root)
+        bad_set = set(bad_indices)
+        keep = [i for i in range(len(self)) if i not in bad_set]
+        if not keep:
+            raise RuntimeError(f"no readable image in '{self.root}' ({len(self)} files, all unreadable)")
+        kept_paths = [self.relative_path(i) for i in keep]
+        self._scanned_out.extend(rel for rel, _ in bad)
+        self.labels = self.labels[np.asarray(keep, dtype=np.int64)]
+        self._relative_paths = _PackedStrings(kept_paths)
+        self._bad_flags = self._new_flags(len(kept_paths))
+        return bad
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolder(root='{self.root}', split={self.split!r}, image_size={self.image_size}, "
+            f"channels={self.channels}, len={len(self)}, num_classes={self.num_classes})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+_FASHION_MNIST_SPECS = {"fashion-mnist", "fashion_mnist", "fashionmnist"}
+
+
+def build_dataset(spec: str, split: str, image_size: int, channels: int, **folder_options) -> ImageDataset:
+    """Dataset from a short spec.
+
+    Args:
+        spec: 'fashion-mnist' (root from $MAETOK_FASHION_MNIST or the Debian package), or a folder path.
+            A folder holding ``train/`` and ``val/`` (or ``test/``) sub-folders is an ImageNet-style root:
+            ``train/`` serves split 'train', ``val/`` serves 'test' / 'val' (labels use the train classes).
+            Any other folder is split by ``hash_split`` ('all' keeps everything).
+        split: 'train', 'test' (alias 'val') or, for plain folders, 'all'.
+        image_size: output side length S.
+        channels: 1 or 3.
+        folder_options: extra keyword arguments for ``ImageFolder`` (return_captions, holdout_fraction, ...).
+
+    Returns:
+        a dataset of (image (channels, S, S) float32 in [-1, 1], label int) items.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec must be 'fashion-mnist' or a folder path, got {spec!r}")
+    if spec.strip().lower() in _FASHION_MNIST_SPECS:
+        if folder_options:
+            raise TypeError(f"options {sorted(folder_options)} do not apply to fashion-mnist")
+        return FashionMNIST(split=split, image_size=image_size, channels=channels)
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise DatasetNotFoundError(
+            f"unknown dataset spec '{spec}': it is not 'fashion-mnist' and no such folder exists"
+        )
+    if not root.is_dir():
+        raise ValueError(f"dataset spec '{spec}' is a file; expected 'fashion-mnist' or a folder of images")
+    held_out_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if (root / "train").is_dir() and held_out_dir is not None:
+        split_name = _normalise_split(split, ("train", "test"))
+        train_dir = root / "train"
+        if split_name == "train":
+            return ImageFolder(train_dir, image_size, channels, split=None, **folder_options)
+        options = dict(folder_options)
+        if "class_names" not in options and options.get("use_classes", True):
+            with os.scandir(train_dir) as iterator:
+                train_classes = sorted(e.name for e in iterator if e.is_dir() and not e.name.startswith("."))
+            with os.scandir(held_out_dir) as iterator:
+                held_out_has_folders = any(e.is_dir() and not e.name.startswith(".") for e in iterator)
+            if train_classes and held_out_has_folders:
+                options["class_names"] = train_classes
+        return ImageFolder(held_out_dir, image_size, channels, split=None, **options)
+    return ImageFolder(root, image_size, channels, split=split, **folder_options)
+
+
+# ------------------------------------------------------------------------------------------------- flip
+
+
+def random_hflip(
+    images: torch.Tensor, generator: torch.Generator, return_mask: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Flip each image left-right with probability 0.5.
+
+    Exactly one ``torch.rand(B, generator=generator)`` draw (on CPU) is made per call; sample ``i`` is flipped
+    iff its draw is < 0.5. The same generator state therefore always flips the same samples (exact resume).
+
+    Args:
+        images: (B, C, H, W) on any device.
+        generator: a CPU ``torch.Generator`` owned by the training loop.
+        return_mask: also return the bool mask (B,) of flipped samples (on CPU).
+
+    Returns:
+        images (B, C, H, W) (a new tensor), and the mask when ``return_mask``.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"random_hflip expects images (B, C, H, W), got shape {tuple(images.shape)}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError("random_hflip needs a CPU torch.Generator (draws must not depend on the device)")
+    flip_mask = torch.rand(images.shape[0], generator=generator) < 0.5
+    mask_on_device = flip_mask.to(images.device).view(-1, 1, 1, 1)
+    flipped = torch.where(mask_on_device, images.flip(-1), images)
+    return (flipped, flip_mask) if return_mask else flipped

@@ -1,0 +1,154 @@
+"""The tokenizer training loop: resume equality, stage 2, bad images, the CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maetok.cli import main
+from maetok.config import TokenizerTrainConfig, load_config
+from maetok.models.tokenizer import MAETok
+from maetok.train.loop import StepBatchSampler, lr_factor
+from maetok.train.tokenizer import TokenizerTrainer
+
+TINY = [
+    "model.image_size=16",
+    "model.in_channels=3",
+    "model.patch_size=4",
+    "model.encoder_width=32",
+    "model.encoder_depth=1",
+    "model.encoder_heads=2",
+    "model.decoder_width=32",
+    "model.decoder_depth=1",
+    "model.decoder_heads=2",
+    "model.aux_width=32",
+    "model.aux_heads=2",
+    "model.aux_depth=1",
+    "model.num_latent_tokens=4",
+    "model.latent_dim=4",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.ckpt_every=2",
+    "optim.warmup_steps=2",
+    "data.eval_images=4",
+]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of small RGB images, plus a truncated JPEG and a text file posing as a PNG."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir()
+        for i in range(10):
+            pixels = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / "cats" / "broken.jpg")
+    data = (root / "cats" / "broken.jpg").read_bytes()
+    (root / "cats" / "broken.jpg").write_bytes(data[: len(data) // 3])
+    (root / "dogs" / "notes.png").write_text("not an image")
+    return root
+
+
+def tiny_cfg(folder, *extra) -> TokenizerTrainConfig:
+    return load_config(TokenizerTrainConfig, "fashion-mnist-maetok", TINY + [f"data.dataset={folder}", *extra])
+
+
+def test_resume_equals_uninterrupted_run(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, "train.steps=6")
+    straight = TokenizerTrainer(cfg, tmp_path / "straight")
+    straight.fit()
+    interrupted = TokenizerTrainer(cfg, tmp_path / "resumed")
+    interrupted.fit(stop_at=3)
+    assert not (tmp_path / "resumed" / "model").exists()  # not exported before the run is complete
+    resumed = TokenizerTrainer(cfg, tmp_path / "resumed", resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for key, value in straight.ema.state_dict().items():
+        assert torch.equal(value, resumed.ema.state_dict()[key]), key
+    a = MAETok.from_pretrained(tmp_path / "straight" / "model")
+    b = MAETok.from_pretrained(tmp_path / "resumed" / "model")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(a.encode(images), b.encode(images))
+    rows = (tmp_path / "resumed" / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + one row per step, none duplicated by the resume
+    assert list((tmp_path / "resumed").glob("recon_pretrain_step*.png"))
+
+
+def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, "train.steps=6", "model.variant=vae")
+    trainer = TokenizerTrainer(cfg, tmp_path / "run")
+    trainer.fit()  # 24 images per epoch: every file is visited
+    assert trainer.train_set.num_skipped >= 1
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_stage2_freezes_the_encoder_and_decays_the_mask(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, "train.steps=2", "finetune.steps=4", "finetune.mask_decay_steps=2")
+    TokenizerTrainer(cfg, tmp_path / "stage1").fit()
+    stage1 = MAETok.from_pretrained(tmp_path / "stage1" / "model")
+    stage2 = TokenizerTrainer(cfg, tmp_path / "stage2", stage="finetune", init_from=tmp_path / "stage1")
+    assert not stage2.model.aux_decoders and not stage2.objective.targets
+    assert [stage2.mask_ratio(s) for s in range(4)] == [0.6, pytest.approx(0.3), None, None]
+    stage2.fit()
+    after = stage2.model.state_dict()
+    for key, value in stage1.state_dict().items():
+        if key.startswith("encoder."):
+            assert torch.equal(value, after[key]), key
+    changed = [k for k, v in stage1.state_dict().items() if k.startswith("decoder.") and not torch.equal(v, after[k])]
+    assert changed
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = StepBatchSampler(10, 4, seed=3)
+    batches = [full.batch_indices(s) for s in range(5)]
+    assert sorted(sum(batches[:2], []) + batches[2][:2]) == list(range(10))  # epoch 0 is a permutation
+    assert StepBatchSampler(10, 4, seed=3, start_step=3).batch_indices(3) == batches[3]
+    ranks = [StepBatchSampler(10, 4, seed=3, rank=r, world_size=2).batch_indices(1) for r in range(2)]
+    assert ranks[0] + ranks[1] == batches[1]
+
+
+def test_lr_schedule():
+    from maetok.config import OptimConfig
+
+    optim = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, optim, 110) == pytest.approx(0.1)
+    assert lr_factor(9, optim, 110) == pytest.approx(1.0)
+    assert lr_factor(60, optim, 110) == pytest.approx(0.55)
+    assert lr_factor(110, optim, 110) == pytest.approx(0.1)
+
+
+def test_cli_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "maetok.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in ("train-tokenizer", "finetune-decoder", "reconstruct", "info", "demo"):
+        assert name in result.stdout
+
+
+def test_cli_info_reports_the_paper_size(capsys):
+    assert main(["info", "--config", "maetok-b-128"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder" in out and "85.87M" in out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["train-tokenizer", "--config", "nope", "--out", "/tmp/x"]) == 2
+    assert "no preset or YAML file named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_trains_and_reconstructs(image_folder, tmp_path):
+    args = ["train-tokenizer", "--config", "fashion-mnist-maetok", "--data", str(image_folder), "--out", str(tmp_path / "run")]
+    assert main(args + TINY + ["train.steps=2"]) == 0
+    assert main(["finetune-decoder", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "ft"), "finetune.steps=2"]) == 0
+    assert main(["reconstruct", "--model", str(tmp_path / "ft"), "--input", str(image_folder / "cats"), "--out", str(tmp_path / "rec")]) == 0
+    written = sorted(p.name for p in (tmp_path / "rec").iterdir())
+    assert len(written) == 10 and "0_recon.png" in written  # the truncated JPEG is reported, not fatal
+    with Image.open(tmp_path / "rec" / "0_recon.png") as im:
+        assert im.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
