@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -285,3 +285,184 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop every trainer shares
+# ---------------------------------------------------------------------------------------------------------
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+class Trainer:
+    """Fit / checkpoint / resume / log, shared by the tokenizer and diffusion trainers.
+
+    A subclass builds its data and model, calls :meth:`setup_optimization`, and implements
+    :meth:`train_step` (one optimisation step on one collated batch, returning floats to log),
+    :meth:`evaluate` (periodic, on the main process) and :meth:`export` (the final model directory).
+    ``run_kind`` names the run in its checkpoints, so a checkpoint of another kind is never resumed.
+    """
+
+    run_kind = "run"
+
+    def __init__(self, out_dir: Union[str, Path], train: TrainConfig, optim: OptimConfig, total_steps: int, device: Optional[str]):
+        self.out_dir = Path(out_dir)
+        self.train_cfg = train
+        self.optim_cfg = optim
+        self.total_steps = total_steps
+        self.dist = setup_distributed(device)
+        self.device = self.dist.device
+        self.step = 0
+        self.generator = torch.Generator().manual_seed(train.seed * 7919 + self.dist.rank)
+        self.ema: Optional[EMA] = None
+
+    # -- to implement ------------------------------------------------------------------------------------
+
+    train_set: Dataset
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return {}
+
+    def export(self) -> Path:
+        raise NotImplementedError
+
+    def config_dict(self) -> dict:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
+
+    def extra_state(self) -> dict:
+        """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- shared machinery --------------------------------------------------------------------------------
+
+    def setup_optimization(self, model: nn.Module, resume: bool) -> None:
+        """Move the model to the device, build EMA and AdamW over its trainable parameters, resume if asked,
+        then wrap it for DDP / torch.compile as ``self.ddp_model``."""
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, self.train_cfg.ema_decay) if self.train_cfg.ema_decay > 0 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_adamw(self.trainable, self.optim_cfg)
+        if resume:
+            self.resume()
+        self.ddp_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.train_cfg.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+
+    def current_lr(self) -> float:
+        return self.optim_cfg.lr * lr_factor(self.step, self.optim_cfg, self.total_steps)
+
+    def optimizer_step(self, loss: Tensor) -> dict[str, float]:
+        """Backward, clip, step, EMA; returns the gradient norm (when clipping) and the learning rate."""
+        lr = self.current_lr()
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        logs = {"lr": lr}
+        if self.optim_cfg.grad_clip > 0:
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_cfg.grad_clip).item()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        return logs
+
+    def ema_or_live_state(self) -> dict[str, Tensor]:
+        return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
+
+    def save_checkpoint(self) -> None:
+        generators = [self.generator.get_state()]
+        if self.dist.world_size > 1:
+            gathered: list = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, self.generator.get_state())
+            generators = gathered
+        if not self.dist.is_main:
+            return
+        state = {
+            "kind": self.run_kind,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "extra": self.extra_state(),
+            "generator": generators,
+            "config": self.config_dict(),
+        }
+        atomic_torch_save(state, self.out_dir / CHECKPOINT)
+
+    def resume(self) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            if self.dist.is_main:
+                print(f"[maetok] --resume: no checkpoint at {path}, starting from step 0")
+            return
+        state = load_checkpoint(path)
+        if state.get("kind") != self.run_kind:
+            raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
+        if len(state["generator"]) != self.dist.world_size:
+            raise ValueError(f"{path} was written by {len(state['generator'])} processes, this run has {self.dist.world_size}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra_state(state["extra"])
+        self.generator.set_state(state["generator"][self.dist.rank])
+        self.step = int(state["step"])
+        if self.dist.is_main:
+            print(f"[maetok] resumed from {path} at step {self.step}")
+
+    def fit(self, stop_at: Optional[int] = None) -> Path:
+        """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
+        that continue with ``--resume``); export the final model when the run is complete."""
+        cfg, dist_info = self.train_cfg, self.dist
+        if dist_info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config_dict(), sort_keys=False))
+            print(f"[maetok] {self.describe()}")
+        stream = batch_stream(self.train_set, cfg.batch_size, cfg.seed, self.step, dist_info, cfg.num_workers)
+        log = RunLog(self.out_dir / "log.csv", self.total_steps, self.step, enabled=dist_info.is_main, desc=self.run_kind)
+        window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
+        self.model.train()
+        end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
+        while self.step < end:
+            batch = next(stream)
+            logs = self.train_step(batch)
+            self.step += 1
+            window_items += batch[0].shape[0] * dist_info.world_size
+            window_steps += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            log.advance()
+            last = self.step == self.total_steps
+            do_eval = self.step % cfg.eval_every == 0 or last
+            if self.step % cfg.log_every == 0 or do_eval:
+                elapsed = time.perf_counter() - window_start
+                row = mean_across_processes({k: v / window_steps for k, v in sums.items()}, self.device)
+                row.update(step=self.step, img_per_s=window_items / max(elapsed, 1e-9))
+                if do_eval and dist_info.is_main:
+                    self.model.eval()
+                    row.update(self.evaluate(self.step))
+                    self.model.train()
+                log.log(row)
+                window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
+            if self.step % cfg.ckpt_every == 0 or last or self.step == end:
+                self.save_checkpoint()
+        log.close()
+        if hasattr(self.train_set, "log_skipped"):
+            self.train_set.log_skipped()
+        if dist_info.is_main and self.step == self.total_steps:
+            path = self.export()
+            print(f"[maetok] {self.run_kind} done: saved to {path}")
+        return self.out_dir / "model"
