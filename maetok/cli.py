@@ -96,6 +96,76 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Latent diffusion
+# ---------------------------------------------------------------------------------------------------------
+
+
+@command("cache-latents")
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    from maetok.data import build_dataset
+    from maetok.data.latents import cache_latents
+    from maetok.reconstruct import load_tokenizer, model_directory
+
+    tokenizer = load_tokenizer(args.model, args.device)
+    cfg = tokenizer.config
+    dataset = build_dataset(args.data, args.split, cfg.image_size, cfg.in_channels)
+    stats = cache_latents(
+        tokenizer,
+        dataset,
+        args.out,
+        tokenizer_dir=model_directory(args.model),
+        flip=args.flip,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    print(f"[maetok] cached {len(dataset)} latents to {args.out} ({stats.name} written)")
+    return 0
+
+
+@command("train-diffusion")
+def cmd_train_diffusion(args: argparse.Namespace) -> int:
+    from maetok.config import DiffusionTrainConfig, load_config
+    from maetok.train.diffusion import DiffusionTrainer
+
+    cfg = load_config(DiffusionTrainConfig, args.config, [f"latents={args.latents}"] + args.overrides)
+    DiffusionTrainer(cfg, args.out, resume=args.resume, device=args.device).fit()
+    return 0
+
+
+@command("sample")
+def cmd_sample(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from maetok.diffusion.generate import generate_images, write_samples
+    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.reconstruct import load_tokenizer
+
+    pipe = DiffusionPipeline.load(args.model, args.device)
+    tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
+    if not tokenizer_dir:
+        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tokenizer_dir, args.device)
+    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None}
+    if args.guidance_interval is not None:
+        changes.update(guidance_low=args.guidance_interval[0], guidance_high=args.guidance_interval[1])
+    sampling = dataclasses.replace(pipe.sampling, **changes)
+    labels = None
+    if args.labels:
+        try:
+            ids = torch.tensor([int(x) for x in args.labels.split(",")])
+        except ValueError:
+            raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        labels = ids.repeat(-(-args.num // len(ids)))[: args.num]
+    images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed)
+    paths = write_samples(args.out, images, label_array, png_limit=args.max_png)
+    print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} in "
+          f"[{sampling.guidance_low}, {sampling.guidance_high}]): {paths['grid']}, {paths['npz']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------------------
 
@@ -130,6 +200,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
+
+    p = add("cache-latents", "Encode a dataset with a tokenizer into a sharded latent cache (+ statistics).")
+    p.add_argument("--model", required=True, help="tokenizer directory or tokenizer run directory")
+    p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
+    p.add_argument("--out", required=True, help="cache directory (a rerun completes an interrupted cache)")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--flip", action="store_true", help="also cache the latents of horizontally flipped images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+
+    p = add("train-diffusion", "Train SiT / LightningDiT on a latent cache.")
+    p.add_argument("--config", required=True, help="preset (sit-xl, sit-l, lightningdit-xl, fashion-mnist-sit) or YAML")
+    p.add_argument("--latents", required=True, help="latent cache directory")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=1000")
+
+    p = add("sample", "Generate images: PNGs, a grid and an ADM-format samples.npz.")
+    p.add_argument("--model", required=True, help="diffusion model directory or diffusion run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the latents came from)")
+    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--labels", default=None, help="comma-separated class ids to cycle through (default: all classes evenly)")
+    p.add_argument("--sampler", choices=["euler", "euler-maruyama"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default from the model: 250)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="apply guidance only for noise levels t in [LOW, HIGH] (t=1 is pure noise)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-png", type=int, default=None, help="write at most this many PNGs (the .npz holds all)")
 
     p = add("info", "Print presets and their parameter counts.")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")

@@ -226,6 +226,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -250,8 +255,14 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown config key {name!r}; known keys here: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return dataclasses.replace(cls(), **kwargs)  # a nested partial dict starts from its class defaults
+    base = cls()
+    kwargs = {}
+    for key, value in data.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # a nested partial dict starts from this class's default for the field, not the nested class's
+            value = {**to_dict(getattr(base, key)), **value}
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -331,3 +342,78 @@ def load_config(cls: type[T], preset: Optional[str] = None, overrides: Optional[
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latent diffusion
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionModelConfig:
+    """The velocity network. ``preset`` names a SiT (``SiT-S/B/L/XL``) or LightningDiT (``LightningDiT-B/L/XL``)
+    size; ``width``/``depth``/``num_heads`` > 0 override it (for small CPU models). The latent shape and the
+    number of classes come from the latent cache."""
+
+    arch: str = "sit"  # "sit" or "lightningdit"
+    preset: str = "SiT-XL"
+    width: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    conditional: bool = True  # False: unconditional generation (paper Table 5)
+
+    def validate(self) -> None:
+        if self.arch not in ("sit", "lightningdit"):
+            raise ConfigError(f"model.arch must be 'sit' or 'lightningdit', got {self.arch!r}")
+        prefix = "SiT-" if self.arch == "sit" else "LightningDiT-"
+        if not self.preset.startswith(prefix):
+            raise ConfigError(f"model.preset {self.preset!r} is not a {self.arch} preset (expected {prefix}...)")
+
+
+@dataclass
+class TransportConfig:
+    time_sampling: str = "uniform"  # "uniform" or "lognormal"
+    cosine_loss_weight: float = 0.0  # LightningDiT's velocity-direction loss
+    latent_norm: str = "channel"  # "channel", "scalar" or "none": (x - mean) / std over the training latents
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of ``maetok sample`` and of the periodic sample grids."""
+
+    sampler: str = "euler-maruyama"  # or "euler"
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0  # guidance applies for noise levels t in [low, high] (t = 1 is pure noise)
+    guidance_high: float = 1.0
+    grid_steps: int = 50  # steps of the periodic training grids
+
+    def validate(self) -> None:
+        if self.sampler not in ("euler", "euler-maruyama"):
+            raise ConfigError(f"sampling.sampler must be 'euler' or 'euler-maruyama', got {self.sampler!r}")
+        if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
+            raise ConfigError(
+                f"need 0 <= sampling.guidance_low <= sampling.guidance_high <= 1, got {self.guidance_low}, {self.guidance_high}"
+            )
+
+
+@dataclass
+class DiffusionTrainConfig:
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), schedule="constant", warmup_steps=0, grad_clip=0.0)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4_000_000, batch_size=256, eval_every=50_000, ckpt_every=50_000))
+    latents: str = ""  # the latent cache directory (--latents)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.sampling.validate()
+        if self.transport.time_sampling not in ("uniform", "lognormal"):
+            raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.transport.time_sampling!r}")
+        if self.transport.latent_norm not in ("channel", "scalar", "none"):
+            raise ConfigError(f"transport.latent_norm must be 'channel', 'scalar' or 'none', got {self.transport.latent_norm!r}")

@@ -13,12 +13,16 @@ from maetok.models.tokenizer import MAETok
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
+def model_directory(path: Union[str, Path]) -> Path:
+    """A model directory itself, or the ``model/`` inside a run directory."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
 def load_tokenizer(path: Union[str, Path], device: Optional[str] = None) -> MAETok:
     """A tokenizer directory, or a run directory holding ``model/``."""
-    path = Path(path)
-    model_dir = path / "model" if (path / "model" / "config.json").exists() else path
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return MAETok.from_pretrained(model_dir).to(dev).eval()
+    return MAETok.from_pretrained(model_directory(path)).to(dev).eval()
 
 
 def list_images(source: Union[str, Path]) -> list[Path]:

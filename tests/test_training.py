@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -36,23 +35,6 @@ TINY = [
     "optim.warmup_steps=2",
     "data.eval_images=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Two classes of small RGB images, plus a truncated JPEG and a text file posing as a PNG."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        (root / cls).mkdir()
-        for i in range(10):
-            pixels = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / cls / f"{i}.png")
-    Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / "cats" / "broken.jpg")
-    data = (root / "cats" / "broken.jpg").read_bytes()
-    (root / "cats" / "broken.jpg").write_bytes(data[: len(data) // 3])
-    (root / "dogs" / "notes.png").write_text("not an image")
-    return root
 
 
 def tiny_cfg(folder, *extra) -> TokenizerTrainConfig:

@@ -1,0 +1,66 @@
+"""``maetok sample``: latents from a diffusion model, decoded by the tokenizer, written as PNGs, a grid and an
+ADM-format ``.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from maetok.config import SamplingConfig
+from maetok.data.images import save_image_grid, to_uint8_image
+from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.models.tokenizer import MAETok
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: DiffusionPipeline,
+    tokenizer: MAETok,
+    num: int,
+    labels: Optional[torch.Tensor] = None,
+    sampling: Optional[SamplingConfig] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``num`` images as uint8 ``(num, H, W, C)`` and their labels ``(num,)`` (None if unconditional).
+    ``labels`` default: all classes evenly (``i % num_classes``)."""
+    from tqdm.auto import tqdm
+
+    if labels is None:
+        labels = pipe.balanced_labels(num)
+    if labels is not None and len(labels) != num:
+        raise ValueError(f"got {len(labels)} labels for {num} samples")
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in tqdm(range(0, num, batch_size), desc="sample", unit="batch", disable=not progress):
+        count = min(batch_size, num - start)
+        batch_labels = labels[start : start + count] if labels is not None else None
+        latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator)
+        decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
+        images.append(to_uint8_image(decoded.cpu()))
+    return np.concatenate(images), (labels.numpy() if labels is not None else None)
+
+
+def write_samples(
+    out_dir: Union[str, Path], images: np.ndarray, labels: Optional[np.ndarray], png_limit: Optional[int] = None
+) -> dict[str, Path]:
+    """``out_dir/images/NNNNNN.png`` (the first ``png_limit``), ``out_dir/grid.png`` (up to 100) and
+    ``out_dir/samples.npz`` (ADM format); returns the paths."""
+    from maetok.eval.fid import save_sample_batch
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for i, image in enumerate(images[: png_limit if png_limit is not None else len(images)]):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out_dir / "images" / f"{i:06d}.png")
+    grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_image_grid(grid, out_dir / "grid.png", nrow=10)
+    npz = out_dir / "samples.npz"
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images  # the ADM suite reads RGB
+    save_sample_batch(npz, rgb, labels)
+    return {"images": out_dir / "images", "grid": out_dir / "grid.png", "npz": npz}

@@ -1,0 +1,218 @@
+"""Latent-space mode analysis: GMM negative log-likelihood vs number of modes, and UMAP plots.
+
+Protocol (MAETok paper, ``docs/EVALUATION.md``): flatten the latents ``(N, L, H) -> (N, L*H)``, project with
+PCA onto the fewest components explaining >= 90% of the variance (fitted on the train part), standardise
+each component (train statistics), fit ``sklearn.mixture.GaussianMixture`` with full covariances for each
+K, and report the mean per-sample NLL on the held-out part (and the train part). A latent space with fewer,
+more separable modes reaches a low NLL with small K.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from maetok.eval.probe import train_test_split
+
+__all__ = ["gmm_nll_analysis", "pca_project", "plot_gmm_curves", "plot_umap"]
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _flatten(latents: ArrayLike, name: str) -> np.ndarray:
+    x = latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else np.asarray(latents)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be (N, ...) with at least 2 dims, got shape {x.shape}")
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+class _PCAStandardizer:
+    """PCA to a cumulative explained-variance threshold, then per-component standardisation."""
+
+    def __init__(self, train: np.ndarray, explained_variance: float) -> None:
+        if not 0.0 < explained_variance <= 1.0:
+            raise ValueError(f"explained_variance must be in (0, 1], got {explained_variance}")
+        self.mean = train.mean(0)
+        centred = train - self.mean
+        cov = centred.T @ centred / max(1, train.shape[0] - 1)
+        eigenvalues, eigenvectors = np.linalg.eigh(cov)
+        order = np.argsort(eigenvalues)[::-1]
+        eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+        eigenvectors = eigenvectors[:, order]
+        # Deterministic sign: largest-magnitude loading of each component is positive.
+        signs = np.sign(eigenvectors[np.abs(eigenvectors).argmax(0), np.arange(eigenvectors.shape[1])])
+        eigenvectors = eigenvectors * np.where(signs == 0, 1.0, signs)
+        total = eigenvalues.sum()
+        if total <= 0:
+            raise ValueError("latents have zero variance; nothing to analyse")
+        ratio = np.cumsum(eigenvalues) / total
+        self.dim = int(min(np.searchsorted(ratio, explained_variance - 1e-12) + 1, len(ratio)))
+        self.explained = float(ratio[self.dim - 1])
+        self.components = eigenvectors[:, : self.dim]
+        projected = centred @ self.components
+        self.scale = projected.std(0)
+        self.scale[self.scale == 0] = 1.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) @ self.components / self.scale
+
+
+def pca_project(latents: ArrayLike, explained_variance: float = 0.9) -> tuple[np.ndarray, int, float]:
+    """Flatten, PCA to >= ``explained_variance``, standardise. Returns ``(projected (N, d), d, explained)``."""
+    x = _flatten(latents, "latents")
+    pca = _PCAStandardizer(x, explained_variance)
+    return pca(x), pca.dim, pca.explained
+
+
+def gmm_nll_analysis(
+    latents: ArrayLike,
+    ks: Iterable[int] = (1, 2, 4, 8, 16, 32),
+    test_latents: Optional[ArrayLike] = None,
+    test_fraction: float = 0.2,
+    explained_variance: float = 0.9,
+    seed: int = 0,
+    max_iter: int = 200,
+    n_init: int = 1,
+    reg_covar: float = 1e-6,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """GMM NLL vs number of components K.
+
+    The paper sweeps K over about 5..200; full-covariance EM costs ``O(N K d^2)`` per iteration (n=20k,
+    d=56: K=32 takes ~25 s on 2 cores), so pass the ``ks`` you can afford.
+    latents ``(N, L, H)`` or ``(N, D)``; held-out data is ``test_latents`` or a random ``test_fraction`` of
+    ``latents`` (split with ``seed``). Returns a dict: ``ks``, ``test_nll {K: mean NLL per sample}``,
+    ``train_nll {K: ...}``, ``test_nll_per_dim``, ``converged {K: bool}``, ``fit_seconds``, ``pca_dim``,
+    ``explained_variance``, ``num_train``, ``num_test``. NLLs are in nats in the standardised PCA space.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = _flatten(latents, "latents")
+    if test_latents is None:
+        train_idx, test_idx = train_test_split(x.shape[0], test_fraction, seed)
+        train, test = x[train_idx], x[test_idx]
+    else:
+        train, test = x, _flatten(test_latents, "test_latents")
+        if test.shape[1] != train.shape[1]:
+            raise ValueError(f"latents and test_latents flatten to different dims: {train.shape[1]} vs {test.shape[1]}")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if max(ks) > train.shape[0]:
+        raise ValueError(f"K={max(ks)} exceeds the {train.shape[0]} training samples")
+    pca = _PCAStandardizer(train, explained_variance)
+    train_z, test_z = pca(train), pca(test)
+    result: dict[str, Any] = {
+        "ks": ks,
+        "train_nll": {},
+        "test_nll": {},
+        "test_nll_per_dim": {},
+        "converged": {},
+        "fit_seconds": {},
+        "pca_dim": pca.dim,
+        "explained_variance": pca.explained,
+        "num_train": int(train.shape[0]),
+        "num_test": int(test.shape[0]),
+    }
+    for k in tqdm(ks, desc="GMM", disable=not progress):
+        start = time.perf_counter()
+        gmm = GaussianMixture(n_components=k, covariance_type="full", max_iter=max_iter, n_init=n_init,
+                              reg_covar=reg_covar, random_state=seed)
+        gmm.fit(train_z)
+        result["fit_seconds"][k] = time.perf_counter() - start
+        result["converged"][k] = bool(gmm.converged_)
+        result["train_nll"][k] = float(-gmm.score(train_z))
+        result["test_nll"][k] = float(-gmm.score(test_z))
+        result["test_nll_per_dim"][k] = result["test_nll"][k] / pca.dim
+    return result
+
+
+def plot_gmm_curves(results: Mapping[str, Mapping], path: Union[str, Path], title: str = "GMM held-out NLL",
+                    ylabel: str = "held-out NLL per sample (nats)") -> Path:
+    """Plot NLL vs K for several tokenizers on one axes and save a PNG.
+
+    results: ``{name: {K: nll}}`` or ``{name: gmm_nll_analysis(...)}`` (its ``test_nll`` is used).
+    """
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state or backend switch
+
+    if not results:
+        raise ValueError("plot_gmm_curves: results is empty")
+    fig = Figure(figsize=(5.5, 4.0))
+    ax = fig.subplots()
+    for name, curve in results.items():
+        if "test_nll" in curve:
+            curve = curve["test_nll"]
+        ks = sorted(int(k) for k in curve)
+        ax.plot(ks, [curve[k] for k in ks], marker="o", label=str(name))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of GMM components K")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+def plot_umap(latents: ArrayLike, labels: Optional[ArrayLike], path: Union[str, Path], title: str = "latents",
+              fallback_to_pca: bool = False, seed: int = 0, max_points: Optional[int] = 20000,
+              n_neighbors: int = 15, min_dist: float = 0.1) -> Path:
+    """2-D UMAP of flattened latents coloured by class, saved as PNG.
+
+    Needs ``umap-learn`` (``pip install umap-learn``); without it raises ImportError, or with
+    ``fallback_to_pca=True`` draws the first two PCA components and says so in the title.
+    latents ``(N, ...)``, labels ``(N,)`` integer or ``None``; at most ``max_points`` random points are drawn.
+    """
+    from matplotlib.figure import Figure
+
+    x = _flatten(latents, "latents")
+    y = None
+    if labels is not None:
+        y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    if max_points is not None and x.shape[0] > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], max_points, replace=False))
+        x = x[keep]
+        y = y[keep] if y is not None else None
+    try:
+        import umap  # noqa: F401  (optional dependency)
+
+        reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
+        embedding = reducer.fit_transform(x)
+        method = "UMAP"
+    except ImportError as error:
+        if not fallback_to_pca:
+            raise ImportError(
+                "plot_umap needs umap-learn: `pip install umap-learn` (extra `maetok[umap]`), "
+                "or call plot_umap(..., fallback_to_pca=True) for a PCA-2D plot"
+            ) from error
+        centred = x - x.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        embedding = centred @ vt[:2].T
+        method = "PCA-2D (umap-learn not installed)"
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.subplots()
+    scatter = ax.scatter(embedding[:, 0], embedding[:, 1], c=y if y is not None else "tab:blue", s=2,
+                         cmap="tab10" if y is not None else None, alpha=0.7, linewidths=0)
+    if y is not None and len(np.unique(y)) <= 20:
+        ax.legend(*scatter.legend_elements(), title="class", fontsize=7, markerscale=0.8, loc="best")
+    ax.set_title(f"{title}: {method}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,499 @@
+"""SiT (Scalable Interpolant Transformer) on the 1D MAETok latents, plus the adaLN-Zero machinery it shares
+with LightningDiT (:mod:`maetok.models.lightningdit`).
+
+The model predicts the velocity of the linear interpolant ``x_t = (1 - t) x_0 + t eps`` (``t = 0``: data,
+``t = 1``: noise; see :mod:`maetok.diffusion.transport`):
+
+* input ``x``: ``(B, L, C)`` latent tokens (paper: L=128 tokens of C=32 channels, normalised to zero mean
+  and unit std); patch size 1, so every latent token is one transformer token (``x_embedder`` is a
+  ``Linear(C, width)``);
+* ``t``: ``(B,)`` float times in ``[0, 1]`` (fed to the sinusoidal time embedding without rescaling);
+* ``y``: ``(B,)`` int64 class labels in ``[0, num_classes)``; the index ``num_classes`` is the null
+  (unconditional) class used for classifier-free guidance;
+* output: ``(B, L, C)`` velocity.
+
+The parameter and buffer names/shapes equal the authors' released SiT-XL on 1D latents
+(``shared/compat/sit-xl-maetok.json``), so that checkpoint loads with ``load_state_dict`` directly:
+``pos_embed`` (fixed sin-cos, interleaved sin/cos channels, stored in the state dict but not trained),
+``x_embedder``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``, ``blocks.N.{attn.qkv, attn.proj,
+mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation.1}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
+
+__all__ = [
+    "SIT_PRESETS",
+    "SiTConfig",
+    "SiT",
+    "build_sit",
+    "AdaLNVelocityTransformer",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "AdaLNBlock",
+    "FinalLayer",
+    "apply_guidance",
+    "sincos_1d_interleaved",
+]
+
+# (width, depth, num_heads); mlp ratio 4 for all.
+SIT_PRESETS: dict[str, dict[str, Any]] = {
+    "SiT-S": dict(width=384, depth=12, num_heads=6),
+    "SiT-B": dict(width=768, depth=12, num_heads=12),
+    "SiT-L": dict(width=1024, depth=24, num_heads=16),
+    "SiT-XL": dict(width=1152, depth=28, num_heads=16),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces (also used by LightningDiT)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sincos_1d_interleaved(num_positions: int, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Fixed 1D sin-cos position embedding ``(T, dim)`` with interleaved channels: ``[sin f0, cos f0, sin f1,
+    cos f1, ...]`` with ``f_i = max_period ** (-2i / dim)`` (the layout stored in the authors' SiT checkpoint)."""
+    halves = sincos_1d(num_positions, dim, max_period)  # (T, dim): [sin | cos], same frequencies
+    half = dim // 2
+    return torch.stack([halves[:, :half], halves[:, half:]], dim=-1).flatten(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of ``t`` (``frequency_dim`` channels, ``[cos, sin]``) followed by an MLP
+    ``Linear -> SiLU -> Linear``. ``(B,)`` -> ``(B, width)``."""
+
+    def __init__(self, width: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        frequencies = timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(frequencies)
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label embedding table with label dropout for classifier-free guidance.
+
+    The table has ``num_classes + 1`` rows when ``dropout_prob > 0`` (row ``num_classes`` is the null
+    class), else ``num_classes`` rows (as in the authors' code; such a model cannot be guided).
+    """
+
+    def __init__(self, num_classes: int, width: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.has_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(self.has_null_class), width)
+
+    def drop_labels(
+        self,
+        labels: Tensor,
+        force_drop_ids: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Replace labels by the null class: where ``force_drop_ids`` is nonzero if given, else at random
+        with probability ``dropout_prob`` (uniforms drawn from ``generator`` on its own device)."""
+        if force_drop_ids is None:
+            if generator is not None:
+                uniforms = torch.rand(labels.shape[0], generator=generator, device=generator.device)
+                uniforms = uniforms.to(labels.device)
+            else:
+                uniforms = torch.rand(labels.shape[0], device=labels.device)
+            drop = uniforms < self.dropout_prob
+        else:
+            if force_drop_ids.shape != labels.shape:
+                raise ValueError(
+                    f"force_drop_ids must have the labels' shape {tuple(labels.shape)}, "
+                    f"got {tuple(force_drop_ids.shape)}"
+                )
+            drop = force_drop_ids.to(labels.device) != 0
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(
+        self,
+        labels: Tensor,
+        train: bool,
+        force_drop_ids: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """labels: ``(B,)`` int in ``[0, num_classes]`` (``num_classes`` = null) -> ``(B, width)``."""
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
+            if not self.has_null_class:
+                raise ValueError("this model was built with class_dropout_prob=0 and has no null class to drop to")
+            labels = self.drop_labels(labels, force_drop_ids, generator)
+        return self.embedding_table(labels)
+
+
+class AdaLNBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT): the conditioning vector ``c`` (B, D) gives a
+    shift, scale and gate for the attention and MLP branches; the gates start at zero.
+
+    ``norm="layernorm"`` is a LayerNorm without affine parameters (SiT); ``"rmsnorm"`` has a learnable scale
+    (LightningDiT). ``mlp="gelu"`` is a tanh-GELU MLP of ``mlp_ratio * width``; ``"swiglu"`` a SwiGLU with
+    ``int(2/3 * mlp_ratio * width)`` hidden units (same parameter budget).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        affine = norm != "layernorm"
+        self.norm1 = make_norm(norm, width, affine=affine)
+        self.attn = Attention(width, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = make_norm(norm, width, affine=affine)
+        hidden = int(width * mlp_ratio)
+        if mlp == "gelu":
+            self.mlp: nn.Module = Mlp(width, hidden, approximate_gelu=True)
+        elif mlp == "swiglu":
+            self.mlp = SwiGLU(width, int(2 / 3 * hidden))
+        else:
+            raise ValueError(f"unknown mlp {mlp!r}; expected 'gelu' or 'swiglu'")
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, c: Tensor, rope: Optional[Rope] = None) -> Tensor:
+        """x: ``(B, T, D)``, c: ``(B, D)`` -> ``(B, T, D)``."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear head ``width -> out_channels`` (zero-initialised by the model)."""
+
+    def __init__(self, width: int, out_channels: int, norm: str = "layernorm"):
+        super().__init__()
+        self.norm_final = make_norm(norm, width, affine=norm != "layernorm")
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def apply_guidance(
+    cond: Tensor,
+    uncond: Tensor,
+    t: Tensor,
+    cfg_scale: float,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
+) -> Tensor:
+    """Classifier-free guidance with a guidance interval, per sample.
+
+    cond, uncond: ``(B, ...)`` conditional / unconditional outputs; t: ``(B,)``. Returns
+    ``uncond + cfg_scale * (cond - uncond)`` for the samples whose ``t`` lies in ``[low, high]`` (inclusive)
+    and ``cond`` for the others.
+    """
+    low, high = _check_interval(guidance_interval)
+    inside = (t >= low) & (t <= high)
+    guided = uncond + cfg_scale * (cond - uncond)
+    inside = inside.view(-1, *([1] * (cond.dim() - 1)))
+    return torch.where(inside, guided, cond)
+
+
+def _check_interval(guidance_interval: Sequence[float]) -> tuple[float, float]:
+    if len(guidance_interval) != 2:
+        raise ValueError(f"guidance_interval must be (low, high), got {guidance_interval!r}")
+    low, high = float(guidance_interval[0]), float(guidance_interval[1])
+    if low > high:
+        raise ValueError(f"guidance_interval low {low} is above high {high}")
+    return low, high
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared velocity transformer
+# ---------------------------------------------------------------------------------------------------------
+
+
+class AdaLNVelocityTransformer(nn.Module):
+    """Base of SiT and LightningDiT: embedders, adaLN-Zero blocks, final layer, initialisation,
+    ``forward`` and ``forward_with_cfg``. Subclasses build ``self.blocks`` / ``self.final_layer`` and may
+    override :meth:`_position_inputs` (absolute embedding) and :meth:`_rope` (rotary embedding). A subclass
+    calls :meth:`_build_common` first in its ``__init__`` and :meth:`initialize_weights` last.
+    """
+
+    latent_dim: int
+    num_latent_tokens: int
+    num_classes: int
+
+    def _build_common(
+        self,
+        width: int,
+        latent_dim: int,
+        num_latent_tokens: int,
+        num_classes: int,
+        class_dropout_prob: float,
+        frequency_dim: int,
+    ) -> None:
+        self.width = width
+        self.latent_dim = latent_dim
+        self.num_latent_tokens = num_latent_tokens
+        self.num_classes = num_classes
+        self.x_embedder = nn.Linear(latent_dim, width)
+        self.t_embedder = TimestepEmbedder(width, frequency_dim)
+        self.y_embedder = LabelEmbedder(num_classes, width, class_dropout_prob) if num_classes > 0 else None
+
+    def initialize_weights(self) -> None:
+        """Xavier-uniform linears with zero bias; N(0, 0.02) label table and time-MLP weights; zero adaLN
+        modulation and zero final linear (adaLN-Zero: a fresh model outputs exactly zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # hooks -------------------------------------------------------------------------------------------
+
+    def _position_inputs(self, tokens: Tensor) -> Tensor:
+        return tokens
+
+    def _rope(self) -> Optional[Rope]:
+        return None
+
+    # checks ------------------------------------------------------------------------------------------
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.y_embedder is not None and self.y_embedder.has_null_class
+
+    def _check_inputs(self, x: Tensor, t: Tensor | float, y: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        name = type(self).__name__
+        if x.dim() != 3 or x.shape[1] != self.num_latent_tokens or x.shape[2] != self.latent_dim:
+            raise ValueError(
+                f"{name} expects x of shape (B, {self.num_latent_tokens}, {self.latent_dim}), got {tuple(x.shape)}"
+            )
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"{name} expects t of shape ({batch},) or a scalar, got {tuple(t.shape)}")
+        if self.y_embedder is None:
+            return t, None
+        if y is None:
+            if not self.y_embedder.has_null_class:
+                raise ValueError(f"{name} is class-conditional without a null class: y is required")
+            return t, torch.full((batch,), self.num_classes, dtype=torch.long, device=x.device)
+        if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"{name} expects y as ({batch},) integer class labels, got {tuple(y.shape)} {y.dtype}")
+        top = self.num_classes if self.y_embedder.has_null_class else self.num_classes - 1
+        checking = batch > 0 and not torch.compiler.is_compiling()  # the range check syncs with the device
+        if checking and (bool((y < 0).any()) or bool((y > top).any())):
+            raise ValueError(
+                f"{name} class labels must lie in [0, {top}] ({self.num_classes} classes"
+                f"{', index ' + str(self.num_classes) + ' = null' if top == self.num_classes else ''}); "
+                f"got min {int(y.min())} max {int(y.max())}"
+            )
+        return t, y.to(device=x.device, dtype=torch.long)
+
+    # forward -----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Optional[Tensor] = None,
+        force_drop_ids: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Velocity prediction.
+
+        x: ``(B, L, C)`` noisy latents; t: ``(B,)`` (or a scalar) times in ``[0, 1]``; y: ``(B,)`` int64 labels
+        (``num_classes`` = null class; ``None`` means all-null for a conditional model; ignored when
+        ``num_classes == 0``). In training mode labels are dropped to the null class with probability
+        ``class_dropout_prob`` (uniforms from ``generator`` if given); ``force_drop_ids`` ``(B,)`` (nonzero =
+        drop) overrides the random drop in any mode. Returns the velocity ``(B, L, C)``.
+        """
+        t, y = self._check_inputs(x, t, y)
+        tokens = self._position_inputs(self.x_embedder(x))
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training, force_drop_ids=force_drop_ids, generator=generator)
+        rope = self._rope()
+        for block in self.blocks:
+            tokens = block(tokens, c, rope)
+        return self.final_layer(tokens, c)
+
+    def forward_with_cfg(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor,
+        cfg_scale: float,
+        guidance_interval: Sequence[float] = (0.0, 1.0),
+    ) -> Tensor:
+        """Classifier-free guided velocity ``(B, L, C)``.
+
+        Runs the conditional and the unconditional (null-class) pass in one batch of ``2B`` and returns
+        ``u + cfg_scale * (c - u)`` for samples with ``t`` in ``guidance_interval = (low, high)``
+        (inclusive), the conditional velocity ``c`` for the others. Label dropout is never applied here
+        (the null class is forced for the unconditional half only). ``cfg_scale == 1`` or no sample inside
+        the interval skips the unconditional pass.
+        """
+        _check_interval(guidance_interval)
+        t, y = self._check_inputs(x, t, y)
+        batch = x.shape[0]
+        keep = torch.zeros(batch, dtype=torch.long, device=x.device)
+        if self.y_embedder is None or y is None:
+            if cfg_scale != 1.0:
+                raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0): cfg_scale must be 1")
+            return self.forward(x, t, y)
+        low, high = float(guidance_interval[0]), float(guidance_interval[1])
+        if cfg_scale == 1.0 or not bool(((t >= low) & (t <= high)).any()):
+            return self.forward(x, t, y, force_drop_ids=keep)
+        if not self.y_embedder.has_null_class:
+            raise ValueError(f"{type(self).__name__} was built with class_dropout_prob=0: no null class for CFG")
+        drop = torch.cat([keep, torch.ones_like(keep)])
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop_ids=drop)
+        cond, uncond = both.chunk(2)
+        return apply_guidance(cond, uncond, t, cfg_scale, guidance_interval)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SiT
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiTConfig:
+    """Architecture of SiT on 1D latents. Defaults: SiT-XL on the 128 x 32 MAETok latents, 1000 classes.
+
+    ``num_classes=0`` builds an unconditional model (no label embedding; ``y`` ignored).
+    ``pos_embed_layout``: ``"interleaved"`` (authors' checkpoint: sin/cos alternate along channels) or
+    ``"halves"`` ([sin | cos]); the values are stored in the state dict either way.
+    """
+
+    width: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    latent_dim: int = 32
+    num_latent_tokens: int = 128
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    qk_norm: bool = False
+    frequency_dim: int = 256
+    pos_embed_layout: str = "interleaved"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field."""
+        for name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"{type(self).__name__}.width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.width % 2:
+            raise ValueError(f"{type(self).__name__}.width must be even for the sin-cos embedding, got {self.width}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"{type(self).__name__}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_classes < 0:
+            raise ValueError(f"{type(self).__name__}.num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(
+                f"{type(self).__name__}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}"
+            )
+        if self.pos_embed_layout not in ("interleaved", "halves"):
+            raise ValueError(
+                f"SiTConfig.pos_embed_layout must be 'interleaved' or 'halves', got {self.pos_embed_layout!r}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "SiTConfig":
+        """``SiTConfig.from_preset("SiT-XL", num_classes=0)``; presets in :data:`SIT_PRESETS`."""
+        if name not in SIT_PRESETS:
+            raise ValueError(f"unknown SiT preset {name!r}; known: {sorted(SIT_PRESETS)}")
+        return _config_with(cls, {**SIT_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_reference_config(cls, reference: Mapping[str, Any]) -> "SiTConfig":
+        """Map the authors' ``config.json`` (``hidden_size``, ``depth``, ``num_heads``, ``in_channels``,
+        ``input_size``, ``num_classes``, ``class_dropout_prob``, ``mlp_ratio``, ``qk_norm``, ``vae_1d``,
+        ``patch_size``) to a config that loads their ``model.safetensors``."""
+        if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
+            raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported by this config")
+        if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
+            raise ValueError("decoder_hidden_size different from hidden_size is not supported")
+        num_classes = int(reference.get("num_classes", 1000))
+        use_cfg = bool(reference.get("use_cfg", True))
+        return cls(
+            width=int(reference["hidden_size"]),
+            depth=int(reference["depth"]),
+            num_heads=int(reference["num_heads"]),
+            mlp_ratio=float(reference.get("mlp_ratio", 4.0)),
+            latent_dim=int(reference["in_channels"]),
+            num_latent_tokens=int(reference["input_size"]),
+            num_classes=num_classes,
+            class_dropout_prob=float(reference.get("class_dropout_prob", 0.1)) if use_cfg else 0.0,
+            qk_norm=bool(reference.get("qk_norm", False)),
+        )
+
+
+def _config_with(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+class SiT(AdaLNVelocityTransformer):
+    """SiT with patch size 1 on ``(B, L, C)`` latents, fixed 1D sin-cos absolute position embedding,
+    adaLN-Zero class/time conditioning; predicts the velocity ``(B, L, C)``. See the module docstring."""
+
+    def __init__(self, config: SiTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self._build_common(
+            config.width,
+            config.latent_dim,
+            config.num_latent_tokens,
+            config.num_classes,
+            config.class_dropout_prob,
+            config.frequency_dim,
+        )
+        if config.pos_embed_layout == "interleaved":
+            pos = sincos_1d_interleaved(config.num_latent_tokens, config.width)
+        else:
+            pos = sincos_1d(config.num_latent_tokens, config.width)
+        # stored in the state dict (the reference checkpoint has it) but never trained
+        self.register_buffer("pos_embed", pos[None], persistent=True)
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(config.width, config.num_heads, config.mlp_ratio, "layernorm", "gelu", config.qk_norm)
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config.width, config.latent_dim, "layernorm")
+        self.initialize_weights()
+
+    def _position_inputs(self, tokens: Tensor) -> Tensor:
+        return tokens + self.pos_embed.to(tokens.dtype)
+
+
+def build_sit(preset: str = "SiT-XL", **overrides: Any) -> SiT:
+    """``build_sit("SiT-B", latent_dim=32, num_latent_tokens=128, num_classes=1000)``."""
+    return SiT(SiTConfig.from_preset(preset, **overrides))

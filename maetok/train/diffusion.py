@@ -1,0 +1,119 @@
+"""Training SiT / LightningDiT on a latent cache (``maetok train-diffusion``).
+
+A run directory holds ``config.yaml``, ``log.csv``, ``checkpoints/last.pt``, periodic ``samples_step*.png``
+grids decoded through the cache's tokenizer, and ``model/`` (the EMA model, see
+:class:`maetok.diffusion.pipeline.DiffusionPipeline`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from maetok.config import DiffusionTrainConfig, to_dict
+from maetok.data import save_image_grid
+from maetok.data.latents import LatentDataset, LatentNormalizer
+from maetok.diffusion.pipeline import DiffusionPipeline, build_diffusion_model
+from maetok.diffusion.transport import training_loss
+from maetok.models.tokenizer import MAETok
+from maetok.train.loop import Trainer, autocast
+
+
+class DiffusionTrainer(Trainer):
+    run_kind = "diffusion"
+
+    def __init__(
+        self,
+        cfg: DiffusionTrainConfig,
+        out_dir: Union[str, Path],
+        resume: bool = False,
+        device: Optional[str] = None,
+    ):
+        cfg.validate()
+        if not cfg.latents:
+            raise ValueError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
+        self.cfg = cfg
+        super().__init__(out_dir, cfg.train, cfg.optim, cfg.train.steps, device)
+        self.train_set = LatentDataset(cfg.latents)
+        stats = self.train_set.stats
+        self.latent_shape = tuple(stats["latent_shape"])
+        self.num_classes = stats["num_classes"] if cfg.model.conditional else 0
+        if self.num_classes and int(self.train_set.labels.min()) < 0:
+            raise ValueError(
+                f"{cfg.latents} has unlabelled items (label -1): train an unconditional model (model.conditional=false)"
+            )
+        self.normalizer = LatentNormalizer(stats, cfg.transport.latent_norm)
+        torch.manual_seed(cfg.train.seed)
+        model = build_diffusion_model(cfg.model, self.latent_shape, self.num_classes)
+        self.setup_optimization(model, resume)
+        self.tokenizer: Optional[MAETok] = None
+        tok_dir = stats.get("tokenizer")
+        if tok_dir and Path(tok_dir, "config.json").exists():
+            self.tokenizer = MAETok.from_pretrained(tok_dir).to(self.device)
+
+    def config_dict(self) -> dict:
+        return to_dict(self.cfg)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (
+            f"diffusion: {self.cfg.model.preset} ({self.cfg.model.arch}, {params:.2f}M) on {len(self.train_set)} latents "
+            f"{self.latent_shape}, {self.num_classes or 'no'} classes; device {self.device}"
+        )
+
+    def train_step(self, batch) -> dict[str, float]:
+        pairs, labels = batch  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
+        if self.cfg.train.flip:
+            pick = (torch.rand(pairs.shape[0], generator=self.generator) < 0.5).long()
+        else:
+            pick = torch.zeros(pairs.shape[0], dtype=torch.long)
+        latents = pairs[torch.arange(pairs.shape[0]), pick].to(self.device, non_blocking=True)
+        x0 = self.normalizer.normalize(latents)
+        y = labels.to(self.device) if self.num_classes else None
+        with autocast(self.cfg.train.precision, self.device):
+            loss, terms = training_loss(
+                self.ddp_model,
+                x0,
+                y,
+                generator=self.generator,
+                time_sampling=self.cfg.transport.time_sampling,
+                cosine_loss_weight=self.cfg.transport.cosine_loss_weight,
+            )
+        logs = {k: float(v) for k, v in terms.items()}
+        logs.update(self.optimizer_step(loss))
+        return logs
+
+    def pipeline(self) -> DiffusionPipeline:
+        """The EMA model (or live weights without EMA) as a sampling pipeline."""
+        model = build_diffusion_model(self.cfg.model, self.latent_shape, self.num_classes).to(self.device)
+        model.load_state_dict(self.ema_or_live_state())
+        return DiffusionPipeline(
+            model.eval(),
+            self.cfg.model,
+            self.normalizer,
+            self.latent_shape,
+            self.num_classes,
+            list(self.train_set.class_names),
+            self.cfg.sampling,
+            self.train_set.stats.get("tokenizer"),
+        )
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """A sample grid (one row per class, up to 10 classes x 8) decoded through the tokenizer."""
+        if self.tokenizer is None:
+            return {}
+        pipe = self.pipeline()
+        rows = min(self.num_classes, 10) if self.num_classes else 4
+        labels = torch.arange(rows).repeat_interleave(8) if self.num_classes else None
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        latents = pipe.sample_latents(labels, rows * 8, generator=generator, steps=self.cfg.sampling.grid_steps)
+        images = self.tokenizer.decode(latents).clamp(-1, 1)
+        save_image_grid(images.cpu(), self.out_dir / f"samples_step{step:07d}.png", nrow=8)
+        return {}
+
+    def export(self) -> Path:
+        pipe = self.pipeline()
+        return pipe.save(self.out_dir / "model")
