@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -165,6 +166,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("assets")
+def cmd_assets(args: argparse.Namespace) -> int:
+    from maetok.assets import prepare_assets
+
+    prepare_assets(verbose=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation (issue 5 commands are registered below this line)
+# ---------------------------------------------------------------------------------------------------------
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------------------
@@ -236,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
     p.add_argument("overrides", nargs="*")
 
+    add("assets", "Convert the packaged weights (VGG16/LPIPS) and list the weights found (Inception, teachers).")
+
     p = add("demo", "The main job on Fashion-MNIST: train both stages, evaluate, write DIR/report.md.")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
@@ -248,6 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        if os.environ.get("MAETOK_DEBUG"):
+            raise
         print(f"maetok {args.command}: error: {err}", file=sys.stderr)
         return 2
 
