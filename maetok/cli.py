@@ -67,22 +67,29 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from maetok.config import TokenizerTrainConfig, list_presets, load_config
+    from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, list_presets, load_config, read_preset
+    from maetok.diffusion.pipeline import build_diffusion_model
     from maetok.models.tokenizer import MAETok
 
-    names = [args.config] if args.config else list_presets()
-    for name in names:
+    for name in [args.config] if args.config else list_presets():
+        if "arch" in read_preset(name).get("model", {}):  # a diffusion preset
+            cfg = load_config(DiffusionTrainConfig, name, args.overrides)
+            shape, classes = tuple(args.latent_shape), args.classes
+            with torch.device("meta"):
+                model = build_diffusion_model(cfg.model, shape, classes)
+            params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+            print(f"{name}: {cfg.model.arch} {cfg.model.preset} on {shape[0]} x {shape[1]} latents, {classes} classes")
+            print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
+            continue
         cfg = load_config(TokenizerTrainConfig, name, args.overrides)
         with torch.device("meta"):
-            aux_dims = {t.name: 1 for t in cfg.model.aux_targets}  # output size barely matters for the count
-            model = MAETok(cfg.model, aux_dims)
-        counts = model.parameter_counts()
+            model = MAETok(cfg.model, {t.name: 1 for t in cfg.model.aux_targets})  # head size barely matters here
         m = cfg.model
         print(
             f"{name}: {m.variant}, {m.image_size}px, patch {m.patch_size} ({m.grid_size[0] * m.grid_size[1]} tokens) "
             f"-> {m.num_latent_tokens} x {m.latent_dim} latents"
         )
-        for part, n in counts.items():
+        for part, n in model.parameter_counts().items():
             print(f"  {part:<32} {n / 1e6:8.2f}M")
     return 0
 
@@ -163,6 +170,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     paths = write_samples(args.out, images, label_array, png_limit=args.max_png)
     print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} in "
           f"[{sampling.guidance_low}, {sampling.guidance_high}]): {paths['grid']}, {paths['npz']}")
+    return 0
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from maetok.eval import bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shape = tuple(args.latent_shape)
+    print(f"[maetok bench] device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    if args.what in ("tokenizer", "all"):
+        print(bench.format_row(bench.bench_tokenizer(args.tokenizer_preset, args.batch_size, device, args.tokenizer_overrides or [])))
+    if args.what in ("diffusion", "all"):
+        print(bench.format_row(bench.bench_diffusion_train(args.diffusion_preset, shape, args.classes, args.batch_size, device, args.diffusion_overrides or [])))
+    if args.what in ("sampling", "all"):
+        print(bench.format_row(bench.bench_sampling(args.diffusion_preset, shape, args.classes, args.sample_batch, args.steps, device, args.diffusion_overrides or [])))
     return 0
 
 
@@ -248,7 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", "Print presets and their parameter counts.")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
+    p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 32], metavar=("L", "H"), help="for diffusion presets")
+    p.add_argument("--classes", type=int, default=1000, help="for diffusion presets")
     p.add_argument("overrides", nargs="*")
+
+    p = add("bench", "Throughput (img/s, FLOP-counted TFLOP/s, MFU on known GPUs, peak memory) of training and sampling.")
+    p.add_argument("--what", choices=["tokenizer", "diffusion", "sampling", "all"], default="all")
+    p.add_argument("--tokenizer-preset", default="fashion-mnist-maetok")
+    p.add_argument("--diffusion-preset", default="fashion-mnist-sit")
+    p.add_argument("--latent-shape", type=int, nargs=2, default=[32, 8], metavar=("L", "H"))
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=250, help="sampling steps")
+    p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
 
     add("assets", "Convert the packaged weights (VGG16/LPIPS) and list the weights found (Inception, teachers).")
 

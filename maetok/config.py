@@ -147,7 +147,8 @@ class LossConfig:
     perceptual_warmup: int = 0
     gan_weight: float = 0.4
     gan_start: int = 30_000
-    gan_backbone: str = "dinov2-s"
+    gan_backbone: str = "dinov2-s"  # "dinov2-s" (paper), "vgg16" (packaged, offline) or "auto"
+    gan_backbone_weights: Optional[str] = None  # local folder / hub-cache id of the backbone weights
     gan_lr: float = 1e-4
     lecam_weight: float = 0.001
     kl_weight: float = 1e-6  # vae only

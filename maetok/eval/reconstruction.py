@@ -19,14 +19,16 @@ def evaluate_reconstruction(
     num_images: Optional[int] = None,
     batch_size: int = 256,
     inception: Optional[torch.nn.Module] = None,
+    reference_stats: Optional[Any] = None,
     num_workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode + decode the first ``num_images`` images of ``dataset`` (all by default).
 
-    Returns ``{"psnr", "ssim", "ssim_dr2", "num_images"}`` (+ ``"rfid"`` against the same originals when
-    ``inception`` is given). SSIM uses data_range 1 (correct); ``ssim_dr2`` data_range 2 (the common
-    tokenizer-paper convention).
+    Returns ``{"psnr", "ssim", "ssim_dr2", "num_images"}`` (+ ``"rfid"`` when ``inception`` is given: against
+    ``reference_stats`` (:class:`~maetok.eval.fid.InceptionStats` of the same originals, computed once and
+    shared) or else against the originals passed through Inception here). SSIM uses data_range 1 (correct);
+    ``ssim_dr2`` data_range 2 (the common tokenizer-paper convention).
     """
     from tqdm.auto import tqdm
 
@@ -38,7 +40,7 @@ def evaluate_reconstruction(
     if inception is not None:
         from maetok.eval.fid import ReconstructionEvaluator
 
-        meter: Any = ReconstructionEvaluator(inception)
+        meter: Any = ReconstructionEvaluator(inception, reference_stats)
     else:
         meter = ReconstructionMeter()
     for batch in tqdm(loader, desc="eval reconstruction", unit="batch", disable=not progress):
