@@ -144,7 +144,7 @@ class LossConfig:
 
     recon_weight: float = 1.0  # pixel MSE
     perceptual_weight: float = 1.0  # LPIPS-VGG
-    perceptual_warmup: int = 0
+    perceptual_warmup: int = 0  # steps of linear ramp-up of the LPIPS weight (0 = full weight from step 0)
     gan_weight: float = 0.4
     gan_start: int = 30_000
     gan_backbone: str = "dinov2-s"  # "dinov2-s" (paper), "vgg16" (packaged, offline) or "auto"

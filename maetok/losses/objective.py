@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.config import LossConfig, TargetConfig
+from maetok.losses.perceptual import ramp_weight
 from maetok.models.tokenizer import TokenizerOutput
 from maetok.targets.base import FeatureTarget
 
@@ -80,7 +81,8 @@ class TokenizerObjective(nn.Module):
         logs["mse"] = mse.item()
         if self.perceptual is not None and self.loss.perceptual_weight > 0:
             lpips = self.perceptual(recon, images.float()).mean()
-            nll = nll + self.loss.perceptual_weight * lpips
+            weight = ramp_weight(step, 0, self.loss.perceptual_warmup, self.loss.perceptual_weight)
+            nll = nll + weight * lpips
             logs["lpips"] = lpips.item()
         total = nll
         for name, prediction in out.aux_predictions.items():
