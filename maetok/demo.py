@@ -46,8 +46,8 @@ class DemoBudget:
 
 
 FULL = DemoBudget(
-    stage1_steps=260,
-    stage2_steps=50,
+    stage1_steps=180,
+    stage2_steps=30,
     diffusion_steps=400,
     eval_images=1000,
     fid_samples=1000,

@@ -367,6 +367,14 @@ class InceptionV3(nn.Module):
         """Device of the weights."""
         return self.Conv2d_1a_3x3.conv.weight.device
 
+    def _apply(self, fn, recurse=True):
+        # keep the conv weights channels-last whatever device / dtype moves happen
+        module = super()._apply(fn, recurse)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return module
+
     def train(self, mode: bool = True) -> "InceptionV3":
         """Batch-norm statistics are fixed: the module stays in eval mode whatever ``mode`` says."""
         return super().train(False)
@@ -375,6 +383,8 @@ class InceptionV3(nn.Module):
         """Run the network on already resized and normalised input ``(B, 3, 299, 299)``, ``(img - 128) / 128``."""
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INCEPTION_SIZE, INCEPTION_SIZE):
             raise ValueError(f"forward_normalized expects (B, 3, 299, 299), got shape {tuple(x.shape)}")
+        # channels-last activations: ~1.5x faster oneDNN convolutions on CPUs, same values to float rounding
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
