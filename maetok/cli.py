@@ -200,8 +200,51 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation (issue 5 commands are registered below this line)
+# Evaluation
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _print_and_save(result: dict, out: Optional[str]) -> None:
+    import json
+
+    from maetok.eval.commands import write_json
+
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if out:
+        write_json(out, result)
+
+
+@command("eval-recon")
+def cmd_eval_recon(args: argparse.Namespace) -> int:
+    from maetok.eval.commands import eval_recon
+
+    result = eval_recon(args.model, args.data, num=args.num, split=args.split, batch_size=args.batch_size,
+                        device=args.device, inception_weights=args.inception, fid=not args.no_fid)
+    _print_and_save(result, args.json)
+    return 0
+
+
+@command("eval-gen")
+def cmd_eval_gen(args: argparse.Namespace) -> int:
+    from maetok.eval.commands import eval_gen
+
+    result = eval_gen(args.samples, args.ref, num_ref=args.num_ref, save_ref=args.save_ref, batch_size=args.batch_size,
+                      device=args.device, inception_weights=args.inception, ref_split=args.ref_split)
+    _print_and_save(result, args.json)
+    return 0
+
+
+@command("analyze-latents")
+def cmd_analyze_latents(args: argparse.Namespace) -> int:
+    from maetok.eval.commands import analyze_latents
+
+    result = analyze_latents(args.model, args.data, args.out, num_train=args.num_train, num_test=args.num_test,
+                             ks=args.ks, umap=not args.no_map, device=args.device)
+    print(f"[maetok] latent analysis written to {args.out}/latent_analysis.json")
+    for name, entry in result["models"].items():
+        print(f"  {name}: linear probe top-1 {entry['linear_probe_top1'] * 100:.1f}%")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -288,6 +331,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=250, help="sampling steps")
     p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+
+    p = add("eval-recon", "rFID, PSNR and SSIM (both conventions) of a tokenizer on a held-out split.")
+    p.add_argument("--model", required=True, help="tokenizer directory or run directory")
+    p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
+    p.add_argument("--num", type=int, default=None, help="images (default: the whole split; else a seeded subset)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--inception", default=None, help="FID Inception weights (default: $MAETOK_INCEPTION or the packaged copy)")
+    p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM only")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+    p = add("eval-gen", "gFID, sFID, IS, precision and recall of generated images (ADM conventions).")
+    p.add_argument("--samples", required=True, help="an ADM .npz, a folder with samples.npz, or a folder of images")
+    p.add_argument("--ref", required=True, help="an ADM reference .npz, or a dataset (fashion-mnist, image folder)")
+    p.add_argument("--num-ref", type=int, default=None, help="reference images from a dataset (default: as many as samples)")
+    p.add_argument("--ref-split", default="test", choices=["test", "train", "all"], help="split of a dataset reference")
+    p.add_argument("--save-ref", default=None, help="write the dataset reference as an ADM reference .npz")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--inception", default=None)
+    p.add_argument("--json", default=None)
+
+    p = add("analyze-latents", "Linear probe, GMM NLL vs K and a latent map (UMAP, else PCA) of one or more tokenizers.")
+    p.add_argument("--model", required=True, action="append", help="[NAME=]DIR; repeat to compare tokenizers on one plot")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-train", type=int, default=10000)
+    p.add_argument("--num-test", type=int, default=2000)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="GMM component counts")
+    p.add_argument("--no-map", action="store_true", help="skip the UMAP / PCA map")
 
     add("assets", "Convert the packaged weights (VGG16/LPIPS) and list the weights found (Inception, teachers).")
 

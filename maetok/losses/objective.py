@@ -71,9 +71,15 @@ class TokenizerObjective(nn.Module):
         return self.adversarial is not None
 
     def generator_loss(
-        self, out: TokenizerOutput, images: Tensor, step: int, last_layer: Optional[Tensor] = None
+        self,
+        out: TokenizerOutput,
+        images: Tensor,
+        step: int,
+        last_layer: Optional[Tensor] = None,
+        captions: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Total loss (scalar) and a dict of its terms (floats, for the log)."""
+        """Total loss (scalar) and a dict of its terms (floats, for the log). ``captions``: ``(B, T)`` int64
+        CLIP BPE ids of the batch's captions, needed when a ``text`` target is configured."""
         logs: dict[str, float] = {}
         recon = out.reconstruction.float()
         mse = F.mse_loss(recon, images.float())
@@ -87,6 +93,13 @@ class TokenizerObjective(nn.Module):
         total = nll
         for name, prediction in out.aux_predictions.items():
             cfg = self.target_configs[name]
+            if getattr(self.targets[name], "loss", None) == "cross_entropy":  # the caption (text) target
+                if captions is None:
+                    raise ValueError(f"auxiliary target {name!r} needs the caption ids: generator_loss(captions=...)")
+                term = self.targets[name].loss_from_logits(prediction, captions)
+                total = total + cfg.weight * term
+                logs[f"aux_{name}"] = term.item()
+                continue
             with torch.no_grad():
                 target = self.targets[name](images, out.grid).float()
             term = masked_token_loss(prediction, target, out.mask, cfg.loss)

@@ -89,6 +89,9 @@ class ViTDecoder(nn.Module):
     Used for the pixel decoder (``out_dim = p * p * C``) and for the auxiliary decoders (``out_dim = D^j``).
     The N query tokens are learned on the training grid and bilinearly resampled for other grids.
     ``forward(latents (B, L, H_lat), grid (gh, gw)) -> (B, gh * gw, out_dim)``.
+
+    1D-query mode (``num_queries`` set, e.g. the caption decoder): ``num_queries`` learnable query tokens with a
+    learned 1D position embedding and no RoPE; ``grid`` is ignored and the output is ``(B, num_queries, out_dim)``.
     """
 
     def __init__(
@@ -98,13 +101,18 @@ class ViTDecoder(nn.Module):
         depth: int,
         num_heads: int,
         out_dim: int,
+        num_queries: Optional[int] = None,
     ):
         super().__init__()
         self.num_latent_tokens = cfg.num_latent_tokens
         self.head_dim = width // num_heads
         self.rope_theta = cfg.rope_theta
         self.train_grid = cfg.grid_size
-        self.query_tokens = nn.Parameter(torch.zeros(self.train_grid[0] * self.train_grid[1], width))
+        self.num_queries = num_queries
+        num_query_tokens = num_queries if num_queries is not None else self.train_grid[0] * self.train_grid[1]
+        self.query_tokens = nn.Parameter(torch.zeros(num_query_tokens, width))
+        if num_queries is not None:
+            self.query_pos_embed = nn.Parameter(torch.zeros(num_queries, width))
         self.latent_proj = nn.Linear(cfg.latent_dim, width)
         self.latent_pos_embed = nn.Parameter(torch.zeros(cfg.num_latent_tokens, width))
         self.blocks = nn.ModuleList(
@@ -116,6 +124,8 @@ class ViTDecoder(nn.Module):
         self.apply(init_vit_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
         nn.init.normal_(self.latent_pos_embed, std=0.02)
+        if num_queries is not None:
+            nn.init.normal_(self.query_pos_embed, std=0.02)
 
     def queries(self, grid: tuple[int, int]) -> Tensor:
         """Query tokens ``(gh * gw, D)`` for a grid, resampled from the training grid if needed."""
@@ -128,12 +138,18 @@ class ViTDecoder(nn.Module):
     def forward(self, latents: Tensor, grid: tuple[int, int]) -> Tensor:
         b = latents.shape[0]
         latent = self.latent_proj(latents) + self.latent_pos_embed
-        queries = self.queries(grid).expand(b, -1, -1).to(latent.dtype)
-        x = torch.cat([queries, latent], dim=1)  # (B, N + L, D)
-        rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, x.device)
+        if self.num_queries is not None:  # 1D queries: learned positions, no RoPE
+            queries = (self.query_tokens + self.query_pos_embed).expand(b, -1, -1).to(latent.dtype)
+            num_out, rope = self.num_queries, None
+        else:
+            queries = self.queries(grid).expand(b, -1, -1).to(latent.dtype)
+            num_out = grid[0] * grid[1]
+        x = torch.cat([queries, latent], dim=1)  # (B, Q + L, D)
+        if self.num_queries is None:
+            rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, x.device)
         for block in self.blocks:
             x = block(x, rope)
-        return self.head(self.norm(x[:, : grid[0] * grid[1]]))
+        return self.head(self.norm(x[:, :num_out]))
 
 
 @dataclass
@@ -144,7 +160,7 @@ class TokenizerOutput:
     grid: tuple[int, int]  # patch grid (gh, gw) of the images
     latents: Tensor  # (B, L, H_lat), the sample for a VAE
     mask: Optional[Tensor]  # (B, N) bool, True = masked; None when nothing was masked
-    aux_predictions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, N, D^j)
+    aux_predictions: dict[str, Tensor] = field(default_factory=dict)  # name -> (B, N, D^j); text: (B, T, vocab)
     posterior_mean: Optional[Tensor] = None  # VAE only, (B, L, H_lat)
     posterior_logvar: Optional[Tensor] = None  # VAE only
 
@@ -156,10 +172,17 @@ class MAETok(nn.Module):
     """MAETok / AE / VAE tokenizer. Images are ``(B, C, H, W)`` in [-1, 1]; latents ``(B, L, H_lat)``.
 
     ``aux_dims`` maps auxiliary-target names to their feature sizes; auxiliary decoders are built only for
-    training and are never part of :meth:`save_pretrained`.
+    training and are never part of :meth:`save_pretrained`. ``aux_query_lengths`` maps the names of sequence
+    targets (the caption target) to their number of 1D query tokens; their decoders output
+    ``(B, length, dim)`` logits instead of ``(B, N, dim)`` patch features.
     """
 
-    def __init__(self, config: TokenizerConfig, aux_dims: Optional[dict[str, int]] = None):
+    def __init__(
+        self,
+        config: TokenizerConfig,
+        aux_dims: Optional[dict[str, int]] = None,
+        aux_query_lengths: Optional[dict[str, int]] = None,
+    ):
         super().__init__()
         config.validate()
         self.config = config
@@ -180,6 +203,7 @@ class MAETok(nn.Module):
                 config.aux_depth,
                 config.aux_heads or config.decoder_heads,
                 out_dim=dim,
+                num_queries=(aux_query_lengths or {}).get(name),
             )
 
     # -- geometry ----------------------------------------------------------------------------------------

@@ -82,7 +82,16 @@ class TokenizerTrainer(Trainer):
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
         super().__init__(out_dir, cfg.train, optim, total, device)
         m = cfg.model
-        self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels)
+        # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
+        self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
+        no_caption_specs = ("fashion-mnist", "fashion_mnist", "fashionmnist")
+        if self.uses_captions and cfg.data.dataset.strip().lower() in no_caption_specs:
+            raise ValueError(
+                f"the 'text' auxiliary target needs captions, but data.dataset={cfg.data.dataset!r} has none: "
+                "use an image folder with a .txt caption beside each image"
+            )
+        caption_options = {"return_captions": True} if self.uses_captions else {}
+        self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options)
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels)
         n_eval = min(cfg.data.eval_images, len(self.eval_set))
         self.eval_images = torch.stack([self.eval_set[i][0] for i in range(n_eval)])
@@ -91,7 +100,12 @@ class TokenizerTrainer(Trainer):
         # stage 2 starts after stage 1's discriminator warm-up: the adversarial term is on from its step 0
         objective_cfg = cfg if stage == "pretrain" else dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gan_start=0))
         self.objective = build_objective(objective_cfg, with_targets=stage == "pretrain", device=self.device)
-        model = MAETok(m, {name: t.dim for name, t in self.objective.targets.items()})
+        targets = self.objective.targets
+        model = MAETok(
+            m,
+            {name: t.dim for name, t in targets.items()},
+            {name: t.context_length for name, t in targets.items() if hasattr(t, "context_length")},
+        )
         if stage == "finetune":
             self._load_stage1_weights(model, Path(init_from))
             model.encoder.requires_grad_(False)
@@ -137,7 +151,12 @@ class TokenizerTrainer(Trainer):
             images = random_hflip(images, self.generator)
         with autocast(precision, self.device):
             out = self.ddp_model(images, self.mask_ratio(self.step), self.generator)
-        loss, logs = self.objective.generator_loss(out, images, self.step, self.model.last_decoder_layer())
+        captions = None
+        if self.uses_captions:
+            captions = self.objective.targets["text"].tokenize(batch[2]).to(self.device)
+        loss, logs = self.objective.generator_loss(
+            out, images, self.step, self.model.last_decoder_layer(), captions=captions
+        )
         logs.update(self.optimizer_step(loss))
         with autocast(precision, self.device):
             logs.update(self.objective.discriminator_step(images, out.reconstruction.detach(), self.step))
