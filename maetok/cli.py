@@ -82,8 +82,14 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
             continue
         cfg = load_config(TokenizerTrainConfig, name, args.overrides)
+        # feature heads are sized 1 (their size barely matters) except the caption decoder's vocabulary head
+        from maetok.targets.text import VOCAB_SIZE
+
+        aux = cfg.model.aux_targets
+        dims = {t.name: VOCAB_SIZE if t.name == "text" else 1 for t in aux}
+        lengths = {t.name: int(t.options.get("context_length", 77)) for t in aux if t.name == "text"}
         with torch.device("meta"):
-            model = MAETok(cfg.model, {t.name: 1 for t in cfg.model.aux_targets})  # head size barely matters here
+            model = MAETok(cfg.model, dims, lengths)
         m = cfg.model
         print(
             f"{name}: {m.variant}, {m.image_size}px, patch {m.patch_size} ({m.grid_size[0] * m.grid_size[1]} tokens) "
@@ -100,6 +106,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(Path(args.out), quick=args.quick, device=args.device)
     print(f"[maetok] demo report: {report}")
+    return 0
+
+
+@command("study")
+def cmd_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from maetok.study import CPU_BUDGET, QUICK_BUDGET, run_study
+
+    budget = QUICK_BUDGET if args.quick else CPU_BUDGET
+    changes = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "diffusion_steps", "eval_images",
+                                             "fid_samples", "fid_sampling_steps") if getattr(args, k) is not None}
+    budget = dataclasses.replace(budget, full_objective=args.full_objective, **changes)
+    report = run_study(Path(args.out), args.variants, args.data, args.tokenizer_config, args.diffusion_config, budget,
+                       args.tokenizer_overrides or (), args.diffusion_overrides or (), device=args.device)
+    print(f"[maetok] study report: {report}")
     return 0
 
 
@@ -366,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "The main job on Fashion-MNIST: train both stages, evaluate, write DIR/report.md.")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+
+    p = add("study", "The paper's Table 1a / Table 6 comparison: AE, VAE, MAETok (+ ablations) at one budget, each "
+                     "with a SiT on its latents; writes DIR/study.md.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="subset of: ae vae maetok maetok-no-aux maetok-no-mask (default: all)")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--tokenizer-config", default="fashion-mnist-maetok", help="the MAETok preset the variants derive from")
+    p.add_argument("--diffusion-config", default="fashion-mnist-sit")
+    p.add_argument("--full-objective", action="store_true", help="LPIPS + GAN in both stages (the paper's Eq. 6)")
+    for name in ("stage1-steps", "stage2-steps", "diffusion-steps", "eval-images", "fid-samples", "fid-sampling-steps"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
     return parser
 
 

@@ -4,9 +4,10 @@
 2. stage 2 twice from the same frozen encoder, at the same budget: with the paper's full Eq. 6 loss
    (MSE + LPIPS + adversarial) and with MSE alone, to show what the perceptual and adversarial terms buy;
 3. reconstruction metrics on the test split (PSNR, SSIM, rFID);
-4. the training set encoded once (with flips) into a latent cache; a small SiT trained on it;
+4. the training set encoded once into a latent cache; a small SiT trained on it;
 5. a class-conditional sample grid (one row per class) and gFID against the test split;
-6. linear probing on the latents; ``DIR/report.md`` with every figure and the wall time of each phase.
+6. linear probing, GMM NLL vs K and a latent map (UMAP) of the latents;
+``DIR/report.md`` with every figure and the wall time of each phase.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import FASHION_MNIST_CLASSES, build_dataset, save_image_grid, save_side_by_side
+from maetok.data import FASHION_MNIST_CLASSES, build_dataset, save_image_grid
 from maetok.data.latents import LatentDataset, cache_latents
 from maetok.diffusion.generate import generate_images
 from maetok.diffusion.pipeline import DiffusionPipeline
@@ -42,17 +43,19 @@ class DemoBudget:
     fid_samples: int  # generated images for gFID
     fid_sampling_steps: int  # sampler steps for the gFID samples (the grid uses the preset's 250)
     probe_train: int  # latents of the training split for the linear probe
+    gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
     cache_limit: Optional[int]  # training images encoded for the SiT (None = all 60k)
 
 
 FULL = DemoBudget(
-    stage1_steps=180,
+    stage1_steps=160,
     stage2_steps=30,
     diffusion_steps=400,
     eval_images=1000,
     fid_samples=1000,
     fid_sampling_steps=50,
     probe_train=10000,
+    gmm_ks=(1, 2, 5, 10, 20, 50),
     cache_limit=None,
 )
 QUICK = DemoBudget(
@@ -63,6 +66,7 @@ QUICK = DemoBudget(
     fid_samples=48,
     fid_sampling_steps=3,
     probe_train=256,
+    gmm_ks=(1, 2),
     cache_limit=256,
 )
 STAGE2_BATCH = 64  # the LPIPS + GAN stage-2 steps cost ~5x a stage-1 step on a CPU
@@ -80,36 +84,55 @@ class Timer:
         self.phases[name] = time.perf_counter() - start
 
 
-def _fmt(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 @torch.no_grad()
-def _encode(model: MAETok, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def encode_images(model: MAETok, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Latents ``(B, L, H)`` (on the CPU) of images ``(B, C, H, W)`` in [-1, 1], encoded in batches."""
     device = next(model.parameters()).device
     return torch.cat([model.encode(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
-def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Path:
+def tokenizer_step_overrides(stage1_steps: int, stage2_steps: int) -> list[str]:
+    """Config overrides for a short two-stage run: step counts, four evaluations / checkpoints in stage 1, and the
+    stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps."""
+    every = max(1, stage1_steps // 4)
+    return [
+        f"train.steps={stage1_steps}",
+        f"train.eval_every={every}",
+        f"train.ckpt_every={every}",
+        f"train.log_every={max(1, min(20, stage1_steps // 6))}",
+        f"finetune.steps={stage2_steps}",
+        f"finetune.mask_decay_steps={max(1, int(stage2_steps * 0.7))}",
+    ]
+
+
+def limited_subset(dataset: Any, limit: int) -> Any:
+    """The first ``limit`` items of ``dataset``, keeping its ``num_classes`` and ``class_names``."""
     from torch.utils.data import Subset
 
+    subset = Subset(dataset, range(min(limit, len(dataset))))
+    subset.num_classes = getattr(dataset, "num_classes", 0)
+    subset.class_names = getattr(dataset, "class_names", None)
+    return subset
+
+
+def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
+             inception: Optional[torch.nn.Module] = None) -> Path:
+    """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
+    TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
+    from maetok.eval.commands import latent_analysis, latent_map
     from maetok.eval.fid import compute_fid_stats, evaluate_samples
+    from maetok.eval.gmm import plot_gmm_curves
     from maetok.eval.inception import load_inception
-    from maetok.eval.probe import linear_probe
 
     budget = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer = Timer()
-    every = max(1, budget.stage1_steps // 4)
-    tok_overrides = [
-        f"train.steps={budget.stage1_steps}",
-        f"train.eval_every={every}",
-        f"train.ckpt_every={every}",
-        f"train.log_every={max(1, min(20, budget.stage1_steps // 6))}",
-        f"finetune.steps={budget.stage2_steps}",
-        f"finetune.mask_decay_steps={max(1, int(budget.stage2_steps * 0.7))}",
-    ]
+    tok_overrides = tokenizer_step_overrides(budget.stage1_steps, budget.stage2_steps)
     no_perceptual_gan = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
     # Stage 1: mask modeling with the HOG / pixel / VGG16-teacher auxiliary decoders and pixel MSE (LPIPS and the
     # GAN are left to stage 2 here: on 2 CPU cores they would cost ~4x the stage-1 budget).
@@ -126,11 +149,11 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Pa
         TokenizerTrainer(mse_only, out / "tokenizer-mse", stage="finetune", init_from=out / "stage1", device=device).fit()
 
     test_set = build_dataset("fashion-mnist", "test", cfg.model.image_size, cfg.model.in_channels)
-    eval_subset = Subset(test_set, range(budget.eval_images))
-    inception = load_inception(device=dev)
+    eval_subset = limited_subset(test_set, budget.eval_images)
+    inception = inception if inception is not None else load_inception(device=dev)
     with timer.phase("reconstruction metrics (PSNR, SSIM, rFID)"):
         test_images = torch.stack([test_set[i][0] for i in range(budget.eval_images)])
-        reference = compute_fid_stats(torch.from_numpy(_to_rgb_uint8(test_images)).permute(0, 3, 1, 2), inception, progress=False)
+        reference = compute_fid_stats(torch.from_numpy(to_rgb_uint8(test_images)).permute(0, 3, 1, 2), inception, progress=False)
         recon_results = {}
         for name, run, with_fid in (
             ("stage 1", "stage1", False),
@@ -150,12 +173,11 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Pa
             rows.append(model.decode(model.encode(originals)).clamp(-1, 1))
     save_image_grid(torch.cat(rows).cpu(), out / "reconstructions.png", nrow=16)
 
-    with timer.phase("latent cache of the training split (with flips)"):
+    with timer.phase("latent cache of the training split"):
         train_set = build_dataset("fashion-mnist", "train", cfg.model.image_size, cfg.model.in_channels)
         if budget.cache_limit:
-            train_set = Subset(train_set, range(budget.cache_limit))
-            train_set.num_classes, train_set.class_names = 10, list(FASHION_MNIST_CLASSES)
-        cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", flip=True, progress=not quick)
+            train_set = limited_subset(train_set, budget.cache_limit)
+        cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=not quick)
 
     dif_cfg = load_config(
         DiffusionTrainConfig,
@@ -185,16 +207,18 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Pa
         for name, scale in ((f"CFG {pipe.sampling.cfg_scale}", pipe.sampling.cfg_scale),):
             sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps, cfg_scale=scale)
             samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250, seed=1, progress=False)
-            gen_results[name] = evaluate_samples(_to_rgb_uint8_np(samples), reference, inception, precision_recall_k=None, progress=False)
+            gen_results[name] = evaluate_samples(to_rgb_uint8(samples), reference, inception, precision_recall_k=None, progress=False)
 
-    with timer.phase("linear probe on the latents"):
+    with timer.phase("latent analysis (linear probe, GMM, latent map)"):
         cache = LatentDataset(out / "latents")
         n_train = min(budget.probe_train, len(cache))
-        probe_test = _encode(tokenizer, test_images)
-        probe = linear_probe(
-            cache.latents[:n_train], cache.labels[:n_train], probe_test, torch.tensor([test_set[i][1] for i in range(budget.eval_images)]),
-            num_classes=10, optimizer="lbfgs", epochs=10,
-        )
+        test_latents = encode_images(tokenizer, test_images)
+        test_labels = torch.tensor([test_set[i][1] for i in range(budget.eval_images)])
+        analysis = latent_analysis(cache.latents[:n_train], cache.labels[:n_train], test_latents, test_labels,
+                                   budget.gmm_ks, gmm_train=5000, probe_optimizer="lbfgs", probe_epochs=10,
+                                   progress=False)
+        plot_gmm_curves({"MAETok (demo)": analysis["gmm"]}, out / "gmm_nll.png", title="GMM held-out NLL vs K")
+        map_method = latent_map(test_latents, test_labels, out / "latent_map.png", "MAETok latents (test split)")
 
     plot_training_curves(
         {"stage 1": out / "stage1" / "log.csv", "stage 2 (full loss)": out / "tokenizer" / "log.csv", "stage 2 (MSE)": out / "tokenizer-mse" / "log.csv"},
@@ -207,7 +231,9 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Pa
         "budget": asdict(budget),
         "reconstruction": recon_results,
         "generation": gen_results,
-        "linear_probe": probe,
+        "linear_probe": analysis["linear_probe"],
+        "gmm": analysis["gmm"],
+        "latent_map_method": map_method,
         "timings_s": timer.phases,
         "device": str(dev),
     }
@@ -215,14 +241,13 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None) -> Pa
     return _write_report(out, cfg, dif_cfg, pipe, budget, results)
 
 
-def _to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3) (grayscale repeated), as saved images would be."""
+def to_rgb_uint8(images: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """Images as Inception takes them: uint8 ``(B, H, W, 3)``, grayscale repeated. ``images``: a float tensor
+    ``(B, C, H, W)`` in [-1, 1] (quantised as saved images would be) or uint8 ``(B, H, W, C)``."""
     from maetok.data.images import to_uint8_image
 
-    return _to_rgb_uint8_np(to_uint8_image(images))
-
-
-def _to_rgb_uint8_np(images: np.ndarray) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = to_uint8_image(images)
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
@@ -272,9 +297,9 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         f"SiT ({dif_cfg.model.depth} blocks, width {dif_cfg.model.width}, patch size 1 on the {m.num_latent_tokens} x {m.latent_dim} "
         f"latents, per-channel normalised) trained {budget.diffusion_steps} steps of batch {dif_cfg.train.batch_size} on the "
-        f"cached training latents (with flips).",
+        f"cached training latents.",
         "",
-        f"![samples](samples.png)",
+        "![samples](samples.png)",
         "",
         f"One row per class ({', '.join(FASHION_MNIST_CLASSES)}): {pipe.sampling.sampler}, {pipe.sampling.steps} steps, "
         f"CFG {pipe.sampling.cfg_scale} in the guidance interval [{pipe.sampling.guidance_low}, {pipe.sampling.guidance_high}].",
@@ -296,13 +321,27 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         f"Linear probe (non-affine BatchNorm + linear, L-BFGS) on flattened latents: {probe['top1'] * 100:.1f}% top-1 on "
         f"{probe['num_test']} test images (trained on {probe['num_train']} training latents; {probe['train_top1'] * 100:.1f}% train).",
         "",
+        f"GMM held-out NLL vs K (flattened latents, PCA to {results['gmm']['explained_variance']:.0%} variance "
+        f"= {results['gmm']['pca_dim']} dims, standardised, full covariance; fitted on {results['gmm']['num_train']} "
+        f"training latents, NLL per sample on the {results['gmm']['num_test']} test latents). The paper's argument: "
+        "a latent space whose NLL falls fast with few components has few, separated modes, which diffusion learns "
+        "more easily. `maetok study` puts AE, VAE and MAETok on one such plot.",
+        "",
+        "| K | " + " | ".join(str(k) for k in results["gmm"]["ks"]) + " |",
+        "|---|" + "---|" * len(results["gmm"]["ks"]),
+        "| NLL | " + " | ".join(f"{results['gmm']['test_nll'][k]:.2f}" for k in results["gmm"]["ks"]) + " |",
+        "",
+        "![GMM NLL](gmm_nll.png) ![latent map](latent_map.png)",
+        "",
+        f"Latent map of the test latents coloured by class: {results['latent_map_method']}.",
+        "",
         "## Wall time",
         "",
         "| phase | time |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in results["timings_s"].items()]
-    lines += [f"| total | {_fmt(sum(results['timings_s'].values()))} |", ""]
+    lines += [f"| {k} | {format_seconds(v)} |" for k, v in results["timings_s"].items()]
+    lines += [f"| total | {format_seconds(sum(results['timings_s'].values()))} |", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

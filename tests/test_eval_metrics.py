@@ -381,8 +381,11 @@ def test_plots_write_png(tmp_path):
     if importlib.util.find_spec("umap") is None:  # (UMAP itself is too slow to JIT in a unit test)
         with pytest.raises(ImportError, match="pip install umap-learn"):
             plot_umap(latents, labels, tmp_path / "u.png")
-        out = plot_umap(latents, labels, tmp_path / "u.png", fallback_to_pca=True)
-        assert out.read_bytes()[:4] == b"\x89PNG"
+        assert plot_umap(latents, labels, tmp_path / "u.png", fallback_to_pca=True).startswith("PCA-2D")
+        assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+    # too few points for UMAP (its spectral initialisation fails): PCA, with or without umap-learn
+    method = plot_umap(latents[:5], labels[:5], tmp_path / "few.png", fallback_to_pca=True)
+    assert method.startswith("PCA-2D") and (tmp_path / "few.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -601,9 +601,7 @@ def latent_map(latents: Tensor, labels: Tensor, path: PathLike, title: str, seed
     else PCA-2D (the plot title and the returned method name say which)."""
     from maetok.eval.gmm import plot_umap
 
-    method = "UMAP" if _umap_available() else "PCA-2D (umap-learn not installed)"
-    plot_umap(latents, labels, path, title=title, fallback_to_pca=True, seed=seed, max_points=max_points)
-    return method
+    return plot_umap(latents, labels, path, title=title, fallback_to_pca=True, seed=seed, max_points=max_points)
 
 
 def analyze_latents(

@@ -10,6 +10,7 @@ more separable modes reaches a low NLL with small K.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -165,13 +166,18 @@ def plot_gmm_curves(results: Mapping[str, Mapping], path: Union[str, Path], titl
     return path
 
 
+MIN_UMAP_POINTS = 16  # below this UMAP's spectral initialisation fails; such plots use PCA
+
+
 def plot_umap(latents: ArrayLike, labels: Optional[ArrayLike], path: Union[str, Path], title: str = "latents",
               fallback_to_pca: bool = False, seed: int = 0, max_points: Optional[int] = 20000,
-              n_neighbors: int = 15, min_dist: float = 0.1) -> Path:
-    """2-D UMAP of flattened latents coloured by class, saved as PNG.
+              n_neighbors: int = 15, min_dist: float = 0.1) -> str:
+    """2-D UMAP of flattened latents coloured by class, saved as PNG; returns the method drawn ("UMAP" or
+    "PCA-2D (why)", also in the plot title).
 
     Needs ``umap-learn`` (``pip install umap-learn``); without it raises ImportError, or with
-    ``fallback_to_pca=True`` draws the first two PCA components and says so in the title.
+    ``fallback_to_pca=True`` draws the first two PCA components and says so in the title (as it does for fewer
+    than ``MIN_UMAP_POINTS`` points, where UMAP cannot run).
     latents ``(N, ...)``, labels ``(N,)`` integer or ``None``; at most ``max_points`` random points are drawn.
     """
     from matplotlib.figure import Figure
@@ -188,20 +194,28 @@ def plot_umap(latents: ArrayLike, labels: Optional[ArrayLike], path: Union[str, 
         y = y[keep] if y is not None else None
     try:
         import umap  # noqa: F401  (optional dependency)
-
-        reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
-        embedding = reducer.fit_transform(x)
-        method = "UMAP"
     except ImportError as error:
         if not fallback_to_pca:
             raise ImportError(
                 "plot_umap needs umap-learn: `pip install umap-learn` (extra `maetok[umap]`), "
                 "or call plot_umap(..., fallback_to_pca=True) for a PCA-2D plot"
             ) from error
+        umap = None
+    if umap is not None and x.shape[0] >= MIN_UMAP_POINTS:
+        neighbours = min(n_neighbors, x.shape[0] - 1)  # UMAP needs fewer neighbours than points
+        reducer = umap.UMAP(n_neighbors=neighbours, min_dist=min_dist, random_state=seed)
+        with warnings.catch_warnings():  # seeded UMAP says it runs single-threaded; fine
+            warnings.filterwarnings("ignore", message=".*n_jobs.*")
+            embedding = reducer.fit_transform(x)
+        method = "UMAP"
+    else:
         centred = x - x.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         embedding = centred @ vt[:2].T
-        method = "PCA-2D (umap-learn not installed)"
+        if embedding.shape[1] < 2:  # a single point or a single latent dimension
+            embedding = np.pad(embedding, ((0, 0), (0, 2 - embedding.shape[1])))
+        reason = "umap-learn not installed" if umap is None else f"{x.shape[0]} points, UMAP needs {MIN_UMAP_POINTS}"
+        method = f"PCA-2D ({reason})"
     fig = Figure(figsize=(5.5, 5.0))
     ax = fig.subplots()
     scatter = ax.scatter(embedding[:, 0], embedding[:, 1], c=y if y is not None else "tab:blue", s=2,
@@ -215,4 +229,4 @@ def plot_umap(latents: ArrayLike, labels: Optional[ArrayLike], path: Union[str, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
-    return path
+    return method

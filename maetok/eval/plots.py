@@ -52,3 +52,29 @@ def plot_training_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_labelled_scatter(
+    points: dict[str, tuple[float, float]], path: PathLike, xlabel: str, ylabel: str, title: str = ""
+) -> Path:
+    """One labelled point per entry of ``points`` (``{name: (x, y)}``), e.g. gFID vs linear-probe accuracy."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    if not points:
+        raise ValueError("plot_labelled_scatter: no points")
+    fig = Figure(figsize=(5.5, 4.2))
+    ax = fig.subplots()
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
