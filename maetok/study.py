@@ -174,7 +174,7 @@ def _run_variant(
     if budget.cache_limit:
         train_set = limited_subset(train_set, budget.cache_limit)
     cache_latents(tokenizer, train_set, run_dir / "latents", run_dir / "tokenizer" / "model", flip=False,
-                  progress=progress)
+                  progress=progress, restart_if_stale=True)
     timings["latent cache"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from maetok.cli import main
-from maetok.config import DiffusionTrainConfig, TargetConfig, TokenizerConfig, load_config
+from maetok.config import DiffusionTrainConfig, TokenizerConfig, load_config
 from maetok.data import build_dataset
 from maetok.data.latents import LatentDataset, LatentNormalizer, cache_latents
 from maetok.diffusion.pipeline import DiffusionPipeline
@@ -91,6 +91,17 @@ def test_cache_resumes_and_refuses_other_settings(latent_dir, tokenizer_dir, ima
     assert resumed_stats == original_stats
     with pytest.raises(ValueError, match="other settings"):
         cache_latents(tokenizer, dataset, copy, tokenizer_dir, flip=False, shard_size=7, progress=False)
+    # a tokenizer retrained in place (same directory, other weights): its old latents are never reused
+    with torch.no_grad():
+        tokenizer.encoder.latent_tokens.add_(0.5)
+    with pytest.raises(ValueError, match="another tokenizer's weights"):
+        cache_latents(tokenizer, dataset, copy, tokenizer_dir, flip=True, shard_size=7, progress=False)
+    cache_latents(tokenizer, dataset, copy, tokenizer_dir, flip=True, shard_size=7, progress=False,
+                  restart_if_stale=True)
+    fresh = LatentDataset(copy)
+    assert not torch.equal(fresh.latents, LatentDataset(latent_dir).latents)
+    expected = torch.stack([tokenizer.encode(dataset[i][0][None])[0] for i in range(3)])
+    torch.testing.assert_close(fresh.latents[:3], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_normalizer_roundtrip():

@@ -11,7 +11,6 @@ from maetok.cli import main
 from maetok.config import TokenizerConfig
 from maetok.data import build_dataset
 from maetok.eval.commands import analyze_latents, eval_gen, eval_recon, fid_label
-from maetok.eval.fid import frechet_distance
 from maetok.eval.reconstruction import evaluate_reconstruction
 from maetok.models.tokenizer import MAETok
 from test_eval_metrics import StubInception

@@ -108,6 +108,17 @@ def test_random_inception_shapes_and_eval_mode(random_inception):
     assert torch.isfinite(features.pool3).all() and (features.pool3 >= 0).all()  # average of ReLU outputs
 
 
+def test_cpu_chunks_give_the_whole_batch_features(random_inception, monkeypatch):
+    import maetok.eval.inception as inception_module
+
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    whole = random_inception(images)
+    monkeypatch.setattr(inception_module, "CPU_CHUNK", 2)  # chunks of 2, 2, 1
+    chunked = random_inception(images)
+    for name in ("pool3", "spatial", "logits"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
+
+
 def _assert_same_weights(model: InceptionV3, state: dict) -> None:
     loaded = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(loaded) == {k for k in state if not k.endswith("num_batches_tracked")}

@@ -2,7 +2,8 @@
 
 A cache directory holds::
 
-    cache_plan.json               the settings of the cache (a rerun with other settings is refused)
+    cache_plan.json               the settings of the cache and a hash of the tokenizer's weights (a rerun with
+                                  other settings or another tokenizer is refused, or restarts on request)
     shard-00000.safetensors ...   "latents" (n, L, H) [+ "latents_flip" (n, L, H)], "labels" (n,) int64
     stats.json                    item count, latent shape, scalar and per-channel mean/std, the tokenizer
                                   directory, class names; written last, so its presence means "complete"
@@ -13,8 +14,10 @@ temporary file and renamed, so a crash leaves no half-written shard and a rerun 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,6 +33,16 @@ STATS_NAME = "stats.json"
 
 def _shard_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"shard-{index:05d}.safetensors"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's state dict: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class _Moments:
@@ -71,11 +84,14 @@ def cache_latents(
     num_workers: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    restart_if_stale: bool = False,
 ) -> Path:
     """Encode ``dataset`` into ``out_dir`` (resumable); returns the path of ``stats.json``.
 
     ``flip`` also stores the latents of the horizontally flipped images (``latents_flip``), which the
-    diffusion trainer draws from at random. Statistics are over the unflipped latents.
+    diffusion trainer draws from at random. Statistics are over the unflipped latents. A cache in ``out_dir``
+    made with other settings or by a tokenizer with other weights is refused (ValueError), or with
+    ``restart_if_stale`` deleted and made again.
     """
     from tqdm.auto import tqdm
 
@@ -87,13 +103,17 @@ def cache_latents(
         "flip": flip,
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
         "dtype": str(dtype),
+        "tokenizer_weights_sha256": weights_fingerprint(tokenizer),
     }
     plan_path = out_dir / "cache_plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
-        raise ValueError(
-            f"{out_dir} holds a cache made with other settings ({plan_path.read_text().strip()}); "
-            "use another --out or delete it"
-        )
+        if not restart_if_stale:
+            raise ValueError(
+                f"{out_dir} holds a cache made with other settings or another tokenizer's weights "
+                f"({plan_path.read_text().strip()}); use another --out or delete it"
+            )
+        shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
     plan_path.write_text(json.dumps(plan, indent=2))
     if (out_dir / STATS_NAME).exists():
         os.remove(out_dir / STATS_NAME)  # rewritten at the end; its absence marks an unfinished cache

@@ -73,6 +73,9 @@ class InceptionWeightsError(RuntimeError):
     """Inception weights are missing or do not fit the FID Inception layout; the message says why."""
 
 
+CPU_CHUNK = 32  # images per Inception forward on a CPU
+
+
 class InceptionFeatures(NamedTuple):
     """Features of one batch. pool3 ``(B, 2048)``, spatial ``(B, 2023)``, logits ``(B, 1008)`` or ``None``."""
 
@@ -408,10 +411,17 @@ class InceptionV3(nn.Module):
         spatial ``(B, 2023)`` and logits ``(B, 1008)`` (``None`` without classifier weights), float32.
         """
         device = self.device
-        x = images_to_float255(images).to(device)
+        x = images_to_float255(images)
+        # On a CPU large batches thrash the cache (2-core machine: 12.2 img/s at 32, 7.2 img/s at 256).
+        chunk = x.shape[0] if device.type == "cuda" else CPU_CHUNK
+        parts = []
         with _no_tf32(device):
-            x = (resize_bilinear_tf1(x, INCEPTION_SIZE) - 128.0) / 128.0
-            return self.forward_normalized(x)
+            for start in range(0, max(1, x.shape[0]), chunk):
+                part = (resize_bilinear_tf1(x[start : start + chunk].to(device), INCEPTION_SIZE) - 128.0) / 128.0
+                parts.append(self.forward_normalized(part))
+        if len(parts) == 1:
+            return parts[0]
+        return InceptionFeatures(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
 
     # ----------------------------------------------------------------------------------------------------
     # Weights
