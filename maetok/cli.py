@@ -83,11 +83,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             continue
         cfg = load_config(TokenizerTrainConfig, name, args.overrides)
         # feature heads are sized 1 (their size barely matters) except the caption decoder's vocabulary head
-        from maetok.targets.text import VOCAB_SIZE
+        from maetok.targets.text import DEFAULT_CONTEXT_LENGTH, VOCAB_SIZE
 
         aux = cfg.model.aux_targets
         dims = {t.name: VOCAB_SIZE if t.name == "text" else 1 for t in aux}
-        lengths = {t.name: int(t.options.get("context_length", 77)) for t in aux if t.name == "text"}
+        lengths = {t.name: int(t.options.get("context_length", DEFAULT_CONTEXT_LENGTH)) for t in aux if t.name == "text"}
         with torch.device("meta"):
             model = MAETok(cfg.model, dims, lengths)
         m = cfg.model

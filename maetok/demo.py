@@ -12,18 +12,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import FASHION_MNIST_CLASSES, build_dataset, save_image_grid
+from maetok.data.images import to_uint8_image
 from maetok.data.latents import LatentDataset, cache_latents
 from maetok.diffusion.generate import generate_images
 from maetok.diffusion.pipeline import DiffusionPipeline
@@ -109,21 +110,11 @@ def tokenizer_step_overrides(stage1_steps: int, stage2_steps: int) -> list[str]:
     ]
 
 
-def limited_subset(dataset: Any, limit: int) -> Any:
-    """The first ``limit`` items of ``dataset``, keeping its ``num_classes`` and ``class_names``."""
-    from torch.utils.data import Subset
-
-    subset = Subset(dataset, range(min(limit, len(dataset))))
-    subset.num_classes = getattr(dataset, "num_classes", 0)
-    subset.class_names = getattr(dataset, "class_names", None)
-    return subset
-
-
 def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
              inception: Optional[torch.nn.Module] = None) -> Path:
     """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
     TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
-    from maetok.eval.commands import latent_analysis, latent_map
+    from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map
     from maetok.eval.fid import compute_fid_stats, evaluate_samples
     from maetok.eval.gmm import plot_gmm_curves
     from maetok.eval.inception import load_inception
@@ -149,34 +140,34 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         TokenizerTrainer(mse_only, out / "tokenizer-mse", stage="finetune", init_from=out / "stage1", device=device).fit()
 
     test_set = build_dataset("fashion-mnist", "test", cfg.model.image_size, cfg.model.in_channels)
-    eval_subset = limited_subset(test_set, budget.eval_images)
+    test_items = [test_set[i] for i in range(budget.eval_images)]
+    test_images = torch.stack([item[0] for item in test_items])
+    test_labels = torch.tensor([item[1] for item in test_items])
     inception = inception if inception is not None else load_inception(device=dev)
     with timer.phase("reconstruction metrics (PSNR, SSIM, rFID)"):
-        test_images = torch.stack([test_set[i][0] for i in range(budget.eval_images)])
-        reference = compute_fid_stats(torch.from_numpy(to_rgb_uint8(test_images)).permute(0, 3, 1, 2), inception, progress=False)
-        recon_results = {}
+        reference = compute_fid_stats(to_uint8_image(test_images), inception, progress=False)
+        recon_results, models = {}, {}
+        originals = test_images[:16].to(dev)
+        grid_rows = [originals]
         for name, run, with_fid in (
             ("stage 1", "stage1", False),
             ("stage 2: MSE only", "tokenizer-mse", True),  # rFID of both stage-2 losses: what LPIPS + GAN buy
             ("stage 2: MSE + LPIPS + GAN", "tokenizer", True),
         ):
-            model = MAETok.from_pretrained(out / run / "model").to(dev)
+            model = models[run] = MAETok.from_pretrained(out / run / "model").to(dev)
             recon_results[name] = evaluate_reconstruction(
-                model, eval_subset, inception=inception if with_fid else None, reference_stats=reference if with_fid else None
+                model, torch.utils.data.TensorDataset(test_images, test_labels),
+                inception=inception if with_fid else None, reference_stats=reference if with_fid else None,
             )
-    tokenizer = MAETok.from_pretrained(out / "tokenizer" / "model").to(dev)
-    originals = test_images[:16].to(dev)
-    with torch.no_grad():
-        rows = [originals]
-        for run in ("stage1", "tokenizer-mse", "tokenizer"):
-            model = MAETok.from_pretrained(out / run / "model").to(dev)
-            rows.append(model.decode(model.encode(originals)).clamp(-1, 1))
-    save_image_grid(torch.cat(rows).cpu(), out / "reconstructions.png", nrow=16)
+            with torch.no_grad():
+                grid_rows.append(model.decode(model.encode(originals)).clamp(-1, 1))
+    save_image_grid(torch.cat(grid_rows).cpu(), out / "reconstructions.png", nrow=16)
+    tokenizer = models["tokenizer"]  # stage 2 with the paper's loss: the tokenizer the SiT is trained on
 
     with timer.phase("latent cache of the training split"):
         train_set = build_dataset("fashion-mnist", "train", cfg.model.image_size, cfg.model.in_channels)
         if budget.cache_limit:
-            train_set = limited_subset(train_set, budget.cache_limit)
+            train_set = DatasetSubset(train_set, range(min(budget.cache_limit, len(train_set))))
         cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=not quick,
                       restart_if_stale=True)
 
@@ -201,20 +192,16 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         grid, _ = generate_images(pipe, tokenizer, 100, labels, batch_size=100, progress=False)
         save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=10)
 
-    gen_results = {}
     with timer.phase(f"gFID ({budget.fid_samples} samples, {budget.fid_sampling_steps} steps)"):
-        import dataclasses
-
-        for name, scale in ((f"CFG {pipe.sampling.cfg_scale}", pipe.sampling.cfg_scale),):
-            sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps, cfg_scale=scale)
-            samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250, seed=1, progress=False)
-            gen_results[name] = evaluate_samples(to_rgb_uint8(samples), reference, inception, precision_recall_k=None, progress=False)
+        sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
+        samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250, seed=1, progress=False)
+        gen_results = {f"CFG {sampling.cfg_scale}": evaluate_samples(samples, reference, inception, precision_recall_k=None,
+                                                                      progress=False)}
 
     with timer.phase("latent analysis (linear probe, GMM, latent map)"):
         cache = LatentDataset(out / "latents")
         n_train = min(budget.probe_train, len(cache))
         test_latents = encode_images(tokenizer, test_images)
-        test_labels = torch.tensor([test_set[i][1] for i in range(budget.eval_images)])
         analysis = latent_analysis(cache.latents[:n_train], cache.labels[:n_train], test_latents, test_labels,
                                    budget.gmm_ks, gmm_train=5000, probe_optimizer="lbfgs", probe_epochs=10,
                                    progress=False)
@@ -241,16 +228,6 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
     return _write_report(out, cfg, dif_cfg, pipe, budget, results)
-
-
-def to_rgb_uint8(images: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
-    """Images as Inception takes them: uint8 ``(B, H, W, 3)``, grayscale repeated. ``images``: a float tensor
-    ``(B, C, H, W)`` in [-1, 1] (quantised as saved images would be) or uint8 ``(B, H, W, C)``."""
-    from maetok.data.images import to_uint8_image
-
-    if isinstance(images, torch.Tensor):
-        images = to_uint8_image(images)
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, pipe: DiffusionPipeline, budget: DemoBudget, results: dict) -> Path:

@@ -30,10 +30,11 @@ import torch
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import build_dataset, save_image_grid
 from maetok.data.latents import LatentDataset, cache_latents
-from maetok.demo import encode_images, format_seconds, limited_subset, to_rgb_uint8, tokenizer_step_overrides
+from maetok.data.images import to_uint8_image
+from maetok.demo import encode_images, format_seconds, tokenizer_step_overrides
 from maetok.diffusion.generate import generate_images
 from maetok.diffusion.pipeline import DiffusionPipeline
-from maetok.eval.commands import latent_analysis, latent_map, write_json
+from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map, write_json
 from maetok.eval.reconstruction import evaluate_reconstruction
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
@@ -123,8 +124,7 @@ def run_study(
     test_labels = torch.tensor([item[1] for item in test_items])
     inception = inception if inception is not None else load_inception(device=dev)
     print(f"[maetok study] reference statistics of {num_eval} {data} test images ...", flush=True)
-    reference = compute_fid_stats(torch.from_numpy(to_rgb_uint8(test_images)).permute(0, 3, 1, 2), inception,
-                                  progress=progress)
+    reference = compute_fid_stats(to_uint8_image(test_images), inception, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     for slug in variants:
         result_path = out / slug / "result.json"
@@ -172,7 +172,7 @@ def _run_variant(
     t0 = time.perf_counter()
     train_set = build_dataset(data, "train", cfg.model.image_size, cfg.model.in_channels)
     if budget.cache_limit:
-        train_set = limited_subset(train_set, budget.cache_limit)
+        train_set = DatasetSubset(train_set, range(min(budget.cache_limit, len(train_set))))
     cache_latents(tokenizer, train_set, run_dir / "latents", run_dir / "tokenizer" / "model", flip=False,
                   progress=progress, restart_if_stale=True)
     timings["latent cache"] = time.perf_counter() - t0
@@ -199,7 +199,7 @@ def _run_variant(
     sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps, cfg_scale=1.0)
     samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250, seed=1,
                                  progress=progress)
-    gen = evaluate_samples(to_rgb_uint8(samples), reference, inception, precision_recall_k=None, progress=progress)
+    gen = evaluate_samples(samples, reference, inception, precision_recall_k=None, progress=progress)
     timings["gFID"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -407,6 +407,8 @@ def test_build_dataset(tmp_path: Path) -> None:
         build_dataset("cifar-10", "train", 32, 3)
     with pytest.raises(ValueError, match="is a file"):
         build_dataset(str(imagenet / "train" / "n01" / "x.jpg"), "train", 32, 3)
+    with pytest.raises(ValueError, match="'fashion-mnist' has no captions"):  # what the 'text' target asks for
+        build_dataset("fashion-mnist", "train", 32, 1, return_captions=True)
 
 
 # ------------------------------------------------------------------------------------------------- flip

@@ -608,6 +608,11 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"dataset spec must be 'fashion-mnist' or a folder path, got {spec!r}")
     if spec.strip().lower() in _FASHION_MNIST_SPECS:
+        if folder_options.get("return_captions"):
+            raise ValueError(
+                f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "
+                "with a .txt caption beside each image"
+            )
         if folder_options:
             raise TypeError(f"options {sorted(folder_options)} do not apply to fashion-mnist")
         return FashionMNIST(split=split, image_size=image_size, channels=channels)

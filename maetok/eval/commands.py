@@ -17,7 +17,6 @@ Every FID in the returned dicts has its sample count beside it (``rfid_num_image
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import warnings
@@ -585,20 +584,10 @@ def latent_analysis(
     return {"linear_probe": probe, "gmm": gmm}
 
 
-def _umap_available() -> bool:
-    if importlib.util.find_spec("umap") is None:
-        return False
-    try:
-        import umap  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def latent_map(latents: Tensor, labels: Tensor, path: PathLike, title: str, seed: int = 0,
                max_points: int = 5000) -> str:
-    """A 2-D map of ``latents`` coloured by ``labels`` saved to ``path``: UMAP when umap-learn is installed,
-    else PCA-2D (the plot title and the returned method name say which)."""
+    """A 2-D map of ``latents`` coloured by ``labels`` saved to ``path``: UMAP when umap-learn is installed and
+    there are enough points, else PCA-2D (the plot title and the returned method name say which)."""
     from maetok.eval.gmm import plot_umap
 
     return plot_umap(latents, labels, path, title=title, fallback_to_pca=True, seed=seed, max_points=max_points)
@@ -676,7 +665,7 @@ def analyze_latents(
         "plots": {"gmm_nll": gmm_plot.name, **{f"latent_map_{n}": r["latent_map"] for n, r in results.items()
                                                 if "latent_map" in r}},
     }
-    if umap and not _umap_available():
+    if any("umap-learn not installed" in r.get("latent_map_method", "") for r in results.values()):
         report["notes"] = ["umap-learn is not installed: the latent maps are PCA-2D (pip install umap-learn)"]
     write_json(out / "latent_analysis.json", report)
     return report

@@ -144,9 +144,8 @@ class ViTDecoder(nn.Module):
         else:
             queries = self.queries(grid).expand(b, -1, -1).to(latent.dtype)
             num_out = grid[0] * grid[1]
+            rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, latent.device)
         x = torch.cat([queries, latent], dim=1)  # (B, Q + L, D)
-        if self.num_queries is None:
-            rope = _grid_rope(grid, self.head_dim, self.rope_theta, self.num_latent_tokens, x.device)
         for block in self.blocks:
             x = block(x, rope)
         return self.head(self.norm(x[:, :num_out]))

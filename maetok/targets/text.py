@@ -36,6 +36,7 @@ EOT_TOKEN = "<|endoftext|>"
 SOT_ID = 49406
 EOT_ID = 49407
 VOCAB_SIZE = 49408
+DEFAULT_CONTEXT_LENGTH = 77  # CLIP's caption length (SOT + up to 75 tokens + EOT)
 PAD_ID = 0
 NUM_MERGES = 49152 - 256 - 2  # merges lines used by CLIP
 
@@ -71,7 +72,7 @@ except ImportError:  # pragma: no cover - exercised only without `regex`
                     j += 1
                 words.append(text[i:j])
                 i = j
-            elif ch.isdigit() or ch.isnumeric():
+            elif ch.isnumeric():  # (covers isdigit)
                 words.append(ch)
                 i += 1
             else:
@@ -181,7 +182,7 @@ class ClipBPETokenizer:
             ids.extend(self.encoder[piece] for piece in self._bpe(mapped).split(" "))
         return ids
 
-    def encode(self, texts: Union[str, Sequence[str]], context_length: int = 77) -> Tensor:
+    def encode(self, texts: Union[str, Sequence[str]], context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tensor:
         """texts -> ``(B, context_length)`` int64: ``[SOT, ids..., EOT, 0, ...]``; a too-long text is cut and
         still ends with EOT. An empty text still gives ``[SOT, EOT, 0, ...]``."""
         if isinstance(texts, str):
@@ -231,12 +232,13 @@ def caption_cross_entropy(logits: Tensor, token_ids: Tensor) -> Tensor:
 
 class TextTarget(FeatureTarget):
     """The caption target: ``dim`` = vocabulary size, ``context_length`` 1D query tokens in its decoder.
-    It holds no network: :meth:`tokenize` makes the ids, :meth:`loss` scores the decoder's logits."""
+    It holds no network: :meth:`tokenize` makes the ids, :meth:`loss_from_logits` scores the decoder's logits
+    (``loss = "cross_entropy"`` tells the objective to call it instead of a feature loss)."""
 
     name = "text"
     loss = "cross_entropy"
 
-    def __init__(self, context_length: int = 77, vocab_path: Optional[str] = None):
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, vocab_path: Optional[str] = None):
         super().__init__()
         if int(context_length) < 2:
             raise ValueError(f"text target: context_length must be >= 2, got {context_length}")

@@ -84,12 +84,6 @@ class TokenizerTrainer(Trainer):
         m = cfg.model
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
-        no_caption_specs = ("fashion-mnist", "fashion_mnist", "fashionmnist")
-        if self.uses_captions and cfg.data.dataset.strip().lower() in no_caption_specs:
-            raise ValueError(
-                f"the 'text' auxiliary target needs captions, but data.dataset={cfg.data.dataset!r} has none: "
-                "use an image folder with a .txt caption beside each image"
-            )
         caption_options = {"return_captions": True} if self.uses_captions else {}
         self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options)
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels)
