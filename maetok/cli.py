@@ -70,6 +70,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, list_presets, load_config, read_preset
     from maetok.diffusion.pipeline import build_diffusion_model
     from maetok.models.tokenizer import MAETok
+    from maetok.train.loop import describe_ema
 
     for name in [args.config] if args.config else list_presets():
         if "arch" in read_preset(name).get("model", {}):  # a diffusion preset
@@ -80,6 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
             print(f"{name}: {cfg.model.arch} {cfg.model.preset} on {shape[0]} x {shape[1]} latents, {classes} classes")
             print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
+            print(f"  {describe_ema(cfg.train)}")
             continue
         cfg = load_config(TokenizerTrainConfig, name, args.overrides)
         # feature heads are sized 1 (their size barely matters) except the caption decoder's vocabulary head
@@ -97,6 +99,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
         for part, n in model.parameter_counts().items():
             print(f"  {part:<32} {n / 1e6:8.2f}M")
+        print(f"  {describe_ema(cfg.train)}")
     return 0
 
 
@@ -147,6 +150,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         flip=args.flip,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        sample_posterior=args.sample_posterior,
+        seed=args.seed,
     )
     print(f"[maetok] cached {len(dataset)} latents to {args.out} ({stats.name} written)")
     return 0
@@ -242,7 +247,8 @@ def cmd_eval_recon(args: argparse.Namespace) -> int:
     from maetok.eval.commands import eval_recon
 
     result = eval_recon(args.model, args.data, num=args.num, split=args.split, batch_size=args.batch_size,
-                        device=args.device, inception_weights=args.inception, fid=not args.no_fid)
+                        device=args.device, inception_weights=args.inception, fid=not args.no_fid,
+                        lpips=not args.no_lpips)
     _print_and_save(result, args.json)
     return 0
 
@@ -262,10 +268,12 @@ def cmd_analyze_latents(args: argparse.Namespace) -> int:
     from maetok.eval.commands import analyze_latents
 
     result = analyze_latents(args.model, args.data, args.out, num_train=args.num_train, num_test=args.num_test,
-                             ks=args.ks, umap=not args.no_map, device=args.device)
+                             ks=args.ks, umap=not args.no_map, device=args.device, pca_dim=args.pca_dim)
     print(f"[maetok] latent analysis written to {args.out}/latent_analysis.json")
     for name, entry in result["models"].items():
-        print(f"  {name}: linear probe top-1 {entry['linear_probe_top1'] * 100:.1f}%")
+        print(f"  {name}: linear probe top-1 {entry['linear_probe_top1'] * 100:.1f}%, GMM in PCA dim "
+              f"{entry['gmm']['pca_dim']} (own 90% dim {entry['gmm']['own_pca_dim']}, "
+              f"{entry['gmm']['explained_variance']:.1%} variance)")
     return 0
 
 
@@ -311,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache directory (a rerun completes an interrupted cache)")
     p.add_argument("--split", default="train", help="dataset split (default train)")
     p.add_argument("--flip", action="store_true", help="also cache the latents of horizontally flipped images")
+    p.add_argument("--sample-posterior", action=argparse.BooleanOptionalAction, default=None,
+                   help="VAE: store a posterior sample (the default, as DiT/SiT train) or, with "
+                        "--no-sample-posterior, the posterior mean; recorded in the cache's metadata")
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples (default 0)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
 
@@ -354,14 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
 
-    p = add("eval-recon", "rFID, PSNR and SSIM (both conventions) of a tokenizer on a held-out split.")
+    p = add("eval-recon", "rFID, PSNR, SSIM (both conventions) and LPIPS (VGG) of a tokenizer on a held-out split.")
     p.add_argument("--model", required=True, help="tokenizer directory or run directory")
     p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
     p.add_argument("--num", type=int, default=None, help="images (default: the whole split; else a seeded subset)")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--inception", default=None, help="FID Inception weights (default: $MAETOK_INCEPTION or the packaged copy)")
-    p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM only")
+    p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM (/ LPIPS) only")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (VGG16) of the reconstructions")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
     p = add("eval-gen", "gFID, sFID, IS, precision and recall of generated images (ADM conventions).")
@@ -382,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-test", type=int, default=2000)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="GMM component counts")
     p.add_argument("--no-map", action="store_true", help="skip the UMAP / PCA map")
+    p.add_argument("--pca-dim", type=int, default=None,
+                   help="PCA dimension of the GMMs, one for all models (default: the largest of their 90%%-variance dims)")
 
     add("assets", "Convert the packaged weights (VGG16/LPIPS) and list the weights found (Inception, teachers).")
 

@@ -130,12 +130,21 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # "auto" (bf16 autocast where supported), "bf16", "fp32"
     ema_decay: float = 0.9999  # 0 = no EMA
+    # EMA decay warm-up min(ema_decay, (1 + step) / (ema_warmup + step)); <= 1: the full decay from step 0.
+    # With 10 and 0.9999 the full decay is reached at step ~90K (`maetok info` prints it for each preset).
+    ema_warmup: float = 10.0
     flip: bool = True  # random horizontal flips
     num_workers: int = 4
     log_every: int = 50
     eval_every: int = 5_000
     ckpt_every: int = 5_000
     compile: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_warmup < 0:
+            raise ConfigError(f"train.ema_warmup must be >= 0 (<= 1: no warm-up), got {self.ema_warmup}")
 
 
 @dataclass
@@ -164,6 +173,9 @@ class FinetuneConfig:
     mask_decay_steps: int = 50_000
     lr: float = 1e-4
     warmup_steps: int = 1_000
+    # Stage 2 continues stage 1's discriminator (and its optimizer) when stage 1 trained one. Otherwise a new
+    # discriminator trains alone for this many steps before its loss reaches the decoder.
+    disc_warmup_steps: int = 2_000
 
 
 @dataclass
@@ -183,6 +195,7 @@ class TokenizerTrainConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.train.validate()
         if self.optim.schedule not in ("cosine", "constant"):
             raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.optim.schedule!r}")
         if self.train.precision not in ("auto", "bf16", "fp32"):
@@ -414,6 +427,7 @@ class DiffusionTrainConfig:
     def validate(self) -> None:
         self.model.validate()
         self.sampling.validate()
+        self.train.validate()
         if self.transport.time_sampling not in ("uniform", "lognormal"):
             raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.transport.time_sampling!r}")
         if self.transport.latent_norm not in ("channel", "scalar", "none"):

@@ -3,7 +3,7 @@
 1. tokenizer stage 1 (``fashion-mnist-maetok``: mask modeling, HOG / pixel auxiliary decoders);
 2. stage 2 twice from the same frozen encoder, at the same budget: with the paper's full Eq. 6 loss
    (MSE + LPIPS + adversarial) and with MSE alone, to show what the perceptual and adversarial terms buy;
-3. reconstruction metrics on the test split (PSNR, SSIM, rFID);
+3. reconstruction metrics on the test split (PSNR, SSIM, LPIPS (VGG), rFID);
 4. the training set encoded once into a latent cache; a small SiT trained on it;
 5. a class-conditional sample grid (one row per class) and gFID against the test split;
 6. linear probing, GMM NLL vs K and a latent map (UMAP) of the latents;
@@ -28,6 +28,7 @@ from maetok.data.images import to_uint8_image
 from maetok.data.latents import LatentDataset, cache_latents
 from maetok.diffusion.generate import generate_images
 from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.eval.metrics import LPIPS_LABEL
 from maetok.eval.plots import plot_training_curves
 from maetok.eval.reconstruction import evaluate_reconstruction
 from maetok.models.tokenizer import MAETok
@@ -97,8 +98,9 @@ def encode_images(model: MAETok, images: torch.Tensor, batch_size: int = 500) ->
 
 
 def tokenizer_step_overrides(stage1_steps: int, stage2_steps: int) -> list[str]:
-    """Config overrides for a short two-stage run: step counts, four evaluations / checkpoints in stage 1, and the
-    stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps."""
+    """Config overrides for a short two-stage run: step counts, four evaluations / checkpoints in stage 1, the
+    stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps, and a new stage-2 discriminator (when stage 1
+    trained none) warming up alone for the first 20% of them."""
     every = max(1, stage1_steps // 4)
     return [
         f"train.steps={stage1_steps}",
@@ -107,6 +109,7 @@ def tokenizer_step_overrides(stage1_steps: int, stage2_steps: int) -> list[str]:
         f"train.log_every={max(1, min(20, stage1_steps // 6))}",
         f"finetune.steps={stage2_steps}",
         f"finetune.mask_decay_steps={max(1, int(stage2_steps * 0.7))}",
+        f"finetune.disc_warmup_steps={stage2_steps // 5}",
     ]
 
 
@@ -144,7 +147,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     test_images = torch.stack([item[0] for item in test_items])
     test_labels = torch.tensor([item[1] for item in test_items])
     inception = inception if inception is not None else load_inception(device=dev)
-    with timer.phase("reconstruction metrics (PSNR, SSIM, rFID)"):
+    with timer.phase("reconstruction metrics (PSNR, SSIM, LPIPS, rFID)"):
         reference = compute_fid_stats(to_uint8_image(test_images), inception, progress=False)
         recon_results, models = {}, {}
         originals = test_images[:16].to(dev)
@@ -253,15 +256,16 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         f"### Reconstruction, Fashion-MNIST test split (first {n_eval} images)",
         "",
-        f"| model | PSNR (dB) | SSIM | SSIM (data_range=2) | r{fid_label} |",
-        "|---|---|---|---|---|",
+        f"| model | PSNR (dB) | SSIM | SSIM (data_range=2) | {LPIPS_LABEL} | r{fid_label} |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results["reconstruction"].items():
         rfid = f"{r['rfid']:.2f}" if "rfid" in r else "(not computed: CPU time)"
-        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {rfid} |")
+        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {r['lpips']:.4f} | {rfid} |")
     lines += [
         "",
         "SSIM with data_range=1 is the correct value; data_range=2 is the convention of many tokenizer papers (higher). "
+        f"{LPIPS_LABEL}: VGG16 LPIPS (v0.1 heads) on images in [-1, 1], mean over images (lower is better). "
         f"rFID compares the reconstructions with the same {n_eval} originals (Inception pool3, TF-2015 weights).",
         "",
         "![reconstructions](reconstructions.png)",

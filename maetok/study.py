@@ -2,9 +2,9 @@
 
 Several tokenizers that differ in one design choice (AE, VAE, MAETok, MAETok without auxiliary decoders,
 MAETok without masking) are trained on the same data with the same budget; each gets the same decoder
-fine-tuning, the same small SiT trained on its latents, and the same evaluation: PSNR / SSIM / rFID of the
-tokenizer, gFID of the SiT (without CFG, as in the paper's Table 1), linear-probe accuracy and GMM held-out
-NLL of the latents. Writes ``DIR/study.md`` (table + plots), ``DIR/study.json``, ``DIR/gfid_vs_lp.png``
+fine-tuning, the same small SiT trained on its latents, and the same evaluation: PSNR / SSIM / LPIPS / rFID of
+the tokenizer, gFID of the SiT (without CFG, as in the paper's Table 1), linear-probe accuracy and GMM held-out
+NLL of the latents (all tokenizers in one shared PCA dimension, fitted once every variant's latents exist). Writes ``DIR/study.md`` (table + plots), ``DIR/study.json``, ``DIR/gfid_vs_lp.png``
 (paper Fig. 5a), ``DIR/gmm_nll.png``, ``DIR/reconstructions.png``, ``DIR/samples.png`` and one latent map per
 tokenizer. A finished tokenizer's ``DIR/<variant>/result.json`` is reused when the study is run again, so an
 interrupted study resumes where it stopped.
@@ -35,6 +35,7 @@ from maetok.demo import encode_images, format_seconds, tokenizer_step_overrides
 from maetok.diffusion.generate import generate_images
 from maetok.diffusion.pipeline import DiffusionPipeline
 from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map, write_json
+from maetok.eval.metrics import LPIPS_LABEL, lpips_unavailable_reason
 from maetok.eval.reconstruction import evaluate_reconstruction
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
@@ -104,8 +105,12 @@ def run_study(
     device: Optional[str] = None,
     inception: Optional[torch.nn.Module] = None,
     progress: bool = True,
+    gmm_pca_dim: Optional[int] = None,
 ) -> Path:
-    """Train and evaluate every variant (slugs of :data:`VARIANTS`, default all); returns ``out/study.md``."""
+    """Train and evaluate every variant (slugs of :data:`VARIANTS`, default all); returns ``out/study.md``.
+
+    The GMM curves of all variants are fitted at the end in one PCA dimension: ``gmm_pca_dim``, or the largest
+    of the variants' >= 90% explained-variance dimensions."""
     from maetok.eval.fid import compute_fid_stats
     from maetok.eval.inception import load_inception
 
@@ -136,8 +141,9 @@ def run_study(
                                      list(tokenizer_overrides), list(diffusion_overrides), device, dev, inception,
                                      reference, test_images, test_labels, progress)
         write_json(result_path, results[slug])
+    gmm_pca = _shared_gmm(out, results, budget, gmm_pca_dim, test_images, dev, progress)
     return _write_study(out, results, data, tokenizer_config, diffusion_config, budget, test_images, dev,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, gmm_pca)
 
 
 def _run_variant(
@@ -164,7 +170,7 @@ def _run_variant(
     tokenizer = MAETok.from_pretrained(run_dir / "tokenizer" / "model").to(dev)
     eval_set = torch.utils.data.TensorDataset(test_images, test_labels)
     recon = evaluate_reconstruction(tokenizer, eval_set, inception=inception, reference_stats=reference,
-                                    progress=progress)
+                                    progress=progress, lpips=lpips_unavailable_reason() is None)
     with torch.no_grad():
         recon_grid = tokenizer.decode(tokenizer.encode(test_images[:16].to(dev))).clamp(-1, 1).cpu()
     timings["reconstruction metrics"] = time.perf_counter() - t0
@@ -207,7 +213,11 @@ def _run_variant(
     n_train = min(budget.probe_train, len(cache))
     test_latents = encode_images(tokenizer, test_images)
     analysis = latent_analysis(cache.latents[:n_train], cache.labels[:n_train], test_latents, test_labels,
-                               budget.gmm_ks, budget.gmm_train, "lbfgs", 10, progress=progress)
+                               probe_optimizer="lbfgs", probe_epochs=10, progress=progress, gmm=False)
+    # the GMM curves need every variant's latents (one shared PCA dimension): fitted in _shared_gmm
+    n_fit = min(n_train, budget.gmm_train)
+    torch.save({"fit": cache.latents[:n_fit].flatten(1).float(), "test": test_latents.flatten(1).float()},
+               run_dir / GMM_LATENTS)
     map_method = latent_map(test_latents, test_labels, run_dir / "latent_map.png", f"{label} latents ({data} test)")
     timings["latent analysis"] = time.perf_counter() - t0
 
@@ -215,7 +225,6 @@ def _run_variant(
     save_image_grid(recon_grid, run_dir / "reconstructions.png", nrow=16)
     save_image_grid(sample_grid, run_dir / "samples.png", nrow=16)
     torch.save({"reconstructions": recon_grid, "samples": sample_grid}, run_dir / "grids.pt")
-    gmm = analysis["gmm"]
     return {
         "label": label,
         "overrides": variant_overrides,
@@ -225,21 +234,70 @@ def _run_variant(
         "psnr": recon["psnr"],
         "ssim": recon["ssim"],
         "ssim_dr2": recon["ssim_dr2"],
+        "lpips": recon.get("lpips"),  # None without the VGG16/LPIPS weights
         "rfid": recon["rfid"],
         "gfid": gen["fid"],
         "sfid": gen["sfid"],
         "linear_probe_top1": analysis["linear_probe"]["top1"],
         "linear_probe": analysis["linear_probe"],
-        "gmm_test_nll": {str(k): v for k, v in gmm["test_nll"].items()},
-        "gmm_pca_dim": gmm["pca_dim"],
         "latent_map_method": map_method,
         "timings_s": timings,
     }
 
 
+GMM_LATENTS = "gmm_latents.pt"  # per variant: {"fit": GMM train latents (n, L*H), "test": (M, L*H)}
+
+
+def _gmm_latents(run_dir: Path, budget: StudyBudget, test_images: torch.Tensor,
+                 dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A variant's (GMM fit latents ``(n, L*H)``, test latents ``(M, L*H)``): saved by :func:`_run_variant`, or
+    rebuilt from its latent cache and tokenizer (studies run before the file existed)."""
+    path = run_dir / GMM_LATENTS
+    if not path.exists():
+        cache = LatentDataset(run_dir / "latents")
+        tokenizer = MAETok.from_pretrained(run_dir / "tokenizer" / "model").to(dev)
+        n_fit = min(budget.probe_train, budget.gmm_train, len(cache))
+        torch.save({"fit": cache.latents[:n_fit].flatten(1).float(),
+                    "test": encode_images(tokenizer, test_images).flatten(1).float()}, path)
+    saved = torch.load(path, weights_only=True)
+    return saved["fit"], saved["test"]
+
+
+def _shared_gmm(out: Path, results: dict[str, dict[str, Any]], budget: StudyBudget, pca_dim: Optional[int],
+                test_images: torch.Tensor, dev: torch.device, progress: bool) -> dict[str, Any]:
+    """GMM held-out NLL vs K of every variant in ONE PCA dimension (``pca_dim``, default the largest of the
+    variants' >= 90% variance dimensions), stored in ``results`` and each ``result.json``; a variant's curve is
+    reused when it was fitted at that dimension with the same Ks. Returns the shared-dimension summary."""
+    from maetok.eval.gmm import gmm_nll_analysis, own_pca_dim
+
+    sets = {slug: _gmm_latents(out / slug, budget, test_images, dev) for slug in results}
+    own = {slug: own_pca_dim(fit) for slug, (fit, _) in sets.items()}
+    dim = int(pca_dim) if pca_dim is not None else max(own.values())
+    for slug, (fit, test) in sets.items():
+        r = results[slug]
+        ks = [k for k in budget.gmm_ks if k <= len(fit)]
+        if r.get("gmm_pca_dim_requested") == dim and [int(k) for k in r.get("gmm_test_nll", {})] == ks:
+            continue
+        print(f"[maetok study] {r['label']}: GMM NLL vs K in PCA dim {dim} ...", flush=True)
+        t0 = time.perf_counter()
+        gmm = gmm_nll_analysis(fit, ks, test_latents=test, progress=progress, pca_dim=dim)
+        r.update({
+            "gmm_test_nll": {str(k): v for k, v in gmm["test_nll"].items()},
+            "gmm_pca_dim": gmm["pca_dim"],
+            "gmm_pca_dim_requested": dim,
+            "gmm_own_pca_dim": gmm["own_pca_dim"],
+            "gmm_explained_variance": gmm["explained_variance"],
+            "gmm_notes": gmm["notes"],
+        })
+        r["timings_s"]["GMM"] = time.perf_counter() - t0
+        write_json(out / slug / "result.json", r)
+    source = f"given (gmm_pca_dim={pca_dim})" if pca_dim is not None else "the largest of the >= 90% variance dims"
+    return {"pca_dim": dim, "pca_dim_source": source, "own_pca_dims": own}
+
+
 def _write_study(out: Path, results: dict[str, dict[str, Any]], data: str, tokenizer_config: str,
                  diffusion_config: str, budget: StudyBudget, test_images: torch.Tensor, dev: torch.device,
-                 wall_s: float) -> Path:
+                 wall_s: float, gmm_pca: dict[str, Any]) -> Path:
     from maetok.eval.commands import fid_label
     from maetok.eval.gmm import plot_gmm_curves
     from maetok.eval.plots import plot_labelled_scatter
@@ -248,8 +306,9 @@ def _write_study(out: Path, results: dict[str, dict[str, Any]], data: str, token
     plot_labelled_scatter({labels[s]: (100 * r["linear_probe_top1"], r["gfid"]) for s, r in results.items()},
                           out / "gfid_vs_lp.png", "linear probe top-1 (%)", f"gFID-{fid_label(budget.fid_samples)} (no CFG)",
                           title=f"gFID vs linear probing ({data})")
-    plot_gmm_curves({labels[s]: {int(k): v for k, v in r["gmm_test_nll"].items()} for s, r in results.items()},
-                    out / "gmm_nll.png", title=f"GMM held-out NLL vs K ({data})")
+    plot_gmm_curves({labels[s]: {"test_nll": r["gmm_test_nll"], "pca_dim": r["gmm_pca_dim"],
+                                 "own_pca_dim": r["gmm_own_pca_dim"], "explained_variance": r["gmm_explained_variance"]}
+                     for s, r in results.items()}, out / "gmm_nll.png", title=f"GMM held-out NLL vs K ({data})")
     grids = {slug: torch.load(out / slug / "grids.pt", weights_only=True) for slug in results}
     save_image_grid(torch.cat([test_images[:16]] + [g["reconstructions"] for g in grids.values()]),
                     out / "reconstructions.png", nrow=16)
@@ -265,6 +324,7 @@ def _write_study(out: Path, results: dict[str, dict[str, Any]], data: str, token
         "machine": machine_description(dev),
         "wall_time_s_this_run": wall_s,
         "command": command,
+        "gmm_pca": gmm_pca,
         "results": results,
     }
     write_json(out / "study.json", report)
@@ -284,21 +344,26 @@ def _write_study(out: Path, results: dict[str, dict[str, Any]], data: str, token
         f"**no CFG** (as in the paper's Table 1), against the first {ref_n} test images; rFID: reconstructions of "
         f"the same images. Linear probe: BatchNorm + linear (L-BFGS) on flattened latents, "
         f"{budget.probe_train} training latents, top-1 on the test images. GMM: held-out NLL per sample (nats) in "
-        f"the PCA (>= 90% variance) standardised space, full covariance.",
+        f"one standardised PCA space of {gmm_pca['pca_dim']} dims for every tokenizer ({gmm_pca['pca_dim_source']}), "
+        f"full covariance. {LPIPS_LABEL}: VGG16 LPIPS on images in [-1, 1], mean over the test images.",
         "",
-        f"| tokenizer | PSNR (dB) | SSIM | rFID-{ref_n} | gFID-{fid_n} | LP top-1 (%) | GMM NLL (K={k}) | PCA dim |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| tokenizer | PSNR (dB) | SSIM | {LPIPS_LABEL} | rFID-{ref_n} | gFID-{fid_n} | LP top-1 (%) | "
+        f"GMM NLL (K={k}, d={gmm_pca['pca_dim']}) | own 90% dim | variance at d |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for slug, r in results.items():
-        nll = r["gmm_test_nll"].get(str(k))
+        nll, lpips = r["gmm_test_nll"].get(str(k)), r.get("lpips")
         lines.append(
-            f"| {r['label']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['rfid']:.2f} | {r['gfid']:.2f} | "
-            f"{100 * r['linear_probe_top1']:.1f} | {'-' if nll is None else f'{nll:.2f}'} | {r['gmm_pca_dim']} |"
+            f"| {r['label']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {'-' if lpips is None else f'{lpips:.4f}'} | "
+            f"{r['rfid']:.2f} | {r['gfid']:.2f} | {100 * r['linear_probe_top1']:.1f} | "
+            f"{'-' if nll is None else f'{nll:.2f}'} | {r['gmm_own_pca_dim']} | {r['gmm_explained_variance']:.1%} |"
         )
     lines += [
         "",
-        "GMM NLLs of tokenizers with different PCA dimensions are not on the same scale; compare the curves' "
-        "shapes (how fast NLL falls with K: fewer modes fit better) more than their levels.",
+        f"All GMM NLLs are in the same {gmm_pca['pca_dim']}-dimensional PCA space (MAETok App. B.3: the largest of "
+        "the tokenizers' 90%-variance dimensions, so each keeps >= 90% of its variance), so their levels compare; "
+        "lower NLL at small K = fewer, better separated modes."
+        + "".join(f" {results[slug]['label']}: {note}." for slug in results for note in results[slug].get("gmm_notes", [])),
         "",
         "![gFID vs LP](gfid_vs_lp.png) ![GMM NLL](gmm_nll.png)",
         "",

@@ -80,3 +80,50 @@ def test_cli_eval_recon_without_fid(tokenizers, image_folder, tmp_path, capsys):
                  "--num", "8", "--no-fid", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["num_images"] == 8
     assert '"psnr"' in capsys.readouterr().out
+
+
+def test_eval_recon_reports_lpips(tokenizers, image_folder):
+    result = eval_recon(tokenizers["ae"], str(image_folder), split="all", num=8, fid=False, progress=False)
+    assert result["lpips_label"] == "LPIPS (VGG)" and result["lpips"] > 0
+    skipped = eval_recon(tokenizers["ae"], str(image_folder), split="all", num=8, fid=False, lpips=False, progress=False)
+    assert skipped["lpips"] is None and "not computed" in skipped["lpips_note"]
+    assert skipped["psnr"] == pytest.approx(result["psnr"])
+
+
+def _fake_encode_split(ranks: dict[str, int]):
+    """encode_split stand-in: latents (N, 16) of intrinsic dimension ranks[model name] (from the progress label)."""
+
+    def encode(tokenizer, dataset, batch_size=256, progress=True, desc="encode"):
+        _, name, part = desc.split()
+        rng = np.random.default_rng(len(name) + len(part))
+        num = 200 if part == "train" else 60
+        basis = np.linalg.qr(rng.normal(size=(16, 16)))[0][:, : ranks[name]]
+        latents = rng.normal(size=(num, ranks[name])) @ basis.T + 1e-3 * rng.normal(size=(num, 16))
+        return torch.from_numpy(latents).float(), torch.arange(num) % 2
+
+    return encode
+
+
+def test_analyze_latents_fits_all_gmms_in_one_shared_dim(tokenizers, image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr("maetok.eval.commands.encode_split", _fake_encode_split({"AE": 2, "VAE": 10}))
+    report = analyze_latents({"AE": tokenizers["ae"], "VAE": tokenizers["vae"]}, str(image_folder), tmp_path,
+                             ks=(1, 2), gmm_train=None, probe_epochs=1, umap=False, progress=False)
+    own = report["gmm_pca"]["own_pca_dims"]
+    assert own["AE"] == 2 and own["VAE"] > own["AE"]  # per tokenizer the dimensions would differ
+    saved = json.loads((tmp_path / "latent_analysis.json").read_text())
+    for name, entry in saved["models"].items():
+        assert entry["gmm"]["pca_dim"] == own["VAE"] == saved["gmm_pca"]["pca_dim"]
+        assert entry["gmm"]["own_pca_dim"] == own[name]
+    assert saved["models"]["AE"]["gmm"]["explained_variance"] > 0.999
+    assert str(own["VAE"]) in saved["protocol"]["gmm"]
+
+
+def test_cli_analyze_latents_pca_dim(tokenizers, image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("maetok.eval.commands.encode_split", _fake_encode_split({"AE": 2, "VAE": 10}))
+    assert main(["analyze-latents", "--model", f"AE={tokenizers['ae']}", "--model", f"VAE={tokenizers['vae']}",
+                 "--data", str(image_folder), "--out", str(tmp_path), "--ks", "1", "2", "--pca-dim", "4",
+                 "--no-map"]) == 0
+    saved = json.loads((tmp_path / "latent_analysis.json").read_text())
+    assert saved["gmm_pca"]["pca_dim"] == 4 and "given" in saved["gmm_pca"]["pca_dim_source"]
+    assert {entry["gmm"]["pca_dim"] for entry in saved["models"].values()} == {4}
+    assert "GMM in PCA dim 4" in capsys.readouterr().out

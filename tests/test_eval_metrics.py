@@ -144,17 +144,19 @@ def test_inception_score_identical_predictions_is_one():
 
 def test_inception_score_confident_even_spread_is_num_classes():
     num_classes = 8
-    labels = torch.arange(num_classes).repeat(10 * 3)  # every split sees each class 3 times
+    labels = torch.arange(num_classes).repeat(10 * 3)  # every split of 24 sees each class 3 times
     logits = torch.nn.functional.one_hot(labels, num_classes).double() * 1000.0  # exp(-1000) == 0
-    mean, std = inception_score(logits, num_splits=10)
+    mean, std = inception_score(logits, split_size=24)
     assert mean == pytest.approx(num_classes, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
 
 
 def test_inception_score_needs_logits():
     with pytest.raises(ValueError, match="needs the 1008-way Inception logits"):
         inception_score(None)
-    with pytest.raises(ValueError, match="at least num_splits"):
-        inception_score(torch.randn(5, 10))
+    with pytest.raises(ValueError, match="at least one sample"):
+        inception_score(torch.randn(0, 10))
+    with pytest.raises(ValueError, match="split_size must be"):
+        inception_score(torch.randn(5, 10), split_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,7 +446,7 @@ def test_evaluate_samples_matches_metric_functions(tmp_path):
     np.savez(ref_path, arr_0=reference)
     sample_path = save_sample_batch(tmp_path / "samples.npz", samples, np.arange(50) % 10)
     with pytest.warns(UserWarning, match="rank deficient"):
-        result = evaluate_samples(sample_path, ref_path, stub, batch_size=16, inception_score_splits=5,
+        result = evaluate_samples(sample_path, ref_path, stub, batch_size=16, inception_score_split_size=10,
                                   progress=False)
     ref_features = extract_features(reference, stub, progress=False)
     sample_features = extract_features(samples, stub, progress=False)
@@ -453,7 +455,8 @@ def test_evaluate_samples_matches_metric_functions(tmp_path):
     assert result["num_samples"] == 50 and result["num_reference"] == 60
     assert result["fid"] == pytest.approx(expected_fid, rel=1e-6) and result["fid"] > 0
     assert result["sfid"] == pytest.approx(expected_sfid, rel=1e-6)
-    is_mean, is_std = inception_score(sample_features["logits"], 5)
+    is_mean, is_std = inception_score(sample_features["logits"], 10)
+    assert (result["inception_score_split_size"], result["inception_score_splits"]) == (10, 5)
     assert result["inception_score"] == pytest.approx(is_mean, rel=1e-6)
     assert result["inception_score_std"] == pytest.approx(is_std, rel=1e-5, abs=1e-9)
     pr = precision_recall(ref_features["pool3"], sample_features["pool3"])

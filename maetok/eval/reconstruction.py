@@ -1,5 +1,5 @@
-"""Reconstruction quality of a tokenizer over a dataset split: PSNR, SSIM (both conventions) and, when an
-Inception network is given, rFID."""
+"""Reconstruction quality of a tokenizer over a dataset split: PSNR, SSIM (both conventions), LPIPS (VGG) and,
+when an Inception network is given, rFID."""
 
 from __future__ import annotations
 
@@ -22,10 +22,13 @@ def evaluate_reconstruction(
     reference_stats: Optional[Any] = None,
     num_workers: int = 0,
     progress: bool = True,
+    lpips: bool = True,
 ) -> dict[str, Any]:
     """Encode + decode the first ``num_images`` images of ``dataset`` (all by default).
 
-    Returns ``{"psnr", "ssim", "ssim_dr2", "num_images"}`` (+ ``"rfid"`` when ``inception`` is given: against
+    Returns ``{"psnr", "ssim", "ssim_dr2", "lpips", "num_images"}`` (``"lpips"``: LPIPS-VGG on [-1, 1] images,
+    mean over images, computed on the model's device; omitted when ``lpips`` is False) (+ ``"rfid"`` when
+    ``inception`` is given: against
     ``reference_stats`` (:class:`~maetok.eval.fid.InceptionStats` of the same originals, computed once and
     shared) or else against the originals passed through Inception here). SSIM uses data_range 1 (correct);
     ``ssim_dr2`` data_range 2 (the common tokenizer-paper convention).
@@ -40,9 +43,9 @@ def evaluate_reconstruction(
     if inception is not None:
         from maetok.eval.fid import ReconstructionEvaluator
 
-        meter: Any = ReconstructionEvaluator(inception, reference_stats)
+        meter: Any = ReconstructionEvaluator(inception, reference_stats, lpips=lpips, lpips_device=device)
     else:
-        meter = ReconstructionMeter()
+        meter = ReconstructionMeter(lpips=lpips, device=device)
     for batch in tqdm(loader, desc="eval reconstruction", unit="batch", disable=not progress):
         images = batch[0].to(device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)

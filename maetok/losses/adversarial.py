@@ -232,11 +232,14 @@ class AdversarialLoss(nn.Module):
         discriminator: a module mapping images ``(B, C, H, W)`` in [-1, 1] to logits ``(B, K)`` and exposing
             ``trainable_parameters()`` (e.g. :class:`maetok.losses.discriminator.ProjectedDiscriminator`).
         weight: adversarial loss weight (paper 0.4), multiplied by the adaptive weight.
-        start_step: steps before this one give weight 0 and skip the discriminator update (paper 30K).
+        start_step: the discriminator trains from this step on (paper 30K).
+        generator_start_step: the adversarial loss reaches the generator from this step on (default
+            ``start_step``; later when a new discriminator must first warm up against a trained decoder).
         adaptive: use :func:`adaptive_weight` (paper: yes), clamped to ``[0, max_adaptive_weight]``.
         lecam_weight / lecam_decay: LeCAM regularisation (paper 0.001; EMA decay 0.999).
         diffaug: DiffAugment policy, "" to disable.
-        lr / betas / weight_decay: discriminator AdamW (defaults = the tokenizer's: 1e-4, (0.9, 0.95), 1e-4).
+        lr / betas / weight_decay: discriminator AdamW (defaults = the tokenizer's: 1e-4, (0.9, 0.95), 1e-4);
+            ``lr`` is the peak: :meth:`discriminator_step` scales it by the generator's schedule factor.
         max_grad_norm: optional gradient clipping of the discriminator.
         seed: seed of the augmentation random generator (its state is saved for exact resume).
 
@@ -253,6 +256,7 @@ class AdversarialLoss(nn.Module):
         *,
         weight: float = 0.4,
         start_step: int = 30_000,
+        generator_start_step: Optional[int] = None,
         adaptive: bool = True,
         max_adaptive_weight: float = 1e4,
         lecam_weight: float = 1e-3,
@@ -269,6 +273,8 @@ class AdversarialLoss(nn.Module):
         self.lecam = LeCAMRegularizer(lecam_weight, lecam_decay)
         self.weight = float(weight)
         self.start_step = int(start_step)
+        self.generator_start_step = self.start_step if generator_start_step is None else int(generator_start_step)
+        self.lr = float(lr)
         self.adaptive = adaptive
         self.max_adaptive_weight = float(max_adaptive_weight)
         self.augment = DiffAugment(diffaug)
@@ -288,8 +294,12 @@ class AdversarialLoss(nn.Module):
         return [p for p in self.discriminator.parameters() if p.requires_grad]
 
     def active(self, step: int) -> bool:
-        """Whether the adversarial loss is on at ``step`` (``step >= start_step``)."""
+        """Whether the discriminator trains at ``step`` (``step >= start_step``)."""
         return step >= self.start_step
+
+    def generator_active(self, step: int) -> bool:
+        """Whether the generator gets the adversarial loss at ``step`` (``step >= generator_start_step``)."""
+        return step >= max(self.start_step, self.generator_start_step)
 
     # -- checkpointing (through nn.Module.state_dict / load_state_dict) -----------------------------------
 
@@ -319,7 +329,7 @@ class AdversarialLoss(nn.Module):
         The discriminator runs in eval mode here and its parameters get no gradient from this loss, so the
         generator step changes nothing in the discriminator (weights, spectral-norm vectors, optimizer).
         """
-        if not self.active(step):
+        if not self.generator_active(step):
             zero = torch.zeros((), device=fake.device, dtype=torch.float32)
             return zero, {"adv/g_loss": 0.0, "adv/weight": 0.0}
         was_training = self.discriminator.training
@@ -344,14 +354,15 @@ class AdversarialLoss(nn.Module):
     # -- discriminator side --------------------------------------------------------------------------------
 
     def discriminator_step(
-        self, real: Tensor, fake: Tensor, step: int, autocast: AutocastArg = None
+        self, real: Tensor, fake: Tensor, step: int, autocast: AutocastArg = None, lr_factor: float = 1.0
     ) -> dict[str, float]:
         """One discriminator update (zero_grad, backward, optimizer step); returns float logs.
 
         real / fake: ``(B, C, H, W)`` in [-1, 1]; both are detached, get the same DiffAugment parameters and go
         through the discriminator in one batch. autocast: an optional context manager (or a factory returning
         one), e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``; losses are computed in float32 and no
-        GradScaler is used. Before ``start_step`` nothing happens and ``{}`` is returned.
+        GradScaler is used. ``lr_factor``: the generator's schedule factor (warmup, cosine) at ``step``; the
+        learning rate is ``lr * lr_factor``. Before ``start_step`` nothing happens and ``{}`` is returned.
         """
         if not self.active(step):
             return {}
@@ -364,6 +375,9 @@ class AdversarialLoss(nn.Module):
         logits_real, logits_fake = logits.float().chunk(2, dim=0)
         d_loss = hinge_d_loss(logits_real, logits_fake)
         lecam = self.lecam(logits_real, logits_fake)
+        lr = self.lr * lr_factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         (d_loss + lecam).backward()
         grad_norm = None
@@ -375,6 +389,7 @@ class AdversarialLoss(nn.Module):
             "adv/lecam": float(lecam.detach()),
             "adv/logits_real": float(logits_real.detach().mean()),
             "adv/logits_fake": float(logits_fake.detach().mean()),
+            "adv/lr": lr,
         }
         if grad_norm is not None:
             logs["adv/d_grad_norm"] = float(grad_norm)

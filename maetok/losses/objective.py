@@ -109,18 +109,18 @@ class TokenizerObjective(nn.Module):
             kl = kl_divergence(out.posterior_mean, out.posterior_logvar)
             total = total + self.loss.kl_weight * kl
             logs["kl"] = kl.item()
-        if self.adversarial is not None and step >= self.loss.gan_start and self.loss.gan_weight > 0:
+        if self.adversarial is not None and self.adversarial.generator_active(step):
             gan, gan_logs = self.adversarial.generator_loss(recon, nll, last_layer, step)
             total = total + gan
             logs.update(gan_logs)
         logs["loss"] = total.item()
         return total, logs
 
-    def discriminator_step(self, real: Tensor, fake: Tensor, step: int) -> dict[str, float]:
-        """One discriminator update (no-op before ``gan_start``)."""
-        if self.adversarial is None or step < self.loss.gan_start or self.loss.gan_weight <= 0:
+    def discriminator_step(self, real: Tensor, fake: Tensor, step: int, lr_factor: float = 1.0) -> dict[str, float]:
+        """One discriminator update at learning rate ``gan_lr * lr_factor`` (no-op before it starts)."""
+        if self.adversarial is None or not self.adversarial.active(step):
             return {}
-        return self.adversarial.discriminator_step(real, fake.detach(), step)
+        return self.adversarial.discriminator_step(real, fake.detach(), step, lr_factor=lr_factor)
 
     def training_state(self) -> dict:
         """What must be checkpointed beside the tokenizer (the discriminator and its optimizer)."""

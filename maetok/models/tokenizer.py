@@ -87,7 +87,7 @@ class ViTDecoder(nn.Module):
     """Learnable image query tokens + projected latents through a ViT; returns one vector per query.
 
     Used for the pixel decoder (``out_dim = p * p * C``) and for the auxiliary decoders (``out_dim = D^j``).
-    The N query tokens are learned on the training grid and bilinearly resampled for other grids.
+    The N query tokens are learned on the training grid and bicubically resampled for other grids.
     ``forward(latents (B, L, H_lat), grid (gh, gw)) -> (B, gh * gw, out_dim)``.
 
     1D-query mode (``num_queries`` set, e.g. the caption decoder): ``num_queries`` learnable query tokens with a

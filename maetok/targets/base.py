@@ -58,11 +58,20 @@ def known_targets() -> list[str]:
     return sorted(_TARGETS)
 
 
-def resample_to_grid(features: Tensor, source_grid: tuple[int, int], grid_size: tuple[int, int]) -> Tensor:
-    """Bilinearly resample row-major token features ``(B, h*w, D)`` from ``source_grid`` to ``grid_size``."""
+def resample_to_grid(
+    features: Tensor, source_grid: tuple[int, int], grid_size: tuple[int, int], antialias: bool = True
+) -> Tensor:
+    """Bilinearly resample row-major token features ``(B, h*w, D)`` from ``source_grid`` to ``(B, gh*gw, D)``.
+
+    ``antialias`` (default): along an axis that shrinks, the bilinear filter is widened to the output spacing
+    (each output averages the inputs it covers) instead of sampling 2x2 neighbours, which aliases
+    high-frequency features; along an axis that grows it is plain bilinear interpolation either way.
+    """
     if tuple(source_grid) == tuple(grid_size):
         return features
     b, _, d = features.shape
     fmap = features.transpose(1, 2).reshape(b, d, *source_grid)
-    fmap = torch.nn.functional.interpolate(fmap.float(), size=grid_size, mode="bilinear", align_corners=False)
+    fmap = torch.nn.functional.interpolate(
+        fmap.float(), size=tuple(grid_size), mode="bilinear", align_corners=False, antialias=antialias
+    )
     return fmap.flatten(2).transpose(1, 2).to(features.dtype)

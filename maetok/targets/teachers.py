@@ -11,8 +11,9 @@ Every factory takes ``(image_size, patch_size, in_channels, **options)``; common
   architecture instead of loading weights (tests);
 * ``resolution``: ``"grid"`` (teacher input = tokenizer grid x teacher patch, so the teacher's patch grid
   is the tokenizer's; position embeddings interpolated), ``"native"`` (the teacher's pretraining size, then
-  the feature map is bilinearly resampled to the tokenizer grid) or an int (square input of that size,
-  then resampled). Defaults: DINOv2 ``"grid"`` (trained multi-resolution), SigLIP / CLIP ``"native"``;
+  the feature map is bilinearly resampled to the tokenizer grid, antialiased where it shrinks) or an int
+  (square input of that size, then resampled). Defaults: DINOv2 ``"grid"`` (trained multi-resolution),
+  SigLIP / CLIP ``"native"``;
 * ``loss``: ``"mse"`` (default, as in the paper) or ``"cosine"``;
 * ``normalize``: ``"none"`` (default for ViT teachers) or ``"layernorm"`` (parameter-free per-token
   layer norm of the targets; default for VGG16).
@@ -138,7 +139,7 @@ class HFTeacher(FeatureTarget):
         if tokens.shape[1] < num_patches:
             raise RuntimeError(f"{self.name} returned {tokens.shape[1]} tokens for a {source_grid} patch grid")
         patch_tokens = tokens[:, tokens.shape[1] - num_patches:].float()  # drop CLS / register tokens
-        features = resample_to_grid(patch_tokens, source_grid, grid_size)
+        features = resample_to_grid(patch_tokens, source_grid, grid_size, antialias=True)  # e.g. 27x27 -> 16x16
         return _normalize_tokens(features, self.normalize)
 
 

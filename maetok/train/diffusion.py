@@ -13,7 +13,6 @@ from typing import Optional, Union
 import torch
 
 from maetok.config import DiffusionTrainConfig, to_dict
-from maetok.data import save_image_grid
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import DiffusionPipeline, build_diffusion_model
 from maetok.diffusion.transport import training_loss
@@ -111,7 +110,7 @@ class DiffusionTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
         latents = pipe.sample_latents(labels, rows * 8, generator=generator, steps=self.cfg.sampling.grid_steps)
         images = self.tokenizer.decode(latents).clamp(-1, 1)
-        save_image_grid(images.cpu(), self.out_dir / f"samples_step{step:07d}.png", nrow=8)
+        self.save_grid(images.cpu(), self.out_dir / f"samples_step{step:07d}.png", 8, "samples")
         return {}
 
     def export(self) -> Path:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -49,6 +50,8 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # "--device cuda": this process's GPU
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -94,12 +97,30 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_adamw(params: Sequence[nn.Parameter] | Iterator[nn.Parameter], optim: OptimConfig, lr: Optional[float] = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, tokens and embeddings)."""
+NO_DECAY_SUFFIXES = ("token", "tokens", "pos_embed")
+
+
+def decays(name: str, param: Tensor) -> bool:
+    """Whether AdamW decays this parameter (the MAE / timm convention): matrices and conv kernels do; biases,
+    norm scales, LayerScale gammas and other vectors, position embeddings and learnable tokens (``mask_token``,
+    ``latent_tokens``, ``query_tokens``, ``cls_token``, ``latent_pos_embed``, ...) do not."""
+    leaf = name.rsplit(".", 1)[-1]
+    if param.dim() <= 1 or leaf == "bias":
+        return False
+    return not leaf.endswith(NO_DECAY_SUFFIXES)
+
+
+def make_adamw(
+    named_params: Sequence[tuple[str, nn.Parameter]] | Iterator[tuple[str, nn.Parameter]],
+    optim: OptimConfig,
+    lr: Optional[float] = None,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable ``(name, parameter)`` pairs: two groups, with and without weight decay
+    (:func:`decays`); the group without decay is listed second."""
     decay, no_decay = [], []
-    for p in params:
+    for name, p in named_params:
         if p.requires_grad:
-            (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
+            (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr or optim.lr, betas=tuple(optim.betas))
 
@@ -112,16 +133,25 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class EMA:
     """Exponential moving average of a module's parameters and buffers (a detached copy kept in fp32).
 
-    The decay warms up as ``min(decay, (1 + step) / (10 + step))`` so that short runs are not dominated by
-    the random initialisation (with 0.999 and no warmup, 30% of the average after 1200 steps would still be
-    the initial weights)."""
+    ``warmup`` (``train.ema_warmup``): the decay at step ``s`` is ``min(decay, (1 + s) / (warmup + s))`` (the
+    TF / timm-style warm-up), so that short runs are not dominated by the random initialisation (with 0.999 and
+    no warm-up, 30% of the average after 1200 steps would still be the initial weights). It reaches ``decay``
+    at step :meth:`full_decay_step`: about 90K steps for 0.9999 with ``warmup=10``. ``warmup <= 1``: no
+    warm-up, the full decay from step 0 (DiT / SiT)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 10.0):
         self.decay = decay
+        self.warmup = warmup
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        if self.warmup <= 1:
+            return self.decay
+        return min(self.decay, (1 + step) / (self.warmup + step))
+
+    def full_decay_step(self) -> int:
+        """The first step at which the warm-up gives the full decay."""
+        return ema_full_decay_step(self.decay, self.warmup)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -142,6 +172,27 @@ class EMA:
             raise KeyError(f"EMA state lacks keys {sorted(missing)[:5]}")
         for k in self.shadow:
             self.shadow[k].copy_(state[k])
+
+
+def ema_full_decay_step(decay: float, warmup: float) -> int:
+    """First step ``s`` with ``(1 + s) / (warmup + s) >= decay`` (0 without warm-up)."""
+    if warmup <= 1 or decay <= 0:
+        return 0
+    step = max(0, math.floor((decay * warmup - 1) / (1 - decay)) - 2)  # the closed form, less float rounding
+    while min(decay, (1 + step) / (warmup + step)) < decay:
+        step += 1
+    return step
+
+
+def describe_ema(train: TrainConfig) -> str:
+    """One line on a run's EMA: its decay and when its warm-up reaches it (``maetok info``)."""
+    if train.ema_decay <= 0:
+        return "no EMA"
+    if train.ema_warmup <= 1:
+        return f"EMA {train.ema_decay:g} from step 0 (no warm-up)"
+    full = ema_full_decay_step(train.ema_decay, train.ema_warmup)
+    return (f"EMA {train.ema_decay:g}, warm-up min(decay, (1 + s) / ({train.ema_warmup:g} + s)): "
+            f"full decay from step {full:,} of {train.steps:,}{' (not reached)' if full > train.steps else ''}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -240,8 +291,19 @@ def load_checkpoint(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def open_tensorboard(log_dir: Path, start_step: int) -> Optional[Any]:
+    """A ``SummaryWriter`` on ``log_dir`` when the ``tensorboard`` package is installed (else None). On a resume
+    (``start_step > 0``) events after ``start_step`` left by the interrupted run are purged."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir), purge_step=start_step if start_step > 0 else None)
+
+
 class RunLog:
-    """Appends rows to ``DIR/log.csv`` (header grows when new columns appear) and drives a tqdm bar."""
+    """Appends rows to ``DIR/log.csv`` (header grows when new columns appear), drives a tqdm bar (rate, ETA),
+    and mirrors every row and image grid to TensorBoard (``DIR/tensorboard``) when it is installed."""
 
     def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, desc: str = "train"):
         self.path = path
@@ -255,10 +317,12 @@ class RunLog:
                     if float(row["step"]) <= start_step
                 ]
         self.bar = None
+        self.tensorboard = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1)
+            self.tensorboard = open_tensorboard(path.parent / "tensorboard", start_step)
         self._last_time = time.perf_counter()
 
     def advance(self, n: int = 1) -> None:
@@ -272,6 +336,12 @@ class RunLog:
         if self.bar is not None:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "img_per_s", "psnr", "lr")}
             self.bar.set_postfix(shown, refresh=False)
+        if self.tensorboard is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
@@ -282,9 +352,17 @@ class RunLog:
             writer.writerows(self.rows)
         os.replace(tmp, self.path)
 
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        """A uint8 image grid ``(H, W, C)`` (from :func:`maetok.data.make_image_grid`) to TensorBoard."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, grid, step, dataformats="HWC")
+            self.tensorboard.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,6 +393,7 @@ class Trainer:
         self.step = 0
         self.generator = torch.Generator().manual_seed(train.seed * 7919 + self.dist.rank)
         self.ema: Optional[EMA] = None
+        self.run_log: Optional[RunLog] = None
 
     # -- to implement ------------------------------------------------------------------------------------
 
@@ -325,6 +404,15 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         return {}
+
+    def save_grid(self, images: Tensor, path: Path, nrow: int, tag: str) -> Path:
+        """Write an image grid ``(B, C, H, W)`` in [-1, 1] as a PNG, and to TensorBoard under ``tag``."""
+        from maetok.data.images import make_image_grid, save_image_grid
+
+        save_image_grid(images, path, nrow=nrow)
+        if self.run_log is not None:
+            self.run_log.image(tag, make_image_grid(images, nrow=nrow), self.step)
+        return path
 
     def export(self) -> Path:
         raise NotImplementedError
@@ -348,9 +436,10 @@ class Trainer:
         """Move the model to the device, build EMA and AdamW over its trainable parameters, resume if asked,
         then wrap it for DDP / torch.compile as ``self.ddp_model``."""
         self.model = model.to(self.device)
-        self.ema = EMA(self.model, self.train_cfg.ema_decay) if self.train_cfg.ema_decay > 0 else None
+        cfg = self.train_cfg
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_adamw(self.trainable, self.optim_cfg)
+        self.optimizer = make_adamw(self.model.named_parameters(), self.optim_cfg)
         if resume:
             self.resume()
         self.ddp_model: nn.Module = self.model
@@ -360,8 +449,12 @@ class Trainer:
         if self.train_cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)
 
+    def lr_factor(self) -> float:
+        """The schedule's factor (warmup, then cosine or constant) at the current step."""
+        return lr_factor(self.step, self.optim_cfg, self.total_steps)
+
     def current_lr(self) -> float:
-        return self.optim_cfg.lr * lr_factor(self.step, self.optim_cfg, self.total_steps)
+        return self.optim_cfg.lr * self.lr_factor()
 
     def optimizer_step(self, loss: Tensor) -> dict[str, float]:
         """Backward, clip, step, EMA; returns the gradient norm (when clipping) and the learning rate."""
@@ -433,6 +526,7 @@ class Trainer:
             print(f"[maetok] {self.describe()}")
         stream = batch_stream(self.train_set, cfg.batch_size, cfg.seed, self.step, dist_info, cfg.num_workers)
         log = RunLog(self.out_dir / "log.csv", self.total_steps, self.step, enabled=dist_info.is_main, desc=self.run_kind)
+        self.run_log = log
         window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
         self.model.train()
         end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
@@ -460,6 +554,7 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or last or self.step == end:
                 self.save_checkpoint()
         log.close()
+        self.run_log = None
         if hasattr(self.train_set, "log_skipped"):
             self.train_set.log_skipped()
         if dist_info.is_main and self.step == self.total_steps:

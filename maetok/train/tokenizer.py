@@ -20,12 +20,12 @@ import torch
 import yaml
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
-from maetok.data import build_dataset, random_hflip, save_image_grid
+from maetok.data import build_dataset, random_hflip
 from maetok.eval.metrics import psnr, to_uint8
 from maetok.losses.objective import TokenizerObjective
 from maetok.models.tokenizer import MAETok
 from maetok.targets import build_target
-from maetok.train.loop import Trainer, autocast
+from maetok.train.loop import CHECKPOINT, Trainer, autocast, load_checkpoint
 
 
 def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
@@ -35,8 +35,11 @@ def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
     return from_dict(TokenizerTrainConfig, yaml.safe_load(path.read_text()), where=str(path))
 
 
-def build_objective(cfg: TokenizerTrainConfig, with_targets: bool, device: torch.device) -> TokenizerObjective:
-    """Targets, LPIPS and the adversarial loss, each only when configured."""
+def build_objective(
+    cfg: TokenizerTrainConfig, with_targets: bool, device: torch.device, **adversarial_overrides
+) -> TokenizerObjective:
+    """Targets, LPIPS and the adversarial loss, each only when configured. ``adversarial_overrides``: keywords
+    of :class:`~maetok.losses.adversarial.AdversarialLoss` (e.g. ``start_step``) that replace the config's."""
     m = cfg.model
     targets = {}
     if with_targets:
@@ -50,9 +53,28 @@ def build_objective(cfg: TokenizerTrainConfig, with_targets: bool, device: torch
     if cfg.loss.gan_weight > 0:
         from maetok.losses.adversarial import build_adversarial_loss
 
-        adversarial = build_adversarial_loss(cfg.loss, cfg.optim, in_channels=m.in_channels, image_size=m.image_size)
+        adversarial = build_adversarial_loss(
+            cfg.loss, cfg.optim, in_channels=m.in_channels, image_size=m.image_size, **adversarial_overrides
+        )
     objective = TokenizerObjective(cfg.loss, targets, m.aux_targets, m.variant, perceptual, adversarial)
     return objective.to(device)
+
+
+def stage1_discriminator(source: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint of the stage-1 run behind ``source`` (its run directory or its ``model/`` folder) and the
+    state of the discriminator it trained, or ``(path or None, None)`` when there is none: an exported model
+    without its run, a run without a GAN, or one stopped before the discriminator's first step."""
+    run_dir = source if source.name != "model" or (source / CHECKPOINT).exists() else source.parent
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None, None
+    state = load_checkpoint(path)
+    if state.get("kind") != "tokenizer-pretrain":
+        return path, None
+    adversarial = (state.get("extra") or {}).get("adversarial")
+    if adversarial is None or int(adversarial.get("lecam.num_updates", 0)) == 0:
+        return path, None
+    return path, adversarial
 
 
 class TokenizerTrainer(Trainer):
@@ -91,9 +113,10 @@ class TokenizerTrainer(Trainer):
         self.eval_images = torch.stack([self.eval_set[i][0] for i in range(n_eval)])
 
         torch.manual_seed(cfg.train.seed)
-        # stage 2 starts after stage 1's discriminator warm-up: the adversarial term is on from its step 0
-        objective_cfg = cfg if stage == "pretrain" else dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, gan_start=0))
-        self.objective = build_objective(objective_cfg, with_targets=stage == "pretrain", device=self.device)
+        if stage == "pretrain":
+            self.objective = build_objective(cfg, with_targets=True, device=self.device)
+        else:
+            self.objective = self._finetune_objective(Path(init_from))
         targets = self.objective.targets
         model = MAETok(
             m,
@@ -104,6 +127,37 @@ class TokenizerTrainer(Trainer):
             self._load_stage1_weights(model, Path(init_from))
             model.encoder.requires_grad_(False)
         self.setup_optimization(model, resume)
+
+    def _finetune_objective(self, source: Path) -> TokenizerObjective:
+        """Stage 2's objective. The discriminator trains from step 0: it continues stage 1's (weights, optimizer,
+        LeCAM anchors) when stage 1 trained one, and the adversarial loss then reaches the decoder from step 0;
+        otherwise a new discriminator first trains alone for ``finetune.disc_warmup_steps``."""
+        cfg = self.cfg
+        if cfg.loss.gan_weight <= 0:
+            return build_objective(cfg, with_targets=False, device=self.device)
+        checkpoint, stage1_state = stage1_discriminator(source)
+        warmup = 0 if stage1_state is not None else cfg.finetune.disc_warmup_steps
+        objective = build_objective(cfg, with_targets=False, device=self.device, start_step=0, generator_start_step=warmup)
+        if stage1_state is not None:
+            try:
+                objective.adversarial.load_state_dict(stage1_state)
+            except (RuntimeError, KeyError, ValueError) as err:
+                first = str(err).strip().splitlines()[0]
+                raise ValueError(
+                    f"the discriminator in {checkpoint} does not fit this run's loss.gan_backbone="
+                    f"{cfg.loss.gan_backbone!r} ({first})"
+                ) from None
+            self._announce(f"stage 2 continues stage 1's discriminator and its optimizer ({checkpoint})")
+        else:
+            self._announce(
+                f"stage 1 ({source}) trained no discriminator: a new one trains alone for {warmup} steps before "
+                "the adversarial loss reaches the decoder"
+            )
+        return objective
+
+    def _announce(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"[maetok] {message}")
 
     def _load_stage1_weights(self, model: MAETok, source: Path) -> None:
         model_dir = source / "model" if (source / "model" / "config.json").exists() else source
@@ -153,7 +207,9 @@ class TokenizerTrainer(Trainer):
         )
         logs.update(self.optimizer_step(loss))
         with autocast(precision, self.device):
-            logs.update(self.objective.discriminator_step(images, out.reconstruction.detach(), self.step))
+            logs.update(
+                self.objective.discriminator_step(images, out.reconstruction.detach(), self.step, self.lr_factor())
+            )
         if out.mask is not None:
             logs["mask_ratio"] = out.mask.float().mean().item()
         return logs
@@ -173,7 +229,7 @@ class TokenizerTrainer(Trainer):
         images = self.eval_images.to(self.device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)
         grid_path = self.out_dir / f"recon_{self.stage}_step{step:07d}.png"
-        save_image_grid(torch.cat([images, recon]).cpu(), grid_path, nrow=min(16, len(images)))
+        self.save_grid(torch.cat([images, recon]).cpu(), grid_path, min(16, len(images)), f"reconstructions/{self.stage}")
         return {"eval_psnr": psnr(to_uint8(images.cpu()), to_uint8(recon.cpu()))}
 
     def export(self) -> Path:
