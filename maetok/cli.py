@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from maetok.config import ConfigError
 
@@ -107,7 +107,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from maetok.demo import run_demo
 
-    report = run_demo(Path(args.out), quick=args.quick, device=args.device)
+    report = run_demo(Path(args.out), quick=args.quick, device=args.device, data=args.data,
+                      image_size=args.image_size, channels=args.channels)
     print(f"[maetok] demo report: {report}")
     return 0
 
@@ -121,9 +122,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     budget = QUICK_BUDGET if args.quick else CPU_BUDGET
     changes = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "diffusion_steps", "eval_images",
                                              "fid_samples", "fid_sampling_steps") if getattr(args, k) is not None}
-    budget = dataclasses.replace(budget, full_objective=args.full_objective, **changes)
+    if args.full_objective:
+        changes.update(stage1_loss="full", stage2_loss="full")
+    budget = dataclasses.replace(budget, **changes)
     report = run_study(Path(args.out), args.variants, args.data, args.tokenizer_config, args.diffusion_config, budget,
-                       args.tokenizer_overrides or (), args.diffusion_overrides or (), device=args.device)
+                       args.tokenizer_overrides or (), args.diffusion_overrides or (), device=args.device,
+                       gmm_pca_dim=args.gmm_pca_dim, seeds=args.seeds, only_finished=args.report_only)
     print(f"[maetok] study report: {report}")
     return 0
 
@@ -240,6 +244,27 @@ def _print_and_save(result: dict, out: Optional[str]) -> None:
     print(text)
     if out:
         write_json(out, result)
+
+
+@command("baselines")
+def cmd_baselines(args: argparse.Namespace) -> int:
+    from maetok.eval.baselines import run_baselines
+
+    r = run_baselines(args.data, args.dim, args.out, args.image_size, args.channels, args.num_train, args.num_eval,
+                      lpips=not args.no_lpips, device=args.device, seed=args.seed)
+    fid = r["fid_label"]
+    pca, gauss, floor = r["pca"], r["gaussian"], r["real_vs_real"]
+
+    def show(value: Any, spec: str = ".2f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    print(f"[maetok] baselines on {args.data} ({r['image_size']}px, {r['channels']} channel(s)), written to {args.out}")
+    print(f"  PCA-{pca['dim']} ({pca['explained_variance']:.1%} of the variance): PSNR {pca['psnr']:.2f} dB, "
+          f"SSIM {pca['ssim']:.4f}, LPIPS {show(pca.get('lpips'), '.4f')}, r{fid} {show(pca.get('rfid'))}")
+    kind = "class-conditional" if gauss["conditional"] else "unconditional"
+    print(f"  {kind} Gaussian in the PCA space: g{fid} {show(gauss['gfid'])}")
+    print(f"  real vs real ({floor['num_images']} training images against the eval images): {fid} {show(floor['fid'])}")
+    return 0
 
 
 @command("eval-recon")
@@ -366,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
 
+    p = add("baselines", "PCA with N components as a tokenizer, a Gaussian in its space as a generator, and the "
+                         "real-vs-real FID floor: the yardsticks of trained models.")
+    p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
+    p.add_argument("--dim", type=int, required=True, help="numbers per image (a tokenizer's L x H, e.g. 128)")
+    p.add_argument("--out", required=True, help="output folder (baselines.json, baselines.png)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: 1 for fashion-mnist, else 3")
+    p.add_argument("--num-train", type=int, default=20000, help="training images the PCA and Gaussians are fitted on")
+    p.add_argument("--num-eval", type=int, default=1000, help="held-out images measured (and generated)")
+    p.add_argument("--no-lpips", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
     p = add("eval-recon", "rFID, PSNR, SSIM (both conventions) and LPIPS (VGG) of a tokenizer on a held-out split.")
     p.add_argument("--model", required=True, help="tokenizer directory or run directory")
     p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
@@ -400,8 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("assets", "Convert the packaged weights (VGG16/LPIPS) and list the weights found (Inception, teachers).")
 
-    p = add("demo", "The main job on Fashion-MNIST: train both stages, evaluate, write DIR/report.md.")
+    p = add("demo", "The main job: train both tokenizer stages and a SiT, evaluate them beside the PCA / Gaussian "
+                    "baselines, write DIR/report.md (a rerun reuses the finished phases).")
     p.add_argument("--out", required=True)
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or an image folder")
+    p.add_argument("--image-size", type=int, default=None, help="default 32")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: 1 for fashion-mnist, else 3")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
 
     p = add("study", "The paper's Table 1a / Table 6 comparison: AE, VAE, MAETok (+ ablations) at one budget, each "
@@ -417,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=None)
     p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: AE, VAE, MAETok 3, ablations 1)")
+    p.add_argument("--gmm-pca-dim", type=int, default=None, help="PCA dimension of every GMM (default: shared 90%% dim)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from finished runs")
     p.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
     return parser
 

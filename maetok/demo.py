@@ -1,268 +1,257 @@
-"""``maetok demo``: the whole pipeline on the embedded Fashion-MNIST, sized for a 2-core CPU.
+"""``maetok demo``: the whole pipeline (:mod:`maetok.pipeline`) on one dataset, sized for a 2-core CPU, with the
+simplest baselines beside every figure.
 
-1. tokenizer stage 1 (``fashion-mnist-maetok``: mask modeling, HOG / pixel auxiliary decoders);
-2. stage 2 twice from the same frozen encoder, at the same budget: with the paper's full Eq. 6 loss
-   (MSE + LPIPS + adversarial) and with MSE alone, to show what the perceptual and adversarial terms buy;
-3. reconstruction metrics on the test split (PSNR, SSIM, LPIPS (VGG), rFID);
-4. the training set encoded once into a latent cache; a small SiT trained on it;
-5. a class-conditional sample grid (one row per class) and gFID against the test split;
-6. linear probing, GMM NLL vs K and a latent map (UMAP) of the latents;
-``DIR/report.md`` with every figure and the wall time of each phase.
+1. tokenizer stage 1 (mask modeling, auxiliary decoders) and stage 2 (decoder fine-tuning with the paper's
+   MSE + LPIPS + adversarial loss), plus a stage 2 with MSE alone, to show what the perceptual and adversarial
+   terms buy;
+2. reconstruction metrics on held-out images (PSNR, SSIM, LPIPS (VGG), rFID) beside PCA with as many
+   components as the tokenizer has latent numbers per image;
+3. the training set encoded once into a latent cache; a small SiT trained on it;
+4. a sample grid (one row per class) and gFID beside a Gaussian fitted in the PCA space (per class) and the
+   real-vs-real FID floor of the same reference images;
+5. linear probing, GMM NLL vs K and a latent map of the latents;
+``DIR/report.md`` with every figure and the wall time of each phase. ``--data FOLDER`` runs it on an image
+folder (1 or 3 channels; without class sub-folders it runs unconditionally). A rerun into the same folder reuses
+every finished phase.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import FASHION_MNIST_CLASSES, build_dataset, save_image_grid
-from maetok.data.images import to_uint8_image
-from maetok.data.latents import LatentDataset, cache_latents
-from maetok.diffusion.generate import generate_images
-from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.data import save_image_grid
 from maetok.eval.metrics import LPIPS_LABEL
-from maetok.eval.plots import plot_training_curves
-from maetok.eval.reconstruction import evaluate_reconstruction
-from maetok.models.tokenizer import MAETok
-from maetok.train.diffusion import DiffusionTrainer
-from maetok.train.tokenizer import TokenizerTrainer
+from maetok.pipeline import (
+    Budget,
+    EvalData,
+    convergence,
+    load_eval_data,
+    reconstruct,
+    reconstruction_metrics,
+    run_pipeline,
+)
 
+TOKENIZER_CONFIG = "fashion-mnist-maetok"
+DIFFUSION_CONFIG = "fashion-mnist-sit"
 
-@dataclass
-class DemoBudget:
-    stage1_steps: int
-    stage2_steps: int
-    diffusion_steps: int
-    eval_images: int  # test images for PSNR / SSIM / rFID and the gFID reference
-    fid_samples: int  # generated images for gFID
-    fid_sampling_steps: int  # sampler steps for the gFID samples (the grid uses the preset's 250)
-    probe_train: int  # latents of the training split for the linear probe
-    gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
-    cache_limit: Optional[int]  # training images encoded for the SiT and the probe (None = all 60k)
-
-
-FULL = DemoBudget(
-    stage1_steps=150,
-    stage2_steps=30,
+FULL = Budget(
+    stage1_steps=2000,  # batch 32 (the preset's)
+    stage2_steps=150,
     diffusion_steps=300,
     eval_images=1000,
     fid_samples=1000,
     fid_sampling_steps=40,
     probe_train=10000,
     gmm_ks=(1, 2, 5, 10, 20, 50),
-    cache_limit=20000,  # the SiT draws 300 x 128 = 38k latents: ~2 epochs of a third of the training split
+    gmm_train=5000,
+    cache_limit=20000,
 )
-QUICK = DemoBudget(
-    stage1_steps=4,
-    stage2_steps=2,
-    diffusion_steps=4,
-    eval_images=48,
-    fid_samples=48,
-    fid_sampling_steps=3,
-    probe_train=256,
-    gmm_ks=(1, 2),
-    cache_limit=256,
+QUICK = Budget(
+    stage1_steps=4, stage2_steps=2, diffusion_steps=4, eval_images=48, fid_samples=48, fid_sampling_steps=3,
+    probe_train=256, gmm_ks=(1, 2), gmm_train=256, cache_limit=256, stage2_batch=16, baseline_train=512,
 )
-STAGE2_BATCH = 64  # the LPIPS + GAN stage-2 steps cost ~5x a stage-1 step on a CPU
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        print(f"[maetok demo] {name} ...", flush=True)
-        yield
-        self.phases[name] = time.perf_counter() - start
 
 
 def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-@torch.no_grad()
-def encode_images(model: MAETok, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Latents ``(B, L, H)`` (on the CPU) of images ``(B, C, H, W)`` in [-1, 1], encoded in batches."""
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
-
-
-def tokenizer_step_overrides(stage1_steps: int, stage2_steps: int) -> list[str]:
-    """Config overrides for a short two-stage run: step counts, four evaluations / checkpoints in stage 1, the
-    stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps, and a new stage-2 discriminator (when stage 1
-    trained none) warming up alone for the first 20% of them."""
-    every = max(1, stage1_steps // 4)
-    return [
-        f"train.steps={stage1_steps}",
-        f"train.eval_every={every}",
-        f"train.ckpt_every={every}",
-        f"train.log_every={max(1, min(20, stage1_steps // 6))}",
-        f"finetune.steps={stage2_steps}",
-        f"finetune.mask_decay_steps={max(1, int(stage2_steps * 0.7))}",
-        f"finetune.disc_warmup_steps={stage2_steps // 5}",
-    ]
+def dataset_shape(data: str, image_size: Optional[int], channels: Optional[int]) -> tuple[int, int]:
+    """The demo's image size and channels: the preset's 32 x 32 x 1 for Fashion-MNIST, 32 px RGB for a folder
+    unless given."""
+    fashion = data.strip().lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
+    return image_size or 32, channels or (1 if fashion else 3)
 
 
 def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
-             inception: Optional[torch.nn.Module] = None) -> Path:
+             inception: Optional[torch.nn.Module] = None, data: str = "fashion-mnist",
+             image_size: Optional[int] = None, channels: Optional[int] = None,
+             tokenizer_extra: tuple[str, ...] = (), diffusion_extra: tuple[str, ...] = ()) -> Path:
     """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
     TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
-    from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map
-    from maetok.eval.fid import compute_fid_stats, evaluate_samples
-    from maetok.eval.gmm import plot_gmm_curves
-    from maetok.eval.inception import load_inception
+    from maetok.eval.baselines import compute_baselines, load_split
+    from maetok.eval.commands import write_json
+    from maetok.eval.plots import plot_training_curves
+    from maetok.models.tokenizer import MAETok
+    from maetok.pipeline import Timer, train_tokenizer
 
     budget = QUICK if quick else FULL
+    size, channels = dataset_shape(data, image_size, channels)
+    shape = [f"model.image_size={size}", f"model.in_channels={channels}", *tokenizer_extra]
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer = Timer()
-    tok_overrides = tokenizer_step_overrides(budget.stage1_steps, budget.stage2_steps)
-    no_perceptual_gan = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
-    # Stage 1: mask modeling with the HOG / pixel / VGG16-teacher auxiliary decoders and pixel MSE (LPIPS and the
-    # GAN are left to stage 2 here: on 2 CPU cores they would cost ~4x the stage-1 budget).
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", tok_overrides + no_perceptual_gan)
-    # Stage 2 from the same frozen encoder at the same budget: the paper's Eq. 6 (MSE + LPIPS + GAN) vs MSE alone.
-    stage2 = [f"train.batch_size={STAGE2_BATCH}", f"train.eval_every={budget.stage2_steps}"]
-    full_loss = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", tok_overrides + stage2)
-    mse_only = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", tok_overrides + stage2 + no_perceptual_gan)
-    with timer.phase("tokenizer stage 1 (mask modeling + aux decoders)"):
-        TokenizerTrainer(cfg, out / "stage1", stage="pretrain", device=device).fit()
-    with timer.phase("tokenizer stage 2, MSE + LPIPS + GAN"):
-        TokenizerTrainer(full_loss, out / "tokenizer", stage="finetune", init_from=out / "stage1", device=device).fit()
-    with timer.phase("tokenizer stage 2, MSE only"):
-        TokenizerTrainer(mse_only, out / "tokenizer-mse", stage="finetune", init_from=out / "stage1", device=device).fit()
+    with timer.phase("held-out images and their Inception statistics"):
+        evald = load_eval_data(data, size, channels, budget.eval_images, device, inception, progress=not quick)
+    result = run_pipeline(out, evald, budget, TOKENIZER_CONFIG, DIFFUSION_CONFIG, shape, diffusion_extra,
+                          device=device, progress=True, label="MAETok (demo)")
+    latent_dim = result["latent_dim"]
 
-    test_set = build_dataset("fashion-mnist", "test", cfg.model.image_size, cfg.model.in_channels)
-    test_items = [test_set[i] for i in range(budget.eval_images)]
-    test_images = torch.stack([item[0] for item in test_items])
-    test_labels = torch.tensor([item[1] for item in test_items])
-    inception = inception if inception is not None else load_inception(device=dev)
-    with timer.phase("reconstruction metrics (PSNR, SSIM, LPIPS, rFID)"):
-        reference = compute_fid_stats(to_uint8_image(test_images), inception, progress=False)
-        recon_results, models = {}, {}
-        originals = test_images[:16].to(dev)
-        grid_rows = [originals]
-        for name, run, with_fid in (
-            ("stage 1", "stage1", False),
-            ("stage 2: MSE only", "tokenizer-mse", True),  # rFID of both stage-2 losses: what LPIPS + GAN buy
-            ("stage 2: MSE + LPIPS + GAN", "tokenizer", True),
-        ):
-            model = models[run] = MAETok.from_pretrained(out / run / "model").to(dev)
-            recon_results[name] = evaluate_reconstruction(
-                model, torch.utils.data.TensorDataset(test_images, test_labels),
-                inception=inception if with_fid else None, reference_stats=reference if with_fid else None,
-            )
-            with torch.no_grad():
-                grid_rows.append(model.decode(model.encode(originals)).clamp(-1, 1))
-    save_image_grid(torch.cat(grid_rows).cpu(), out / "reconstructions.png", nrow=16)
-    tokenizer = models["tokenizer"]  # stage 2 with the paper's loss: the tokenizer the SiT is trained on
+    # what LPIPS + GAN buy: stage 2 from the same stage 1 with MSE alone (PSNR / SSIM / LPIPS, no rFID)
+    reused = []
+    mse_dir = out / "mse-only"
+    if (mse_dir / "tokenizer" / "model" / "config.json").exists():
+        reused.append("stage 2 with MSE only, for comparison")
+    with timer.phase("stage 2 with MSE only, for comparison"):
+        mse_budget = Budget(**{**asdict(budget), "stage2_loss": "mse"})
+        train_tokenizer(mse_dir, data, TOKENIZER_CONFIG, mse_budget, shape, device=device, stage1_dir=out / "stage1")
+        stage1 = MAETok.from_pretrained(out / "stage1" / "model").eval()
+        mse_only = MAETok.from_pretrained(mse_dir / "tokenizer" / "model").eval()
+        comparison = {name: reconstruction_metrics(evald.images, reconstruct(model, evald.images), None, fid=False)
+                      for name, model in (("stage 1", stage1), ("stage 2: MSE only", mse_only))}
 
-    with timer.phase("latent cache of the training split"):
-        train_set = build_dataset("fashion-mnist", "train", cfg.model.image_size, cfg.model.in_channels)
-        if budget.cache_limit:
-            train_set = DatasetSubset(train_set, range(min(budget.cache_limit, len(train_set))))
-        cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=not quick,
-                      restart_if_stale=True)
+    baselines_path = out / "baselines.json"
+    baselines_phase = f"baselines: PCA-{latent_dim}, Gaussian in its space, real vs real"
+    if baselines_path.exists():
+        reused.append(baselines_phase)
+    with timer.phase(baselines_phase):
+        if baselines_path.exists():
+            baselines = json.loads(baselines_path.read_text())
+            pca_rows = torch.load(out / "baseline_grids.pt", weights_only=True)
+        else:
+            train_images, train_labels = load_split(data, "train", size, channels, budget.baseline_train)
+            if not evald.conditional:
+                train_labels = None
+            b = compute_baselines(train_images, train_labels, evald.images, latent_dim, evald.inception,
+                                  evald.reference, sample_labels=_grid_labels(evald, 10))
+            baselines = {key: b[key] for key in ("pca", "gaussian", "real_vs_real")}
+            pca_rows = {"reconstructions": b["reconstructions"][:16], "samples": b["samples"][:100]}
+            torch.save(pca_rows, out / "baseline_grids.pt")
+            write_json(baselines_path, baselines)
 
-    dif_cfg = load_config(
-        DiffusionTrainConfig,
-        "fashion-mnist-sit",
-        [
-            f"latents={out / 'latents'}",
-            f"train.steps={budget.diffusion_steps}",
-            f"train.eval_every={max(1, budget.diffusion_steps // 3)}",
-            f"train.ckpt_every={max(1, budget.diffusion_steps // 3)}",
-            f"train.log_every={max(1, min(25, budget.diffusion_steps // 6))}",
-        ]
-        + (["sampling.steps=4", "sampling.grid_steps=2"] if quick else []),
-    )
-    with timer.phase("SiT training on the latents"):
-        DiffusionTrainer(dif_cfg, out / "sit", device=device).fit()
-    pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
-
-    with timer.phase(f"class-conditional sample grid ({pipe.sampling.steps} steps, CFG {pipe.sampling.cfg_scale})"):
-        labels = torch.arange(10).repeat_interleave(10)
-        grid, _ = generate_images(pipe, tokenizer, 100, labels, batch_size=100, progress=False)
-        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=10)
-
-    with timer.phase(f"gFID ({budget.fid_samples} samples, {budget.fid_sampling_steps} steps)"):
-        sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
-        samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250, seed=1, progress=False)
-        gen_results = {f"CFG {sampling.cfg_scale}": evaluate_samples(samples, reference, inception, precision_recall_k=None,
-                                                                      progress=False)}
-
-    with timer.phase("latent analysis (linear probe, GMM, latent map)"):
-        cache = LatentDataset(out / "latents")
-        n_train = min(budget.probe_train, len(cache))
-        test_latents = encode_images(tokenizer, test_images)
-        analysis = latent_analysis(cache.latents[:n_train], cache.labels[:n_train], test_latents, test_labels,
-                                   budget.gmm_ks, gmm_train=5000, probe_optimizer="lbfgs", probe_epochs=10,
-                                   progress=False)
-        plot_gmm_curves({"MAETok (demo)": analysis["gmm"]}, out / "gmm_nll.png", title="GMM held-out NLL vs K")
-        map_method = latent_map(test_latents, test_labels, out / "latent_map.png", "MAETok latents (test split)")
-
+    tokenizer = MAETok.from_pretrained(out / "tokenizer" / "model").eval()
+    rows = [evald.images[:16], reconstruct(stage1, evald.images[:16]), reconstruct(mse_only, evald.images[:16]),
+            reconstruct(tokenizer, evald.images[:16]), pca_rows["reconstructions"]]
+    save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=16)
+    save_image_grid(pca_rows["samples"], out / "baseline_samples.png", nrow=10)
     plot_training_curves(
-        {"stage 1": out / "stage1" / "log.csv", "stage 2 (full loss)": out / "tokenizer" / "log.csv", "stage 2 (MSE)": out / "tokenizer-mse" / "log.csv"},
+        {"stage 1": out / "stage1" / "log.csv", "stage 2 (full loss)": out / "tokenizer" / "log.csv",
+         "stage 2 (MSE)": mse_dir / "tokenizer" / "log.csv"},
         out / "tokenizer_curves.png",
         keys=("loss", "mse", "aux_hog", "lpips", "eval_psnr"),
         step_offsets={"stage 2 (full loss)": budget.stage1_steps, "stage 2 (MSE)": budget.stage1_steps},
     )
     plot_training_curves({"SiT": out / "sit" / "log.csv"}, out / "sit_curves.png", keys=("loss", "lr"))
-    results = {
+    # a phase reused from an earlier invocation keeps the time it took then
+    previous = json.loads((out / "metrics.json").read_text()).get("timings_s", {}) if (out / "metrics.json").exists() else {}
+    for name in reused:
+        timer.phases[name] = previous.get(name, timer.phases[name])
+    held_out = "held-out images and their Inception statistics"
+    timings = {held_out: timer.phases.pop(held_out), **result["timings_s"], **timer.phases}
+    metrics = {
+        "data": data,
         "budget": asdict(budget),
-        "reconstruction": recon_results,
-        "generation": gen_results,
-        "num_cached_latents": len(cache),
-        "linear_probe": analysis["linear_probe"],
-        "gmm": analysis["gmm"],
-        "latent_map_method": map_method,
-        "timings_s": timer.phases,
-        "device": str(dev),
+        "reconstruction": {**comparison, "stage 2: MSE + LPIPS + GAN": result["reconstruction"]},
+        "generation": result["generation"],
+        "baselines": baselines,
+        "num_cached_latents": result["num_cached_latents"],
+        "convergence": result.get("convergence") or convergence(out / "stage1" / "log.csv"),
+        "linear_probe": result["linear_probe"],
+        "gmm": result["gmm"],
+        "latent_map_method": result["latent_map_method"],
+        "timings_s": timings,
+        "device": str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
+        "machine": machine_description(),
     }
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
-    return _write_report(out, cfg, dif_cfg, pipe, budget, results)
+    write_json(out / "metrics.json", metrics)
+    tok_cfg = load_config(TokenizerTrainConfig, TOKENIZER_CONFIG, list(shape))
+    dif_cfg = load_config(DiffusionTrainConfig, DIFFUSION_CONFIG, list(diffusion_extra))
+    return _write_report(out, tok_cfg, dif_cfg, budget, evald, metrics)
 
 
-def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, pipe: DiffusionPipeline, budget: DemoBudget, results: dict) -> Path:
+def _grid_labels(evald: EvalData, per_class: int) -> Optional[torch.Tensor]:
+    """``per_class`` samples of each of the first 10 classes, as the SiT's grid (None: unconditional)."""
+    if not evald.conditional:
+        return None
+    rows = min(10, len(evald.class_names))
+    labels = torch.arange(rows).repeat_interleave(per_class)
+    rest = torch.arange(max(0, len(evald.images) - len(labels))) % len(evald.class_names)
+    return torch.cat([labels, rest])[: len(evald.images)]
+
+
+def machine_description() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def _convergence_sentence(c: dict[str, Any]) -> str:
+    if c.get("gain_last_20pct_db") is None:
+        return "Stage 1 logged too few evaluations for the convergence check."
+    state = "converged by the 0.2 dB criterion" if c["converged"] else "still learning (criterion: < 0.2 dB)"
+    return (f"Stage 1's held-out PSNR (256 test images) went {c['psnr_at_80pct']:.2f} -> {c['psnr_final']:.2f} dB over "
+            f"its last 20% of steps: {state}; the end of the cosine schedule slows it too.")
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, budget: Budget,
+                  evald: EvalData, results: dict) -> Path:
+    from maetok.eval.commands import fid_label
+
     m = cfg.model
-    n_eval = budget.eval_images
-    fid_label = f"FID-{n_eval / 1000:g}k" if n_eval >= 1000 else f"FID-{n_eval}"
+    n_eval = len(evald.images)
+    fid = f"FID-{fid_label(n_eval)}"
+    base = results["baselines"]
+    pca, gauss, floor = base["pca"], base["gaussian"], base["real_vs_real"]
+    dim = m.num_latent_tokens * m.latent_dim
+    gen = results["generation"]
     lines = [
-        "# maetok demo: MAETok + SiT on Fashion-MNIST",
+        f"# maetok demo: MAETok + SiT on {evald.data}",
         "",
-        f"Measured on `{results['device']}` by `maetok demo`. Small models at a CPU budget: these numbers show the pipeline "
-        "working and the effect of each part at this scale; they are not comparable with the paper's ImageNet figures.",
+        f"Measured on {results['machine']} by `maetok demo`. Small models at a CPU budget, each beside the simplest "
+        "model that does the same job: these numbers show whether training worked at this scale; they are not "
+        "comparable with the paper's ImageNet figures.",
         "",
         "## Tokenizer",
         "",
-        f"`fashion-mnist-maetok`: {m.image_size}x{m.image_size}x{m.in_channels} images (28x28 padded), patch {m.patch_size} "
-        f"({m.grid_size[0] * m.grid_size[1]} tokens) -> {m.num_latent_tokens} latent tokens x {m.latent_dim} channels; "
-        f"ViT encoder / decoder of {m.encoder_depth} / {m.decoder_depth} blocks, width {m.encoder_width}; "
-        f"auxiliary decoders ({m.aux_depth} blocks) for {', '.join(t.name for t in m.aux_targets)}; mask ratio "
-        f"{m.mask_ratio_min:.0%}-{m.mask_ratio_max:.0%}. Stage 1: {budget.stage1_steps} steps of batch {cfg.train.batch_size}. "
-        f"Stage 2: {budget.stage2_steps} steps of batch {STAGE2_BATCH} (encoder frozen, mask ratio {cfg.finetune.mask_ratio_start:.0%} -> 0%), "
-        "once with the paper's Eq. 6 loss (MSE + LPIPS 1.0 + adversarial 0.4, adaptive weight, LeCAM, VGG16-backbone "
-        "discriminator) and once with MSE alone.",
+        f"`{TOKENIZER_CONFIG}`: {m.image_size}x{m.image_size}x{m.in_channels} images, patch {m.patch_size} "
+        f"({m.grid_size[0] * m.grid_size[1]} tokens) -> {m.num_latent_tokens} latent tokens x {m.latent_dim} channels "
+        f"= {dim} numbers per image; ViT encoder / decoder of {m.encoder_depth} / {m.decoder_depth} blocks, width "
+        f"{m.encoder_width}; auxiliary decoders ({m.aux_depth} blocks) for {', '.join(t.name for t in m.aux_targets)}; "
+        f"mask ratio {m.mask_ratio_min:.0%}-{m.mask_ratio_max:.0%}. Stage 1: {budget.stage1_steps} steps of batch "
+        f"{cfg.train.batch_size} ({'MSE + LPIPS + GAN' if budget.stage1_loss == 'full' else 'MSE + auxiliary losses'}). "
+        f"Stage 2: {budget.stage2_steps} steps of batch {budget.stage2_batch or cfg.train.batch_size} (encoder frozen, "
+        f"mask ratio {cfg.finetune.mask_ratio_start:.0%} -> 0%) with the paper's Eq. 6 loss (MSE + LPIPS 1.0 + "
+        "adversarial 0.4, adaptive weight, LeCAM, VGG16-backbone discriminator warming up for the first 20% of the "
+        "steps), and once more with MSE alone.",
         "",
-        f"### Reconstruction, Fashion-MNIST test split (first {n_eval} images)",
+        f"### Reconstruction of the first {n_eval} held-out images",
         "",
-        f"| model | PSNR (dB) | SSIM | SSIM (data_range=2) | {LPIPS_LABEL} | r{fid_label} |",
+        f"| model | PSNR (dB) | SSIM | SSIM (data_range=2) | {LPIPS_LABEL} | r{fid} |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results["reconstruction"].items():
-        rfid = f"{r['rfid']:.2f}" if "rfid" in r else "(not computed: CPU time)"
-        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {r['lpips']:.4f} | {rfid} |")
+        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {_fmt(r.get('lpips'), '.4f')} "
+                     f"| {_fmt(r.get('rfid'))} |")
+    lines.append(f"| **baseline: PCA-{pca['dim']}** ({pca['explained_variance']:.1%} of the pixel variance; fitted on "
+                 f"{pca['num_train']} training images) | {pca['psnr']:.2f} | {pca['ssim']:.4f} | {pca['ssim_dr2']:.4f} | "
+                 f"{_fmt(pca.get('lpips'), '.4f')} | {_fmt(pca.get('rfid'))} |")
+    tok = results["reconstruction"]["stage 2: MSE + LPIPS + GAN"]
+    verdict = "above" if tok["psnr"] > pca["psnr"] else "BELOW"
     lines += [
+        "",
+        f"The tokenizer the SiT is trained on is **{verdict}** PCA with the same {dim} numbers per image in PSNR "
+        f"({tok['psnr']:.2f} vs {pca['psnr']:.2f} dB)"
+        + (f" and r{fid} {tok['rfid']:.1f} vs {pca['rfid']:.1f}." if tok.get("rfid") is not None and pca.get("rfid") is not None else "."),
+        _convergence_sentence(results["convergence"]),
         "",
         "SSIM with data_range=1 is the correct value; data_range=2 is the convention of many tokenizer papers (higher). "
         f"{LPIPS_LABEL}: VGG16 LPIPS (v0.1 heads) on images in [-1, 1], mean over images (lower is better). "
@@ -270,53 +259,61 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         "![reconstructions](reconstructions.png)",
         "",
-        "Rows: originals; stage 1; stage 2 MSE only; stage 2 MSE + LPIPS + GAN. Stage 1 trains with MSE and the "
-        "auxiliary losses only; LPIPS and the adversarial term enter in stage 2 (their VGG16 passes would cost ~4x the "
-        "stage-1 budget on 2 CPU cores). The preset itself applies them in stage 1 too (the GAN from step 300).",
+        f"Rows: originals; stage 1; stage 2 MSE only; stage 2 MSE + LPIPS + GAN (the tokenizer); PCA-{pca['dim']}.",
         "",
         "![tokenizer curves](tokenizer_curves.png)",
         "",
         "## Latent diffusion",
         "",
-        f"SiT ({dif_cfg.model.depth} blocks, width {dif_cfg.model.width}, patch size 1 on the {m.num_latent_tokens} x {m.latent_dim} "
-        f"latents, per-channel normalised) trained {budget.diffusion_steps} steps of batch {dif_cfg.train.batch_size} on the "
-        f"{results['num_cached_latents']} cached training latents.",
+        f"SiT ({dif_cfg.model.depth} blocks, width {dif_cfg.model.width}, patch size 1 on the {m.num_latent_tokens} x "
+        f"{m.latent_dim} latents, per-channel normalised) trained {budget.diffusion_steps} steps of batch "
+        f"{dif_cfg.train.batch_size} on {results['num_cached_latents']} cached training latents"
+        f"{'' if evald.conditional else ', unconditional (the data has no classes)'}.",
         "",
         "![samples](samples.png)",
         "",
-        f"One row per class ({', '.join(FASHION_MNIST_CLASSES)}): {pipe.sampling.sampler}, {pipe.sampling.steps} steps, "
-        f"CFG {pipe.sampling.cfg_scale} in the guidance interval [{pipe.sampling.guidance_low}, {pipe.sampling.guidance_high}].",
+        (f"One row per class ({', '.join(evald.class_names[:10])}). " if evald.conditional else "")
+        + f"Beside it, the {'class-conditional ' if gauss['conditional'] else ''}Gaussian baseline "
+        "(a full-covariance Gaussian per class in the PCA space, decoded by the PCA):",
         "",
-        f"| sampling ({budget.fid_sampling_steps} {pipe.sampling.sampler} steps, classes balanced) | g{fid_label} | sFID |",
+        "![Gaussian baseline samples](baseline_samples.png)",
+        "",
+        f"| generator ({gen['num_samples']} samples{', classes balanced' if evald.conditional else ''}) | g{fid} | sFID |",
         "|---|---|---|",
-    ]
-    for name, r in results["generation"].items():
-        lines.append(f"| {name} | {r['fid']:.2f} | {r['sfid']:.2f} |")
-    probe = results["linear_probe"]
-    lines += [
+        f"| SiT, {gen['steps']} {gen['sampler']} steps, CFG {gen['cfg_scale']} | {_fmt(gen.get('gfid'))} | {_fmt(gen.get('sfid'))} |",
+        f"| **baseline: {'class-conditional ' if gauss['conditional'] else ''}Gaussian in the PCA-{pca['dim']} space** | "
+        f"{_fmt(gauss.get('gfid'))} | {_fmt(gauss.get('sfid'))} |",
+        f"| floor: {floor['num_images']} real training images | {_fmt(floor.get('fid'))} | - |",
         "",
-        f"gFID: {budget.fid_samples} samples against the {n_eval} test images above.",
+        f"gFID: against the {n_eval} held-out images above. The floor is the FID of real images at this sample count: "
+        "no generator can be expected below it.",
         "",
         "![SiT curves](sit_curves.png)",
         "",
         "## Latent space",
         "",
-        f"Linear probe (non-affine BatchNorm + linear, L-BFGS) on flattened latents: {probe['top1'] * 100:.1f}% top-1 on "
-        f"{probe['num_test']} test images (trained on {probe['num_train']} training latents; {probe['train_top1'] * 100:.1f}% train).",
+    ]
+    probe = results["linear_probe"]
+    if probe is not None:
+        lines += [
+            f"Linear probe (non-affine BatchNorm + linear, L-BFGS) on flattened latents: {probe['top1'] * 100:.1f}% top-1 "
+            f"on {probe['num_test']} held-out images (trained on {probe['num_train']} training latents; "
+            f"{probe['train_top1'] * 100:.1f}% train).",
+            "",
+        ]
+    g = results["gmm"]
+    ks = list(g["test_nll"])
+    lines += [
+        f"GMM held-out NLL vs K (flattened latents, PCA to {g['pca_dim']} dims = {g['explained_variance']:.0%} of the "
+        f"variance, standardised, full covariance; fitted on {budget.gmm_train} training latents, NLL per sample on the "
+        "held-out latents). The paper's argument: a latent space whose NLL falls fast with few components has few, "
+        "separated modes, which diffusion learns more easily. `maetok study` puts AE, VAE and MAETok on one such plot.",
         "",
-        f"GMM held-out NLL vs K (flattened latents, PCA to {results['gmm']['explained_variance']:.0%} variance "
-        f"= {results['gmm']['pca_dim']} dims, standardised, full covariance; fitted on {results['gmm']['num_train']} "
-        f"training latents, NLL per sample on the {results['gmm']['num_test']} test latents). The paper's argument: "
-        "a latent space whose NLL falls fast with few components has few, separated modes, which diffusion learns "
-        "more easily. `maetok study` puts AE, VAE and MAETok on one such plot.",
+        "| K | " + " | ".join(ks) + " |",
+        "|---|" + "---|" * len(ks),
+        "| NLL | " + " | ".join(f"{g['test_nll'][k]:.2f}" for k in ks) + " |",
         "",
-        "| K | " + " | ".join(str(k) for k in results["gmm"]["ks"]) + " |",
-        "|---|" + "---|" * len(results["gmm"]["ks"]),
-        "| NLL | " + " | ".join(f"{results['gmm']['test_nll'][k]:.2f}" for k in results["gmm"]["ks"]) + " |",
-        "",
-        "![GMM NLL](gmm_nll.png) ![latent map](latent_map.png)",
-        "",
-        f"Latent map of the test latents coloured by class: {results['latent_map_method']}.",
+        f"![latent map](latent_map.png)  Latent map of the held-out latents: {results['latent_map_method']}.",
         "",
         "## Wall time",
         "",
@@ -324,7 +321,9 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "|---|---|",
     ]
     lines += [f"| {k} | {format_seconds(v)} |" for k, v in results["timings_s"].items()]
-    lines += [f"| total | {format_seconds(sum(results['timings_s'].values()))} |", ""]
+    lines += [f"| total | {format_seconds(sum(results['timings_s'].values()))} |", "",
+              "A rerun into the same folder reuses the finished phases; their times are those of the run that made them.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+

@@ -119,6 +119,26 @@ def test_cpu_chunks_give_the_whole_batch_features(random_inception, monkeypatch)
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-5, atol=1e-5)
 
 
+def test_folded_batch_norm_equals_conv_bn_relu_and_follows_new_weights():
+    from maetok.eval.inception import BasicConv2d
+
+    torch.manual_seed(1)
+    layer = BasicConv2d(3, 8, 3, padding=1)
+    with torch.no_grad():  # non-trivial statistics, as the TF graph's
+        layer.bn.running_mean.normal_()
+        layer.bn.running_var.uniform_(0.5, 2.0)
+        layer.bn.bias.normal_()
+    layer.eval()
+    x = torch.randn(2, 3, 9, 9)
+    reference = torch.relu(layer.bn(layer.conv(x)))
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["bn.running_mean"] += 1.0  # loading new statistics must refold
+    layer.load_state_dict(state)
+    torch.testing.assert_close(layer(x), torch.relu(layer.bn(layer.conv(x))), rtol=1e-5, atol=1e-5)
+    assert "conv.bias" not in layer.state_dict()  # the saved layout stays the TF one
+
+
 def _assert_same_weights(model: InceptionV3, state: dict) -> None:
     loaded = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(loaded) == {k for k in state if not k.endswith("num_batches_tracked")}

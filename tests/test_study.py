@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from maetok.study import QUICK_BUDGET, VARIANTS, run_study
+from maetok.study import QUICK_BUDGET, VARIANTS, judge, mean_std, run_study
 from test_data import needs_fashion_mnist
 from test_eval_metrics import StubInception
 
@@ -23,61 +24,110 @@ def test_variants_differ_in_one_choice():
     from maetok.config import TokenizerTrainConfig, load_config
 
     models = {slug: load_config(TokenizerTrainConfig, "fashion-mnist-maetok", overrides).model
-              for slug, (_, overrides) in VARIANTS.items()}
+              for slug, (_, overrides, _) in VARIANTS.items()}
     assert models["ae"].variant == "ae" and models["vae"].variant == "vae" and models["maetok"].variant == "maetok"
-    assert models["maetok"].mask_ratio_max == 0.6 and len(models["maetok"].aux_targets) == 3
+    assert models["maetok"].mask_ratio_max == 0.6 and len(models["maetok"].aux_targets) == 2
     assert models["maetok-no-aux"].aux_targets == [] and models["maetok-no-aux"].mask_ratio_max == 0.6
-    assert models["maetok-no-mask"].mask_ratio_max == 0 and len(models["maetok-no-mask"].aux_targets) == 3
+    assert models["maetok-no-mask"].mask_ratio_max == 0 and len(models["maetok-no-mask"].aux_targets) == 2
     widths = {(m.encoder_width, m.encoder_depth, m.num_latent_tokens, m.latent_dim) for m in models.values()}
     assert len(widths) == 1  # the same architecture everywhere
+    assert [VARIANTS[s][2] for s in ("ae", "vae", "maetok")] == [3, 3, 3]  # the compared tokenizers get 3 seeds
+
+
+def test_claims_are_judged_against_seed_noise():
+    stats = {"maetok": {"gfid": (10.0, 1.0, 3)}, "ae": {"gfid": (20.0, 1.0, 3)}, "vae": {"gfid": (10.5, 1.0, 3)}}
+    assert judge(("gfid", "lower", "maetok", "ae"), stats).startswith("holds")
+    assert judge(("gfid", "lower", "maetok", "vae"), stats).startswith("not decided")
+    assert judge(("gfid", "higher", "maetok", "ae"), stats).startswith("reversed")
+    assert judge(("gfid", "lower", "maetok", "ae"), {**stats, "ae": {"gfid": (20.0, None, 1)}}) is None
+    assert mean_std([1.0, 3.0, None]) == (2.0, pytest.approx(2 ** 0.5), 2)
 
 
 @needs_fashion_mnist
 def test_study_writes_table_and_plots_and_resumes(tmp_path, monkeypatch):
     stub = StubInception()
     report = run_study(tmp_path, ["ae", "maetok"], budget=QUICK_BUDGET, tokenizer_overrides=TINY_TOKENIZER,
-                       diffusion_overrides=TINY_SIT, inception=stub, progress=False)
+                       diffusion_overrides=TINY_SIT, inception=stub, progress=False, seeds=2)
     text = report.read_text()
-    assert "| AE |" in text and "| MAETok |" in text and "gFID-24" in text and "LPIPS (VGG)" in text
+    assert "| AE |" in text and "| MAETok |" in text and "LPIPS (VGG)" in text and "baseline: PCA-16" in text
+    assert "MAETok vs AE: linear_probe_top1" in text and "floor: real vs real" in text
     saved = json.loads((tmp_path / "study.json").read_text())
     shared = saved["gmm_pca"]["pca_dim"]
-    assert shared == max(saved["gmm_pca"]["own_pca_dims"].values()) and f"d={shared})" in text
+    assert shared == max(saved["gmm_pca"]["own_pca_dims"].values())
     for slug in ("ae", "maetok"):
-        r = saved["results"][slug]
-        assert r["rfid"] >= 0 and r["gfid"] >= 0 and 0 <= r["linear_probe_top1"] <= 1
-        assert set(r["gmm_test_nll"]) == {"1", "2"} and r["psnr"] > 0 and r["lpips"] > 0
-        assert r["gmm_pca_dim"] == shared and r["gmm_own_pca_dim"] == saved["gmm_pca"]["own_pca_dims"][slug]
-    assert saved["results"]["maetok"]["aux_targets"] == ["hog", "pixel", "vgg16"]
-    for name in ("gfid_vs_lp.png", "gmm_nll.png", "reconstructions.png", "samples.png", "ae/latent_map.png"):
+        assert [r["seed"] for r in saved["runs"][slug]] == [0, 1]
+        for r in saved["runs"][slug]:
+            assert r["reconstruction"]["rfid"] >= 0 and r["generation"]["gfid"] >= 0
+            assert 0 <= r["linear_probe"]["top1"] <= 1 and r["reconstruction"]["lpips"] > 0
+            assert r["gmm_shared"]["pca_dim"] == shared and set(r["gmm_shared"]["test_nll"]) == {"1", "2"}
+        assert saved["summary"][slug]["psnr"]["seeds"] == 2 and saved["summary"][slug]["psnr"]["std"] is not None
+    seeds = [saved["runs"]["maetok"][k]["reconstruction"]["psnr"] for k in (0, 1)]
+    assert seeds[0] != seeds[1]  # two seeds are two different runs
+    assert saved["baselines"]["pca"]["dim"] == 16 and saved["baselines"]["real_vs_real"]["fid"] >= 0
+    for name in ("gfid_vs_lp.png", "gmm_nll.png", "reconstructions.png", "ae/seed0/latent_map.png",
+                 "maetok/seed1/samples.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 50
     with Image.open(tmp_path / "reconstructions.png") as image:  # originals + one row per tokenizer, 16 wide
         assert image.size[1] == 3 * (32 + 2) + 2 and image.size[0] == 16 * (32 + 2) + 2
 
-    # a second run reuses the finished tokenizers instead of training them again
+    # a second run reuses the finished runs instead of training them again
     def no_training(*args, **kwargs):
-        raise AssertionError("a finished variant was trained again")
+        raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("maetok.study.TokenizerTrainer", no_training)
+    monkeypatch.setattr("maetok.train.tokenizer.TokenizerTrainer.fit", no_training)
     again = run_study(tmp_path, ["ae", "maetok"], budget=QUICK_BUDGET, tokenizer_overrides=TINY_TOKENIZER,
-                      diffusion_overrides=TINY_SIT, inception=stub, progress=False)
-    assert json.loads((tmp_path / "study.json").read_text())["results"] == saved["results"]
+                      diffusion_overrides=TINY_SIT, inception=stub, progress=False, seeds=2)
+    assert json.loads((tmp_path / "study.json").read_text())["runs"] == saved["runs"]
     assert again == report
     with pytest.raises(ValueError, match="unknown study variants"):
         run_study(tmp_path, ["gan"], budget=QUICK_BUDGET, inception=stub)
 
 
 @needs_fashion_mnist
-def test_demo_quick_writes_the_report(tmp_path):
+def test_demo_quick_writes_the_report_with_baselines(tmp_path, monkeypatch):
     from maetok.demo import run_demo
 
     report = run_demo(tmp_path, quick=True, inception=StubInception()).read_text()
-    for heading in ("## Tokenizer", "## Latent diffusion", "## Latent space", "## Wall time", "rFID", "gFID", "GMM"):
+    for heading in ("## Tokenizer", "## Latent diffusion", "## Latent space", "## Wall time", "rFID", "gFID", "GMM",
+                    "baseline: PCA-128", "Gaussian in the PCA-128 space", "floor:"):
         assert heading in report
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["reconstruction"]) == {"stage 1", "stage 2: MSE only", "stage 2: MSE + LPIPS + GAN"}
     assert "LPIPS (VGG)" in report and all(r["lpips"] > 0 for r in metrics["reconstruction"].values())
-    assert 0 <= metrics["linear_probe"]["top1"] <= 1 and metrics["gmm"]["ks"] == [1, 2]
-    for name in ("reconstructions.png", "samples.png", "gmm_nll.png", "latent_map.png", "tokenizer_curves.png"):
+    assert 0 <= metrics["linear_probe"]["top1"] <= 1 and list(metrics["gmm"]["test_nll"]) == ["1", "2"]
+    assert metrics["baselines"]["pca"]["dim"] == 128 and metrics["baselines"]["gaussian"]["conditional"]
+    for name in ("reconstructions.png", "samples.png", "baseline_samples.png", "latent_map.png", "tokenizer_curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
-    assert torch.isfinite(torch.tensor(metrics["generation"]["CFG 2.0"]["fid"]))
+    with Image.open(tmp_path / "reconstructions.png") as image:  # originals, stage 1, MSE, full, PCA
+        assert image.size[1] == 5 * (32 + 2) + 2
+    assert torch.isfinite(torch.tensor(metrics["generation"]["gfid"]))
+
+    # the README's first command can be run twice: the second run reuses every finished phase
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished phase was run again")
+
+    monkeypatch.setattr("maetok.train.tokenizer.TokenizerTrainer.fit", no_training)
+    monkeypatch.setattr("maetok.train.diffusion.DiffusionTrainer.fit", no_training)
+    monkeypatch.setattr("maetok.eval.baselines.compute_baselines", no_training)
+    assert "baseline: PCA-128" in run_demo(tmp_path, quick=True, inception=StubInception()).read_text()
+
+
+def test_demo_on_an_unlabelled_rgb_folder(tmp_path):
+    from maetok.demo import run_demo
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(120):  # no class sub-folders: unconditional
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "demo"
+    report = run_demo(out, quick=True, inception=StubInception(), data=str(folder), image_size=16,
+                      tokenizer_extra=("model.patch_size=4",) + tuple(TINY_TOKENIZER), diffusion_extra=tuple(TINY_SIT))
+    text = report.read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["linear_probe"] is None and "Linear probe" not in text
+    assert "unconditional" in text and metrics["baselines"]["gaussian"]["conditional"] is False
+    assert metrics["baselines"]["pca"]["dim"] == 16
+    with Image.open(out / "reconstructions.png") as image:
+        assert image.mode == "RGB"

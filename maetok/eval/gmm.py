@@ -235,8 +235,9 @@ def plot_gmm_curves(results: Mapping[str, Mapping], path: Union[str, Path], titl
         label = str(name)
         if "test_nll" in curve:
             if "own_pca_dim" in curve:
-                label += (f" (own {curve.get('explained_variance_threshold', 0.9):.0%} dim {curve['own_pca_dim']}, "
-                          f"{curve['explained_variance']:.0%} var. at d={curve['pca_dim']})")
+                kept = curve.get("explained_variance")
+                label += (f" (own {curve.get('explained_variance_threshold', 0.9):.0%} dim {curve['own_pca_dim']}"
+                          + (f", {kept:.0%} var. at d={curve['pca_dim']})" if kept is not None else ")"))
             curve = curve["test_nll"]
         points = sorted((int(k), float(v)) for k, v in curve.items())
         ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=label)

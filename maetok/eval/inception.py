@@ -170,15 +170,34 @@ def resize_bilinear_tf1(images: Tensor, size: int | tuple[int, int] = INCEPTION_
 
 
 class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 1e-3; gamma is 1 in the TF graph) -> ReLU."""
+    """Conv (no bias) -> BatchNorm (eps 1e-3; gamma is 1 in the TF graph) -> ReLU.
+
+    The module is only ever evaluated, so the batch norm is folded into the convolution (one pass over the
+    activations instead of two): ``w * g / sqrt(v + eps)`` and bias ``b - m * g / sqrt(v + eps)``, computed once
+    and recomputed whenever a parameter or buffer changes (loading, ``.to()``). The state dict keeps the
+    unfolded TF layout."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, padding=0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self._folded: Optional[tuple[tuple, Tensor, Tensor]] = None
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The convolution weight and bias with the batch norm folded in (float64 arithmetic, cast back)."""
+        tensors = (self.conv.weight, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        if self._folded is None or self._folded[0] != key:
+            w, g, b, m, v = (t.detach().double() for t in tensors)
+            scale = g / torch.sqrt(v + self.bn.eps)
+            weight = (w * scale[:, None, None, None]).to(self.conv.weight.dtype)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+            self._folded = (key, weight, (b - m * scale).to(self.conv.weight.dtype))
+        return self._folded[1], self._folded[2]
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        weight, bias = self.folded()
+        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding))
 
 
 def _avg_pool_3x3(x: Tensor) -> Tensor:

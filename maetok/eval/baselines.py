@@ -1,0 +1,259 @@
+"""The simplest models that do a tokenizer's and a generator's job, as yardsticks for trained ones.
+
+* :class:`PCABaseline`: the linear tokenizer with ``dim`` numbers per image (PCA of the flattened pixels). A
+  trained tokenizer with ``L x H = dim`` latent numbers should reconstruct better than it.
+* :class:`GaussianGenerator`: one Gaussian per class (or one for all) fitted on the PCA codes and decoded by
+  the PCA. A trained generator should be closer to the data (lower gFID) than it.
+* the real-vs-real FID floor: held-out images against as many training images, the lowest FID a perfect
+  generator could reach with this many samples.
+
+:func:`compute_baselines` measures all three against the same reference images as the trained models
+(``maetok baselines``, the demo and the study report them side by side).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["GaussianGenerator", "PCABaseline", "compute_baselines"]
+
+_EXACT_COVARIANCE_MAX_DIM = 8192  # up to this many pixels per image, PCA from the exact D x D covariance
+
+
+class PCABaseline:
+    """PCA of flattened images: ``encode (B, C, H, W) -> (B, dim)``, ``decode (B, dim) -> (B, C, H, W)``.
+
+    Fitted on images in [-1, 1] (any ``(N, C, H, W)`` float tensor); ``dim`` components of largest variance.
+    ``explained_variance``: the fraction of the training variance the components keep.
+    """
+
+    def __init__(self, mean: Tensor, components: Tensor, image_shape: tuple[int, int, int], explained_variance: float):
+        self.mean = mean  # (D,) float64
+        self.components = components  # (D, dim) float64, orthonormal columns
+        self.image_shape = tuple(image_shape)
+        self.explained_variance = float(explained_variance)
+
+    @property
+    def dim(self) -> int:
+        return self.components.shape[1]
+
+    @classmethod
+    def fit(cls, images: Tensor, dim: int, seed: int = 0) -> "PCABaseline":
+        """images ``(N, C, H, W)``; ``dim`` <= min(N, C*H*W). Exact (covariance eigendecomposition in float64)
+        up to 8192 pixel values per image, randomized SVD above."""
+        if images.dim() != 4:
+            raise ValueError(f"PCA baseline: expected images (N, C, H, W), got {tuple(images.shape)}")
+        n, d = images.shape[0], images[0].numel()
+        if not 1 <= dim <= min(n, d):
+            raise ValueError(f"PCA baseline: dim={dim} must be in [1, min(images, pixels per image)] = [1, {min(n, d)}]")
+        x = images.reshape(n, d).double()
+        mean = x.mean(0)
+        centred = x - mean
+        total = centred.pow(2).sum().item()
+        if d <= _EXACT_COVARIANCE_MAX_DIM:
+            eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+            order = eigenvalues.argsort(descending=True)[:dim]
+            components, kept = eigenvectors[:, order], eigenvalues[order].clamp_min(0).sum().item()
+        else:
+            torch.manual_seed(seed)
+            _, s, v = torch.svd_lowrank(centred, q=min(dim + 10, n, d), niter=4)
+            components, kept = v[:, :dim], s[:dim].pow(2).sum().item()
+        explained = kept / total if total > 0 else 1.0
+        return cls(mean, components, tuple(images.shape[1:]), explained)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> codes ``(B, dim)`` float64."""
+        return (images.reshape(images.shape[0], -1).double() - self.mean) @ self.components
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes ``(B, dim)`` -> images ``(B, C, H, W)`` float32 in [-1, 1] (clamped)."""
+        flat = codes.double() @ self.components.T + self.mean
+        return flat.reshape(codes.shape[0], *self.image_shape).float().clamp(-1, 1)
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        return self.decode(self.encode(images))
+
+
+class GaussianGenerator:
+    """A full-covariance Gaussian per class (``labels`` given) or one for all, in a code space.
+
+    ``fit(codes (N, d), labels (N,) or None)``; ``sample(labels (B,) or None, num, generator) -> (B, d)``.
+    Classes with fewer than ``d + 1`` samples get the pooled covariance (their own would be singular).
+    """
+
+    def __init__(self, means: Tensor, cholesky: Tensor, classes: Optional[Tensor]):
+        self.means = means  # (K, d) float64
+        self.cholesky = cholesky  # (K, d, d) lower-triangular factors of the covariances
+        self.classes = classes  # (K,) int64 class ids, None = unconditional
+
+    @property
+    def conditional(self) -> bool:
+        return self.classes is not None
+
+    @classmethod
+    def fit(cls, codes: Tensor, labels: Optional[Tensor] = None, jitter: float = 1e-6) -> "GaussianGenerator":
+        codes = codes.double()
+        d = codes.shape[1]
+        pooled = torch.cov(codes.T).reshape(d, d)
+        if labels is None:
+            groups, classes = [codes], None
+        else:
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+            classes = labels.unique()
+            groups = [codes[labels == c] for c in classes]
+        means, factors = [], []
+        for group in groups:
+            cov = torch.cov(group.T).reshape(d, d) if len(group) > d else pooled
+            scale = cov.diagonal().mean().clamp_min(1e-12)
+            factors.append(torch.linalg.cholesky(cov + jitter * scale * torch.eye(d, dtype=cov.dtype)))
+            means.append(group.mean(0))
+        return cls(torch.stack(means), torch.stack(factors), classes)
+
+    def sample(self, labels: Optional[Tensor] = None, num: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """Codes ``(B, d)``: one per entry of ``labels`` (class-conditional), or ``num`` draws whose Gaussian
+        (class) is picked uniformly at random."""
+        k, d = self.means.shape
+        if labels is None:
+            if num is None:
+                raise ValueError("GaussianGenerator.sample needs labels or num")
+            index = torch.randint(0, k, (num,), generator=generator)
+        else:
+            if not self.conditional:
+                raise ValueError("this Gaussian was fitted without labels: sample(num=...) instead")
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+            lookup = {int(c): i for i, c in enumerate(self.classes)}
+            unknown = sorted({int(c) for c in labels} - set(lookup))
+            if unknown:
+                raise ValueError(f"no Gaussian was fitted for classes {unknown}; known: {sorted(lookup)}")
+            index = torch.tensor([lookup[int(c)] for c in labels], dtype=torch.int64)
+        noise = torch.randn(len(index), d, generator=generator, dtype=torch.float64)
+        return self.means[index] + torch.einsum("bij,bj->bi", self.cholesky[index], noise)
+
+
+def _uint8_nhwc(images: Tensor) -> np.ndarray:
+    from maetok.data.images import to_uint8_image
+
+    return to_uint8_image(images)
+
+
+def compute_baselines(
+    train_images: Tensor,
+    train_labels: Optional[Tensor],
+    eval_images: Tensor,
+    dim: int,
+    inception: Optional[torch.nn.Module] = None,
+    reference: Any = None,
+    sample_labels: Optional[Tensor] = None,
+    lpips: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """PCA-``dim`` reconstruction metrics, the Gaussian generator's gFID and the real-vs-real FID floor.
+
+    train_images ``(N, C, H, W)`` in [-1, 1] fit the PCA and the Gaussians (class-conditional when
+    ``train_labels`` are given); eval_images ``(M, C, H, W)`` are the held-out reference (``reference``: their
+    Inception statistics when already computed). The generator draws ``M`` samples, class-balanced over the
+    training classes (``sample_labels`` overrides). The real-vs-real floor compares ``M`` training images (a
+    seeded draw) with the eval images. Without ``inception`` the FIDs are None.
+
+    Returns ``{"pca": {...}, "gaussian": {...}, "real_vs_real": {...}}`` of plain numbers, plus
+    ``"models": (pca, gaussian)``, ``"reconstructions"`` ``(M, C, H, W)`` and ``"samples"`` ``(M, C, H, W)``.
+    """
+    from maetok.eval.fid import ReconstructionEvaluator, compute_fid_stats, evaluate_samples
+    from maetok.eval.metrics import ReconstructionMeter
+
+    start = time.perf_counter()
+    pca = PCABaseline.fit(train_images, dim, seed)
+    fit_seconds = time.perf_counter() - start
+    recon = torch.cat([pca.reconstruct(eval_images[i : i + 500]) for i in range(0, len(eval_images), 500)])
+    if inception is not None:
+        if reference is None:
+            reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
+        meter: Any = ReconstructionEvaluator(inception, reference, lpips=lpips)
+    else:
+        meter = ReconstructionMeter(lpips=lpips)
+    for i in range(0, len(eval_images), 250):
+        meter.update(eval_images[i : i + 250], recon[i : i + 250])
+    pca_result = {"dim": dim, "explained_variance": pca.explained_variance, "fit_seconds": fit_seconds,
+                  "num_train": len(train_images), **meter.compute()}
+
+    codes = torch.cat([pca.encode(train_images[i : i + 1000]) for i in range(0, len(train_images), 1000)])
+    gaussian = GaussianGenerator.fit(codes, train_labels)
+    generator = torch.Generator().manual_seed(seed)
+    m = len(eval_images)
+    if gaussian.conditional:
+        if sample_labels is None:  # class-balanced
+            sample_labels = gaussian.classes[torch.arange(m) % len(gaussian.classes)]
+        samples = pca.decode(gaussian.sample(sample_labels, generator=generator))
+    else:
+        samples = pca.decode(gaussian.sample(num=m, generator=generator))
+    gaussian_result: dict[str, Any] = {"conditional": gaussian.conditional, "num_samples": m, "gfid": None}
+    floor: dict[str, Any] = {"num_images": m, "fid": None}
+    if inception is not None:
+        with warnings.catch_warnings():  # small sets: every FID here is reported with its sample count
+            warnings.filterwarnings("ignore", message=".*rank deficient.*")
+            gen = evaluate_samples(_uint8_nhwc(samples), reference, inception, precision_recall_k=None, progress=progress)
+            gaussian_result.update(gfid=gen["fid"], sfid=gen["sfid"])
+            draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:m]
+            real = compute_fid_stats(_uint8_nhwc(train_images[draw]), inception, progress=progress)
+            floor["fid"] = real.fid(reference)
+    return {"pca": pca_result, "gaussian": gaussian_result, "real_vs_real": floor, "models": (pca, gaussian),
+            "samples": samples, "reconstructions": recon}
+
+
+def load_split(data: str, split: str, image_size: int, channels: int, num: Optional[int],
+               seed: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+    """``num`` images of a dataset split (a seeded draw; all when None) as ``(N, C, S, S)`` in [-1, 1], with
+    their labels (None when the dataset has no classes)."""
+    from maetok.data import build_dataset
+    from maetok.eval.commands import subset_indices
+
+    dataset = build_dataset(data, split, image_size, channels)
+    items = [dataset[int(i)] for i in subset_indices(len(dataset), num, seed)]
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
+    has_classes = int(getattr(dataset, "num_classes", 0) or 0) > 1 and bool((labels >= 0).all())
+    return images, labels if has_classes else None
+
+
+def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Optional[int] = None,
+                  num_train: int = 20000, num_eval: int = 1000, lpips: bool = True,
+                  device: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
+    """``maetok baselines``: :func:`compute_baselines` on a dataset (train split fits, test split measures);
+    writes ``out/baselines.json`` and ``out/baselines.png`` (rows: originals, PCA reconstructions, Gaussian
+    samples). ``channels`` defaults to 1 for fashion-mnist, 3 otherwise."""
+    from pathlib import Path
+
+    from maetok.data import save_image_grid
+    from maetok.eval.commands import fid_label, load_fid_network, write_json
+    from maetok.eval.metrics import lpips_unavailable_reason
+
+    if dim < 1:
+        raise ValueError(f"--dim must be >= 1, got {dim}")
+    channels = channels or (1 if data.strip().lower().replace("_", "-") == "fashion-mnist" else 3)
+    out = Path(out)
+    train_images, train_labels = load_split(data, "train", image_size, channels, num_train, seed)
+    eval_images, _ = load_split(data, "test", image_size, channels, num_eval, seed)
+    inception, reason = load_fid_network(device=device)
+    lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"
+    result = compute_baselines(train_images, train_labels, eval_images, dim, inception, lpips=lpips_reason is None,
+                               seed=seed)
+    grid = torch.cat([eval_images[:16], result["reconstructions"][:16], result["samples"][:16]])
+    save_image_grid(grid, out / "baselines.png", nrow=min(16, len(eval_images)))
+    m = len(eval_images)
+    summary = {key: result[key] for key in ("pca", "gaussian", "real_vs_real")}
+    summary.update(data=data, split_fit="train", split_eval="test", image_size=image_size, channels=channels,
+                   fid_label=fid_label(m), seed=seed)
+    if inception is None:
+        summary["fid_note"] = f"FIDs not computed: {reason}"
+    if lpips_reason is not None:
+        summary["lpips_note"] = f"not computed: {lpips_reason}"
+    write_json(out / "baselines.json", summary)
+    return summary

@@ -1,0 +1,377 @@
+"""The end-to-end job that ``maetok demo``, ``maetok study`` and a user's own run share.
+
+One run of :func:`run_pipeline` goes through eight phases, each timed, each reusing its output when a previous
+invocation finished it (so a rerun into the same folder continues where it stopped)::
+
+    stage1/      tokenizer stage 1 (mask modeling, auxiliary decoders)
+    tokenizer/   stage 2: the decoder fine-tuned on the frozen encoder        -> reconstruction metrics
+    latents/     the training split encoded once                              -> latent analysis
+    sit/         SiT on the latents                                           -> sample grid, gFID
+    result.json  every figure of the run (written last: its presence means the run is finished)
+
+Held-out images, their Inception statistics and the network are loaded once (:func:`load_eval_data`) and
+shared by every run and by the baselines (:func:`maetok.eval.baselines.compute_baselines`). Datasets without
+class labels run unconditionally: no linear probe, no class rows, a latent map without colours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
+from maetok.data import build_dataset, save_image_grid
+from maetok.data.images import to_uint8_image
+
+__all__ = ["Budget", "EvalData", "load_eval_data", "run_pipeline", "tokenizer_overrides"]
+
+MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
+
+
+@dataclass
+class Budget:
+    """Step counts and evaluation sizes of one pipeline run (fixed counts: the figures do not depend on the
+    machine's speed, only the wall time does)."""
+
+    stage1_steps: int
+    stage2_steps: int
+    diffusion_steps: int
+    eval_images: int  # held-out images: PSNR / SSIM / LPIPS / rFID, and the gFID reference
+    fid_samples: int  # generated images for gFID
+    fid_sampling_steps: int  # sampler steps of the gFID samples (the grid uses the preset's)
+    probe_train: int  # training latents of the linear probe
+    gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
+    gmm_train: int  # training latents the GMMs are fitted on
+    cache_limit: Optional[int]  # training images encoded for the SiT (None = all)
+    stage1_loss: str = "mse"  # "mse" (+ auxiliary / KL terms) or "full" (+ LPIPS + GAN, the paper's Eq. 6)
+    stage2_loss: str = "full"
+    stage2_batch: Optional[int] = None  # None = the preset's batch size
+    cfg_scale: Optional[float] = None  # of the gFID samples; None = the diffusion preset's (the study: 1.0)
+    baseline_train: int = 20000  # training images the PCA / Gaussian baselines are fitted on
+    gmm_all_dims: bool = False  # also store the GMM curve at every PCA dim up to GMM_DIMS (for the study)
+
+    def __post_init__(self) -> None:
+        for name in ("stage1_loss", "stage2_loss"):
+            if getattr(self, name) not in ("mse", "full"):
+                raise ValueError(f"Budget.{name} must be 'mse' or 'full', got {getattr(self, name)!r}")
+
+
+def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
+    """Config overrides of (stage 1, stage 2) for a budget: step counts, five evaluations / checkpoints in stage
+    1 (on 256 held-out images: the last 20% of the steps is the convergence check), the stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps, a new stage-2 discriminator (when stage
+    1 trained none) warming up alone for the first 20% of them, and each stage's loss."""
+    s1, s2 = budget.stage1_steps, budget.stage2_steps
+    every = max(1, s1 // 5)
+    common = [
+        "data.eval_images=256",
+        f"train.steps={s1}",
+        f"train.eval_every={every}",
+        f"train.ckpt_every={every}",
+        f"train.log_every={max(1, min(20, s1 // 6))}",
+        f"finetune.steps={s2}",
+        f"finetune.mask_decay_steps={max(1, int(s2 * 0.7))}",
+        f"finetune.disc_warmup_steps={s2 // 5}",
+    ]
+    stage1 = common + (MSE_ONLY if budget.stage1_loss == "mse" else [])
+    stage2 = common + [f"train.eval_every={max(1, s2)}"] + (MSE_ONLY if budget.stage2_loss == "mse" else [])
+    if budget.stage2_batch:
+        stage2.append(f"train.batch_size={budget.stage2_batch}")
+    return stage1, stage2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out data, loaded once
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """The held-out images every run is measured on: ``images (M, C, S, S)`` in [-1, 1] (the first M of the
+    test split), ``labels (M,)`` (None when the dataset has no classes), the Inception network and the
+    images' Inception statistics (``None`` with ``fid_note`` when no Inception weights exist)."""
+
+    data: str
+    image_size: int
+    channels: int
+    images: Tensor
+    labels: Optional[Tensor]
+    class_names: list[str]
+    inception: Optional[torch.nn.Module]
+    reference: Any
+    fid_note: Optional[str] = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.labels is not None
+
+
+def load_eval_data(data: str, image_size: int, channels: int, num: int, device: Optional[str] = None,
+                   inception: Optional[torch.nn.Module] = None, progress: bool = True) -> EvalData:
+    """The first ``num`` test images of ``data`` with their Inception statistics (one Inception pass)."""
+    from maetok.eval.commands import load_fid_network
+    from maetok.eval.fid import compute_fid_stats
+
+    test_set = build_dataset(data, "test", image_size, channels)
+    items = [test_set[i] for i in range(min(num, len(test_set)))]
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
+    class_names = list(getattr(test_set, "class_names", []) or [])
+    conditional = len(class_names) > 1 and bool((labels >= 0).all())
+    network, note = load_fid_network(inception, device)
+    reference = None
+    if network is not None:
+        reference = compute_fid_stats(to_uint8_image(images), network, progress=progress)
+    return EvalData(data, image_size, channels, images, labels if conditional else None,
+                    class_names if conditional else [], network, reference, note)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timer:
+    phases: dict[str, float] = field(default_factory=dict)
+    verbose: bool = True
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.verbose:
+            print(f"[maetok] {name} ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "model" / "config.json").exists()
+
+
+def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
+                    seed: int = 0, device: Optional[str] = None, stage1_dir: Optional[Path] = None) -> TokenizerTrainConfig:
+    """Stage 1 into ``out/stage1`` (or use the finished ``stage1_dir``) and stage 2 into ``out/tokenizer``; a stage
+    already exported is skipped, an interrupted one resumed."""
+    from maetok.train.tokenizer import TokenizerTrainer
+
+    stage1, stage2 = tokenizer_overrides(budget)
+    extra = [f"data.dataset={data}", f"train.seed={seed}", *overrides]
+    cfg1 = load_config(TokenizerTrainConfig, config, stage1 + extra)
+    cfg2 = load_config(TokenizerTrainConfig, config, stage2 + extra)
+    stage1_dir = stage1_dir or out / "stage1"
+    if not _finished(stage1_dir):
+        TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
+    if not _finished(out / "tokenizer"):
+        TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
+                         resume=True).fit()
+    return cfg2
+
+
+def reconstruct(model: Any, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Reconstructions ``(M, C, S, S)`` in [-1, 1] of images by a tokenizer (on its device), on the CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model.decode(model.encode(images[i : i + batch_size].to(device))).clamp(-1, 1).cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def encode(model: Any, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Latents ``(M, L, H)`` of images (posterior means for a VAE), on the CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model.encode(images[i : i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
+
+
+def reconstruction_metrics(originals: Tensor, reconstructions: Tensor, evald: Optional[EvalData], fid: bool,
+                           lpips: bool = True) -> dict[str, Any]:
+    """PSNR, SSIM (both conventions), LPIPS (VGG) and, when ``fid``, rFID against ``evald.reference``."""
+    import warnings
+
+    from maetok.eval.fid import ReconstructionEvaluator
+    from maetok.eval.metrics import ReconstructionMeter
+
+    if fid and evald is not None and evald.inception is not None:
+        meter: Any = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips)
+    else:
+        meter = ReconstructionMeter(lpips=lpips)
+    for i in range(0, len(originals), 250):
+        meter.update(originals[i : i + 250], reconstructions[i : i + 250])
+    with warnings.catch_warnings():  # every FID here is reported with its sample count
+        warnings.filterwarnings("ignore", message=".*rank deficient.*")
+        return meter.compute()
+
+
+def run_pipeline(
+    out: Path,
+    evald: EvalData,
+    budget: Budget,
+    tokenizer_config: str,
+    diffusion_config: str,
+    tokenizer_extra: Sequence[str] = (),
+    diffusion_extra: Sequence[str] = (),
+    seed: int = 0,
+    device: Optional[str] = None,
+    progress: bool = True,
+    label: str = "",
+) -> dict[str, Any]:
+    """Train a tokenizer and a SiT on ``evald.data`` and measure both; returns (and writes to
+    ``out/result.json``) the figures: ``reconstruction``, ``generation``, ``linear_probe`` (None without
+    classes), ``gmm`` (the curve in this tokenizer's own 90%-variance dimension), ``latent_map_method``, ``timings_s``, ``num_cached_latents``, ``latent_dim``
+    (L x H numbers per image), ``gmm_by_dim`` ``{d: {"test_nll": {K: NLL}, "explained_variance"}}`` for PCA
+    dimensions 1..16 (for comparisons in one
+    shared dimension), ``convergence``. A finished run (``result.json`` present) is returned as it is."""
+    import warnings
+
+    from maetok.data.latents import LatentDataset, cache_latents
+    from maetok.diffusion.generate import generate_images
+    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map, write_json
+    from maetok.eval.fid import evaluate_samples
+    from maetok.eval.metrics import lpips_unavailable_reason
+    from maetok.models.tokenizer import MAETok
+    from maetok.train.diffusion import DiffusionTrainer
+
+    out = Path(out)
+    result_path = out / "result.json"
+    if result_path.exists():
+        print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
+        return json.loads(result_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer = Timer(verbose=progress)
+    with timer.phase("tokenizer stage 1 + stage 2"):
+        cfg = train_tokenizer(out, evald.data, tokenizer_config, budget, tokenizer_extra, seed, device)
+    m = cfg.model
+    tokenizer = MAETok.from_pretrained(out / "tokenizer" / "model").to(dev).eval()
+
+    with timer.phase("reconstruction metrics"):
+        recon = reconstruct(tokenizer, evald.images)
+        reconstruction = reconstruction_metrics(evald.images, recon, evald, fid=True,
+                                                lpips=lpips_unavailable_reason() is None)
+
+    with timer.phase("latent cache of the training split"):
+        train_set = build_dataset(evald.data, "train", m.image_size, m.in_channels)
+        if budget.cache_limit:
+            train_set = DatasetSubset(train_set, range(min(budget.cache_limit, len(train_set))))
+        cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=progress,
+                      restart_if_stale=True)
+
+    dif_overrides = [
+        f"latents={out / 'latents'}",
+        f"train.steps={budget.diffusion_steps}",
+        f"train.eval_every={max(1, budget.diffusion_steps // 3)}",
+        f"train.ckpt_every={max(1, budget.diffusion_steps // 3)}",
+        f"train.log_every={max(1, min(25, budget.diffusion_steps // 6))}",
+        f"train.seed={seed}",
+        *([] if evald.conditional else ["model.conditional=false"]),
+        *diffusion_extra,
+    ]
+    dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
+    with timer.phase("SiT training"):
+        if not _finished(out / "sit"):
+            DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
+    pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
+
+    with timer.phase("sample grid"):
+        rows = min(10, pipe.num_classes) if pipe.num_classes else 10
+        grid_labels = torch.arange(rows).repeat_interleave(10) if pipe.num_classes else None
+        grid, _ = generate_images(pipe, tokenizer, rows * 10, grid_labels, batch_size=100, seed=seed, progress=False)
+        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=10)
+
+    sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
+    if budget.cfg_scale is not None:
+        sampling = dataclasses.replace(sampling, cfg_scale=budget.cfg_scale)
+    generation: dict[str, Any] = {"cfg_scale": sampling.cfg_scale, "sampler": sampling.sampler,
+                                  "steps": sampling.steps, "num_samples": budget.fid_samples}
+    with timer.phase("gFID"):
+        samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250,
+                                     seed=seed + 1, progress=False)
+        if evald.inception is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*rank deficient.*")
+                gen = evaluate_samples(samples, evald.reference, evald.inception, precision_recall_k=None,
+                                       progress=False)
+            generation.update(gfid=gen["fid"], sfid=gen["sfid"])
+        else:
+            generation.update(gfid=None, sfid=None, note=evald.fid_note)
+
+    with timer.phase("latent analysis"):
+        cache = LatentDataset(out / "latents")
+        n_train = min(budget.probe_train, len(cache))
+        test_latents = encode(tokenizer, evald.images)
+        train_latents, train_labels = cache.latents[:n_train], cache.labels[:n_train]
+        probe = None
+        if evald.conditional:
+            probe = latent_analysis(train_latents, train_labels, test_latents, evald.labels, probe_optimizer="lbfgs",
+                                    probe_epochs=10, seed=seed, progress=False, gmm=False)["linear_probe"]
+        fit = train_latents[: budget.gmm_train]
+        gmm = gmm_curve(fit, test_latents, budget.gmm_ks)
+        # the curve at every PCA dimension up to GMM_DIMS, so that a later shared-dimension comparison (the study,
+        # possibly in another session) needs no latents
+        gmm_by_dim = {}
+        for d in range(1, min(GMM_DIMS, fit[0].numel(), len(fit) - 1) + 1) if budget.gmm_all_dims else ():
+            curve = gmm_curve(fit, test_latents, budget.gmm_ks, pca_dim=d)
+            gmm_by_dim[str(d)] = {"test_nll": curve["test_nll"], "explained_variance": curve["explained_variance"]}
+        colours = evald.labels if evald.conditional else torch.zeros(len(test_latents), dtype=torch.int64)
+        map_method = latent_map(test_latents, colours, out / "latent_map.png",
+                                f"{label or 'tokenizer'} latents ({evald.data} test)")
+
+    save_image_grid(torch.cat([evald.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
+    torch.save({"reconstructions": recon[:16]}, out / "grids.pt")
+    result = {
+        "label": label,
+        "seed": seed,
+        "tokenizer_config": tokenizer_config,
+        "tokenizer_overrides": list(tokenizer_extra),
+        "diffusion_config": diffusion_config,
+        "latent_shape": [m.num_latent_tokens, m.latent_dim],
+        "latent_dim": m.num_latent_tokens * m.latent_dim,
+        "reconstruction": reconstruction,
+        "generation": generation,
+        "linear_probe": probe,
+        "gmm": gmm,
+        "gmm_by_dim": gmm_by_dim,
+        "latent_map_method": map_method,
+        "num_cached_latents": len(cache),
+        "convergence": convergence(out / "stage1" / "log.csv"),
+        "timings_s": timer.phases,
+    }
+    write_json(result_path, result)
+    return result
+
+
+GMM_DIMS = 16  # GMM curves are stored for every PCA dimension up to this one
+CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
+
+
+def convergence(log_csv: Path) -> dict[str, Any]:
+    """Stage 1's held-out PSNR at 80% and 100% of its steps (from its log) and whether the last 20% gained less
+    than :data:`CONVERGED_DB`."""
+    import csv
+
+    rows = [r for r in csv.DictReader(log_csv.open()) if r.get("eval_psnr")] if log_csv.exists() else []
+    if len(rows) < 2:
+        return {"psnr_at_80pct": None, "psnr_final": None, "gain_last_20pct_db": None, "converged": None}
+    before, final = float(rows[-2]["eval_psnr"]), float(rows[-1]["eval_psnr"])
+    return {"psnr_at_80pct": before, "psnr_final": final, "gain_last_20pct_db": final - before,
+            "converged": final - before < CONVERGED_DB}
+
+
+def gmm_curve(fit: Tensor, test: Tensor, ks: Sequence[int], pca_dim: Optional[int] = None) -> dict[str, Any]:
+    """GMM held-out NLL vs K (keys as strings, JSON-ready) in this tokenizer's own 90% PCA dimension or
+    ``pca_dim``."""
+    from maetok.eval.gmm import gmm_nll_analysis
+
+    usable = [k for k in ks if k <= len(fit)]
+    r = gmm_nll_analysis(fit, usable, test_latents=test, progress=False, pca_dim=pca_dim)
+    return {"test_nll": {str(k): v for k, v in r["test_nll"].items()}, "pca_dim": r["pca_dim"],
+            "own_pca_dim": r["own_pca_dim"], "explained_variance": r["explained_variance"], "notes": r["notes"]}
