@@ -225,10 +225,11 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Train a tokenizer and a SiT on ``evald.data`` and measure both; returns (and writes to
     ``out/result.json``) the figures: ``reconstruction``, ``generation``, ``linear_probe`` (None without
-    classes), ``gmm`` (the curve in this tokenizer's own 90%-variance dimension), ``latent_map_method``, ``timings_s``, ``num_cached_latents``, ``latent_dim``
-    (L x H numbers per image), ``gmm_by_dim`` ``{d: {"test_nll": {K: NLL}, "explained_variance"}}`` for PCA
-    dimensions 1..16 (for comparisons in one
-    shared dimension), ``convergence``. A finished run (``result.json`` present) is returned as it is."""
+    classes), ``gmm`` (the curve in this tokenizer's own 90%-variance dimension), ``gmm_by_dim``
+    (``{d: {"test_nll": {K: NLL}, "explained_variance"}}`` for PCA dims 1..24 when ``budget.gmm_all_dims``, so a
+    comparison in one shared dimension needs no latents later), ``latent_map_method``, ``convergence``,
+    ``timings_s``, ``num_cached_latents``, ``latent_dim`` (L x H numbers per image). A finished run
+    (``result.json`` present) is returned as it is."""
     import warnings
 
     from maetok.data.latents import LatentDataset, cache_latents
@@ -349,7 +350,7 @@ def run_pipeline(
     return result
 
 
-GMM_DIMS = 16  # GMM curves are stored for every PCA dimension up to this one
+GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)
 CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
 
 

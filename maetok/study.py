@@ -131,27 +131,49 @@ def run_study(
                               evald.inception, evald.reference)
         baselines = {key: b[key] for key in ("pca", "gaussian", "real_vs_real")}
         write_json(baselines_path, baselines)
-    gmm_pca = shared_gmm(out, runs, budget, gmm_pca_dim)
+    gmm_pca = shared_gmm(out, runs, budget, gmm_pca_dim, evald)
     return write_study(out, runs, baselines, gmm_pca, data, tokenizer_config, diffusion_config, budget,
                        evald.images, time.perf_counter() - start)
 
 
-def shared_gmm(out: Path, runs: dict[str, list[dict[str, Any]]], budget: Budget,
-               pca_dim: Optional[int]) -> dict[str, Any]:
-    """Every run's GMM curve in ONE PCA dimension (``pca_dim`` or the largest of the runs' own 90% dims), read
-    from the curves each run stored per dimension (``gmm_by_dim``), set as ``gmm_shared`` in each run's dict."""
+def shared_gmm(out: Path, runs: dict[str, list[dict[str, Any]]], budget: Budget, pca_dim: Optional[int],
+               evald: Any = None) -> dict[str, Any]:
+    """Every run's GMM curve in ONE PCA dimension (``pca_dim`` or the largest of the runs' own 90% dims), set as
+    ``gmm_shared`` in each run's dict. Curves come from those each run stored per dimension (``gmm_by_dim``); a
+    missing one is fitted from the run's latent cache and tokenizer (and stored in its ``result.json``)."""
+    from maetok.eval.commands import write_json
+    from maetok.pipeline import gmm_curve
+
     own = {(slug, r["seed"]): r["gmm"]["own_pca_dim"] for slug, rs in runs.items() for r in rs}
     dim = int(pca_dim) if pca_dim is not None else max(own.values())
     for slug, rs in runs.items():
         for r in rs:
-            curves = r.get("gmm_by_dim", {})
+            run_dir = out / slug / f"seed{r['seed']}"
+            curves = r.setdefault("gmm_by_dim", {})
             if str(dim) not in curves:
-                raise ValueError(f"{out / slug / ('seed' + str(r['seed']))}: no GMM curve stored at PCA dim {dim} "
-                                 f"(stored: 1..{len(curves)}); pass --gmm-pca-dim within that range")
+                fit, test = _gmm_latents(run_dir, budget, evald)
+                curve = gmm_curve(fit, test, budget.gmm_ks, pca_dim=dim)
+                curves[str(dim)] = {"test_nll": curve["test_nll"], "explained_variance": curve["explained_variance"]}
+                write_json(run_dir / "result.json", {k: v for k, v in r.items() if k != "gmm_shared"})
             r["gmm_shared"] = {**curves[str(dim)], "pca_dim": dim, "own_pca_dim": r["gmm"]["own_pca_dim"]}
     source = f"given (--gmm-pca-dim {pca_dim})" if pca_dim is not None else "the largest of the runs' >= 90% variance dims"
     return {"pca_dim": dim, "pca_dim_source": source,
             "own_pca_dims": {f"{slug}/seed{seed}": d for (slug, seed), d in own.items()}}
+
+
+def _gmm_latents(run_dir: Path, budget: Budget, evald: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's GMM fit latents (the first ``gmm_train`` of its cache) and held-out latents, rebuilt from its latent
+    cache and tokenizer."""
+    from maetok.data.latents import LatentDataset
+    from maetok.models.tokenizer import MAETok
+    from maetok.pipeline import encode
+
+    if evald is None or not (run_dir / "latents").exists() or not (run_dir / "tokenizer" / "model").exists():
+        raise ValueError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
+                         "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
+    cache = LatentDataset(run_dir / "latents")
+    tokenizer = MAETok.from_pretrained(run_dir / "tokenizer" / "model").eval()
+    return cache.latents[: budget.gmm_train], encode(tokenizer, evald.images)
 
 
 def run_value(r: dict[str, Any], key: str, table_k: str) -> Optional[float]:
