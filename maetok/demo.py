@@ -25,15 +25,16 @@ from typing import Any, Optional
 import torch
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import save_image_grid
+from maetok.data import is_fashion_mnist, save_image_grid
 from maetok.eval.metrics import LPIPS_LABEL
+from maetok.eval.reconstruction import measure_reconstructions
 from maetok.pipeline import (
     Budget,
     EvalData,
     convergence,
+    finished,
     load_eval_data,
     reconstruct,
-    reconstruction_metrics,
     run_pipeline,
 )
 
@@ -65,8 +66,7 @@ def format_seconds(seconds: float) -> str:
 def dataset_shape(data: str, image_size: Optional[int], channels: Optional[int]) -> tuple[int, int]:
     """The demo's image size and channels: the preset's 32 x 32 x 1 for Fashion-MNIST, 32 px RGB for a folder
     unless given."""
-    fashion = data.strip().lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
-    return image_size or 32, channels or (1 if fashion else 3)
+    return image_size or 32, channels or (1 if is_fashion_mnist(data) else 3)
 
 
 def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
@@ -96,14 +96,14 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     # what LPIPS + GAN buy: stage 2 from the same stage 1 with MSE alone (PSNR / SSIM / LPIPS, no rFID)
     reused = []
     mse_dir = out / "mse-only"
-    if (mse_dir / "tokenizer" / "model" / "config.json").exists():
+    if finished(mse_dir / "tokenizer"):
         reused.append("stage 2 with MSE only, for comparison")
     with timer.phase("stage 2 with MSE only, for comparison"):
         mse_budget = Budget(**{**asdict(budget), "stage2_loss": "mse"})
         train_tokenizer(mse_dir, data, TOKENIZER_CONFIG, mse_budget, shape, device=device, stage1_dir=out / "stage1")
         stage1 = MAETok.from_pretrained(out / "stage1" / "model").eval()
         mse_only = MAETok.from_pretrained(mse_dir / "tokenizer" / "model").eval()
-        comparison = {name: reconstruction_metrics(evald.images, reconstruct(model, evald.images), None, fid=False)
+        comparison = {name: measure_reconstructions(evald.images, reconstruct(model, evald.images))
                       for name, model in (("stage 1", stage1), ("stage 2: MSE only", mse_only))}
 
     baselines_path = out / "baselines.json"
@@ -198,7 +198,8 @@ def _convergence_sentence(c: dict[str, Any]) -> str:
             f"its last 20% of steps: {state}; the end of the cosine schedule slows it too.")
 
 
-def _fmt(value: Any, spec: str = ".2f") -> str:
+def format_optional(value: Any, spec: str = ".2f") -> str:
+    """A number in ``spec``, or '-' when it is missing."""
     return "-" if value is None else format(value, spec)
 
 
@@ -239,11 +240,11 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "|---|---|---|---|---|---|",
     ]
     for name, r in results["reconstruction"].items():
-        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {_fmt(r.get('lpips'), '.4f')} "
-                     f"| {_fmt(r.get('rfid'))} |")
+        lines.append(f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['ssim_dr2']:.4f} | {format_optional(r.get('lpips'), '.4f')} "
+                     f"| {format_optional(r.get('rfid'))} |")
     lines.append(f"| **baseline: PCA-{pca['dim']}** ({pca['explained_variance']:.1%} of the pixel variance; fitted on "
                  f"{pca['num_train']} training images) | {pca['psnr']:.2f} | {pca['ssim']:.4f} | {pca['ssim_dr2']:.4f} | "
-                 f"{_fmt(pca.get('lpips'), '.4f')} | {_fmt(pca.get('rfid'))} |")
+                 f"{format_optional(pca.get('lpips'), '.4f')} | {format_optional(pca.get('rfid'))} |")
     tok = results["reconstruction"]["stage 2: MSE + LPIPS + GAN"]
     verdict = "above" if tok["psnr"] > pca["psnr"] else "BELOW"
     lines += [
@@ -280,10 +281,10 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         f"| generator ({gen['num_samples']} samples{', classes balanced' if evald.conditional else ''}) | g{fid} | sFID |",
         "|---|---|---|",
-        f"| SiT, {gen['steps']} {gen['sampler']} steps, CFG {gen['cfg_scale']} | {_fmt(gen.get('gfid'))} | {_fmt(gen.get('sfid'))} |",
+        f"| SiT, {gen['steps']} {gen['sampler']} steps, CFG {gen['cfg_scale']} | {format_optional(gen.get('gfid'))} | {format_optional(gen.get('sfid'))} |",
         f"| **baseline: {'class-conditional ' if gauss['conditional'] else ''}Gaussian in the PCA-{pca['dim']} space** | "
-        f"{_fmt(gauss.get('gfid'))} | {_fmt(gauss.get('sfid'))} |",
-        f"| floor: {floor['num_images']} real training images | {_fmt(floor.get('fid'))} | - |",
+        f"{format_optional(gauss.get('gfid'))} | {format_optional(gauss.get('sfid'))} |",
+        f"| floor: {floor['num_images']} real training images | {format_optional(floor.get('fid'))} | - |",
         "",
         f"gFID: against the {n_eval} held-out images above. The floor is the FID of real images at this sample count: "
         "no generator can be expected below it.",

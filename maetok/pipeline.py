@@ -152,7 +152,8 @@ class Timer:
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
-def _finished(run_dir: Path) -> bool:
+def finished(run_dir: Path) -> bool:
+    """Whether a training run directory holds its exported model."""
     return (run_dir / "model" / "config.json").exists()
 
 
@@ -167,9 +168,9 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
     cfg1 = load_config(TokenizerTrainConfig, config, stage1 + extra)
     cfg2 = load_config(TokenizerTrainConfig, config, stage2 + extra)
     stage1_dir = stage1_dir or out / "stage1"
-    if not _finished(stage1_dir):
+    if not finished(stage1_dir):
         TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
-    if not _finished(out / "tokenizer"):
+    if not finished(out / "tokenizer"):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
                          resume=True).fit()
     return cfg2
@@ -189,25 +190,6 @@ def encode(model: Any, images: Tensor, batch_size: int = 500) -> Tensor:
     with torch.no_grad():
         return torch.cat([model.encode(images[i : i + batch_size].to(device)).float().cpu()
                           for i in range(0, len(images), batch_size)])
-
-
-def reconstruction_metrics(originals: Tensor, reconstructions: Tensor, evald: Optional[EvalData], fid: bool,
-                           lpips: bool = True) -> dict[str, Any]:
-    """PSNR, SSIM (both conventions), LPIPS (VGG) and, when ``fid``, rFID against ``evald.reference``."""
-    import warnings
-
-    from maetok.eval.fid import ReconstructionEvaluator
-    from maetok.eval.metrics import ReconstructionMeter
-
-    if fid and evald is not None and evald.inception is not None:
-        meter: Any = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips)
-    else:
-        meter = ReconstructionMeter(lpips=lpips)
-    for i in range(0, len(originals), 250):
-        meter.update(originals[i : i + 250], reconstructions[i : i + 250])
-    with warnings.catch_warnings():  # every FID here is reported with its sample count
-        warnings.filterwarnings("ignore", message=".*rank deficient.*")
-        return meter.compute()
 
 
 def run_pipeline(
@@ -238,6 +220,7 @@ def run_pipeline(
     from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map, write_json
     from maetok.eval.fid import evaluate_samples
     from maetok.eval.metrics import lpips_unavailable_reason
+    from maetok.eval.reconstruction import measure_reconstructions
     from maetok.models.tokenizer import MAETok
     from maetok.train.diffusion import DiffusionTrainer
 
@@ -256,8 +239,8 @@ def run_pipeline(
 
     with timer.phase("reconstruction metrics"):
         recon = reconstruct(tokenizer, evald.images)
-        reconstruction = reconstruction_metrics(evald.images, recon, evald, fid=True,
-                                                lpips=lpips_unavailable_reason() is None)
+        reconstruction = measure_reconstructions(evald.images, recon, evald.inception, evald.reference,
+                                                 lpips=lpips_unavailable_reason() is None)
 
     with timer.phase("latent cache of the training split"):
         train_set = build_dataset(evald.data, "train", m.image_size, m.in_channels)
@@ -278,7 +261,7 @@ def run_pipeline(
     ]
     dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
     with timer.phase("SiT training"):
-        if not _finished(out / "sit"):
+        if not finished(out / "sit"):
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
     pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
 

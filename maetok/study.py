@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from maetok.data import save_image_grid
-from maetok.demo import dataset_shape, format_seconds, machine_description
+from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
 from maetok.eval.commands import write_json
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import Budget, load_eval_data, run_pipeline
@@ -282,9 +282,9 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     for slug in runs:
         lines.append(f"| {labels[slug]} | " + " | ".join(cell(slug, key, spec) for key, spec in METRICS.values()) + " |")
     lines += [
-        f"| baseline: PCA-{pca['dim']} | {pca['psnr']:.2f} | - | {_opt(pca.get('lpips'), '.4f')} | "
-        f"{_opt(pca.get('rfid'), '.1f')} | {_opt(gauss.get('gfid'), '.1f')} (Gaussian per class in its space) | - | - |",
-        f"| floor: real vs real | - | - | - | - | {_opt(floor.get('fid'), '.1f')} | - | - |",
+        f"| baseline: PCA-{pca['dim']} | {pca['psnr']:.2f} | - | {format_optional(pca.get('lpips'), '.4f')} | "
+        f"{format_optional(pca.get('rfid'), '.1f')} | {format_optional(gauss.get('gfid'), '.1f')} (Gaussian per class in its space) | - | - |",
+        f"| floor: real vs real | - | - | - | - | {format_optional(floor.get('fid'), '.1f')} | - | - |",
         "",
         "Last-20% gain: held-out PSNR (256 test images) gained by stage 1 over its last 20% of steps; below 0.2 dB "
         "counts as converged (at the end of a cosine schedule this is partly the schedule's doing). "
@@ -310,7 +310,3 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     path = out / "study.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _opt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None else format(value, spec)

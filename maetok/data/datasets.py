@@ -589,6 +589,11 @@ class ImageFolder(ImageDataset):
 _FASHION_MNIST_SPECS = {"fashion-mnist", "fashion_mnist", "fashionmnist"}
 
 
+def is_fashion_mnist(spec: str) -> bool:
+    """Whether a dataset spec names the embedded Fashion-MNIST (``fashion-mnist``, ``fashion_mnist``, ...)."""
+    return spec.strip().lower() in _FASHION_MNIST_SPECS
+
+
 def build_dataset(spec: str, split: str, image_size: int, channels: int, **folder_options) -> ImageDataset:
     """Dataset from a short spec.
 
@@ -607,7 +612,7 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"dataset spec must be 'fashion-mnist' or a folder path, got {spec!r}")
-    if spec.strip().lower() in _FASHION_MNIST_SPECS:
+    if is_fashion_mnist(spec):
         if folder_options.get("return_captions"):
             raise ValueError(
                 f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "

@@ -166,23 +166,18 @@ def compute_baselines(
     Returns ``{"pca": {...}, "gaussian": {...}, "real_vs_real": {...}}`` of plain numbers, plus
     ``"models": (pca, gaussian)``, ``"reconstructions"`` ``(M, C, H, W)`` and ``"samples"`` ``(M, C, H, W)``.
     """
-    from maetok.eval.fid import ReconstructionEvaluator, compute_fid_stats, evaluate_samples
-    from maetok.eval.metrics import ReconstructionMeter
+    from maetok.eval.fid import compute_fid_stats, evaluate_samples
+    from maetok.eval.reconstruction import measure_reconstructions
 
     start = time.perf_counter()
     pca = PCABaseline.fit(train_images, dim, seed)
     fit_seconds = time.perf_counter() - start
     recon = torch.cat([pca.reconstruct(eval_images[i : i + 500]) for i in range(0, len(eval_images), 500)])
-    if inception is not None:
-        if reference is None:
-            reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
-        meter: Any = ReconstructionEvaluator(inception, reference, lpips=lpips)
-    else:
-        meter = ReconstructionMeter(lpips=lpips)
-    for i in range(0, len(eval_images), 250):
-        meter.update(eval_images[i : i + 250], recon[i : i + 250])
+    if inception is not None and reference is None:
+        reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
     pca_result = {"dim": dim, "explained_variance": pca.explained_variance, "fit_seconds": fit_seconds,
-                  "num_train": len(train_images), **meter.compute()}
+                  "num_train": len(train_images),
+                  **measure_reconstructions(eval_images, recon, inception, reference, lpips=lpips)}
 
     codes = torch.cat([pca.encode(train_images[i : i + 1000]) for i in range(0, len(train_images), 1000)])
     gaussian = GaussianGenerator.fit(codes, train_labels)
@@ -231,13 +226,13 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
     samples). ``channels`` defaults to 1 for fashion-mnist, 3 otherwise."""
     from pathlib import Path
 
-    from maetok.data import save_image_grid
+    from maetok.data import is_fashion_mnist, save_image_grid
     from maetok.eval.commands import fid_label, load_fid_network, write_json
     from maetok.eval.metrics import lpips_unavailable_reason
 
     if dim < 1:
         raise ValueError(f"--dim must be >= 1, got {dim}")
-    channels = channels or (1 if data.strip().lower().replace("_", "-") == "fashion-mnist" else 3)
+    channels = channels or (1 if is_fashion_mnist(data) else 3)
     out = Path(out)
     train_images, train_labels = load_split(data, "train", image_size, channels, num_train, seed)
     eval_images, _ = load_split(data, "test", image_size, channels, num_eval, seed)

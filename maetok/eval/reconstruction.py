@@ -53,3 +53,23 @@ def evaluate_reconstruction(
             images, recon = images.expand(-1, 3, -1, -1), recon.expand(-1, 3, -1, -1)
         meter.update(images.cpu(), recon.cpu())
     return meter.compute()
+
+
+def measure_reconstructions(originals: Any, reconstructions: Any, inception: Optional[torch.nn.Module] = None,
+                            reference: Any = None, lpips: bool = True, chunk: int = 250) -> dict[str, Any]:
+    """PSNR, SSIM (both conventions), LPIPS (VGG, when ``lpips``) and, with ``inception``, rFID against
+    ``reference`` (Inception statistics of the originals; computed from them when None) of images already
+    reconstructed: ``(M, C, H, W)`` in [-1, 1] or uint8, fed in chunks of ``chunk`` pairs."""
+    import warnings
+
+    if inception is not None:
+        from maetok.eval.fid import ReconstructionEvaluator
+
+        meter: Any = ReconstructionEvaluator(inception, reference, lpips=lpips)
+    else:
+        meter = ReconstructionMeter(lpips=lpips)
+    for i in range(0, len(originals), chunk):
+        meter.update(originals[i : i + chunk], reconstructions[i : i + chunk])
+    with warnings.catch_warnings():  # every FID is reported with its sample count
+        warnings.filterwarnings("ignore", message=".*rank deficient.*")
+        return meter.compute()
