@@ -214,6 +214,7 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
     pca, gauss, floor = base["pca"], base["gaussian"], base["real_vs_real"]
     dim = m.num_latent_tokens * m.latent_dim
     gen = results["generation"]
+    grid_rows = f"; one row per class ({', '.join(evald.class_names[:10])})" if evald.conditional else ""
     lines = [
         f"# maetok demo: MAETok + SiT on {evald.data}",
         "",
@@ -273,9 +274,9 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         "![samples](samples.png)",
         "",
-        (f"One row per class ({', '.join(evald.class_names[:10])}). " if evald.conditional else "")
-        + f"Beside it, the {'class-conditional ' if gauss['conditional'] else ''}Gaussian baseline "
-        "(a full-covariance Gaussian per class in the PCA space, decoded by the PCA):",
+        f"Drawn from the {gen['num_samples']} samples the gFID below measures ({gen['steps']} {gen['sampler']} steps, "
+        f"CFG {gen['cfg_scale']}){grid_rows}. Beside it, the {'class-conditional ' if gauss['conditional'] else ''}"
+        "Gaussian baseline (a full-covariance Gaussian per class in the PCA space, decoded by the PCA):",
         "",
         "![Gaussian baseline samples](baseline_samples.png)",
         "",

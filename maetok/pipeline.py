@@ -6,7 +6,7 @@ invocation finished it (so a rerun into the same folder continues where it stopp
     stage1/      tokenizer stage 1 (mask modeling, auxiliary decoders)
     tokenizer/   stage 2: the decoder fine-tuned on the frozen encoder        -> reconstruction metrics
     latents/     the training split encoded once                              -> latent analysis
-    sit/         SiT on the latents                                           -> sample grid, gFID
+    sit/         SiT on the latents                                           -> gFID (its samples drawn as the grid)
     result.json  every figure of the run (written last: its presence means the run is finished)
 
 Held-out images, their Inception statistics and the network are loaded once (:func:`load_eval_data`) and
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -115,9 +116,11 @@ class EvalData:
 
 def load_eval_data(data: str, image_size: int, channels: int, num: int, device: Optional[str] = None,
                    inception: Optional[torch.nn.Module] = None, progress: bool = True) -> EvalData:
-    """The first ``num`` test images of ``data`` with their Inception statistics (one Inception pass)."""
+    """The first ``num`` test images of ``data`` with their Inception statistics (one Inception pass, memoised
+    on disk by :func:`~maetok.eval.inception.memoized`: a later run on the same machine reads them)."""
     from maetok.eval.commands import load_fid_network
     from maetok.eval.fid import compute_fid_stats
+    from maetok.eval.inception import memoized
 
     test_set = build_dataset(data, "test", image_size, channels)
     items = [test_set[i] for i in range(min(num, len(test_set)))]
@@ -128,7 +131,7 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
     network, note = load_fid_network(inception, device)
     reference = None
     if network is not None:
-        reference = compute_fid_stats(to_uint8_image(images), network, progress=progress)
+        reference = compute_fid_stats(to_uint8_image(images), memoized(network), progress=progress)  # once per machine
     return EvalData(data, image_size, channels, images, labels if conditional else None,
                     class_names if conditional else [], network, reference, note)
 
@@ -265,20 +268,18 @@ def run_pipeline(
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
     pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
 
-    with timer.phase("sample grid"):
-        rows = min(10, pipe.num_classes) if pipe.num_classes else 10
-        grid_labels = torch.arange(rows).repeat_interleave(10) if pipe.num_classes else None
-        grid, _ = generate_images(pipe, tokenizer, rows * 10, grid_labels, batch_size=100, seed=seed, progress=False)
-        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png", nrow=10)
-
     sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
     if budget.cfg_scale is not None:
         sampling = dataclasses.replace(sampling, cfg_scale=budget.cfg_scale)
     generation: dict[str, Any] = {"cfg_scale": sampling.cfg_scale, "sampler": sampling.sampler,
                                   "steps": sampling.steps, "num_samples": budget.fid_samples}
     with timer.phase("gFID"):
-        samples, _ = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250,
-                                     seed=seed + 1, progress=False)
+        samples, sample_labels = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250,
+                                                 seed=seed + 1, progress=False)
+        # the grid shows the very samples the gFID measures: one row per class (up to 10), or the first 100
+        grid, per_row = sample_grid(samples, sample_labels)
+        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png",
+                        nrow=per_row)
         if evald.inception is not None:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*rank deficient.*")
@@ -331,6 +332,19 @@ def run_pipeline(
     }
     write_json(result_path, result)
     return result
+
+
+def sample_grid(samples: np.ndarray, labels: Optional[np.ndarray], rows: int = 10,
+                per_row: int = 10) -> tuple[np.ndarray, int]:
+    """Samples ``(N, H, W, C)`` uint8 for a grid: with labels, the first ``per_row`` of each of the first ``rows``
+    classes (fewer per row when a class has fewer samples), in class order; without, the first
+    ``rows * per_row``. Returns ``(images (M, H, W, C), images per row)``."""
+    if labels is None:
+        return samples[: rows * per_row], per_row
+    classes = np.unique(labels)[:rows]
+    per_row = min(per_row, *(int((labels == c).sum()) for c in classes))
+    chosen = np.concatenate([np.flatnonzero(labels == c)[:per_row] for c in classes])
+    return samples[chosen], per_row
 
 
 GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)

@@ -6,7 +6,8 @@ Each candidate is the ``fashion-mnist-maetok`` preset plus overrides (below). St
 then stage 2 (frozen encoder, decoder fine-tuned while the mask ratio decays) from the stage-1 model; every
 ``--points`` of each stage the EMA model reconstructs the first ``--eval-images`` test images and the PSNR is
 recorded against the training seconds spent so far (evaluation time excluded). Writes ``DIR/curves.json`` and
-``DIR/curves.png``; run it alone on the machine, since the time axis is wall clock.
+``DIR/curves.png``, with the PSNR of PCA with as many components as the latents have numbers (fitted on 20k
+training images) as the line to cross; run it alone on the machine, since the time axis is wall clock.
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def main() -> int:
     images = torch.stack([test[i][0] for i in range(args.eval_images)])
     results_path = out / "curves.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for name in args.candidates or list(CANDIDATES):
+    if "pca" not in results:
+        results["pca"] = pca_reference(images)
+        results_path.write_text(json.dumps(results, indent=2))
+    print(f"[curves] PCA-{results['pca']['dim']}: {results['pca']['psnr']:.2f} dB", flush=True)
+    for name in args.candidates if args.candidates is not None else list(CANDIDATES):
         overrides = CANDIDATES.get(name, [])
         label = name if not args.extra else f"{name} + {' '.join(args.extra)}"
         if label in results:
@@ -109,12 +114,28 @@ def main() -> int:
     return 0
 
 
+def pca_reference(images: torch.Tensor, num_train: int = 20000) -> dict:
+    """PSNR of PCA with as many components as the preset's latent numbers (L x H), fitted on the first
+    ``num_train`` training images: the line every candidate has to cross."""
+    from maetok.eval.baselines import PCABaseline
+
+    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok")
+    dim = cfg.model.num_latent_tokens * cfg.model.latent_dim
+    train = build_dataset("fashion-mnist", "train", 32, 1)
+    fit = torch.stack([train[i][0] for i in range(num_train)])
+    pca = PCABaseline.fit(fit, dim)
+    return {"dim": dim, "num_train": num_train, "psnr": psnr(to_uint8(images), to_uint8(pca.reconstruct(images)))}
+
+
 def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     for label, entry in results.items():
+        if label == "pca":
+            ax.axhline(entry["psnr"], color="k", linestyle="--", label=f"PCA-{entry['dim']} ({entry['psnr']:.2f} dB)")
+            continue
         curve = entry["curve"]
         ax.plot([p["seconds"] / 60 for p in curve], [p["psnr"] for p in curve], marker="o", label=label)
     ax.set_xlabel("training wall-clock minutes (2-core CPU; evaluation excluded)")

@@ -6,6 +6,15 @@ from PIL import Image
 torch.set_num_threads(1)  # tiny models run fastest on one thread; pytest -n 2 uses both cores
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """Memoised Inception features go to a temporary folder, never into the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        directory = tmp_path_factory.mktemp("inception-features")
+        patch.setenv("MAETOK_FEATURE_CACHE", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """Two classes of small RGB images, plus a truncated JPEG and a text file posing as a PNG."""

@@ -498,3 +498,40 @@ def test_reconstruction_evaluator_with_stub(tmp_path):
     recon_features = extract_features(to_uint8(noisy), stub, progress=False)["pool3"]
     orig_features = extract_features(to_uint8(originals), stub, progress=False)["pool3"]
     assert result["rfid"] == pytest.approx(frechet_distance(*_stats(recon_features), *_stats(orig_features)), rel=1e-6)
+
+
+class CountingStub(StubInception):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images) -> InceptionFeatures:
+        self.calls += 1
+        return super().forward(images)
+
+
+def test_memoized_inception_reads_fixed_image_sets_from_disk(feature_cache, monkeypatch):
+    from maetok.eval.inception import MemoizedInception, memoized
+
+    network = CountingStub()
+    memo = memoized(network)
+    assert isinstance(memo, MemoizedInception) and memo.directory == feature_cache
+    images = torch.from_numpy(_images(20, 3))
+    direct = network(images)
+    first, second = memo(images), memo(images)
+    assert network.calls == 2  # the direct call and the first memoised one; the second was read from disk
+    for a, b, c in zip(direct, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    stats = compute_fid_stats(images, memo, batch_size=7, progress=False)
+    assert np.array_equal(stats.mu, compute_fid_stats(images, network, batch_size=7, progress=False).mu)
+    # other content, or the same bytes as another dtype, is another entry
+    assert memo.path_for(images) != memo.path_for(images[:19])
+    assert memo.path_for(images) != memo.path_for(images.to(torch.int8))
+    # an unreadable entry is recomputed and rewritten
+    path = memo.path_for(images)
+    path.write_bytes(b"broken")
+    calls = network.calls
+    assert torch.equal(memo(images).pool3, direct.pool3) and network.calls == calls + 1
+    assert torch.equal(memo(images).pool3, direct.pool3) and network.calls == calls + 1
+    monkeypatch.setenv("MAETOK_FEATURE_CACHE", "off")
+    assert memoized(network) is network and memoized(None) is None

@@ -131,3 +131,16 @@ def test_demo_on_an_unlabelled_rgb_folder(tmp_path):
     assert metrics["baselines"]["pca"]["dim"] == 16
     with Image.open(out / "reconstructions.png") as image:
         assert image.mode == "RGB"
+
+
+def test_sample_grid_takes_rows_per_class_from_the_measured_samples():
+    from maetok.pipeline import sample_grid
+
+    samples = np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1)
+    labels = np.arange(30) % 3  # balanced, as the gFID draws them
+    grid, per_row = sample_grid(samples, labels, rows=2, per_row=4)
+    assert per_row == 4 and grid[:, 0, 0, 0].tolist() == [0, 3, 6, 9, 1, 4, 7, 10]
+    grid, per_row = sample_grid(samples[:7], labels[:7], per_row=10)  # classes of 3, 2, 2 samples: 2 per row
+    assert per_row == 2 and grid[:, 0, 0, 0].tolist() == [0, 3, 1, 4, 2, 5]
+    grid, per_row = sample_grid(samples, None, rows=2, per_row=5)
+    assert per_row == 5 and grid[:, 0, 0, 0].tolist() == list(range(10))

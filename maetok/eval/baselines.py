@@ -161,14 +161,17 @@ def compute_baselines(
     ``train_labels`` are given); eval_images ``(M, C, H, W)`` are the held-out reference (``reference``: their
     Inception statistics when already computed). The generator draws ``M`` samples, class-balanced over the
     training classes (``sample_labels`` overrides). The real-vs-real floor compares ``M`` training images (a
-    seeded draw) with the eval images. Without ``inception`` the FIDs are None.
+    seeded draw) with the eval images. Without ``inception`` the FIDs are None. The Inception features of these
+    fixed image sets are memoised on disk (:func:`~maetok.eval.inception.memoized`).
 
     Returns ``{"pca": {...}, "gaussian": {...}, "real_vs_real": {...}}`` of plain numbers, plus
     ``"models": (pca, gaussian)``, ``"reconstructions"`` ``(M, C, H, W)`` and ``"samples"`` ``(M, C, H, W)``.
     """
     from maetok.eval.fid import compute_fid_stats, evaluate_samples
+    from maetok.eval.inception import memoized
     from maetok.eval.reconstruction import measure_reconstructions
 
+    inception = memoized(inception)  # every image set here is a fixed function of the data: one pass per machine
     start = time.perf_counter()
     pca = PCABaseline.fit(train_images, dim, seed)
     fit_seconds = time.perf_counter() - start

