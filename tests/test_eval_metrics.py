@@ -535,3 +535,17 @@ def test_memoized_inception_reads_fixed_image_sets_from_disk(feature_cache, monk
     assert torch.equal(memo(images).pool3, direct.pool3) and network.calls == calls + 1
     monkeypatch.setenv("MAETOK_FEATURE_CACHE", "off")
     assert memoized(network) is network and memoized(None) is None
+
+
+def test_memoized_inception_survives_an_unwritable_cache(tmp_path):
+    from maetok.eval.inception import MemoizedInception
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    network = CountingStub()
+    memo = MemoizedInception(network, blocker / "features")
+    images = torch.from_numpy(_images(5, 4))
+    with pytest.warns(UserWarning, match="not memoised"):
+        first = memo(images)
+    second = memo(images)  # warned once; computed again, same values
+    assert torch.equal(first.pool3, second.pool3) and network.calls == 2

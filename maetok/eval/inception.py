@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -709,6 +710,7 @@ class MemoizedInception:
         self.network = network
         self.directory = Path(directory)
         self._fingerprint: Optional[str] = None
+        self._warned = False
 
     @property
     def device(self) -> torch.device:
@@ -732,7 +734,10 @@ class MemoizedInception:
         return self._fingerprint
 
     def path_for(self, images: Union[Tensor, np.ndarray]) -> Path:
-        array = images.detach().cpu().contiguous().numpy() if isinstance(images, Tensor) else np.ascontiguousarray(images)
+        if isinstance(images, Tensor):
+            array = images.detach().cpu().contiguous().numpy()
+        else:
+            array = np.ascontiguousarray(images)
         digest = hashlib.sha256(f"{self.fingerprint()}|{array.dtype}|{array.shape}|".encode())
         digest.update(array.tobytes())
         key = digest.hexdigest()
@@ -745,17 +750,23 @@ class MemoizedInception:
             try:
                 with np.load(path, allow_pickle=False) as stored:
                     arrays = {k: torch.from_numpy(stored[k]).to(device) for k in stored.files}
-                return InceptionFeatures(arrays["pool3"], arrays["spatial"], arrays.get("logits"))
+                if arrays["pool3"].shape[0] == len(images) and arrays["spatial"].shape[0] == len(images):
+                    return InceptionFeatures(arrays["pool3"], arrays["spatial"], arrays.get("logits"))
             except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-                pass  # unreadable: recompute below
+                pass  # unreadable: recomputed below
         features = self.network(images)
         payload = {k: v.detach().cpu().numpy() for k, v in features._asdict().items() if v is not None}
         buffer = io.BytesIO()
         np.savez(buffer, **payload)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(buffer.getvalue())
+            tmp.replace(path)
+        except OSError as error:  # a memo that cannot be written never stops an evaluation
+            if not self._warned:
+                warnings.warn(f"Inception features not memoised in {self.directory}: {error}", stacklevel=2)
+                self._warned = True
         return features
 
 
