@@ -34,6 +34,7 @@ from maetok.pipeline import (
     convergence,
     finished,
     load_eval_data,
+    measure_baselines,
     reconstruct,
     run_pipeline,
 )
@@ -75,7 +76,6 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
              tokenizer_extra: tuple[str, ...] = (), diffusion_extra: tuple[str, ...] = ()) -> Path:
     """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
     TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
-    from maetok.eval.baselines import compute_baselines, load_split
     from maetok.eval.commands import write_json
     from maetok.eval.plots import plot_training_curves
     from maetok.models.tokenizer import MAETok
@@ -115,12 +115,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
             baselines = json.loads(baselines_path.read_text())
             pca_rows = torch.load(out / "baseline_grids.pt", weights_only=True)
         else:
-            train_images, train_labels = load_split(data, "train", size, channels, budget.baseline_train)
-            if not evald.conditional:
-                train_labels = None
-            b = compute_baselines(train_images, train_labels, evald.images, latent_dim, evald.inception,
-                                  evald.reference, sample_labels=_grid_labels(evald, 10))
-            baselines = {key: b[key] for key in ("pca", "gaussian", "real_vs_real")}
+            baselines, b = measure_baselines(evald, latent_dim, budget, sample_labels=_grid_labels(evald, 10))
             pca_rows = {"reconstructions": b["reconstructions"][:16], "samples": b["samples"][:100]}
             torch.save(pca_rows, out / "baseline_grids.pt")
             write_json(baselines_path, baselines)

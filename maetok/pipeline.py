@@ -32,7 +32,7 @@ from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_confi
 from maetok.data import build_dataset, save_image_grid
 from maetok.data.images import to_uint8_image
 
-__all__ = ["Budget", "EvalData", "load_eval_data", "run_pipeline", "tokenizer_overrides"]
+__all__ = ["Budget", "EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
 
 MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
 
@@ -47,7 +47,7 @@ class Budget:
     diffusion_steps: int
     eval_images: int  # held-out images: PSNR / SSIM / LPIPS / rFID, and the gFID reference
     fid_samples: int  # generated images for gFID
-    fid_sampling_steps: int  # sampler steps of the gFID samples (the grid uses the preset's)
+    fid_sampling_steps: int  # sampler steps of the gFID samples (the sample grid is 100 of them)
     probe_train: int  # training latents of the linear probe
     gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
     gmm_train: int  # training latents the GMMs are fitted on
@@ -134,6 +134,21 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
         reference = compute_fid_stats(to_uint8_image(images), memoized(network), progress=progress)  # once per machine
     return EvalData(data, image_size, channels, images, labels if conditional else None,
                     class_names if conditional else [], network, reference, note)
+
+
+def measure_baselines(evald: EvalData, dim: int, budget: Budget,
+                      sample_labels: Optional[Tensor] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The PCA-``dim`` / Gaussian / real-vs-real baselines of a run's data
+    (:func:`~maetok.eval.baselines.compute_baselines`): fitted on ``budget.baseline_train`` training images
+    (per class when ``evald`` has classes), measured on ``evald``'s held-out images and reference statistics.
+    Returns ``(figures {"pca", "gaussian", "real_vs_real"}, everything compute_baselines returns)``."""
+    from maetok.eval.baselines import compute_baselines, load_split
+
+    train_images, train_labels = load_split(evald.data, "train", evald.image_size, evald.channels,
+                                            budget.baseline_train)
+    full = compute_baselines(train_images, train_labels if evald.conditional else None, evald.images, dim,
+                             evald.inception, evald.reference, sample_labels=sample_labels)
+    return {key: full[key] for key in ("pca", "gaussian", "real_vs_real")}, full
 
 
 # ---------------------------------------------------------------------------------------------------------

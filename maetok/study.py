@@ -29,7 +29,7 @@ from maetok.data import save_image_grid
 from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
 from maetok.eval.commands import write_json
 from maetok.eval.metrics import LPIPS_LABEL
-from maetok.pipeline import Budget, load_eval_data, run_pipeline
+from maetok.pipeline import Budget, load_eval_data, measure_baselines, run_pipeline
 
 CPU_BUDGET = Budget(  # the demo's tokenizer budget (BENCHMARKS.md, "Convergence per CPU-second"), MSE in both stages
     stage1_steps=2000, stage2_steps=150, diffusion_steps=400, eval_images=1000, fid_samples=1000,
@@ -93,8 +93,6 @@ def run_study(
     ``seeds`` overrides every variant's seed count. ``only_finished``: train nothing, only rewrite the report
     from the finished runs. The GMM curves of all runs are fitted in one PCA dimension: ``gmm_pca_dim``, or the
     largest of the runs' >= 90% explained-variance dimensions."""
-    from maetok.eval.baselines import compute_baselines, load_split
-
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -126,10 +124,7 @@ def run_study(
         baselines = json.loads(baselines_path.read_text())
     else:
         dim = next(iter(runs.values()))[0]["latent_dim"]
-        train_images, train_labels = load_split(data, "train", size, channels, budget.baseline_train)
-        b = compute_baselines(train_images, train_labels if evald.conditional else None, evald.images, dim,
-                              evald.inception, evald.reference)
-        baselines = {key: b[key] for key in ("pca", "gaussian", "real_vs_real")}
+        baselines, _ = measure_baselines(evald, dim, budget)
         write_json(baselines_path, baselines)
     gmm_pca = shared_gmm(out, runs, budget, gmm_pca_dim, evald)
     return write_study(out, runs, baselines, gmm_pca, data, tokenizer_config, diffusion_config, budget,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from maetok.config import TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
 from maetok.models.tokenizer import MAETok
+from maetok.pipeline import reconstruct
 from maetok.train.loop import make_adamw
 
 AE = ["model.variant=ae", "model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
@@ -33,10 +34,9 @@ AE = ["model.variant=ae", "model.mask_ratio_min=0", "model.mask_ratio_max=0", "m
 def psnr_per_image(model: MAETok, images: torch.Tensor) -> float:
     """Mean over images of the PSNR of ``model``'s reconstructions (images in [-1, 1], peak 2)."""
     model.eval()
-    with torch.no_grad():
-        recon = torch.cat([model.decode(model.encode(images[i : i + 250])) for i in range(0, len(images), 250)])
+    recon = reconstruct(model, images)
     model.train()
-    mse = ((recon.clamp(-1, 1) - images) / 2).pow(2).mean(dim=(1, 2, 3))
+    mse = ((recon - images) / 2).pow(2).mean(dim=(1, 2, 3))
     return (10 * torch.log10(1 / mse)).mean().item()
 
 

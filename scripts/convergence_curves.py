@@ -22,6 +22,7 @@ import torch
 from maetok.config import TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
 from maetok.eval.metrics import psnr, to_uint8
+from maetok.pipeline import reconstruct
 from maetok.train.tokenizer import TokenizerTrainer
 
 MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
@@ -46,11 +47,8 @@ CANDIDATES: dict[str, list[str]] = {
 }
 
 
-@torch.no_grad()
 def eval_psnr(trainer: TokenizerTrainer, images: torch.Tensor) -> float:
-    model = trainer.inference_model()
-    recon = torch.cat([model.decode(model.encode(images[i : i + 250])).clamp(-1, 1) for i in range(0, len(images), 250)])
-    return psnr(to_uint8(images), to_uint8(recon))
+    return psnr(to_uint8(images), to_uint8(reconstruct(trainer.inference_model(), images)))
 
 
 def run_stage(trainer: TokenizerTrainer, total: int, points: int, images: torch.Tensor, offset_s: float,

@@ -12,6 +12,19 @@ from maetok.eval.metrics import ReconstructionMeter
 from maetok.models.tokenizer import MAETok
 
 
+def reconstruction_meter(inception: Optional[torch.nn.Module], reference: Any, lpips: bool,
+                         device: Optional[torch.device] = None) -> Any:
+    """The accumulator of reconstruction metrics: :class:`~maetok.eval.fid.ReconstructionEvaluator` (with rFID
+    against ``reference``, or against the originals when None) when an ``inception`` network is given, else
+    :class:`ReconstructionMeter`; both take ``update(originals, reconstructions)`` and ``compute()``. LPIPS runs
+    on ``device`` (default: the inputs')."""
+    if inception is None:
+        return ReconstructionMeter(lpips=lpips, device=device)
+    from maetok.eval.fid import ReconstructionEvaluator
+
+    return ReconstructionEvaluator(inception, reference, lpips=lpips, lpips_device=device)
+
+
 @torch.no_grad()
 def evaluate_reconstruction(
     model: MAETok,
@@ -40,12 +53,7 @@ def evaluate_reconstruction(
     if num_images is not None and num_images < len(dataset):
         dataset = Subset(dataset, range(num_images))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if inception is not None:
-        from maetok.eval.fid import ReconstructionEvaluator
-
-        meter: Any = ReconstructionEvaluator(inception, reference_stats, lpips=lpips, lpips_device=device)
-    else:
-        meter = ReconstructionMeter(lpips=lpips, device=device)
+    meter = reconstruction_meter(inception, reference_stats, lpips, device)
     for batch in tqdm(loader, desc="eval reconstruction", unit="batch", disable=not progress):
         images = batch[0].to(device)
         recon = model.decode(model.encode(images)).clamp(-1, 1)
@@ -62,12 +70,7 @@ def measure_reconstructions(originals: Any, reconstructions: Any, inception: Opt
     reconstructed: ``(M, C, H, W)`` in [-1, 1] or uint8, fed in chunks of ``chunk`` pairs."""
     import warnings
 
-    if inception is not None:
-        from maetok.eval.fid import ReconstructionEvaluator
-
-        meter: Any = ReconstructionEvaluator(inception, reference, lpips=lpips)
-    else:
-        meter = ReconstructionMeter(lpips=lpips)
+    meter = reconstruction_meter(inception, reference, lpips)
     for i in range(0, len(originals), chunk):
         meter.update(originals[i : i + chunk], reconstructions[i : i + chunk])
     with warnings.catch_warnings():  # every FID is reported with its sample count
