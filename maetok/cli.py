@@ -44,21 +44,20 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 @command("finetune-decoder")
 def cmd_finetune_decoder(args: argparse.Namespace) -> int:
-    from maetok.config import TokenizerTrainConfig, from_dict, parse_overrides, to_dict
-    from maetok.config import _deep_merge  # noqa: PLC2701 - the same merge the loader uses
+    from maetok.config import TokenizerTrainConfig, deep_merge, from_dict, parse_overrides, to_dict
     from maetok.train.tokenizer import TokenizerTrainer, read_run_config
 
     base = to_dict(read_run_config(args.source))
-    cfg = from_dict(TokenizerTrainConfig, _deep_merge(base, parse_overrides(args.overrides)))
+    cfg = from_dict(TokenizerTrainConfig, deep_merge(base, parse_overrides(args.overrides)))
     TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device).fit()
     return 0
 
 
 @command("reconstruct")
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from maetok.reconstruct import reconstruct_paths
+    from maetok.encode import reconstruct_files
 
-    written = reconstruct_paths(args.model, args.input, args.out, device=args.device, batch_size=args.batch_size)
+    written = reconstruct_files(args.model, args.input, args.out, device=args.device, batch_size=args.batch_size)
     print(f"[maetok] wrote {len(written)} side-by-side PNGs to {args.out}")
     return 0
 
@@ -67,11 +66,24 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, list_presets, load_config, read_preset
+    from maetok.config import (
+        DIFFUSION_SIZES,
+        DiffusionTrainConfig,
+        TokenizerTrainConfig,
+        list_presets,
+        load_config,
+        read_preset,
+    )
     from maetok.diffusion.pipeline import build_diffusion_model
     from maetok.models.tokenizer import MAETok
     from maetok.train.loop import describe_ema
 
+    if args.sizes or not args.config:  # the size table of the diffusion presets (model.preset)
+        print("diffusion transformer sizes (maetok.config.DIFFUSION_SIZES, MLP ratio 4):")
+        for preset, size in DIFFUSION_SIZES.items():
+            print(f"  {preset:<16} width {size.width:>5}   depth {size.depth:>3}   heads {size.num_heads:>3}")
+        if args.sizes:
+            return 0
     for name in [args.config] if args.config else list_presets():
         if "arch" in read_preset(name).get("model", {}):  # a diffusion preset
             cfg = load_config(DiffusionTrainConfig, name, args.overrides)
@@ -79,7 +91,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             with torch.device("meta"):
                 model = build_diffusion_model(cfg.model, shape, classes)
             params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-            print(f"{name}: {cfg.model.arch} {cfg.model.preset} on {shape[0]} x {shape[1]} latents, {classes} classes")
+            arch = model.config  # the preset's size with the config's width/depth/num_heads overrides
+            print(
+                f"{name}: {cfg.model.arch} {cfg.model.preset} (width {arch.width}, depth {arch.depth}, "
+                f"{arch.num_heads} heads) on {shape[0]} x {shape[1]} latents, {classes} classes"
+            )
             print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
             print(f"  {describe_ema(cfg.train)}")
             continue
@@ -140,8 +156,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 @command("cache-latents")
 def cmd_cache_latents(args: argparse.Namespace) -> int:
     from maetok.data import build_dataset
-    from maetok.data.latents import cache_latents
-    from maetok.reconstruct import load_tokenizer, model_directory
+    from maetok.encode import cache_latents, load_tokenizer
+    from maetok.runs import model_directory
 
     tokenizer = load_tokenizer(args.model, args.device)
     cfg = tokenizer.config
@@ -179,7 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from maetok.diffusion.generate import generate_images, write_samples
     from maetok.diffusion.pipeline import DiffusionPipeline
-    from maetok.reconstruct import load_tokenizer
+    from maetok.encode import load_tokenizer
 
     pipe = DiffusionPipeline.load(args.model, args.device)
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
@@ -208,9 +224,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from maetok.eval import bench
+    from maetok import bench
+    from maetok.runs import resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     shape = tuple(args.latent_shape)
     print(f"[maetok bench] device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     if args.what in ("tokenizer", "all"):
@@ -238,7 +255,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def _print_and_save(result: dict, out: Optional[str]) -> None:
     import json
 
-    from maetok.eval.commands import write_json
+    from maetok.runs import write_json
 
     text = json.dumps(result, indent=2, default=str)
     print(text)
@@ -269,7 +286,7 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 @command("eval-recon")
 def cmd_eval_recon(args: argparse.Namespace) -> int:
-    from maetok.eval.commands import eval_recon
+    from maetok.eval.reconstruction import eval_recon
 
     result = eval_recon(args.model, args.data, num=args.num, split=args.split, batch_size=args.batch_size,
                         device=args.device, inception_weights=args.inception, fid=not args.no_fid,
@@ -280,7 +297,7 @@ def cmd_eval_recon(args: argparse.Namespace) -> int:
 
 @command("eval-gen")
 def cmd_eval_gen(args: argparse.Namespace) -> int:
-    from maetok.eval.commands import eval_gen
+    from maetok.eval.generation import eval_gen
 
     result = eval_gen(args.samples, args.ref, num_ref=args.num_ref, save_ref=args.save_ref, batch_size=args.batch_size,
                       device=args.device, inception_weights=args.inception, ref_split=args.ref_split)
@@ -290,7 +307,7 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
 
 @command("analyze-latents")
 def cmd_analyze_latents(args: argparse.Namespace) -> int:
-    from maetok.eval.commands import analyze_latents
+    from maetok.eval.latents import analyze_latents
 
     result = analyze_latents(args.model, args.data, args.out, num_train=args.num_train, num_test=args.num_test,
                              ks=args.ks, umap=not args.no_map, device=args.device, pca_dim=args.pca_dim)
@@ -375,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", "Print presets and their parameter counts.")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
+    p.add_argument("--sizes", action="store_true", help="only print the diffusion sizes (SiT-XL, ...)")
     p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 32], metavar=("L", "H"), help="for diffusion presets")
     p.add_argument("--classes", type=int, default=1000, help="for diffusion presets")
     p.add_argument("overrides", nargs="*")

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional, TypeVar, Union
 
 import yaml
 
@@ -290,11 +290,12 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` merged into ``base`` key by key (nested dicts merged, an ``options`` dict replaced whole)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -325,7 +326,7 @@ def read_preset(name_or_path: str, _seen: Optional[set] = None) -> dict:
         raise ConfigError(f"{path}: a config file must be a mapping at the top level")
     base_name = raw.pop("base", None)
     if base_name:
-        raw = _deep_merge(read_preset(base_name, seen), raw)
+        raw = deep_merge(read_preset(base_name, seen), raw)
     return raw
 
 
@@ -351,7 +352,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def load_config(cls: type[T], preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> T:
     """Defaults <- preset/YAML <- overrides, validated."""
     raw = read_preset(preset) if preset else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    raw = deep_merge(raw, parse_overrides(overrides or []))
     cfg = from_dict(cls, raw)
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -363,11 +364,158 @@ def load_config(cls: type[T], preset: Optional[str] = None, overrides: Optional[
 # ---------------------------------------------------------------------------------------------------------
 
 
+class TransformerSize(NamedTuple):
+    """Size of a diffusion transformer (the MLP ratio is 4 for all)."""
+
+    width: int
+    depth: int
+    num_heads: int
+
+
+# The sizes of the diffusion transformers, paper Tables 8-9 (SiT / DiT sizes); the one place they are written.
+# A preset's name is "<family>-<size>"; there is no LightningDiT-S.
+DIFFUSION_SIZES: dict[str, TransformerSize] = {
+    "SiT-S": TransformerSize(width=384, depth=12, num_heads=6),
+    "SiT-B": TransformerSize(width=768, depth=12, num_heads=12),
+    "SiT-L": TransformerSize(width=1024, depth=24, num_heads=16),
+    "SiT-XL": TransformerSize(width=1152, depth=28, num_heads=16),
+    "LightningDiT-B": TransformerSize(width=768, depth=12, num_heads=12),
+    "LightningDiT-L": TransformerSize(width=1024, depth=24, num_heads=16),
+    "LightningDiT-XL": TransformerSize(width=1152, depth=28, num_heads=16),
+}
+
+
+ArchConfig = TypeVar("ArchConfig", bound="DiffusionTransformerConfig")
+
+
+@dataclass
+class DiffusionTransformerConfig:
+    """Fields shared by :class:`SiTConfig` and :class:`LightningDiTConfig` (the adaLN-Zero velocity transformer
+    of :mod:`maetok.models.sit`). Defaults: the XL size on the 128 x 32 MAETok latents, 1000 classes.
+    ``num_classes=0`` builds an unconditional model (no label embedding; ``y`` ignored)."""
+
+    family: ClassVar[str] = ""  # the preset-name prefix in DIFFUSION_SIZES
+
+    width: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    latent_dim: int = 32
+    num_latent_tokens: int = 128
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    qk_norm: bool = False
+    frequency_dim: int = 256
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field."""
+        name = type(self).__name__
+        for field_name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"{name}.{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"{name}.width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"{name}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_classes < 0:
+            raise ValueError(f"{name}.num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"{name}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @classmethod
+    def presets(cls) -> dict[str, TransformerSize]:
+        """This family's rows of :data:`DIFFUSION_SIZES`, e.g. ``SiTConfig.presets()["SiT-XL"].width``."""
+        return {name: size for name, size in DIFFUSION_SIZES.items() if name.rpartition("-")[0] == cls.family}
+
+    @classmethod
+    def from_preset(cls: type[ArchConfig], name: str, **overrides: Any) -> ArchConfig:
+        """``SiTConfig.from_preset("SiT-XL", num_classes=0)``: the size from :data:`DIFFUSION_SIZES`, then the
+        overrides (any field, including the size's). Raises ``ValueError`` on an unknown preset or field."""
+        presets = cls.presets()
+        if name not in presets:
+            raise ValueError(f"unknown {cls.family} preset {name!r}; known: {sorted(presets)}")
+        values = {**presets[name]._asdict(), **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class SiTConfig(DiffusionTransformerConfig):
+    """Architecture of SiT on 1D latents (:class:`maetok.models.sit.SiT`). Defaults: SiT-XL.
+
+    ``pos_embed_layout``: ``"interleaved"`` (authors' checkpoint: sin/cos alternate along channels) or
+    ``"halves"`` ([sin | cos]); the values are stored in the state dict either way.
+    """
+
+    family: ClassVar[str] = "SiT"
+
+    pos_embed_layout: str = "interleaved"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.width % 2:
+            raise ValueError(f"{type(self).__name__}.width must be even for the sin-cos embedding, got {self.width}")
+        if self.pos_embed_layout not in ("interleaved", "halves"):
+            raise ValueError(
+                f"SiTConfig.pos_embed_layout must be 'interleaved' or 'halves', got {self.pos_embed_layout!r}"
+            )
+
+    @classmethod
+    def from_reference_config(cls, reference: Mapping[str, Any]) -> "SiTConfig":
+        """Map the authors' ``config.json`` (``hidden_size``, ``depth``, ``num_heads``, ``in_channels``,
+        ``input_size``, ``num_classes``, ``class_dropout_prob``, ``mlp_ratio``, ``qk_norm``, ``vae_1d``,
+        ``patch_size``) to a config that loads their ``model.safetensors``."""
+        if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
+            raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported by this config")
+        if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
+            raise ValueError("decoder_hidden_size different from hidden_size is not supported")
+        num_classes = int(reference.get("num_classes", 1000))
+        use_cfg = bool(reference.get("use_cfg", True))
+        return cls(
+            width=int(reference["hidden_size"]),
+            depth=int(reference["depth"]),
+            num_heads=int(reference["num_heads"]),
+            mlp_ratio=float(reference.get("mlp_ratio", 4.0)),
+            latent_dim=int(reference["in_channels"]),
+            num_latent_tokens=int(reference["input_size"]),
+            num_classes=num_classes,
+            class_dropout_prob=float(reference.get("class_dropout_prob", 0.1)) if use_cfg else 0.0,
+            qk_norm=bool(reference.get("qk_norm", False)),
+        )
+
+
+@dataclass
+class LightningDiTConfig(DiffusionTransformerConfig):
+    """Architecture of LightningDiT on 1D latents (:class:`maetok.models.lightningdit.LightningDiT`).
+    Defaults: LightningDiT-XL. ``rope_theta``: base of the 1D RoPE frequencies over the token index (the
+    rotated dimension is the full head dimension)."""
+
+    family: ClassVar[str] = "LightningDiT"
+
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if (self.width // self.num_heads) % 2:
+            raise ValueError(f"{name}: the head dimension {self.width // self.num_heads} must be even for RoPE")
+        if self.rope_theta <= 1.0:
+            raise ValueError(f"{name}.rope_theta must be > 1, got {self.rope_theta}")
+
+
+# DiffusionModelConfig.arch -> the architecture config it builds
+DIFFUSION_ARCHS: dict[str, type[DiffusionTransformerConfig]] = {"sit": SiTConfig, "lightningdit": LightningDiTConfig}
+
+
 @dataclass
 class DiffusionModelConfig:
-    """The velocity network. ``preset`` names a SiT (``SiT-S/B/L/XL``) or LightningDiT (``LightningDiT-B/L/XL``)
-    size; ``width``/``depth``/``num_heads`` > 0 override it (for small CPU models). The latent shape and the
-    number of classes come from the latent cache."""
+    """The velocity network. ``preset`` names a row of :data:`DIFFUSION_SIZES` of the ``arch``'s family (SiT
+    ``SiT-S/B/L/XL``, LightningDiT ``LightningDiT-B/L/XL``); ``width``/``depth``/``num_heads`` > 0 override it
+    (for small CPU models). The latent shape and the number of classes come from the latent cache."""
 
     arch: str = "sit"  # "sit" or "lightningdit"
     preset: str = "SiT-XL"
@@ -379,11 +527,29 @@ class DiffusionModelConfig:
     conditional: bool = True  # False: unconditional generation (paper Table 5)
 
     def validate(self) -> None:
-        if self.arch not in ("sit", "lightningdit"):
+        if self.arch not in DIFFUSION_ARCHS:
             raise ConfigError(f"model.arch must be 'sit' or 'lightningdit', got {self.arch!r}")
-        prefix = "SiT-" if self.arch == "sit" else "LightningDiT-"
-        if not self.preset.startswith(prefix):
-            raise ConfigError(f"model.preset {self.preset!r} is not a {self.arch} preset (expected {prefix}...)")
+        known = DIFFUSION_ARCHS[self.arch].presets()
+        if self.preset not in known:
+            raise ConfigError(
+                f"model.preset {self.preset!r} is not a {self.arch} preset; known: {', '.join(known)}"
+            )
+
+    def architecture(self, latent_shape: tuple[int, int], num_classes: int) -> DiffusionTransformerConfig:
+        """The :class:`SiTConfig` / :class:`LightningDiTConfig` for latents ``(L, C) = latent_shape`` and
+        ``num_classes`` classes (0, or ``conditional`` False: unconditional); validates this config first."""
+        self.validate()
+        sizes = {k: getattr(self, k) for k in ("width", "depth", "num_heads") if getattr(self, k) > 0}
+        classes = num_classes if self.conditional else 0
+        return DIFFUSION_ARCHS[self.arch].from_preset(
+            self.preset,
+            latent_dim=latent_shape[1],
+            num_latent_tokens=latent_shape[0],
+            num_classes=classes,
+            class_dropout_prob=self.class_dropout_prob if classes else 0.0,
+            mlp_ratio=self.mlp_ratio,
+            **sizes,
+        )
 
 
 @dataclass
@@ -432,3 +598,36 @@ class DiffusionTrainConfig:
             raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.transport.time_sampling!r}")
         if self.transport.latent_norm not in ("channel", "scalar", "none"):
             raise ConfigError(f"transport.latent_norm must be 'channel', 'scalar' or 'none', got {self.transport.latent_norm!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The end-to-end pipeline (maetok.pipeline: the demo and the study)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """Step counts and evaluation sizes of one pipeline run (fixed counts: the figures do not depend on the
+    machine's speed, only the wall time does)."""
+
+    stage1_steps: int
+    stage2_steps: int
+    diffusion_steps: int
+    eval_images: int  # held-out images: PSNR / SSIM / LPIPS / rFID, and the gFID reference
+    fid_samples: int  # generated images for gFID
+    fid_sampling_steps: int  # sampler steps of the gFID samples (the sample grid is 100 of them)
+    probe_train: int  # training latents of the linear probe
+    gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
+    gmm_train: int  # training latents the GMMs are fitted on
+    cache_limit: Optional[int]  # training images encoded for the SiT (None = all)
+    stage1_loss: str = "mse"  # "mse" (+ auxiliary / KL terms) or "full" (+ LPIPS + GAN, the paper's Eq. 6)
+    stage2_loss: str = "full"
+    stage2_batch: Optional[int] = None  # None = the preset's batch size
+    cfg_scale: Optional[float] = None  # of the gFID samples; None = the diffusion preset's (the study: 1.0)
+    baseline_train: int = 20000  # training images the PCA / Gaussian baselines are fitted on
+    gmm_all_dims: bool = False  # also store the GMM curve at every PCA dim up to GMM_DIMS (for the study)
+
+    def __post_init__(self) -> None:
+        for name in ("stage1_loss", "stage2_loss"):
+            if getattr(self, name) not in ("mse", "full"):
+                raise ValueError(f"Budget.{name} must be 'mse' or 'full', got {getattr(self, name)!r}")

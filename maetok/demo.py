@@ -24,20 +24,13 @@ from typing import Any, Optional
 
 import torch
 
-from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
+from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import is_fashion_mnist, save_image_grid
+from maetok.encode import load_tokenizer, reconstruct_images
 from maetok.eval.metrics import LPIPS_LABEL
-from maetok.eval.reconstruction import measure_reconstructions
-from maetok.pipeline import (
-    Budget,
-    EvalData,
-    convergence,
-    finished,
-    load_eval_data,
-    measure_baselines,
-    reconstruct,
-    run_pipeline,
-)
+from maetok.eval.reconstruction import ReconstructionEvaluator
+from maetok.pipeline import EvalData, convergence, load_eval_data, measure_baselines, run_pipeline
+from maetok.runs import is_finished, resolve_device, write_json
 
 TOKENIZER_CONFIG = "fashion-mnist-maetok"
 DIFFUSION_CONFIG = "fashion-mnist-sit"
@@ -76,9 +69,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
              tokenizer_extra: tuple[str, ...] = (), diffusion_extra: tuple[str, ...] = ()) -> Path:
     """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
     TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
-    from maetok.eval.commands import write_json
     from maetok.eval.plots import plot_training_curves
-    from maetok.models.tokenizer import MAETok
     from maetok.pipeline import Timer, train_tokenizer
 
     budget = QUICK if quick else FULL
@@ -96,15 +87,17 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     # what LPIPS + GAN buy: stage 2 from the same stage 1 with MSE alone (PSNR / SSIM / LPIPS, no rFID)
     reused = []
     mse_dir = out / "mse-only"
-    if finished(mse_dir / "tokenizer"):
+    if is_finished(mse_dir / "tokenizer"):
         reused.append("stage 2 with MSE only, for comparison")
     with timer.phase("stage 2 with MSE only, for comparison"):
         mse_budget = Budget(**{**asdict(budget), "stage2_loss": "mse"})
         train_tokenizer(mse_dir, data, TOKENIZER_CONFIG, mse_budget, shape, device=device, stage1_dir=out / "stage1")
-        stage1 = MAETok.from_pretrained(out / "stage1" / "model").eval()
-        mse_only = MAETok.from_pretrained(mse_dir / "tokenizer" / "model").eval()
-        comparison = {name: measure_reconstructions(evald.images, reconstruct(model, evald.images))
-                      for name, model in (("stage 1", stage1), ("stage 2: MSE only", mse_only))}
+        stage1, mse_only = load_tokenizer(out / "stage1", "cpu"), load_tokenizer(mse_dir / "tokenizer", "cpu")
+        comparison = {}
+        for name, model in (("stage 1", stage1), ("stage 2: MSE only", mse_only)):
+            evaluator = ReconstructionEvaluator()  # PSNR / SSIM / LPIPS; the rFID is the final tokenizer's alone
+            evaluator.update(evald.images, reconstruct_images(model, evald.images))
+            comparison[name] = evaluator.result()
 
     baselines_path = out / "baselines.json"
     baselines_phase = f"baselines: PCA-{latent_dim}, Gaussian in its space, real vs real"
@@ -120,9 +113,9 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
             torch.save(pca_rows, out / "baseline_grids.pt")
             write_json(baselines_path, baselines)
 
-    tokenizer = MAETok.from_pretrained(out / "tokenizer" / "model").eval()
-    rows = [evald.images[:16], reconstruct(stage1, evald.images[:16]), reconstruct(mse_only, evald.images[:16]),
-            reconstruct(tokenizer, evald.images[:16]), pca_rows["reconstructions"]]
+    tokenizer = load_tokenizer(out / "tokenizer", "cpu")
+    rows = [evald.images[:16], *(reconstruct_images(model, evald.images[:16]) for model in (stage1, mse_only, tokenizer)),
+            pca_rows["reconstructions"]]
     save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=16)
     save_image_grid(pca_rows["samples"], out / "baseline_samples.png", nrow=10)
     plot_training_curves(
@@ -151,7 +144,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         "gmm": result["gmm"],
         "latent_map_method": result["latent_map_method"],
         "timings_s": timings,
-        "device": str(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))),
+        "device": str(resolve_device(device)),
         "machine": machine_description(),
     }
     write_json(out / "metrics.json", metrics)
@@ -200,7 +193,7 @@ def format_optional(value: Any, spec: str = ".2f") -> str:
 
 def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, budget: Budget,
                   evald: EvalData, results: dict) -> Path:
-    from maetok.eval.commands import fid_label
+    from maetok.eval.fid import fid_label
 
     m = cfg.model
     n_eval = len(evald.images)

@@ -28,41 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
+from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import build_dataset, save_image_grid
-from maetok.data.images import to_uint8_image
+from maetok.data.images import to_uint8
+from maetok.runs import is_finished, resolve_device, write_json
 
-__all__ = ["Budget", "EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
+__all__ = ["EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
 
 MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
-
-
-@dataclass
-class Budget:
-    """Step counts and evaluation sizes of one pipeline run (fixed counts: the figures do not depend on the
-    machine's speed, only the wall time does)."""
-
-    stage1_steps: int
-    stage2_steps: int
-    diffusion_steps: int
-    eval_images: int  # held-out images: PSNR / SSIM / LPIPS / rFID, and the gFID reference
-    fid_samples: int  # generated images for gFID
-    fid_sampling_steps: int  # sampler steps of the gFID samples (the sample grid is 100 of them)
-    probe_train: int  # training latents of the linear probe
-    gmm_ks: tuple[int, ...]  # GMM component counts of the NLL curve
-    gmm_train: int  # training latents the GMMs are fitted on
-    cache_limit: Optional[int]  # training images encoded for the SiT (None = all)
-    stage1_loss: str = "mse"  # "mse" (+ auxiliary / KL terms) or "full" (+ LPIPS + GAN, the paper's Eq. 6)
-    stage2_loss: str = "full"
-    stage2_batch: Optional[int] = None  # None = the preset's batch size
-    cfg_scale: Optional[float] = None  # of the gFID samples; None = the diffusion preset's (the study: 1.0)
-    baseline_train: int = 20000  # training images the PCA / Gaussian baselines are fitted on
-    gmm_all_dims: bool = False  # also store the GMM curve at every PCA dim up to GMM_DIMS (for the study)
-
-    def __post_init__(self) -> None:
-        for name in ("stage1_loss", "stage2_loss"):
-            if getattr(self, name) not in ("mse", "full"):
-                raise ValueError(f"Budget.{name} must be 'mse' or 'full', got {getattr(self, name)!r}")
 
 
 def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
@@ -118,9 +91,8 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
                    inception: Optional[torch.nn.Module] = None, progress: bool = True) -> EvalData:
     """The first ``num`` test images of ``data`` with their Inception statistics (one Inception pass, memoised
     on disk by :func:`~maetok.eval.inception.memoized`: a later run on the same machine reads them)."""
-    from maetok.eval.commands import load_fid_network
     from maetok.eval.fid import compute_fid_stats
-    from maetok.eval.inception import memoized
+    from maetok.eval.inception import load_fid_network, memoized
 
     test_set = build_dataset(data, "test", image_size, channels)
     items = [test_set[i] for i in range(min(num, len(test_set)))]
@@ -131,7 +103,8 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
     network, note = load_fid_network(inception, device)
     reference = None
     if network is not None:
-        reference = compute_fid_stats(to_uint8_image(images), memoized(network), progress=progress)  # once per machine
+        reference = compute_fid_stats(to_uint8(images, channels_last=True).numpy(), memoized(network),
+                                      progress=progress)  # once per machine
     return EvalData(data, image_size, channels, images, labels if conditional else None,
                     class_names if conditional else [], network, reference, note)
 
@@ -170,11 +143,6 @@ class Timer:
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
-def finished(run_dir: Path) -> bool:
-    """Whether a training run directory holds its exported model."""
-    return (run_dir / "model" / "config.json").exists()
-
-
 def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
                     seed: int = 0, device: Optional[str] = None, stage1_dir: Optional[Path] = None) -> TokenizerTrainConfig:
     """Stage 1 into ``out/stage1`` (or use the finished ``stage1_dir``) and stage 2 into ``out/tokenizer``; a stage
@@ -186,28 +154,12 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
     cfg1 = load_config(TokenizerTrainConfig, config, stage1 + extra)
     cfg2 = load_config(TokenizerTrainConfig, config, stage2 + extra)
     stage1_dir = stage1_dir or out / "stage1"
-    if not finished(stage1_dir):
+    if not is_finished(stage1_dir):
         TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
-    if not finished(out / "tokenizer"):
+    if not is_finished(out / "tokenizer"):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
                          resume=True).fit()
     return cfg2
-
-
-def reconstruct(model: Any, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Reconstructions ``(M, C, S, S)`` in [-1, 1] of images by a tokenizer (on its device), on the CPU."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return torch.cat([model.decode(model.encode(images[i : i + batch_size].to(device))).clamp(-1, 1).cpu()
-                          for i in range(0, len(images), batch_size)])
-
-
-def encode(model: Any, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Latents ``(M, L, H)`` of images (posterior means for a VAE), on the CPU."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return torch.cat([model.encode(images[i : i + batch_size].to(device)).float().cpu()
-                          for i in range(0, len(images), batch_size)])
 
 
 def run_pipeline(
@@ -230,16 +182,15 @@ def run_pipeline(
     comparison in one shared dimension needs no latents later), ``latent_map_method``, ``convergence``,
     ``timings_s``, ``num_cached_latents``, ``latent_dim`` (L x H numbers per image). A finished run
     (``result.json`` present) is returned as it is."""
-    import warnings
-
-    from maetok.data.latents import LatentDataset, cache_latents
+    from maetok.data import DatasetSubset
+    from maetok.data.latents import LatentDataset
     from maetok.diffusion.generate import generate_images
     from maetok.diffusion.pipeline import DiffusionPipeline
-    from maetok.eval.commands import DatasetSubset, latent_analysis, latent_map, write_json
-    from maetok.eval.fid import evaluate_samples
+    from maetok.encode import cache_latents, encode_images, load_tokenizer, reconstruct_images
+    from maetok.eval.generation import generation_metrics
+    from maetok.eval.latents import latent_analysis, latent_map
     from maetok.eval.metrics import lpips_unavailable_reason
-    from maetok.eval.reconstruction import measure_reconstructions
-    from maetok.models.tokenizer import MAETok
+    from maetok.eval.reconstruction import ReconstructionEvaluator
     from maetok.train.diffusion import DiffusionTrainer
 
     out = Path(out)
@@ -248,17 +199,18 @@ def run_pipeline(
         print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     timer = Timer(verbose=progress)
     with timer.phase("tokenizer stage 1 + stage 2"):
         cfg = train_tokenizer(out, evald.data, tokenizer_config, budget, tokenizer_extra, seed, device)
     m = cfg.model
-    tokenizer = MAETok.from_pretrained(out / "tokenizer" / "model").to(dev).eval()
+    tokenizer = load_tokenizer(out / "tokenizer", dev)
 
     with timer.phase("reconstruction metrics"):
-        recon = reconstruct(tokenizer, evald.images)
-        reconstruction = measure_reconstructions(evald.images, recon, evald.inception, evald.reference,
-                                                 lpips=lpips_unavailable_reason() is None)
+        recon = reconstruct_images(tokenizer, evald.images)
+        evaluator = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips_unavailable_reason() is None)
+        evaluator.update(evald.images, recon)
+        reconstruction = evaluator.result()
 
     with timer.phase("latent cache of the training split"):
         train_set = build_dataset(evald.data, "train", m.image_size, m.in_channels)
@@ -279,7 +231,7 @@ def run_pipeline(
     ]
     dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
     with timer.phase("SiT training"):
-        if not finished(out / "sit"):
+        if not is_finished(out / "sit"):
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
     pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
 
@@ -293,21 +245,18 @@ def run_pipeline(
                                                  seed=seed + 1, progress=False)
         # the grid shows the very samples the gFID measures: one row per class (up to 10), or the first 100
         grid, per_row = sample_grid(samples, sample_labels)
-        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "samples.png",
-                        nrow=per_row)
+        save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2), out / "samples.png", nrow=per_row)
         if evald.inception is not None:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*rank deficient.*")
-                gen = evaluate_samples(samples, evald.reference, evald.inception, precision_recall_k=None,
-                                       progress=False)
-            generation.update(gfid=gen["fid"], sfid=gen["sfid"])
+            gen = generation_metrics(samples, evald.reference, evald.inception, precision_recall_k=None,
+                                     progress=False)
+            generation.update(gfid=gen["gfid"], sfid=gen["sfid"])
         else:
             generation.update(gfid=None, sfid=None, note=evald.fid_note)
 
     with timer.phase("latent analysis"):
         cache = LatentDataset(out / "latents")
         n_train = min(budget.probe_train, len(cache))
-        test_latents = encode(tokenizer, evald.images)
+        test_latents = encode_images(tokenizer, evald.images)
         train_latents, train_labels = cache.latents[:n_train], cache.labels[:n_train]
         probe = None
         if evald.conditional:
@@ -382,7 +331,7 @@ def convergence(log_csv: Path) -> dict[str, Any]:
 def gmm_curve(fit: Tensor, test: Tensor, ks: Sequence[int], pca_dim: Optional[int] = None) -> dict[str, Any]:
     """GMM held-out NLL vs K (keys as strings, JSON-ready) in this tokenizer's own 90% PCA dimension or
     ``pca_dim``."""
-    from maetok.eval.gmm import gmm_nll_analysis
+    from maetok.eval.latents import gmm_nll_analysis
 
     usable = [k for k in ks if k <= len(fit)]
     r = gmm_nll_analysis(fit, usable, test_latents=test, progress=False, pca_dim=pca_dim)

@@ -25,11 +25,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from maetok.config import Budget
 from maetok.data import save_image_grid
 from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
-from maetok.eval.commands import write_json
 from maetok.eval.metrics import LPIPS_LABEL
-from maetok.pipeline import Budget, load_eval_data, measure_baselines, run_pipeline
+from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
+from maetok.runs import write_json
 
 CPU_BUDGET = Budget(  # the demo's tokenizer budget (BENCHMARKS.md, "Convergence per CPU-second"), MSE in both stages
     stage1_steps=2000, stage2_steps=150, diffusion_steps=400, eval_images=1000, fid_samples=1000,
@@ -136,7 +137,6 @@ def shared_gmm(out: Path, runs: dict[str, list[dict[str, Any]]], budget: Budget,
     """Every run's GMM curve in ONE PCA dimension (``pca_dim`` or the largest of the runs' own 90% dims), set as
     ``gmm_shared`` in each run's dict. Curves come from those each run stored per dimension (``gmm_by_dim``); a
     missing one is fitted from the run's latent cache and tokenizer (and stored in its ``result.json``)."""
-    from maetok.eval.commands import write_json
     from maetok.pipeline import gmm_curve
 
     own = {(slug, r["seed"]): r["gmm"]["own_pca_dim"] for slug, rs in runs.items() for r in rs}
@@ -160,15 +160,14 @@ def _gmm_latents(run_dir: Path, budget: Budget, evald: Any) -> tuple[torch.Tenso
     """A run's GMM fit latents (the first ``gmm_train`` of its cache) and held-out latents, rebuilt from its latent
     cache and tokenizer."""
     from maetok.data.latents import LatentDataset
-    from maetok.models.tokenizer import MAETok
-    from maetok.pipeline import encode
+    from maetok.encode import encode_images, load_tokenizer
 
     if evald is None or not (run_dir / "latents").exists() or not (run_dir / "tokenizer" / "model").exists():
         raise ValueError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
                          "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
     cache = LatentDataset(run_dir / "latents")
-    tokenizer = MAETok.from_pretrained(run_dir / "tokenizer" / "model").eval()
-    return cache.latents[: budget.gmm_train], encode(tokenizer, evald.images)
+    tokenizer = load_tokenizer(run_dir / "tokenizer", "cpu")
+    return cache.latents[: budget.gmm_train], encode_images(tokenizer, evald.images)
 
 
 def run_value(r: dict[str, Any], key: str, table_k: str) -> Optional[float]:
@@ -214,8 +213,8 @@ def judge(claim: tuple[str, str, str, str], stats: dict[str, dict[str, tuple]]) 
 def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dict[str, Any], gmm_pca: dict[str, Any],
                 data: str, tokenizer_config: str, diffusion_config: str, budget: Budget, eval_images: torch.Tensor,
                 wall_s: float) -> Path:
-    from maetok.eval.commands import fid_label
-    from maetok.eval.gmm import plot_gmm_curves
+    from maetok.eval.fid import fid_label
+    from maetok.eval.latents import plot_gmm_curves
     from maetok.eval.plots import plot_labelled_scatter
 
     ks = [str(k) for k in budget.gmm_ks]

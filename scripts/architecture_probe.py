@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from maetok.config import TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
+from maetok.encode import reconstruct_images
 from maetok.models.tokenizer import MAETok
-from maetok.pipeline import reconstruct
 from maetok.train.loop import make_adamw
 
 AE = ["model.variant=ae", "model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
@@ -34,7 +34,7 @@ AE = ["model.variant=ae", "model.mask_ratio_min=0", "model.mask_ratio_max=0", "m
 def psnr_per_image(model: MAETok, images: torch.Tensor) -> float:
     """Mean over images of the PSNR of ``model``'s reconstructions (images in [-1, 1], peak 2)."""
     model.eval()
-    recon = reconstruct(model, images)
+    recon = reconstruct_images(model, images)
     model.train()
     mse = ((recon - images) / 2).pow(2).mean(dim=(1, 2, 3))
     return (10 * torch.log10(1 / mse)).mean().item()

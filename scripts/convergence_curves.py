@@ -21,8 +21,9 @@ import torch
 
 from maetok.config import TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
-from maetok.eval.metrics import psnr, to_uint8
-from maetok.pipeline import reconstruct
+from maetok.data.images import to_uint8
+from maetok.encode import reconstruct_images
+from maetok.eval.metrics import psnr
 from maetok.train.tokenizer import TokenizerTrainer
 
 MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
@@ -48,7 +49,7 @@ CANDIDATES: dict[str, list[str]] = {
 
 
 def eval_psnr(trainer: TokenizerTrainer, images: torch.Tensor) -> float:
-    return psnr(to_uint8(images), to_uint8(reconstruct(trainer.inference_model(), images)))
+    return psnr(to_uint8(images), to_uint8(reconstruct_images(trainer.inference_model(), images)))
 
 
 def run_stage(trainer: TokenizerTrainer, total: int, points: int, images: torch.Tensor, offset_s: float,

@@ -75,8 +75,8 @@ TINY = ["model.image_size=32", "model.in_channels=3", "model.patch_size=8", "mod
 def cuda_paths(work: Path) -> dict:
     from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
     from maetok.data import build_dataset
-    from maetok.data.latents import cache_latents
     from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.encode import cache_latents
     from maetok.models.tokenizer import MAETok
     from maetok.train.diffusion import DiffusionTrainer
     from maetok.train.tokenizer import TokenizerTrainer
@@ -112,7 +112,7 @@ def cuda_paths(work: Path) -> dict:
 
 
 def bench(kind: str, **kwargs) -> dict:
-    from maetok.eval import bench as b
+    from maetok import bench as b
 
     fn = {"tokenizer": b.bench_tokenizer, "diffusion": b.bench_diffusion_train, "sampling": b.bench_sampling}[kind]
     result = fn(device=torch.device(DEVICE), **kwargs)

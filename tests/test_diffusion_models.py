@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from maetok.cli import main
+from maetok.config import DIFFUSION_SIZES, ConfigError, DiffusionModelConfig, read_preset
 from maetok.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, LightningDiTConfig, build_lightningdit
 from maetok.models.sit import SIT_PRESETS, SiT, SiTConfig, apply_guidance, build_sit
 
@@ -118,6 +120,29 @@ def test_preset_parameter_counts():
     assert "pos_embed" not in names and "rope_cos" not in names  # RoPE only, recomputed
     assert "blocks.0.attn.q_norm.weight" in names and "blocks.0.mlp.w3.weight" in names
     assert xl.blocks[0].mlp.w1.out_features == int(2 / 3 * 4 * 1152) == 3072
+
+
+def test_size_table_is_the_single_source(capsys):
+    """config.DIFFUSION_SIZES is the one place a preset's size is written: the configs, the *_PRESETS views,
+    `maetok info` and the check of model.preset all read it, and the paper YAMLs only name a row."""
+    assert {**SIT_PRESETS, **LIGHTNINGDIT_PRESETS} == DIFFUSION_SIZES
+    xl = SiTConfig.from_preset("SiT-XL")
+    assert (xl.width, xl.depth, xl.num_heads) == DIFFUSION_SIZES["SiT-XL"] == (1152, 28, 16)
+    for name, size in DIFFUSION_SIZES.items():
+        config = (SiTConfig if name.startswith("SiT-") else LightningDiTConfig).from_preset(name)
+        assert (config.width, config.depth, config.num_heads) == size
+    assert main(["info", "--sizes"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {
+        name: ["width", str(size.width), "depth", str(size.depth), "heads", str(size.num_heads)]
+        for name, size in DIFFUSION_SIZES.items()
+    }
+    for preset in ("sit-xl", "sit-l", "lightningdit-xl"):
+        assert not {"width", "depth", "num_heads"} & set(read_preset(preset)["model"]), preset
+    with pytest.raises(ConfigError, match="known: SiT-S, SiT-B, SiT-L, SiT-XL"):
+        DiffusionModelConfig(arch="sit", preset="SiT-XXL").validate()
+    with pytest.raises(ConfigError, match="not a lightningdit preset"):
+        DiffusionModelConfig(arch="lightningdit", preset="SiT-XL").validate()
 
 
 def test_pos_embed_is_interleaved_sincos():

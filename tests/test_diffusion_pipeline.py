@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from maetok.cli import main
 from maetok.config import DiffusionTrainConfig, TokenizerConfig, load_config
 from maetok.data import build_dataset
-from maetok.data.latents import LatentDataset, LatentNormalizer, cache_latents
+from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.encode import cache_latents
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
 

@@ -5,15 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import StubInception
 from PIL import Image
 
 from maetok.cli import main
 from maetok.config import TokenizerConfig
 from maetok.data import build_dataset
-from maetok.eval.commands import analyze_latents, eval_gen, eval_recon, fid_label
-from maetok.eval.reconstruction import evaluate_reconstruction
+from maetok.eval.fid import fid_label
+from maetok.eval.generation import eval_gen
+from maetok.eval.latents import analyze_latents
+from maetok.eval.reconstruction import eval_recon, evaluate_tokenizer
 from maetok.models.tokenizer import MAETok
-from test_eval_metrics import StubInception
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_eval_recon_reports_counts_and_matches_the_metric_functions(tokenizers, 
     result = eval_recon(tokenizers["ae"], str(image_folder), split="all", inception=StubInception(), progress=False)
     assert result["num_images"] == result["rfid_num_images"] == 22
     assert result["rfid_label"] == "rFID-22" and result["rfid"] >= 0
-    direct = evaluate_reconstruction(MAETok.from_pretrained(tokenizers["ae"]), build_dataset(str(image_folder), "all", 16, 3), progress=False)
+    direct = evaluate_tokenizer(MAETok.from_pretrained(tokenizers["ae"]), build_dataset(str(image_folder), "all", 16, 3), progress=False)
     assert result["psnr"] == pytest.approx(direct["psnr"]) and result["ssim_dr2"] > result["ssim"]
     no_fid = eval_recon(tokenizers["ae"], str(image_folder), split="all", fid=False, progress=False)
     assert no_fid["rfid"] is None and "not computed" in no_fid["rfid_note"]
@@ -90,8 +92,8 @@ def test_eval_recon_reports_lpips(tokenizers, image_folder):
     assert skipped["psnr"] == pytest.approx(result["psnr"])
 
 
-def _fake_encode_split(ranks: dict[str, int]):
-    """encode_split stand-in: latents (N, 16) of intrinsic dimension ranks[model name] (from the progress label)."""
+def _fake_encode_dataset(ranks: dict[str, int]):
+    """encode_dataset stand-in: latents (N, 16) of intrinsic dimension ranks[model name] (from the progress label)."""
 
     def encode(tokenizer, dataset, batch_size=256, progress=True, desc="encode"):
         _, name, part = desc.split()
@@ -105,7 +107,7 @@ def _fake_encode_split(ranks: dict[str, int]):
 
 
 def test_analyze_latents_fits_all_gmms_in_one_shared_dim(tokenizers, image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr("maetok.eval.commands.encode_split", _fake_encode_split({"AE": 2, "VAE": 10}))
+    monkeypatch.setattr("maetok.encode.encode_dataset", _fake_encode_dataset({"AE": 2, "VAE": 10}))
     report = analyze_latents({"AE": tokenizers["ae"], "VAE": tokenizers["vae"]}, str(image_folder), tmp_path,
                              ks=(1, 2), gmm_train=None, probe_epochs=1, umap=False, progress=False)
     own = report["gmm_pca"]["own_pca_dims"]
@@ -119,7 +121,7 @@ def test_analyze_latents_fits_all_gmms_in_one_shared_dim(tokenizers, image_folde
 
 
 def test_cli_analyze_latents_pca_dim(tokenizers, image_folder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("maetok.eval.commands.encode_split", _fake_encode_split({"AE": 2, "VAE": 10}))
+    monkeypatch.setattr("maetok.encode.encode_dataset", _fake_encode_dataset({"AE": 2, "VAE": 10}))
     assert main(["analyze-latents", "--model", f"AE={tokenizers['ae']}", "--model", f"VAE={tokenizers['vae']}",
                  "--data", str(image_folder), "--out", str(tmp_path), "--ks", "1", "2", "--pca-dim", "4",
                  "--no-map"]) == 0

@@ -9,28 +9,25 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import StubInception
 
+from maetok.data.images import to_uint8
+from maetok.data.npz import NpzFormatError, iter_npz_images, load_sample_batch, save_sample_batch
 from maetok.eval.fid import (
     FeatureStats,
     InceptionStats,
-    NpzFormatError,
-    ReconstructionEvaluator,
     compute_fid_stats,
-    evaluate_samples,
     extract_features,
     frechet_distance,
     iter_image_batches,
-    iter_npz_images,
     load_reference_batch,
-    load_sample_batch,
     load_stats_npz,
     save_reference_stats,
-    save_sample_batch,
 )
-from maetok.eval.inception import InceptionFeatures, images_to_float255
-from maetok.eval.gmm import gmm_nll_analysis, plot_gmm_curves, plot_umap
+from maetok.eval.generation import generation_metrics
+from maetok.eval.inception import InceptionFeatures
+from maetok.eval.latents import gmm_nll_analysis, linear_probe, plot_gmm_curves, plot_umap, train_test_split
 from maetok.eval.metrics import (
-    ReconstructionMeter,
     inception_score,
     manifold_radii,
     precision_recall,
@@ -39,9 +36,8 @@ from maetok.eval.metrics import (
     reconstruction_quality,
     ssim,
     ssim_per_image,
-    to_uint8,
 )
-from maetok.eval.probe import linear_probe, train_test_split
+from maetok.eval.reconstruction import ReconstructionEvaluator
 
 # ---------------------------------------------------------------------------------------------------------
 # Frechet distance: the exact values of docs/EVALUATION.md
@@ -213,8 +209,12 @@ def test_to_uint8_round_trip_and_clamp():
     x = levels.float() / 127.5 - 1.0
     assert torch.equal(to_uint8(x), levels)
     assert to_uint8(torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])).tolist() == [0, 0, 128, 255, 255]
+    assert torch.equal(to_uint8(levels), levels)  # already uint8: unchanged
+    assert to_uint8(x.view(1, 1, 16, 16).expand(2, 3, 16, 16), channels_last=True).shape == (2, 16, 16, 3)
     with pytest.raises(TypeError):
-        to_uint8(levels)
+        to_uint8(levels.long())
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(torch.tensor([0.0, float("nan")]))  # a broken model must not pass for gray images
 
 
 def _fixed_pair(seed: int = 0, shape=(3, 3, 23, 17)):
@@ -268,14 +268,15 @@ def test_ssim_convention_gap_and_identity():
         psnr(np.zeros((1, 3, 16, 16), np.uint8), np.zeros((1, 3, 16, 15), np.uint8))
 
 
-def test_reconstruction_meter_uses_uint8_conversion():
+def test_reconstruction_evaluator_uses_uint8_conversion():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
     y = (x + 0.05 * torch.randn(4, 3, 16, 16, generator=g)).clamp(-1, 1)
-    meter = ReconstructionMeter()
-    meter.update(x[:3], y[:3])
-    meter.update(x[3:], y[3:])
-    result = meter.compute()
+    evaluator = ReconstructionEvaluator(chunk=2)  # no Inception: no rFID
+    evaluator.update(x[:3], y[:3])
+    evaluator.update(x[3:], y[3:])
+    result = evaluator.result()
+    assert "rfid" not in result
     direct = reconstruction_quality(to_uint8(x), to_uint8(y))
     assert result["num_images"] == 4
     for key in ("psnr", "ssim", "ssim_dr2"):
@@ -395,28 +396,6 @@ def test_plots_write_png(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class StubInception(torch.nn.Module):
-    """The InceptionV3 call interface (0..255 images in, InceptionFeatures out) with tiny random-projection
-    features, so the pipelines can be checked exactly against the metric functions in milliseconds."""
-
-    def __init__(self, with_logits: bool = True) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("pool_projection", torch.randn(48, 12, generator=g))
-        self.register_buffer("class_projection", torch.randn(12, 10, generator=g))
-        self.with_logits = with_logits
-
-    @property
-    def device(self) -> torch.device:
-        return self.pool_projection.device
-
-    def forward(self, images) -> InceptionFeatures:
-        x = torch.nn.functional.adaptive_avg_pool2d(images_to_float255(images), 4).flatten(1) / 255.0  # (B, 48)
-        pool3 = torch.relu(x @ self.pool_projection)
-        logits = pool3 @ self.class_projection if self.with_logits else None
-        return InceptionFeatures(pool3=pool3, spatial=x[:, :9], logits=logits)
-
-
 def _images(num: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(num, 8, 8, 3), dtype=np.uint8)
 
@@ -439,21 +418,21 @@ def test_feature_passes_are_batch_size_independent():
     assert stats.num_images == 23
 
 
-def test_evaluate_samples_matches_metric_functions(tmp_path):
+def test_generation_metrics_match_metric_functions(tmp_path):
     stub = StubInception()
     reference, samples = _images(60, 1), _images(50, 2)
     ref_path = tmp_path / "ref.npz"
     np.savez(ref_path, arr_0=reference)
     sample_path = save_sample_batch(tmp_path / "samples.npz", samples, np.arange(50) % 10)
-    with pytest.warns(UserWarning, match="rank deficient"):
-        result = evaluate_samples(sample_path, ref_path, stub, batch_size=16, inception_score_split_size=10,
-                                  progress=False)
+    result = generation_metrics(sample_path, ref_path, stub, batch_size=16, inception_score_split_size=10,
+                                progress=False)
     ref_features = extract_features(reference, stub, progress=False)
     sample_features = extract_features(samples, stub, progress=False)
     expected_fid = frechet_distance(*_stats(sample_features["pool3"]), *_stats(ref_features["pool3"]))
     expected_sfid = frechet_distance(*_stats(sample_features["spatial"]), *_stats(ref_features["spatial"]))
-    assert result["num_samples"] == 50 and result["num_reference"] == 60
-    assert result["fid"] == pytest.approx(expected_fid, rel=1e-6) and result["fid"] > 0
+    assert result["gfid_num_samples"] == 50 and result["gfid_num_reference"] == 60
+    assert result["gfid_label"] == "FID-50" and result["sfid_label"] == "sFID-50"
+    assert result["gfid"] == pytest.approx(expected_fid, rel=1e-6) and result["gfid"] > 0
     assert result["sfid"] == pytest.approx(expected_sfid, rel=1e-6)
     is_mean, is_std = inception_score(sample_features["logits"], 10)
     assert (result["inception_score_split_size"], result["inception_score_splits"]) == (10, 5)
@@ -461,14 +440,15 @@ def test_evaluate_samples_matches_metric_functions(tmp_path):
     assert result["inception_score_std"] == pytest.approx(is_std, rel=1e-5, abs=1e-9)
     pr = precision_recall(ref_features["pool3"], sample_features["pool3"])
     assert (result["precision"], result["recall"]) == (pr["precision"], pr["recall"])
-    assert result["notes"] == []
+    assert len(result["notes"]) == 1 and "below 2048" in result["notes"][0]  # counts reported, nothing missing
 
     # reference given as stored statistics only: same FID, no precision / recall; no logits: no IS
     save_reference_stats(tmp_path / "stats.npz", compute_fid_stats(reference, stub, progress=False))
-    with pytest.warns(UserWarning):
-        from_stats = evaluate_samples(samples, tmp_path / "stats.npz", StubInception(with_logits=False),
-                                      progress=False)
-    assert from_stats["fid"] == pytest.approx(result["fid"], rel=1e-6)  # float32 features, other batching
+    from_stats = generation_metrics(samples, tmp_path / "stats.npz", StubInception(with_logits=False),
+                                    progress=False)
+    assert from_stats["gfid"] == pytest.approx(result["gfid"], rel=1e-6)  # float32 features, other batching
+    bare = generation_metrics(samples, compute_fid_stats(reference, stub, progress=False), stub, progress=False)
+    assert bare["gfid"] == pytest.approx(result["gfid"], rel=1e-6) and bare["precision"] is None
     assert from_stats["precision"] is None and from_stats["inception_score"] is None
     assert any("precision" in note for note in from_stats["notes"])
     assert any("Inception Score not computed" in note for note in from_stats["notes"])
@@ -481,18 +461,16 @@ def test_reconstruction_evaluator_with_stub(tmp_path):
     evaluator = ReconstructionEvaluator(stub)
     for i in range(0, 40, 16):
         evaluator.update(originals[i : i + 16], originals[i : i + 16])
-    with pytest.warns(UserWarning, match="rank deficient"):
-        same = evaluator.compute()
+    same = evaluator.result()
     assert same["num_images"] == 40 and same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0)
     assert abs(same["rfid"]) < 1e-9 and same["rfid_reference"] == "the original images"
 
     noisy = (originals + 0.1 * torch.randn(40, 3, 16, 16, generator=g)).clamp(-1, 1)
     stats_path = save_reference_stats(tmp_path / "val.npz", compute_fid_stats(to_uint8(originals), stub,
                                                                                progress=False))
-    evaluator = ReconstructionEvaluator(stub, reference_stats=stats_path)
+    evaluator = ReconstructionEvaluator(stub, reference=stats_path, chunk=16)  # fed through in chunks of 16
     evaluator.update(originals, noisy)
-    with pytest.warns(UserWarning):
-        result = evaluator.compute()
+    result = evaluator.result()
     expected = reconstruction_quality(to_uint8(originals), to_uint8(noisy))
     assert result["psnr"] == pytest.approx(expected["psnr"]) and result["ssim_dr2"] == pytest.approx(expected["ssim_dr2"])
     recon_features = extract_features(to_uint8(noisy), stub, progress=False)["pool3"]

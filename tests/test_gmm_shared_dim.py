@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maetok.eval.gmm import gmm_nll_analysis, gmm_nll_compare, own_pca_dim, shared_pca_dim
+from maetok.eval.latents import gmm_nll_analysis, gmm_nll_compare, own_pca_dim, shared_pca_dim
 
 
 def low_rank_latents(num: int, rank: int, seed: int, dim: int = 24) -> np.ndarray:

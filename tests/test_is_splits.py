@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import StubInception
 
-from maetok.eval.commands import generation_metrics, reference_from_images
 from maetok.eval.fid import extract_features
+from maetok.eval.generation import generation_metrics, reference_from_images
 from maetok.eval.metrics import inception_score, inception_score_split_note, inception_score_split_sizes
-from test_eval_metrics import StubInception
 
 NUM_CLASSES = 32
 

@@ -1,11 +1,13 @@
-"""LPIPS (VGG) as a reconstruction metric: per-image distances, the meter, the evaluator."""
+"""LPIPS (VGG) as a reconstruction metric: per-image distances and the reconstruction evaluator."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from maetok.eval.metrics import ReconstructionMeter, lpips_per_image, lpips_unavailable_reason, to_uint8
+from maetok.data.images import to_uint8
+from maetok.eval.metrics import lpips_per_image, lpips_unavailable_reason
+from maetok.eval.reconstruction import ReconstructionEvaluator
 from maetok.losses.perceptual import LPIPS
 
 pytestmark = pytest.mark.skipif(lpips_unavailable_reason() is not None,
@@ -27,9 +29,9 @@ def smooth_images(num: int, channels: int = 3, size: int = 32, seed: int = 0) ->
 def test_identical_images_give_zero(lpips_model):
     x = smooth_images(5)
     assert lpips_per_image(x, x, lpips_model, batch_size=2).abs().max().item() < 1e-6
-    meter = ReconstructionMeter(lpips=True)
+    meter = ReconstructionEvaluator(lpips=True)
     meter.update(x, x)
-    assert abs(meter.compute()["lpips"]) < 1e-6
+    assert abs(meter.result()["lpips"]) < 1e-6
 
 
 def test_lpips_grows_with_noise(lpips_model):
@@ -38,22 +40,22 @@ def test_lpips_grows_with_noise(lpips_model):
     noise = torch.randn(x.shape, generator=g)
     values = []
     for sigma in (0.05, 0.2, 0.5):
-        meter = ReconstructionMeter()
+        meter = ReconstructionEvaluator()
         meter.update(x[:4], (x[:4] + sigma * noise[:4]).clamp(-1, 1))  # two batches: a mean over images
         meter.update(x[4:], (x[4:] + sigma * noise[4:]).clamp(-1, 1))
-        values.append(meter.compute()["lpips"])
+        values.append(meter.result()["lpips"])
     assert 0 < values[0] < values[1] < values[2]
 
 
-def test_meter_uses_uint8_images_and_can_skip_lpips(lpips_model):
+def test_evaluator_uses_uint8_images_and_can_skip_lpips(lpips_model):
     x, y = smooth_images(3), smooth_images(3, seed=2)
-    meter = ReconstructionMeter()
+    meter = ReconstructionEvaluator()
     meter.update(x, y)
     expected = lpips_model(to_uint8(x).float() / 127.5 - 1, to_uint8(y).float() / 127.5 - 1).mean().item()
-    assert meter.compute()["lpips"] == pytest.approx(expected, rel=1e-5)
-    no_lpips = ReconstructionMeter(lpips=False)
+    assert meter.result()["lpips"] == pytest.approx(expected, rel=1e-5)
+    no_lpips = ReconstructionEvaluator(lpips=False)
     no_lpips.update(x, y)
-    assert "lpips" not in no_lpips.compute() and no_lpips._lpips is None
+    assert "lpips" not in no_lpips.result() and no_lpips._lpips is None
 
 
 def test_grayscale_equals_repeated_rgb(lpips_model):

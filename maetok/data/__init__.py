@@ -1,4 +1,5 @@
-"""Data layer: robust image I/O, Fashion-MNIST and image-folder datasets, the stable split, flip augmentation.
+"""Data layer: robust image I/O, Fashion-MNIST and image-folder datasets, the stable split, subsets and batches,
+flip augmentation, latent caches (reading), ADM ``.npz`` image batches. It knows no model.
 
 Images leave this package as float32 tensors (C, H, W) / (B, C, H, W) in [-1, 1].
 """
@@ -10,15 +11,19 @@ from maetok.data.datasets import (
     FASHION_MNIST_ENV,
     IMAGE_EXTENSIONS,
     DatasetNotFoundError,
+    DatasetSubset,
     FashionMNIST,
     ImageDataset,
     ImageFolder,
     build_dataset,
+    dataset_images_uint8,
     hash_split,
     is_fashion_mnist,
+    iter_batches,
     random_hflip,
     read_idx,
     split_paths,
+    subset_indices,
 )
 from maetok.data.images import (
     BadImageError,
@@ -27,8 +32,9 @@ from maetok.data.images import (
     resize_center_crop,
     save_image_grid,
     save_side_by_side,
+    to_rgb,
     to_tensor,
-    to_uint8_image,
+    to_uint8,
 )
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
     "DEFAULT_HOLDOUT_FRACTION",
     "DatasetNotFoundError",
+    "DatasetSubset",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ENV",
     "FashionMNIST",
@@ -43,8 +50,10 @@ __all__ = [
     "ImageDataset",
     "ImageFolder",
     "build_dataset",
+    "dataset_images_uint8",
     "hash_split",
     "is_fashion_mnist",
+    "iter_batches",
     "load_image",
     "make_image_grid",
     "random_hflip",
@@ -53,6 +62,8 @@ __all__ = [
     "save_image_grid",
     "save_side_by_side",
     "split_paths",
+    "subset_indices",
+    "to_rgb",
     "to_tensor",
-    "to_uint8_image",
+    "to_uint8",
 ]

@@ -21,9 +21,9 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from maetok.data.images import BadImageError, load_image, resize_center_crop, to_tensor
+from maetok.data.images import BadImageError, load_image, resize_center_crop, to_rgb, to_tensor, to_uint8
 
 __all__ = [
     "DatasetNotFoundError",
@@ -40,6 +40,10 @@ __all__ = [
     "split_paths",
     "build_dataset",
     "random_hflip",
+    "DatasetSubset",
+    "subset_indices",
+    "iter_batches",
+    "dataset_images_uint8",
 ]
 
 logger = logging.getLogger(__name__)
@@ -644,6 +648,66 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
                 options["class_names"] = train_classes
         return ImageFolder(held_out_dir, image_size, channels, split=None, **options)
     return ImageFolder(root, image_size, channels, split=split, **folder_options)
+
+
+# ------------------------------------------------------------------------------------------ subsets, batches
+
+
+def subset_indices(length: int, num: int | None, seed: int = 0) -> np.ndarray:
+    """``num`` distinct indices of ``range(length)`` drawn with ``seed`` (all, in order, when ``num`` is None
+    or >= ``length``). A random draw, not the first ``num``: image folders list their classes one after
+    the other. The order of the draw is kept, so the first ``n`` of a larger draw are a draw of ``n``."""
+    if length <= 0:
+        raise ValueError("the dataset is empty")
+    if num is None or num >= length:
+        return np.arange(length)
+    if num < 1:
+        raise ValueError(f"number of images must be >= 1, got {num}")
+    return np.random.default_rng(seed).permutation(length)[:num]
+
+
+class DatasetSubset(Dataset):
+    """``dataset`` restricted to ``indices``, keeping the dataset attributes (``num_classes``, ``class_names``,
+    ``channels``, ``image_size``, ``labels``) that the latent cache and the trainers read."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.num_classes = int(getattr(dataset, "num_classes", 0) or 0)
+        self.class_names = list(getattr(dataset, "class_names", []) or [])
+        self.channels = getattr(dataset, "channels", None)
+        self.image_size = getattr(dataset, "image_size", None)
+        labels = getattr(dataset, "labels", None)
+        self.labels = np.asarray(labels)[self.indices] if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+    def log_skipped(self) -> int:
+        return self.dataset.log_skipped() if hasattr(self.dataset, "log_skipped") else 0
+
+
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0):
+    """``(images (B, C, H, W) in [-1, 1], labels (B,) int64)`` batches of ``dataset`` in order (vectorised for
+    Fashion-MNIST, also behind a :class:`DatasetSubset`)."""
+    base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
+    if hasattr(base, "get_batch"):
+        indices = dataset.indices if isinstance(dataset, DatasetSubset) else np.arange(len(dataset))
+        for start in range(0, len(indices), batch_size):
+            yield base.get_batch(indices[start : start + batch_size])
+        return
+    for images, labels, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        yield images, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def dataset_images_uint8(dataset: Dataset, batch_size: int = 256) -> np.ndarray:
+    """All images of ``dataset`` as uint8 RGB ``(N, H, W, 3)`` (gray repeated), converted with
+    :func:`~maetok.data.images.to_uint8` exactly as reconstructions and samples are."""
+    parts = [to_uint8(to_rgb(images), channels_last=True).numpy() for images, _ in iter_batches(dataset, batch_size)]
+    return np.ascontiguousarray(np.concatenate(parts))
 
 
 # ------------------------------------------------------------------------------------------------- flip

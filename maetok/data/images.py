@@ -6,7 +6,7 @@ Conventions used throughout ``maetok``:
 * model images are float tensors (C, H, W) or (B, C, H, W) with values in [-1, 1], made by ``u / 127.5 - 1``;
 * back to uint8 with ``clamp(127.5 * x + 128, 0, 255)`` truncated to an integer (what ``.to(torch.uint8)``
   does in the reference code bases). The truncation, not round-half-to-even, makes
-  ``to_uint8_image(to_tensor(u)) == u`` exact for every uint8 value ``u`` (127.5 * (u / 127.5 - 1) + 128 = u + 0.5).
+  ``to_uint8(to_tensor(u)) == u`` exact for every uint8 value ``u`` (127.5 * (u / 127.5 - 1) + 128 = u + 0.5).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ __all__ = [
     "load_image",
     "resize_center_crop",
     "to_tensor",
-    "to_uint8_image",
+    "to_rgb",
+    "to_uint8",
     "make_image_grid",
     "save_image_grid",
     "save_side_by_side",
@@ -298,23 +299,40 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return tensor.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
 
 
-def to_uint8_image(images: torch.Tensor) -> np.ndarray:
-    """Float image(s) in [-1, 1] to uint8, channels last: ``trunc(clamp(127.5 * x + 128, 0, 255))``.
+def to_uint8(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8: ``trunc(clamp(127.5 * x + 128, 0, 255))``, the one conversion of the package.
 
-    Args:
-        images: tensor (C, H, W) or (B, C, H, W), any device / float dtype. NaN maps to 128 (gray).
-
-    Returns:
-        uint8 array (H, W, C) or (B, H, W, C) (the ``arr_0`` layout of the ADM evaluation ``.npz`` files).
+    The truncation equals rounding ``127.5 (x + 1)`` to the nearest level (the DiT / ADM / MAETok sampling code)
+    and makes ``to_uint8(to_tensor(u)) == u`` exact. images: float tensor / array of any shape, typically
+    ``(B, C, H, W)``; uint8 input is returned as it is. ``channels_last``: ``(C, H, W)`` / ``(B, C, H, W)`` come
+    back as ``(H, W, C)`` / ``(B, H, W, C)`` (the ``arr_0`` layout of ADM ``.npz`` files). NaN or inf raise
+    ``ValueError``: a broken model must not pass for gray images.
     """
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"to_uint8_image expects a torch.Tensor, got {type(images).__name__}")
-    if images.ndim not in (3, 4):
-        raise ValueError(f"expected (C, H, W) or (B, C, H, W), got shape {tuple(images.shape)}")
-    values = torch.nan_to_num(images.detach().to(torch.float32), nan=0.0)
-    values = (values * 127.5 + 128.0).clamp_(0.0, 255.0).to(torch.uint8)  # to(uint8) truncates
-    values = values.permute(1, 2, 0) if images.ndim == 3 else values.permute(0, 2, 3, 1)
-    return np.ascontiguousarray(values.cpu().numpy())
+    x = torch.as_tensor(images).detach()
+    if x.dtype == torch.uint8:
+        values = x
+    elif not x.is_floating_point():
+        raise TypeError(f"to_uint8 expects float images in [-1, 1] or uint8, got dtype {x.dtype}")
+    elif x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("to_uint8: images contain NaN or inf")
+    else:
+        values = torch.clamp(127.5 * x.float() + 128.0, 0.0, 255.0).to(torch.uint8)  # to(uint8) truncates
+    if channels_last:
+        if values.ndim not in (3, 4):
+            raise ValueError(f"expected (C, H, W) or (B, C, H, W), got shape {tuple(values.shape)}")
+        values = values.movedim(-3, -1).contiguous()
+    return values
+
+
+def to_rgb(images: torch.Tensor | np.ndarray, what: str = "images") -> torch.Tensor | np.ndarray:
+    """Gray images as RGB by repeating the channel: ``(B, 1, H, W)`` tensors -> ``(B, 3, H, W)`` (a view),
+    ``(..., H, W, 1)`` numpy arrays (channels last) -> ``(..., H, W, 3)``; RGB images are returned unchanged. A
+    tensor that is not ``(B, 1 or 3, H, W)`` raises ``ValueError`` naming ``what`` reads it."""
+    if isinstance(images, np.ndarray):
+        return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"{what} expects images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def make_image_grid(
@@ -323,7 +341,7 @@ def make_image_grid(
     """Tile images into one uint8 grid.
 
     Args:
-        images: (B, C, H, W) in [-1, 1] (or a list of (C, H, W)), C = 1 or 3.
+        images: (B, C, H, W) in [-1, 1] or uint8 (or a list of (C, H, W)), C = 1 or 3; NaN is drawn gray.
         nrow: images per grid row.
         pad: pixels of border around and between images.
         pad_value: border colour in [-1, 1] (1.0 = white).
@@ -340,8 +358,9 @@ def make_image_grid(
     batch, num_channels, height, width = images.shape
     cols = min(nrow, batch)
     rows = math.ceil(batch / cols)
-    tiles = to_uint8_image(images)
-    fill = to_uint8_image(torch.full((1, 1, 1), float(pad_value)))[0, 0, 0]
+    drawable = torch.nan_to_num(images.detach().float(), nan=0.0) if images.is_floating_point() else images
+    tiles = to_uint8(drawable, channels_last=True).cpu().numpy()
+    fill = to_uint8(torch.full((1, 1, 1), float(pad_value)), channels_last=True)[0, 0, 0].numpy()
     grid = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, num_channels), fill, dtype=np.uint8)
     for index in range(batch):
         row, col = divmod(index, cols)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from maetok.config import SamplingConfig
-from maetok.data.images import save_image_grid, to_uint8_image
+from maetok.data.images import save_image_grid, to_rgb, to_uint8
+from maetok.data.npz import save_sample_batch
 from maetok.diffusion.pipeline import DiffusionPipeline
 from maetok.models.tokenizer import MAETok
 
@@ -41,7 +42,7 @@ def generate_images(
         batch_labels = labels[start : start + count] if labels is not None else None
         latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator)
         decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
-        images.append(to_uint8_image(decoded.cpu()))
+        images.append(to_uint8(decoded.cpu(), channels_last=True).numpy())  # NaN / inf raise: never gray images
     return np.concatenate(images), (labels.numpy() if labels is not None else None)
 
 
@@ -50,17 +51,13 @@ def write_samples(
 ) -> dict[str, Path]:
     """``out_dir/images/NNNNNN.png`` (the first ``png_limit``), ``out_dir/grid.png`` (up to 100) and
     ``out_dir/samples.npz`` (ADM format); returns the paths."""
-    from maetok.eval.fid import save_sample_batch
+    from PIL import Image
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
     for i, image in enumerate(images[: png_limit if png_limit is not None else len(images)]):
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out_dir / "images" / f"{i:06d}.png")
-    grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_image_grid(grid, out_dir / "grid.png", nrow=10)
+    save_image_grid(torch.from_numpy(images[:100]).permute(0, 3, 1, 2), out_dir / "grid.png", nrow=10)
     npz = out_dir / "samples.npz"
-    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images  # the ADM suite reads RGB
-    save_sample_batch(npz, rgb, labels)
+    save_sample_batch(npz, to_rgb(images), labels)  # the ADM suite reads RGB
     return {"images": out_dir / "images", "grid": out_dir / "grid.png", "npz": npz}

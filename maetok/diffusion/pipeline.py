@@ -6,44 +6,31 @@ class names, sampling defaults) and ``model.safetensors`` (EMA weights).
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from maetok.config import ConfigError, DiffusionModelConfig, SamplingConfig, from_dict, to_dict
 from maetok.data.latents import LatentNormalizer
 from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
+from maetok.runs import MODEL_CONFIG, load_model_weights, read_model_config, resolve_device, save_model_folder
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "maetok-diffusion"  # config.json's model_type
 
 
 def build_diffusion_model(cfg: DiffusionModelConfig, latent_shape: tuple[int, int], num_classes: int) -> nn.Module:
-    """SiT or LightningDiT for latents ``(L, H) = latent_shape``; ``num_classes`` 0 (or ``cfg.conditional``
-    False) builds an unconditional model."""
-    from maetok.models.lightningdit import LightningDiTConfig, LightningDiT
-    from maetok.models.sit import SiT, SiTConfig
+    """SiT or LightningDiT for latents ``(L, C) = latent_shape`` (the size from ``cfg.preset``'s row of
+    :data:`maetok.config.DIFFUSION_SIZES`, overridden by ``cfg.width/depth/num_heads`` > 0); ``num_classes`` 0
+    (or ``cfg.conditional`` False) builds an unconditional model. The model maps ``(B, L, C)`` -> ``(B, L, C)``."""
+    from maetok.models.lightningdit import LightningDiT
+    from maetok.models.sit import SiT
 
-    cfg.validate()
-    overrides = {k: getattr(cfg, k) for k in ("width", "depth", "num_heads") if getattr(cfg, k) > 0}
-    classes = num_classes if cfg.conditional else 0
-    common = dict(
-        latent_dim=latent_shape[1],
-        num_latent_tokens=latent_shape[0],
-        num_classes=classes,
-        class_dropout_prob=cfg.class_dropout_prob if classes else 0.0,
-        mlp_ratio=cfg.mlp_ratio,
-        **overrides,
-    )
+    architecture = cfg.architecture(latent_shape, num_classes)  # validates cfg
+    model_class = {"sit": SiT, "lightningdit": LightningDiT}[cfg.arch]
     try:
-        if cfg.arch == "sit":
-            return SiT(SiTConfig.from_preset(cfg.preset, **common))
-        return LightningDiT(LightningDiTConfig.from_preset(cfg.preset, **common))
+        return model_class(architecture)
     except ValueError as err:
         raise ConfigError(f"diffusion model: {err}") from None
 
@@ -77,11 +64,8 @@ class DiffusionPipeline:
         return next(self.model.parameters()).device
 
     def save(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = state_dict if state_dict is not None else self.model.state_dict()
+        """Write the model folder (``state_dict``, default the model's, e.g. the EMA weights), atomically."""
         config = {
-            "model_type": "maetok-diffusion",
             "model": to_dict(self.model_cfg),
             "latent_shape": list(self.latent_shape),
             "num_classes": self.num_classes,
@@ -90,35 +74,20 @@ class DiffusionPipeline:
             "sampling": to_dict(self.sampling),
             "tokenizer": self.tokenizer_dir,
         }
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_NAME)
-        return directory
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        return save_model_folder(directory, MODEL_TYPE, config, state)
 
     @classmethod
     def load(cls, directory: Union[str, Path], device: Optional[str] = None) -> "DiffusionPipeline":
-        directory = Path(directory)
-        if (directory / "model" / CONFIG_NAME).exists():
-            directory = directory / "model"
-        path = directory / CONFIG_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: a diffusion model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        raw = json.loads(path.read_text())
-        if raw.get("model_type") != "maetok-diffusion":
-            raise ConfigError(f"{path}: model_type {raw.get('model_type')!r} is not a maetok diffusion model")
+        """A diffusion model directory written by :meth:`save`, or the run directory holding it as ``model/``."""
+        directory, raw = read_model_config(directory, MODEL_TYPE, "diffusion model")
+        path = directory / MODEL_CONFIG
         model_cfg = from_dict(DiffusionModelConfig, raw["model"], where=f"{path}:model")
         latent_shape = tuple(raw["latent_shape"])
         model = build_diffusion_model(model_cfg, latent_shape, raw["num_classes"])
-        state = load_file(str(directory / WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        load_model_weights(model, directory)
         return cls(
-            model.to(dev).eval(),
+            model.to(resolve_device(device)).eval(),
             model_cfg,
             LatentNormalizer.from_dict(raw["latent_norm"]),
             latent_shape,

@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from maetok.data.images import to_uint8
 
 __all__ = ["GaussianGenerator", "PCABaseline", "compute_baselines"]
 
@@ -138,9 +139,7 @@ class GaussianGenerator:
 
 
 def _uint8_nhwc(images: Tensor) -> np.ndarray:
-    from maetok.data.images import to_uint8_image
-
-    return to_uint8_image(images)
+    return to_uint8(images, channels_last=True).numpy()
 
 
 def compute_baselines(
@@ -167,9 +166,10 @@ def compute_baselines(
     Returns ``{"pca": {...}, "gaussian": {...}, "real_vs_real": {...}}`` of plain numbers, plus
     ``"models": (pca, gaussian)``, ``"reconstructions"`` ``(M, C, H, W)`` and ``"samples"`` ``(M, C, H, W)``.
     """
-    from maetok.eval.fid import compute_fid_stats, evaluate_samples
+    from maetok.eval.fid import compute_fid_stats
+    from maetok.eval.generation import generation_metrics
     from maetok.eval.inception import memoized
-    from maetok.eval.reconstruction import measure_reconstructions
+    from maetok.eval.reconstruction import ReconstructionEvaluator
 
     inception = memoized(inception)  # every image set here is a fixed function of the data: one pass per machine
     start = time.perf_counter()
@@ -178,9 +178,10 @@ def compute_baselines(
     recon = torch.cat([pca.reconstruct(eval_images[i : i + 500]) for i in range(0, len(eval_images), 500)])
     if inception is not None and reference is None:
         reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
+    evaluator = ReconstructionEvaluator(inception, reference, lpips=lpips)
+    evaluator.update(eval_images, recon)
     pca_result = {"dim": dim, "explained_variance": pca.explained_variance, "fit_seconds": fit_seconds,
-                  "num_train": len(train_images),
-                  **measure_reconstructions(eval_images, recon, inception, reference, lpips=lpips)}
+                  "num_train": len(train_images), **evaluator.result()}
 
     codes = torch.cat([pca.encode(train_images[i : i + 1000]) for i in range(0, len(train_images), 1000)])
     gaussian = GaussianGenerator.fit(codes, train_labels)
@@ -195,13 +196,11 @@ def compute_baselines(
     gaussian_result: dict[str, Any] = {"conditional": gaussian.conditional, "num_samples": m, "gfid": None}
     floor: dict[str, Any] = {"num_images": m, "fid": None}
     if inception is not None:
-        with warnings.catch_warnings():  # small sets: every FID here is reported with its sample count
-            warnings.filterwarnings("ignore", message=".*rank deficient.*")
-            gen = evaluate_samples(_uint8_nhwc(samples), reference, inception, precision_recall_k=None, progress=progress)
-            gaussian_result.update(gfid=gen["fid"], sfid=gen["sfid"])
-            draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:m]
-            real = compute_fid_stats(_uint8_nhwc(train_images[draw]), inception, progress=progress)
-            floor["fid"] = real.fid(reference)
+        gen = generation_metrics(_uint8_nhwc(samples), reference, inception, precision_recall_k=None, progress=progress)
+        gaussian_result.update(gfid=gen["gfid"], sfid=gen["sfid"])
+        draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:m]
+        real = compute_fid_stats(_uint8_nhwc(train_images[draw]), inception, progress=progress)
+        floor["fid"] = real.fid(reference)
     return {"pca": pca_result, "gaussian": gaussian_result, "real_vs_real": floor, "models": (pca, gaussian),
             "samples": samples, "reconstructions": recon}
 
@@ -210,8 +209,7 @@ def load_split(data: str, split: str, image_size: int, channels: int, num: Optio
                seed: int = 0) -> tuple[Tensor, Optional[Tensor]]:
     """``num`` images of a dataset split (a seeded draw; all when None) as ``(N, C, S, S)`` in [-1, 1], with
     their labels (None when the dataset has no classes)."""
-    from maetok.data import build_dataset
-    from maetok.eval.commands import subset_indices
+    from maetok.data import build_dataset, subset_indices
 
     dataset = build_dataset(data, split, image_size, channels)
     items = [dataset[int(i)] for i in subset_indices(len(dataset), num, seed)]
@@ -230,8 +228,10 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
     from pathlib import Path
 
     from maetok.data import is_fashion_mnist, save_image_grid
-    from maetok.eval.commands import fid_label, load_fid_network, write_json
+    from maetok.eval.fid import fid_label
+    from maetok.eval.inception import load_fid_network
     from maetok.eval.metrics import lpips_unavailable_reason
+    from maetok.runs import write_json
 
     if dim < 1:
         raise ValueError(f"--dim must be >= 1, got {dim}")

@@ -1,6 +1,6 @@
-"""Frechet distances (FID / sFID), streaming float64 statistics, ADM ``.npz`` batches, and the two
-evaluation entry points: :func:`evaluate_samples` (gFID, sFID, IS, precision, recall) and
-:class:`ReconstructionEvaluator` (rFID, PSNR, SSIM, LPIPS).
+"""Frechet distances (FID / sFID), streaming float64 statistics, ADM reference batches and Inception feature
+passes: the FID machinery that :mod:`maetok.eval.reconstruction` (rFID) and :mod:`maetok.eval.generation`
+(gFID, sFID, IS, precision / recall) share.
 
 * :func:`frechet_distance` is computed in float64 with the symmetric eigenvalue form
   ``tr sqrt(S1 S2) = sum sqrt(eig(F^T S2 F))``, ``F F^T = S1`` (exact for PSD matrices, no
@@ -17,9 +17,6 @@ covariance is rank deficient and FIDs across sample counts are not comparable.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -29,42 +26,36 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from maetok.eval.inception import POOL3_DIM, InceptionFeatures, InceptionV3, load_inception
-from maetok.eval.metrics import (
-    IS_SPLIT_SIZE,
-    ReconstructionMeter,
-    inception_score,
-    inception_score_split_note,
-    inception_score_split_sizes,
-    precision_recall,
-    to_uint8,
+from maetok.data.npz import (
+    NpzFormatError,
+    as_nhwc_uint8,
+    check_images_header,
+    iter_npz_images,
+    npz_array_length,
+    npz_keys,
+    open_npy_member,
+    require_key,
 )
+from maetok.eval.inception import InceptionFeatures, InceptionV3
 
 __all__ = [
     "FeatureStats",
     "InceptionStats",
-    "NpzFormatError",
-    "ReconstructionEvaluator",
     "ReferenceBatch",
     "compute_fid_stats",
-    "evaluate_samples",
     "extract_features",
+    "feature_batches",
+    "fid_label",
     "frechet_distance",
     "iter_image_batches",
-    "iter_npz_images",
     "load_reference_batch",
-    "load_sample_batch",
     "load_stats_npz",
     "save_reference_stats",
-    "save_sample_batch",
+    "stats_from_features",
 ]
 
 PathLike = Union[str, Path]
 Images = Union[Tensor, np.ndarray, PathLike, Iterable[Union[Tensor, np.ndarray]]]
-
-
-class NpzFormatError(ValueError):
-    """An ``.npz`` batch lacks a key or holds an array of the wrong dtype / shape; the message names both."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,126 +188,8 @@ class InceptionStats:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ADM .npz I/O
+# ADM reference batches (statistics; the image arrays are read by maetok.data.npz)
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _npz_keys(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise NpzFormatError(f"{path}: not an .npz archive")
-    with zipfile.ZipFile(path) as archive:
-        return [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-
-
-def _require_key(path: Path, key: str, keys: list[str]) -> None:
-    if key not in keys:
-        raise NpzFormatError(f"{path}: missing key {key!r} (keys present: {sorted(keys)})")
-
-
-def _check_images_header(path: Path, key: str, shape: tuple, dtype: np.dtype) -> None:
-    if dtype != np.uint8:
-        raise NpzFormatError(f"{path}: {key!r} must be uint8 images, got dtype {dtype}")
-    if len(shape) != 4 or shape[-1] != 3:
-        raise NpzFormatError(f"{path}: {key!r} must be NHWC images (N, H, W, 3), got shape {tuple(shape)}")
-
-
-@contextlib.contextmanager
-def _open_npy_member(path: Path, key: str) -> Iterator[tuple[Any, tuple, np.dtype, bool]]:
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            shape, fortran_order, dtype = None, True, None  # unknown header: caller falls back to np.load
-        yield member, shape, dtype, bool(fortran_order)
-
-
-def iter_npz_images(path: PathLike, batch_size: int = 256, key: str = "arr_0") -> Iterator[np.ndarray]:
-    """Stream uint8 NHWC images ``(b, H, W, 3)`` from an ADM ``.npz`` without loading the whole array."""
-    path = Path(path)
-    _require_key(path, key, _npz_keys(path))
-    with _open_npy_member(path, key) as (member, shape, dtype, fortran_order):
-        if shape is None or fortran_order or dtype.hasobject:
-            images = _load_array(path, key)
-            _check_images_header(path, key, images.shape, images.dtype)
-            for i in range(0, images.shape[0], batch_size):
-                yield images[i : i + batch_size]
-            return
-        _check_images_header(path, key, shape, dtype)
-        per_image = int(np.prod(shape[1:]))
-        remaining = shape[0]
-        while remaining > 0:
-            count = min(batch_size, remaining)
-            nbytes = count * per_image * dtype.itemsize
-            data = member.read(nbytes)
-            if len(data) != nbytes:
-                raise NpzFormatError(f"{path}: {key!r} is truncated ({len(data)} of {nbytes} bytes in a batch)")
-            yield np.frombuffer(data, dtype=dtype).reshape((count,) + tuple(shape[1:]))
-            remaining -= count
-
-
-def _npz_array_length(path: Path, key: str) -> int:
-    with _open_npy_member(path, key) as (_, shape, _dtype, _fortran):
-        if shape is None:
-            return len(_load_array(path, key))
-        return int(shape[0])
-
-
-def _load_array(path: Path, key: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as data:
-        return data[key]
-
-
-def load_sample_batch(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read a whole ADM sample batch: ``(images uint8 (N, H, W, 3), labels (N,) or None)``."""
-    path = Path(path)
-    keys = _npz_keys(path)
-    _require_key(path, "arr_0", keys)
-    images = _load_array(path, "arr_0")
-    _check_images_header(path, "arr_0", images.shape, images.dtype)
-    labels = _load_array(path, "arr_1") if "arr_1" in keys else None
-    if labels is not None and labels.shape != (images.shape[0],):
-        raise NpzFormatError(f"{path}: 'arr_1' labels must have shape ({images.shape[0]},), got {labels.shape}")
-    return images, labels
-
-
-def _to_nhwc_uint8(images: Union[Tensor, np.ndarray], what: str) -> np.ndarray:
-    if isinstance(images, Tensor):
-        if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
-            images = images.permute(0, 2, 3, 1)
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"{what}: images must be uint8 (use maetok.eval.metrics.to_uint8), got {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{what}: images must be (N, H, W, 3) or a torch (N, 3, H, W) tensor, got {images.shape}")
-    return np.ascontiguousarray(images)
-
-
-def save_sample_batch(path: PathLike, images: Union[Tensor, np.ndarray],
-                      labels: Optional[Union[Tensor, np.ndarray]] = None) -> Path:
-    """Write an ADM sample batch: ``np.savez(path, arr_0=uint8 NHWC, arr_1=int64 labels)``.
-
-    images: uint8 ``(N, H, W, 3)`` array or uint8 ``(N, 3, H, W)`` tensor. Returns the written path
-    (``.npz`` appended when missing, as numpy does).
-    """
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
-    array = _to_nhwc_uint8(images, f"save_sample_batch({path})")
-    payload = {"arr_0": array}
-    if labels is not None:
-        label_array = np.asarray(torch.as_tensor(labels).cpu().numpy()).astype(np.int64)
-        if label_array.shape != (array.shape[0],):
-            raise ValueError(f"labels must have shape ({array.shape[0]},), got {label_array.shape}")
-        payload["arr_1"] = label_array
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **payload)
-    return path
 
 
 def save_reference_stats(path: PathLike, stats: InceptionStats,
@@ -330,7 +203,7 @@ def save_reference_stats(path: PathLike, stats: InceptionStats,
     if stats.mu_s is not None:
         payload["mu_s"], payload["sigma_s"] = np.asarray(stats.mu_s), np.asarray(stats.sigma_s)
     if images is not None:
-        payload["arr_0"] = _to_nhwc_uint8(images, f"save_reference_stats({path})")
+        payload["arr_0"] = as_nhwc_uint8(images, f"save_reference_stats({path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **payload)
     return path
@@ -339,9 +212,9 @@ def save_reference_stats(path: PathLike, stats: InceptionStats,
 def load_stats_npz(path: PathLike) -> InceptionStats:
     """Read ``mu, sigma`` (required) and ``mu_s, sigma_s`` (optional) from an ADM ``.npz``, checking shapes."""
     path = Path(path)
-    keys = _npz_keys(path)
+    keys = npz_keys(path)
     for key in ("mu", "sigma"):
-        _require_key(path, key, keys)
+        require_key(path, key, keys)
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -354,7 +227,7 @@ def load_stats_npz(path: PathLike) -> InceptionStats:
             raise NpzFormatError(
                 f"{path}: {mean_key!r} must be (D,) and {cov_key!r} (D, D), got {mean.shape} and {cov.shape}"
             )
-    num = _npz_array_length(path, "arr_0") if "arr_0" in keys else None
+    num = npz_array_length(path, "arr_0") if "arr_0" in keys else None
     return InceptionStats(arrays["mu"], arrays["sigma"], arrays.get("mu_s"), arrays.get("sigma_s"), num)
 
 
@@ -374,15 +247,15 @@ class ReferenceBatch:
 def load_reference_batch(path: PathLike) -> ReferenceBatch:
     """Inspect an ADM reference batch: needs ``mu, sigma`` and/or ``arr_0`` (uint8 NHWC)."""
     path = Path(path)
-    keys = _npz_keys(path)
+    keys = npz_keys(path)
     if "mu" not in keys and "arr_0" not in keys:
         raise NpzFormatError(f"{path}: a reference batch needs 'arr_0' images and/or 'mu, sigma' (keys: {sorted(keys)})")
     num = None
     if "arr_0" in keys:
-        with _open_npy_member(path, "arr_0") as (_, shape, dtype, _fortran):
+        with open_npy_member(path, "arr_0") as (_, shape, dtype, _fortran):
             if shape is not None:
-                _check_images_header(path, "arr_0", shape, dtype)
-        num = _npz_array_length(path, "arr_0")
+                check_images_header(path, "arr_0", shape, dtype)
+        num = npz_array_length(path, "arr_0")
     stats = load_stats_npz(path) if "mu" in keys else None
     return ReferenceBatch(path=path, stats=stats, num_images=num)
 
@@ -415,13 +288,13 @@ def iter_image_batches(images: Images, batch_size: int) -> Iterator[Union[Tensor
 
 def _num_images(images: Images) -> Optional[int]:
     if isinstance(images, (str, Path)):
-        return _npz_array_length(Path(images), "arr_0")
+        return npz_array_length(Path(images), "arr_0")
     if isinstance(images, (Tensor, np.ndarray)):
         return int(images.shape[0])
     return len(images.dataset) if hasattr(images, "dataset") else None  # DataLoader
 
 
-def _feature_batches(images: Images, inception: InceptionV3, batch_size: int, progress: bool,
+def feature_batches(images: Images, inception: InceptionV3, batch_size: int, progress: bool,
                      desc: str) -> Iterator[InceptionFeatures]:
     total = _num_images(images)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
@@ -440,7 +313,7 @@ def extract_features(images: Images, inception: InceptionV3, batch_size: int = 1
     """
     keep = tuple(keep)
     collected: dict[str, list[np.ndarray]] = {name: [] for name in keep}
-    for features in _feature_batches(images, inception, batch_size, progress, "inception features"):
+    for features in feature_batches(images, inception, batch_size, progress, "inception features"):
         for name in keep:
             value = getattr(features, name)
             if value is not None:
@@ -452,157 +325,30 @@ def compute_fid_stats(images: Images, inception: InceptionV3, batch_size: int = 
                       progress: bool = True) -> InceptionStats:
     """Streaming FID / sFID statistics (float64) of an image set; see :func:`extract_features` for inputs."""
     pool, spatial = FeatureStats(), FeatureStats()
-    for features in _feature_batches(images, inception, batch_size, progress, "fid stats"):
+    for features in feature_batches(images, inception, batch_size, progress, "fid stats"):
         pool.update(features.pool3)
         spatial.update(features.spatial)
     return InceptionStats(pool.mean(), pool.cov(), spatial.mean(), spatial.cov(), pool.num)
 
 
-def _warn_small(num: int, what: str) -> None:
-    if num < POOL3_DIM:
-        warnings.warn(
-            f"{what}: only {num} images (< {POOL3_DIM}); the covariance is rank deficient and this FID is "
-            "not comparable with FID-10k / FID-50k numbers",
-            stacklevel=3,
-        )
+def stats_from_features(pool3: np.ndarray, spatial: Optional[np.ndarray]) -> InceptionStats:
+    """FID / sFID statistics of features already extracted: ``pool3 (N, 2048)``, ``spatial (N, 2023)`` or None."""
+    pool = FeatureStats()
+    pool.update(pool3)
+    mu_s = sigma_s = None
+    if spatial is not None:
+        space = FeatureStats()
+        space.update(spatial)
+        mu_s, sigma_s = space.mean(), space.cov()
+    return InceptionStats(pool.mean(), pool.cov(), mu_s, sigma_s, pool.num)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------------------
-
-
-def evaluate_samples(samples: Images, reference: Union[PathLike, ReferenceBatch, InceptionStats],
-                     inception: Optional[InceptionV3] = None, batch_size: int = 100,
-                     precision_recall_k: Optional[int] = 3, inception_score_split_size: int = IS_SPLIT_SIZE,
-                     progress: bool = True) -> dict[str, Any]:
-    """ADM-style generation metrics of ``samples`` against a reference batch.
-
-    samples: uint8 NHWC array / ``(N, 3, H, W)`` uint8 tensor / ADM sample ``.npz`` path / iterable of batches.
-    reference: an ADM reference ``.npz`` path (``mu, sigma, mu_s, sigma_s`` and/or ``arr_0``), a
-    :class:`ReferenceBatch`, or bare :class:`InceptionStats` (then no precision / recall).
-    inception: defaults to :func:`maetok.eval.inception.load_inception`.
-
-    Returns ``fid``, ``sfid``, ``inception_score`` (mean over consecutive splits of
-    ``inception_score_split_size`` samples, as ADM: 10 splits at 50k, one below 5000) with
-    ``inception_score_std``, ``inception_score_split_size`` and ``inception_score_splits`` (``None`` when the
-    weights have no classifier), ``precision``, ``recall`` (``None`` when the reference has no images or
-    ``precision_recall_k`` is ``None``), ``num_samples``, ``num_reference`` and ``notes`` (why a metric is missing).
-    """
-    if inception is None:
-        inception = load_inception()
-    notes: list[str] = []
-    if isinstance(reference, (str, Path)):
-        reference = load_reference_batch(reference)
-    if isinstance(reference, InceptionStats):
-        ref_stats, ref_images_path = reference, None
-    else:
-        ref_stats, ref_images_path = reference.stats, (reference.path if reference.has_images else None)
-
-    want_pr = precision_recall_k is not None
-    ref_pool3 = None
-    if ref_images_path is not None and (ref_stats is None or ref_stats.mu_s is None or want_pr):
-        pool, spatial = FeatureStats(), FeatureStats()
-        parts = []
-        for features in _feature_batches(ref_images_path, inception, batch_size, progress, "reference"):
-            pool.update(features.pool3)
-            spatial.update(features.spatial)
-            parts.append(features.pool3.float().cpu())
-        ref_pool3 = torch.cat(parts)
-        if ref_stats is None or ref_stats.mu_s is None:
-            ref_stats = InceptionStats(pool.mean(), pool.cov(), spatial.mean(), spatial.cov(), pool.num)
-    if ref_stats is None:
-        raise ValueError("reference has neither statistics nor images")
-
-    pool, spatial = FeatureStats(), FeatureStats()
-    sample_pool3, sample_logits = [], []
-    for features in _feature_batches(samples, inception, batch_size, progress, "samples"):
-        pool.update(features.pool3)
-        spatial.update(features.spatial)
-        if want_pr:
-            sample_pool3.append(features.pool3.float().cpu())
-        if features.logits is not None:
-            sample_logits.append(features.logits.double().cpu())
-    _warn_small(pool.num, "evaluate_samples")
-    sample_stats = InceptionStats(pool.mean(), pool.cov(), spatial.mean(), spatial.cov(), pool.num)
-
-    result: dict[str, Any] = {
-        "num_samples": pool.num,
-        "num_reference": ref_stats.num_images,
-        "fid": sample_stats.fid(ref_stats),
-        "sfid": sample_stats.sfid(ref_stats) if ref_stats.mu_s is not None else None,
-        "inception_score": None,
-        "inception_score_std": None,
-        "inception_score_split_size": None,
-        "inception_score_splits": None,
-        "precision": None,
-        "recall": None,
-    }
-    if result["sfid"] is None:
-        notes.append("sFID not computed: the reference has no spatial statistics (mu_s, sigma_s) nor images")
-    if sample_logits:
-        result["inception_score"], result["inception_score_std"] = inception_score(
-            torch.cat(sample_logits), inception_score_split_size)
-        result["inception_score_split_size"] = inception_score_split_size
-        result["inception_score_splits"] = len(inception_score_split_sizes(pool.num, inception_score_split_size))
-        note = inception_score_split_note(pool.num, inception_score_split_size)
-        notes += [note] if note else []
-    else:
-        notes.append("Inception Score not computed: these Inception weights have no 1008-way classifier "
-                     "(load pytorch-fid's pt_inception-2015-12-05-6726825d.pth for IS)")
-    if want_pr:
-        if ref_pool3 is None:
-            notes.append("precision/recall not computed: the reference batch has no arr_0 images")
-        else:
-            result.update(precision_recall(ref_pool3, torch.cat(sample_pool3), k=precision_recall_k,
-                                           device=inception.device))
-    result["notes"] = notes
-    return result
-
-
-class ReconstructionEvaluator:
-    """rFID, PSNR, SSIM and LPIPS of a tokenizer over batches of (originals, reconstructions).
-
-    ``update(originals, reconstructions)``: float ``(B, 3, H, W)`` in [-1, 1] (converted with ``to_uint8``,
-    exactly as saved images would be) or uint8. rFID compares the reconstructions with the originals seen by
-    ``update`` (ADM center-cropped ImageNet val in the paper), or with ``reference_stats`` when given (then
-    the originals skip the Inception pass). ``compute()`` returns ``rfid``, ``psnr``, ``ssim``
-    (data_range 1), ``ssim_dr2`` (data_range 2, tokenizer-paper convention), ``lpips`` (LPIPS-VGG, when
-    ``lpips``; computed on ``lpips_device``, default the inputs' device), ``num_images``, ``rfid_reference``.
-    """
-
-    def __init__(self, inception: Optional[InceptionV3] = None,
-                 reference_stats: Optional[Union[InceptionStats, PathLike]] = None, lpips: bool = True,
-                 lpips_device: Optional[Union[str, torch.device]] = None) -> None:
-        self.inception = inception if inception is not None else load_inception()
-        if isinstance(reference_stats, (str, Path)):
-            reference_stats = load_stats_npz(reference_stats)
-        self.reference_stats = reference_stats
-        self.original_stats = FeatureStats()
-        self.reconstruction_stats = FeatureStats()
-        self.meter = ReconstructionMeter(lpips=lpips, device=lpips_device)
-
-    @staticmethod
-    def _uint8(images: Union[Tensor, np.ndarray]) -> Tensor:
-        x = torch.as_tensor(images).detach()
-        return x if x.dtype == torch.uint8 else to_uint8(x)
-
-    def update(self, originals: Union[Tensor, np.ndarray], reconstructions: Union[Tensor, np.ndarray]) -> None:
-        originals_u8, reconstructions_u8 = self._uint8(originals), self._uint8(reconstructions)
-        self.meter.update(originals_u8, reconstructions_u8)
-        self.reconstruction_stats.update(self.inception(reconstructions_u8).pool3)
-        if self.reference_stats is None:
-            self.original_stats.update(self.inception(originals_u8).pool3)
-
-    def compute(self) -> dict[str, Any]:
-        result: dict[str, Any] = dict(self.meter.compute())
-        _warn_small(self.reconstruction_stats.num, "ReconstructionEvaluator")
-        mu, sigma = self.reconstruction_stats.mean(), self.reconstruction_stats.cov()
-        if self.reference_stats is not None:
-            ref_mu, ref_sigma = self.reference_stats.mu, self.reference_stats.sigma
-            result["rfid_reference"] = "given reference statistics"
-        else:
-            ref_mu, ref_sigma = self.original_stats.mean(), self.original_stats.cov()
-            result["rfid_reference"] = "the original images"
-        result["rfid"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-        return result
+def fid_label(num: Optional[int]) -> str:
+    """``1000 -> "1k"``, ``50000 -> "50k"``, ``1500 -> "1.5k"``, ``500 -> "500"`` (the FID-N suffix)."""
+    if num is None:
+        return "?"
+    num = int(num)
+    if num >= 1000:
+        value = num / 1000
+        return f"{value:.0f}k" if num % 1000 == 0 else f"{value:.1f}k".replace(".0k", "k")
+    return str(num)

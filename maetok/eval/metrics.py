@@ -3,9 +3,8 @@ LPIPS.
 
 Conventions (see ``docs/EVALUATION.md``):
 
-* model output ``x`` in [-1, 1] becomes uint8 with :func:`to_uint8` (``clamp(127.5 x + 128, 0, 255)`` then cast
-  to uint8, i.e. truncated: the DiT / ADM / MAETok sampling convention, equal to rounding ``127.5 (x + 1)`` to the
-  nearest level, and exact on uint8 round trips);
+* model output ``x`` in [-1, 1] becomes uint8 with :func:`maetok.data.images.to_uint8` before it is measured
+  (``clamp(127.5 x + 128, 0, 255)`` truncated: the DiT / ADM / MAETok sampling convention);
 * Inception Score: softmax over all 1008 logits, ``exp(E_x KL(p(y|x) || p(y)))`` on consecutive splits of 5000
   samples (ADM: 10 splits at 50k, 2 at 10k, one below 5000), mean over splits;
 * precision / recall: Kynkaanniemi et al. 2019 with k = 3 on Inception pool3 features, computed in blocks
@@ -33,7 +32,6 @@ __all__ = [
     "IS_SPLIT_SIZE",
     "ImageLike",
     "LPIPS_LABEL",
-    "ReconstructionMeter",
     "inception_score",
     "inception_score_split_note",
     "inception_score_split_sizes",
@@ -46,7 +44,6 @@ __all__ = [
     "reconstruction_quality",
     "ssim",
     "ssim_per_image",
-    "to_uint8",
 ]
 
 ImageLike = Union[Tensor, np.ndarray]
@@ -54,26 +51,6 @@ ImageLike = Union[Tensor, np.ndarray]
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-
-
-# ---------------------------------------------------------------------------------------------------------
-# uint8 conversion
-# ---------------------------------------------------------------------------------------------------------
-
-
-def to_uint8(images: ImageLike) -> Tensor:
-    """Model output in [-1, 1] -> uint8 images, same layout, as ``clamp(127.5 x + 128, 0, 255)`` cast to uint8.
-
-    The cast truncates, so this equals ``floor(127.5 x + 128)``: the nearest uint8 level to ``127.5 (x + 1)``
-    (the DiT / ADM / MAETok sampling code). A uint8 image ``u`` mapped to ``u / 127.5 - 1`` comes back as
-    ``u`` exactly. images: float tensor / array of any shape, typically ``(B, 3, H, W)``.
-    """
-    x = torch.as_tensor(images)
-    if not x.is_floating_point():
-        raise TypeError(f"to_uint8 expects float images in [-1, 1], got dtype {x.dtype}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("to_uint8: images contain NaN or inf")
-    return torch.clamp(127.5 * x.float() + 128.0, 0.0, 255.0).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,60 +353,3 @@ def lpips_per_image(reference: ImageLike, reconstruction: ImageLike, model: Opti
             x, y = (t.float() / 127.5 - 1.0 if t.dtype == torch.uint8 else t.float() for t in (x, y))
             out.append(model(x, y).double().cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-class ReconstructionMeter:
-    """Running PSNR / SSIM / LPIPS over batches of (original, reconstruction) pairs.
-
-    ``update`` takes float images in [-1, 1] (converted with :func:`to_uint8`, as saved images would be) or
-    uint8 images, ``(B, C, H, W)``. ``compute()`` returns ``{"psnr", "ssim", "ssim_dr2", "lpips",
-    "num_images"}``; ``lpips`` (LPIPS-VGG16 of the uint8 images mapped back to [-1, 1], mean over images) only
-    when ``lpips=True``, computed on ``device`` (default: the device of the inputs) in chunks of
-    ``lpips_batch_size``.
-    """
-
-    def __init__(self, lpips: bool = True, device: Optional[Union[str, torch.device]] = None,
-                 lpips_batch_size: int = 32) -> None:
-        self.psnr_values: list[Tensor] = []
-        self.ssim_values: list[Tensor] = []
-        self.ssim_dr2_values: list[Tensor] = []
-        self.lpips_values: list[Tensor] = []
-        self.use_lpips = lpips
-        self.device = torch.device(device) if device is not None else None
-        self.lpips_batch_size = lpips_batch_size
-        self._lpips: Optional[torch.nn.Module] = None
-
-    @staticmethod
-    def _uint8(images: ImageLike) -> Tensor:
-        x = torch.as_tensor(images).detach()
-        return x if x.dtype == torch.uint8 else to_uint8(x)
-
-    def _lpips_model(self, fallback: torch.device) -> torch.nn.Module:
-        if self._lpips is None:
-            from maetok.losses.perceptual import LPIPS
-
-            self._lpips = LPIPS().to(self.device or fallback)
-        return self._lpips
-
-    def update(self, originals: ImageLike, reconstructions: ImageLike) -> None:
-        """Add a batch; computed on the device of the inputs, per-image values kept on the CPU."""
-        a, b = self._uint8(originals), self._uint8(reconstructions)
-        self.psnr_values.append(psnr_per_image(a, b).cpu())
-        self.ssim_values.append(ssim_per_image(a, b, 1.0).cpu())
-        self.ssim_dr2_values.append(ssim_per_image(a, b, 2.0).cpu())
-        if self.use_lpips:
-            model = self._lpips_model(a.device)
-            self.lpips_values.append(lpips_per_image(a, b, model, self.lpips_batch_size))
-
-    def compute(self) -> dict[str, float]:
-        if not self.psnr_values:
-            raise ValueError("ReconstructionMeter.compute() called before any update()")
-        result = {
-            "psnr": torch.cat(self.psnr_values).mean().item(),
-            "ssim": torch.cat(self.ssim_values).mean().item(),
-            "ssim_dr2": torch.cat(self.ssim_dr2_values).mean().item(),
-            "num_images": int(sum(v.numel() for v in self.psnr_values)),
-        }
-        if self.use_lpips:
-            result["lpips"] = torch.cat(self.lpips_values).mean().item()
-        return result

@@ -1,78 +1,174 @@
-"""Reconstruction quality of a tokenizer over a dataset split: PSNR, SSIM (both conventions), LPIPS (VGG) and,
-when an Inception network is given, rFID."""
+"""Reconstruction quality: one evaluator (:class:`ReconstructionEvaluator`, ``update()`` / ``result()``) for PSNR,
+SSIM (both conventions), LPIPS (VGG) and rFID, and ``maetok eval-recon`` (:func:`eval_recon`) over a dataset split.
+
+Every caller (the pipeline, the demo's stage-2 comparison, the PCA baseline, ``eval-recon``) feeds the same
+evaluator, so the numbers are computed one way. Images are measured as uint8 (:func:`maetok.data.images.to_uint8`),
+exactly as they would be saved.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch import Tensor
+from torch.utils.data import Dataset
 
-from maetok.eval.metrics import ReconstructionMeter
-from maetok.models.tokenizer import MAETok
+from maetok.data.images import to_uint8
+from maetok.eval.fid import FeatureStats, InceptionStats, fid_label, frechet_distance, load_stats_npz
+from maetok.eval.metrics import LPIPS_LABEL, lpips_per_image, lpips_unavailable_reason, psnr_per_image, ssim_per_image
 
+__all__ = ["ReconstructionEvaluator", "evaluate_tokenizer", "eval_recon"]
 
-def reconstruction_meter(inception: Optional[torch.nn.Module], reference: Any, lpips: bool,
-                         device: Optional[torch.device] = None) -> Any:
-    """The accumulator of reconstruction metrics: :class:`~maetok.eval.fid.ReconstructionEvaluator` (with rFID
-    against ``reference``, or against the originals when None) when an ``inception`` network is given, else
-    :class:`ReconstructionMeter`; both take ``update(originals, reconstructions)`` and ``compute()``. LPIPS runs
-    on ``device`` (default: the inputs')."""
-    if inception is None:
-        return ReconstructionMeter(lpips=lpips, device=device)
-    from maetok.eval.fid import ReconstructionEvaluator
-
-    return ReconstructionEvaluator(inception, reference, lpips=lpips, lpips_device=device)
+PathLike = Union[str, Path]
 
 
-@torch.no_grad()
-def evaluate_reconstruction(
-    model: MAETok,
-    dataset: Dataset,
-    num_images: Optional[int] = None,
-    batch_size: int = 256,
+class ReconstructionEvaluator:
+    """Running reconstruction metrics over batches of (original, reconstruction) pairs.
+
+    ``update(originals, reconstructions)``: ``(B, C, H, W)`` float in [-1, 1] or uint8, any number of images (fed
+    through in chunks of ``chunk`` pairs). ``result()`` returns ``psnr``, ``ssim`` (data_range 1, correct),
+    ``ssim_dr2`` (data_range 2, the tokenizer-paper convention), ``num_images``, ``lpips`` (LPIPS-VGG of the uint8
+    images mapped back to [-1, 1], mean over images; when ``lpips``; on ``device``, default the inputs') and, when an
+    Inception network is given, ``rfid`` with ``rfid_reference``: against ``reference`` (the originals' statistics,
+    computed once and shared, or an ADM ``.npz``), else against the originals seen by ``update``. Report the rFID
+    with ``num_images`` beside it (rFID-1k): below 2048 images FIDs are only comparable at equal counts.
+    """
+
+    def __init__(self, inception: Optional[torch.nn.Module] = None,
+                 reference: Optional[Union[InceptionStats, PathLike]] = None, lpips: bool = True,
+                 device: Optional[Union[str, torch.device]] = None, lpips_batch_size: int = 32,
+                 chunk: int = 250) -> None:
+        self.inception = inception
+        self.reference = load_stats_npz(reference) if isinstance(reference, (str, Path)) else reference
+        self.use_lpips = lpips
+        self.device = torch.device(device) if device is not None else None
+        self.lpips_batch_size = lpips_batch_size
+        self.chunk = chunk
+        self._lpips: Optional[torch.nn.Module] = None
+        self.values: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "ssim_dr2": [], "lpips": []}
+        self.original_stats = FeatureStats()
+        self.reconstruction_stats = FeatureStats()
+
+    def _lpips_model(self, fallback: torch.device) -> torch.nn.Module:
+        if self._lpips is None:
+            from maetok.losses.perceptual import LPIPS
+
+            self._lpips = LPIPS().to(self.device or fallback)
+        return self._lpips
+
+    def update(self, originals: Union[Tensor, Any], reconstructions: Union[Tensor, Any]) -> None:
+        """Add pairs ``(B, C, H, W)``; per-image values are kept on the CPU."""
+        for start in range(0, len(originals), self.chunk):
+            a = to_uint8(originals[start : start + self.chunk])
+            b = to_uint8(reconstructions[start : start + self.chunk])
+            self.values["psnr"].append(psnr_per_image(a, b).cpu())
+            self.values["ssim"].append(ssim_per_image(a, b, 1.0).cpu())
+            self.values["ssim_dr2"].append(ssim_per_image(a, b, 2.0).cpu())
+            if self.use_lpips:
+                self.values["lpips"].append(lpips_per_image(a, b, self._lpips_model(a.device), self.lpips_batch_size))
+            if self.inception is not None:
+                self.reconstruction_stats.update(self.inception(b).pool3)
+                if self.reference is None:
+                    self.original_stats.update(self.inception(a).pool3)
+
+    def result(self) -> dict[str, Any]:
+        if not self.values["psnr"]:
+            raise ValueError("ReconstructionEvaluator.result() called before any update()")
+        result: dict[str, Any] = {name: torch.cat(self.values[name]).mean().item() for name in ("psnr", "ssim", "ssim_dr2")}
+        result["num_images"] = int(sum(v.numel() for v in self.values["psnr"]))
+        if self.use_lpips:
+            result["lpips"] = torch.cat(self.values["lpips"]).mean().item()
+        if self.inception is None:
+            return result
+        mu, sigma = self.reconstruction_stats.mean(), self.reconstruction_stats.cov()
+        if self.reference is not None:
+            ref_mu, ref_sigma = self.reference.mu, self.reference.sigma
+            result["rfid_reference"] = "given reference statistics"
+        else:
+            ref_mu, ref_sigma = self.original_stats.mean(), self.original_stats.cov()
+            result["rfid_reference"] = "the original images"
+        result["rfid"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        return result
+
+
+def evaluate_tokenizer(model: torch.nn.Module, dataset: Dataset, inception: Optional[torch.nn.Module] = None,
+                       reference: Optional[InceptionStats] = None, lpips: bool = True, batch_size: int = 250,
+                       progress: bool = True) -> dict[str, Any]:
+    """:class:`ReconstructionEvaluator`'s ``result()`` for every image of ``dataset`` (wrap it in a
+    :class:`~maetok.data.DatasetSubset` for part of it) reconstructed by the tokenizer ``model`` (on its device;
+    LPIPS runs there too)."""
+    from maetok.encode import reconstructions
+
+    evaluator = ReconstructionEvaluator(inception, reference, lpips, device=next(model.parameters()).device)
+    for images, recon in reconstructions(model, dataset, batch_size, progress):
+        evaluator.update(images, recon)
+    return evaluator.result()
+
+
+def eval_recon(
+    model: PathLike,
+    data: str,
+    num: Optional[int] = None,
+    split: str = "test",
+    batch_size: int = 128,
+    device: Optional[str] = None,
     inception: Optional[torch.nn.Module] = None,
-    reference_stats: Optional[Any] = None,
-    num_workers: int = 0,
+    inception_weights: Optional[PathLike] = None,
+    fid: bool = True,
+    seed: int = 0,
     progress: bool = True,
     lpips: bool = True,
 ) -> dict[str, Any]:
-    """Encode + decode the first ``num_images`` images of ``dataset`` (all by default).
+    """``maetok eval-recon``: rFID, PSNR, SSIM and LPIPS (VGG) of a tokenizer on ``num`` images (all by default,
+    a seeded random subset otherwise) of the held-out ``split`` of ``data``.
 
-    Returns ``{"psnr", "ssim", "ssim_dr2", "lpips", "num_images"}`` (``"lpips"``: LPIPS-VGG on [-1, 1] images,
-    mean over images, computed on the model's device; omitted when ``lpips`` is False) (+ ``"rfid"`` when
-    ``inception`` is given: against
-    ``reference_stats`` (:class:`~maetok.eval.fid.InceptionStats` of the same originals, computed once and
-    shared) or else against the originals passed through Inception here). SSIM uses data_range 1 (correct);
-    ``ssim_dr2`` data_range 2 (the common tokenizer-paper convention).
+    rFID compares the reconstructions with the same original images (the paper's ImageNet-val
+    convention). Returns ``rfid`` (None with ``rfid_note`` when no Inception weights exist or ``fid`` is
+    False), ``rfid_num_images``, ``rfid_label``, ``psnr``, ``ssim`` (data_range 1), ``ssim_dr2``
+    (data_range 2, the tokenizer-paper convention), ``lpips`` (LPIPS-VGG16 on images in [-1, 1], mean over
+    images; None with ``lpips_note`` when ``lpips`` is False or the VGG16/LPIPS weights are missing),
+    ``lpips_label``, ``num_images`` and provenance.
     """
-    from tqdm.auto import tqdm
+    from maetok.data import DatasetSubset, build_dataset, subset_indices
+    from maetok.encode import load_tokenizer
+    from maetok.eval.inception import describe_network, load_fid_network
+    from maetok.runs import model_directory
 
-    device = next(model.parameters()).device
-    model.eval()
-    if num_images is not None and num_images < len(dataset):
-        dataset = Subset(dataset, range(num_images))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    meter = reconstruction_meter(inception, reference_stats, lpips, device)
-    for batch in tqdm(loader, desc="eval reconstruction", unit="batch", disable=not progress):
-        images = batch[0].to(device)
-        recon = model.decode(model.encode(images)).clamp(-1, 1)
-        if inception is not None and images.shape[1] == 1:
-            images, recon = images.expand(-1, 3, -1, -1), recon.expand(-1, 3, -1, -1)
-        meter.update(images.cpu(), recon.cpu())
-    return meter.compute()
-
-
-def measure_reconstructions(originals: Any, reconstructions: Any, inception: Optional[torch.nn.Module] = None,
-                            reference: Any = None, lpips: bool = True, chunk: int = 250) -> dict[str, Any]:
-    """PSNR, SSIM (both conventions), LPIPS (VGG, when ``lpips``) and, with ``inception``, rFID against
-    ``reference`` (Inception statistics of the originals; computed from them when None) of images already
-    reconstructed: ``(M, C, H, W)`` in [-1, 1] or uint8, fed in chunks of ``chunk`` pairs."""
-    import warnings
-
-    meter = reconstruction_meter(inception, reference, lpips)
-    for i in range(0, len(originals), chunk):
-        meter.update(originals[i : i + chunk], reconstructions[i : i + chunk])
-    with warnings.catch_warnings():  # every FID is reported with its sample count
-        warnings.filterwarnings("ignore", message=".*rank deficient.*")
-        return meter.compute()
+    tokenizer = load_tokenizer(model, device)
+    cfg = tokenizer.config
+    dataset = build_dataset(data, split, cfg.image_size, cfg.in_channels)
+    subset = DatasetSubset(dataset, subset_indices(len(dataset), num, seed))
+    network, reason = (load_fid_network(inception, device, inception_weights) if fid else (None, "disabled (--no-fid)"))
+    lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"
+    metrics = evaluate_tokenizer(tokenizer, subset, network, None, lpips_reason is None, batch_size, progress)
+    n = int(metrics["num_images"])
+    result: dict[str, Any] = {
+        "model": str(model_directory(model)),
+        "data": data,
+        "split": split,
+        "num_images": n,
+        "rfid": metrics.get("rfid"),
+        "rfid_num_images": n,
+        "rfid_label": f"rFID-{fid_label(n)}",
+        "psnr": metrics["psnr"],
+        "ssim": metrics["ssim"],
+        "ssim_dr2": metrics["ssim_dr2"],
+        "lpips": metrics.get("lpips"),
+        "lpips_label": LPIPS_LABEL,
+        "notes": [],
+    }
+    if network is not None:
+        result["rfid_reference"] = f"the same {n} original images ({data} {split} split)"
+        result["inception"] = describe_network(network)
+        if n < 2048:
+            result["notes"].append(f"rFID over {n} images (< 2048): compare only with rFID-{fid_label(n)}")
+    else:
+        result["rfid_note"] = f"not computed: {reason}"
+    result["notes"].append("ssim uses data_range=1 (correct); ssim_dr2 uses data_range=2 (common in tokenizer papers)")
+    if lpips_reason is None:
+        result["notes"].append("lpips: LPIPS-VGG16 (v0.1 heads) on images in [-1, 1], mean over images")
+    else:
+        result["lpips_note"] = f"not computed: {lpips_reason}"
+    return result

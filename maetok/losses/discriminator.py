@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from maetok.assets import PathLike, load_hf_vision_model
+from maetok.data.images import to_rgb
 from maetok.losses.vgg import load_vgg16_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,11 +49,6 @@ class FeatureBackbone(nn.Module):
         return super().train(False)
 
 
-def _to_rgb(images: Tensor) -> Tensor:
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"discriminator expects images (B, 1 or 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-
 
 class VGG16Backbone(FeatureBackbone):
     """The packaged VGG16 conv stack as a discriminator backbone (LPIPS input scaling included)."""
@@ -66,7 +62,7 @@ class VGG16Backbone(FeatureBackbone):
         self.freeze()
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        images = _to_rgb(images)
+        images = to_rgb(images, "discriminator")
         if self.input_size is not None and tuple(images.shape[-2:]) != (self.input_size, self.input_size):
             images = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", align_corners=False,
                                    antialias=True)
@@ -106,7 +102,7 @@ class DINOv2Backbone(FeatureBackbone):
         self.freeze()
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        images = _to_rgb(images)
+        images = to_rgb(images, "discriminator")
         size = (self.input_size, self.input_size)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.assets import VGG16_CONV_CHANNELS, PathLike, load_lpips_state_dict
+from maetok.data.images import to_rgb
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -75,10 +76,7 @@ class VGG16Features(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"VGG16 expects images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
+        images = to_rgb(images, "VGG16")
         x = (images - self.shift.to(images.dtype)) / self.scale.to(images.dtype)
         outputs: dict[int, Tensor] = {}
         last = max(self._tap_indices)

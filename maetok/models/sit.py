@@ -21,13 +21,12 @@ mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from maetok.config import DiffusionTransformerConfig, SiTConfig, TransformerSize
 from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
 
 __all__ = [
@@ -44,13 +43,8 @@ __all__ = [
     "sincos_1d_interleaved",
 ]
 
-# (width, depth, num_heads); mlp ratio 4 for all.
-SIT_PRESETS: dict[str, dict[str, Any]] = {
-    "SiT-S": dict(width=384, depth=12, num_heads=6),
-    "SiT-B": dict(width=768, depth=12, num_heads=12),
-    "SiT-L": dict(width=1024, depth=24, num_heads=16),
-    "SiT-XL": dict(width=1152, depth=28, num_heads=16),
-}
+# The SiT rows of maetok.config.DIFFUSION_SIZES: name -> (width, depth, num_heads).
+SIT_PRESETS: dict[str, TransformerSize] = SiTConfig.presets()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,31 +216,35 @@ def _check_interval(guidance_interval: Sequence[float]) -> tuple[float, float]:
 
 class AdaLNVelocityTransformer(nn.Module):
     """Base of SiT and LightningDiT: embedders, adaLN-Zero blocks, final layer, initialisation,
-    ``forward`` and ``forward_with_cfg``. Subclasses build ``self.blocks`` / ``self.final_layer`` and may
-    override :meth:`_position_inputs` (absolute embedding) and :meth:`_rope` (rotary embedding). A subclass
-    calls :meth:`_build_common` first in its ``__init__`` and :meth:`initialize_weights` last.
+    ``forward`` and ``forward_with_cfg``. A subclass names its block design (``block_norm``, ``block_mlp``)
+    and adds its position handling: :meth:`_build_positions` (buffers, called between the embedders and
+    the blocks), :meth:`_position_inputs` (absolute embedding) and/or :meth:`_rope` (rotary embedding).
     """
 
-    latent_dim: int
-    num_latent_tokens: int
-    num_classes: int
+    block_norm: ClassVar[str] = "layernorm"  # "layernorm" or "rmsnorm", see AdaLNBlock
+    block_mlp: ClassVar[str] = "gelu"  # "gelu" or "swiglu", see AdaLNBlock
 
-    def _build_common(
-        self,
-        width: int,
-        latent_dim: int,
-        num_latent_tokens: int,
-        num_classes: int,
-        class_dropout_prob: float,
-        frequency_dim: int,
-    ) -> None:
-        self.width = width
-        self.latent_dim = latent_dim
-        self.num_latent_tokens = num_latent_tokens
-        self.num_classes = num_classes
-        self.x_embedder = nn.Linear(latent_dim, width)
-        self.t_embedder = TimestepEmbedder(width, frequency_dim)
-        self.y_embedder = LabelEmbedder(num_classes, width, class_dropout_prob) if num_classes > 0 else None
+    def __init__(self, config: DiffusionTransformerConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.width = config.width
+        self.latent_dim = config.latent_dim
+        self.num_latent_tokens = config.num_latent_tokens
+        self.num_classes = config.num_classes
+        self.x_embedder = nn.Linear(config.latent_dim, config.width)
+        self.t_embedder = TimestepEmbedder(config.width, config.frequency_dim)
+        self.y_embedder: Optional[LabelEmbedder] = None
+        if config.num_classes > 0:
+            self.y_embedder = LabelEmbedder(config.num_classes, config.width, config.class_dropout_prob)
+        self._build_positions(config)
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(config.width, config.num_heads, config.mlp_ratio, self.block_norm, self.block_mlp,
+                       config.qk_norm)
+            for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config.width, config.latent_dim, self.block_norm)
+        self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """Xavier-uniform linears with zero bias; N(0, 0.02) label table and time-MLP weights; zero adaLN
@@ -269,7 +267,11 @@ class AdaLNVelocityTransformer(nn.Module):
 
     # hooks -------------------------------------------------------------------------------------------
 
+    def _build_positions(self, config: DiffusionTransformerConfig) -> None:
+        """Register the position buffers (none here)."""
+
     def _position_inputs(self, tokens: Tensor) -> Tensor:
+        """tokens: ``(B, L, width)`` -> ``(B, L, width)`` (unchanged here)."""
         return tokens
 
     def _rope(self) -> Optional[Rope]:
@@ -379,116 +381,21 @@ class AdaLNVelocityTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SiTConfig:
-    """Architecture of SiT on 1D latents. Defaults: SiT-XL on the 128 x 32 MAETok latents, 1000 classes.
-
-    ``num_classes=0`` builds an unconditional model (no label embedding; ``y`` ignored).
-    ``pos_embed_layout``: ``"interleaved"`` (authors' checkpoint: sin/cos alternate along channels) or
-    ``"halves"`` ([sin | cos]); the values are stored in the state dict either way.
-    """
-
-    width: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    latent_dim: int = 32
-    num_latent_tokens: int = 128
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    qk_norm: bool = False
-    frequency_dim: int = 256
-    pos_embed_layout: str = "interleaved"
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field."""
-        for name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{type(self).__name__}.{name} must be positive, got {getattr(self, name)}")
-        if self.width % self.num_heads:
-            raise ValueError(f"{type(self).__name__}.width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.width % 2:
-            raise ValueError(f"{type(self).__name__}.width must be even for the sin-cos embedding, got {self.width}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"{type(self).__name__}.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ValueError(f"{type(self).__name__}.num_classes must be >= 0, got {self.num_classes}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(
-                f"{type(self).__name__}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}"
-            )
-        if self.pos_embed_layout not in ("interleaved", "halves"):
-            raise ValueError(
-                f"SiTConfig.pos_embed_layout must be 'interleaved' or 'halves', got {self.pos_embed_layout!r}"
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "SiTConfig":
-        """``SiTConfig.from_preset("SiT-XL", num_classes=0)``; presets in :data:`SIT_PRESETS`."""
-        if name not in SIT_PRESETS:
-            raise ValueError(f"unknown SiT preset {name!r}; known: {sorted(SIT_PRESETS)}")
-        return _config_with(cls, {**SIT_PRESETS[name], **overrides})
-
-    @classmethod
-    def from_reference_config(cls, reference: Mapping[str, Any]) -> "SiTConfig":
-        """Map the authors' ``config.json`` (``hidden_size``, ``depth``, ``num_heads``, ``in_channels``,
-        ``input_size``, ``num_classes``, ``class_dropout_prob``, ``mlp_ratio``, ``qk_norm``, ``vae_1d``,
-        ``patch_size``) to a config that loads their ``model.safetensors``."""
-        if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
-            raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported by this config")
-        if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
-            raise ValueError("decoder_hidden_size different from hidden_size is not supported")
-        num_classes = int(reference.get("num_classes", 1000))
-        use_cfg = bool(reference.get("use_cfg", True))
-        return cls(
-            width=int(reference["hidden_size"]),
-            depth=int(reference["depth"]),
-            num_heads=int(reference["num_heads"]),
-            mlp_ratio=float(reference.get("mlp_ratio", 4.0)),
-            latent_dim=int(reference["in_channels"]),
-            num_latent_tokens=int(reference["input_size"]),
-            num_classes=num_classes,
-            class_dropout_prob=float(reference.get("class_dropout_prob", 0.1)) if use_cfg else 0.0,
-            qk_norm=bool(reference.get("qk_norm", False)),
-        )
-
-
-def _config_with(cls: type, values: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
-
-
 class SiT(AdaLNVelocityTransformer):
     """SiT with patch size 1 on ``(B, L, C)`` latents, fixed 1D sin-cos absolute position embedding,
     adaLN-Zero class/time conditioning; predicts the velocity ``(B, L, C)``. See the module docstring."""
 
-    def __init__(self, config: SiTConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
-        self._build_common(
-            config.width,
-            config.latent_dim,
-            config.num_latent_tokens,
-            config.num_classes,
-            config.class_dropout_prob,
-            config.frequency_dim,
-        )
+    config: SiTConfig
+    block_norm = "layernorm"
+    block_mlp = "gelu"
+
+    def _build_positions(self, config: SiTConfig) -> None:
         if config.pos_embed_layout == "interleaved":
             pos = sincos_1d_interleaved(config.num_latent_tokens, config.width)
         else:
             pos = sincos_1d(config.num_latent_tokens, config.width)
-        # stored in the state dict (the reference checkpoint has it) but never trained
+        # (1, L, width); stored in the state dict (the reference checkpoint has it) but never trained
         self.register_buffer("pos_embed", pos[None], persistent=True)
-        self.blocks = nn.ModuleList(
-            AdaLNBlock(config.width, config.num_heads, config.mlp_ratio, "layernorm", "gelu", config.qk_norm)
-            for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(config.width, config.latent_dim, "layernorm")
-        self.initialize_weights()
 
     def _position_inputs(self, tokens: Tensor) -> Tensor:
         return tokens + self.pos_embed.to(tokens.dtype)

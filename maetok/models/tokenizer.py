@@ -11,17 +11,15 @@ Data flow (B images, N = (H/p)(W/p) patch tokens, L latent tokens, H_lat channel
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from maetok.config import ConfigError, TokenizerConfig, from_dict, to_dict
+from maetok.config import TokenizerConfig, from_dict, to_dict
 from maetok.models.blocks import (
     Block,
     PatchEmbed,
@@ -31,9 +29,7 @@ from maetok.models.blocks import (
     rope_from_angles,
     unpatchify,
 )
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from maetok.runs import MODEL_CONFIG, load_model_weights, model_directory, read_model_config, save_model_folder
 
 
 def _grid_rope(grid: tuple[int, int], head_dim: int, theta: float, num_latent: int, device: torch.device) -> Rope:
@@ -323,46 +319,19 @@ class MAETok(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (encoder + pixel decoder), atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.inference_state_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith("aux_decoders.")}
-        config = {"model_type": "maetok", **to_dict(self.config)}
-        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp_weights), metadata={"format": "pt"})
-        tmp_config = directory / (CONFIG_NAME + ".tmp")
-        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-        tmp_weights.replace(directory / WEIGHTS_NAME)
-        tmp_config.replace(directory / CONFIG_NAME)
-        return directory
+        state = {k: v for k, v in state.items() if not k.startswith("aux_decoders.")}
+        return save_model_folder(directory, "maetok", to_dict(self.config), state)
 
     @classmethod
     def load_config(cls, directory: Union[str, Path]) -> TokenizerConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: a tokenizer directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        model_type = raw.pop("model_type", "maetok")
-        if model_type != "maetok":
-            raise ConfigError(f"{path}: model_type {model_type!r} is not a maetok tokenizer")
-        return from_dict(TokenizerConfig, raw, where=str(path))
+        """The config of a tokenizer's model directory (or of the run directory holding it)."""
+        directory, raw = read_model_config(directory, "maetok", "tokenizer")
+        return from_dict(TokenizerConfig, raw, where=str(directory / MODEL_CONFIG))
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "MAETok":
-        """Load a directory written by :meth:`save_pretrained` (safetensors: no code is executed)."""
-        directory = Path(directory)
-        config = cls.load_config(directory)
-        model = cls(config)
-        weights = directory / WEIGHTS_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights} not found")
-        state = load_file(str(weights), device=map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights} does not match its config: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-            )
-        return model.eval()
+        """Load a directory written by :meth:`save_pretrained`, or the run directory holding it as ``model/``
+        (safetensors: no code is executed)."""
+        directory = model_directory(directory)
+        return load_model_weights(cls(cls.load_config(directory)), directory, map_location).eval()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.assets import PathLike, load_hf_vision_model
+from maetok.data.images import to_rgb
 from maetok.targets.base import FeatureTarget, register_target, resample_to_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,11 +69,6 @@ def _check_choice(kind: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {list(choices)}")
 
-
-def _to_rgb(images: Tensor) -> Tensor:
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"teacher expects images (B, 1 or 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -127,7 +123,7 @@ class HFTeacher(FeatureTarget):
     def forward(self, images: Tensor, grid_size: tuple[int, int]) -> Tensor:
         grid_size = (int(grid_size[0]), int(grid_size[1]))
         size = self.input_size(grid_size)
-        images = _resize(_to_rgb(images).float(), size)
+        images = _resize(to_rgb(images, "teacher").float(), size)
         pixels = ((images + 1.0) / 2.0 - self.mean) / self.std
         dtype = next(self.model.parameters()).dtype
         kwargs = {}
@@ -213,7 +209,7 @@ class VGG16Teacher(FeatureTarget):
     @torch.no_grad()
     def forward(self, images: Tensor, grid_size: tuple[int, int]) -> Tensor:
         grid_size = (int(grid_size[0]), int(grid_size[1]))
-        images = _resize(_to_rgb(images).float(), (grid_size[0] * self.stride, grid_size[1] * self.stride))
+        images = _resize(to_rgb(images, "teacher").float(), (grid_size[0] * self.stride, grid_size[1] * self.stride))
         dtype = next(self.vgg.parameters()).dtype
         features = self.vgg(images.to(dtype))[0].float()  # (B, 512, gh, gw)
         return _normalize_tokens(features.flatten(2).transpose(1, 2), self.normalize)

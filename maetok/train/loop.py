@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, MODEL_DIR, check_format_version
 
 # ---------------------------------------------------------------------------------------------------------
 # Processes and devices
@@ -281,9 +282,11 @@ def load_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - report which file is broken
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from None
+    check_format_version(state, path)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,6 +485,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = {
+            FORMAT_KEY: FORMAT_VERSION,
             "kind": self.run_kind,
             "step": self.step,
             "model": self.model.state_dict(),
@@ -560,4 +564,4 @@ class Trainer:
         if dist_info.is_main and self.step == self.total_steps:
             path = self.export()
             print(f"[maetok] {self.run_kind} done: saved to {path}")
-        return self.out_dir / "model"
+        return self.out_dir / MODEL_DIR

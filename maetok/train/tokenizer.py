@@ -21,9 +21,11 @@ import yaml
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
 from maetok.data import build_dataset, random_hflip
-from maetok.eval.metrics import psnr, to_uint8
+from maetok.data.images import to_uint8
+from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
 from maetok.models.tokenizer import MAETok
+from maetok.runs import model_directory, run_directory
 from maetok.targets import build_target
 from maetok.train.loop import CHECKPOINT, Trainer, autocast, load_checkpoint
 
@@ -64,7 +66,7 @@ def stage1_discriminator(source: Path) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint of the stage-1 run behind ``source`` (its run directory or its ``model/`` folder) and the
     state of the discriminator it trained, or ``(path or None, None)`` when there is none: an exported model
     without its run, a run without a GAN, or one stopped before the discriminator's first step."""
-    run_dir = source if source.name != "model" or (source / CHECKPOINT).exists() else source.parent
+    run_dir = source if (source / CHECKPOINT).exists() else run_directory(source)
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None, None
@@ -160,7 +162,7 @@ class TokenizerTrainer(Trainer):
             print(f"[maetok] {message}")
 
     def _load_stage1_weights(self, model: MAETok, source: Path) -> None:
-        model_dir = source / "model" if (source / "model" / "config.json").exists() else source
+        model_dir = model_directory(source)
         stage1 = MAETok.from_pretrained(model_dir)
         if to_dict(stage1.config) | {"aux_targets": []} != to_dict(self.cfg.model) | {"aux_targets": []}:
             raise ValueError(f"the tokenizer in {model_dir} was built with a different model config than this run")

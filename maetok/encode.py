@@ -1,0 +1,298 @@
+"""A trained tokenizer over a dataset: the one place where images become latents or reconstructions.
+
+* :func:`load_tokenizer`: a tokenizer from its model directory or its run directory, on a device;
+* :func:`encode_images` / :func:`reconstruct_images`: a tensor of images, in batches;
+* :func:`encode_dataset` / :func:`reconstructions`: every image of a dataset (flattened latents + labels for the
+  latent analyses; (original, reconstruction) batches for the reconstruction metrics);
+* :func:`cache_latents`: a dataset into a latent cache for diffusion training (read by :mod:`maetok.data.latents`);
+* :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side PNGs.
+
+Latents are the deterministic ``encode`` (the posterior mean of a VAE) unless a cache asks for posterior samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from maetok.data import DatasetSubset, iter_batches
+from maetok.data.images import BadImageError, load_image, resize_center_crop, save_side_by_side, to_tensor
+from maetok.data.latents import PLAN_NAME, STATS_NAME, shard_path
+from maetok.models.tokenizer import MAETok
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, model_directory, resolve_device, weights_fingerprint, write_json
+
+__all__ = ["cache_latents", "encode_dataset", "encode_images", "list_images", "load_tokenizer", "reconstruct_files",
+           "reconstruct_images", "reconstructions"]
+
+PathLike = Union[str, Path]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def load_tokenizer(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> MAETok:
+    """The tokenizer in a model directory or a run directory holding ``model/``, in eval mode on ``device``."""
+    return MAETok.from_pretrained(model_directory(path)).to(resolve_device(device)).eval()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Latents ``(M, L, H)`` float32 on the CPU of images ``(M, C, S, S)`` in [-1, 1] (posterior means for a VAE),
+    encoded on the model's device in batches of ``batch_size``."""
+    device = _device_of(model)
+    return torch.cat([model.encode(images[i : i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def reconstruct_images(model: torch.nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Reconstructions ``(M, C, S, S)`` in [-1, 1] on the CPU of images ``(M, C, S, S)``, on the model's device."""
+    device = _device_of(model)
+    return torch.cat([model.decode(model.encode(images[i : i + batch_size].to(device))).clamp(-1, 1).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def reconstructions(model: torch.nn.Module, dataset: Dataset, batch_size: int = 250,
+                    progress: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images, reconstructions)`` batches ``(B, C, S, S)`` in [-1, 1] on the CPU over every image of ``dataset``."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    with tqdm(total=len(dataset), desc="reconstruct", unit="img", disable=not progress) as bar:
+        for images, _ in iter_batches(dataset, batch_size):
+            yield images, reconstruct_images(model, images, batch_size)
+            bar.update(images.shape[0])
+
+
+@torch.no_grad()
+def encode_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = True,
+                   desc: str = "encode") -> tuple[Tensor, Tensor]:
+    """Every image of ``dataset`` (wrap it in :class:`~maetok.data.DatasetSubset` for part of a split) through the
+    encoder: flattened latents ``(N, L*H)`` float32 on the CPU and labels ``(N,)`` int64."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    latents, labels = [], []
+    with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
+        for images, batch_labels in iter_batches(dataset, batch_size):
+            latents.append(encode_images(model, images, batch_size).flatten(1))
+            labels.append(batch_labels)
+            bar.update(images.shape[0])
+    return torch.cat(latents), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latent caches
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LatentMoments:
+    """Float64 running sums over all (item, token) positions, per channel."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, latents: Tensor) -> None:
+        flat = latents.reshape(-1, latents.shape[-1]).double()
+        self.count += flat.shape[0]
+        self.sum += flat.sum(0)
+        self.sum_sq += flat.pow(2).sum(0)
+
+    def stats(self) -> dict:
+        mean = self.sum / self.count
+        var = (self.sum_sq / self.count - mean.pow(2)).clamp_min(0)
+        scalar_mean = self.sum.sum() / (self.count * len(self.sum))
+        scalar_var = self.sum_sq.sum() / (self.count * len(self.sum)) - scalar_mean.pow(2)
+        return {
+            "mean": scalar_mean.item(),
+            "std": scalar_var.clamp_min(0).sqrt().item(),
+            "channel_mean": mean.tolist(),
+            "channel_std": var.sqrt().tolist(),
+        }
+
+
+@torch.no_grad()
+def cache_latents(
+    tokenizer: torch.nn.Module,
+    dataset: Dataset,
+    out_dir: Union[str, Path],
+    tokenizer_dir: Optional[Union[str, Path]] = None,
+    flip: bool = False,
+    batch_size: int = 256,
+    shard_size: int = 16384,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    restart_if_stale: bool = False,
+    sample_posterior: Optional[bool] = None,
+    seed: int = 0,
+) -> Path:
+    """Encode ``dataset`` into ``out_dir`` (resumable); returns the path of ``stats.json``.
+
+    ``flip`` also stores the latents of the horizontally flipped images (``latents_flip``), which the
+    diffusion trainer draws from at random. Statistics are over the unflipped latents. A cache in ``out_dir``
+    made with other settings or by a tokenizer with other weights is refused (ValueError), or with
+    ``restart_if_stale`` deleted and made again. ``sample_posterior``: store a sample of a VAE's posterior
+    (default for a VAE; drawn from ``seed``) rather than its mean; only a VAE has a posterior to sample.
+    """
+    from tqdm.auto import tqdm
+
+    is_vae = tokenizer.config.variant == "vae"
+    if sample_posterior is None:
+        sample_posterior = is_vae
+    if sample_posterior and not is_vae:
+        raise ValueError(f"sample_posterior: only a VAE has a posterior to sample; this tokenizer is a "
+                         f"{tokenizer.config.variant!r} (its latents are deterministic)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "num_items": len(dataset),
+        "shard_size": shard_size,
+        "flip": flip,
+        "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
+        "dtype": str(dtype),
+        "tokenizer_weights_sha256": weights_fingerprint(tokenizer),
+        "sample_posterior": sample_posterior,
+        "seed": seed if sample_posterior else None,
+    }
+    plan_path = out_dir / PLAN_NAME
+    if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), plan):
+        if not restart_if_stale:
+            raise ValueError(
+                f"{out_dir} holds a cache made with other settings or another tokenizer's weights "
+                f"({plan_path.read_text().strip()}); use another --out or delete it"
+            )
+        shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+    write_json(plan_path, plan, atomic=True)
+    if (out_dir / STATS_NAME).exists():
+        os.remove(out_dir / STATS_NAME)  # rewritten at the end; its absence marks an unfinished cache
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+    num_items = len(dataset)
+    num_shards = (num_items + shard_size - 1) // shard_size
+    moments = LatentMoments(tokenizer.config.latent_dim)
+    bar = tqdm(total=num_items, desc="cache latents", unit="img", disable=not progress)
+    for shard in range(num_shards):
+        path = shard_path(out_dir, shard)
+        indices = range(shard * shard_size, min(num_items, (shard + 1) * shard_size))
+        if path.exists():
+            moments.update(load_file(str(path))["latents"])
+            bar.update(len(indices))
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+        latents, flipped, labels = [], [], []
+        for images, batch_labels in iter_batches(DatasetSubset(dataset, indices), batch_size, num_workers):
+            images = images.to(device, non_blocking=True)
+            latents.append(tokenizer.encode(images, sample=sample_posterior, generator=generator).float().cpu())
+            if flip:
+                flipped.append(
+                    tokenizer.encode(images.flip(-1), sample=sample_posterior, generator=generator).float().cpu()
+                )
+            labels.append(batch_labels)
+            bar.update(images.shape[0])
+        tensors = {"latents": torch.cat(latents).to(dtype), "labels": torch.cat(labels)}
+        if flip:
+            tensors["latents_flip"] = torch.cat(flipped).to(dtype)
+        moments.update(tensors["latents"])
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    bar.close()
+    cfg = tokenizer.config
+    stats = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "num_items": num_items,
+        "num_shards": num_shards,
+        "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
+        "flip": flip,
+        "sample_posterior": sample_posterior,
+        "tokenizer": plan["tokenizer"],
+        "image_size": cfg.image_size,
+        "in_channels": cfg.in_channels,
+        "num_classes": int(getattr(dataset, "num_classes", 0) or 0),
+        "class_names": list(getattr(dataset, "class_names", []) or []),
+        **moments.stats(),
+    }
+    if hasattr(dataset, "log_skipped"):  # unreadable files met while encoding (by this invocation)
+        stats["num_skipped_images"] = dataset.log_skipped()
+    return write_json(out_dir / STATS_NAME, stats, atomic=True)
+
+
+def _same_plan(stored: dict, plan: dict) -> bool:
+    """Whether a cache's stored plan asks for what ``plan`` asks (its format version aside: a version-0 cache is
+    completed as it is)."""
+    return {k: v for k, v in stored.items() if k != FORMAT_KEY} == {k: v for k, v in plan.items() if k != FORMAT_KEY}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# maetok reconstruct
+# ---------------------------------------------------------------------------------------------------------
+
+
+def list_images(source: Union[str, Path]) -> list[Path]:
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"--input {source} is neither an image file nor a folder")
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {source}")
+    return files
+
+
+@torch.no_grad()
+def reconstruct_files(
+    model_path: Union[str, Path],
+    source: Union[str, Path],
+    out_dir: Union[str, Path],
+    device: Optional[str] = None,
+    batch_size: int = 32,
+) -> list[Path]:
+    """Reconstruct every image under ``source``; unreadable files are reported and skipped.
+    Writes ``out_dir/<stem>_recon.png`` (original | reconstruction) per image; returns the paths."""
+    from tqdm.auto import tqdm
+
+    model = load_tokenizer(model_path, device)
+    cfg = model.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_images(source)
+    written: list[Path] = []
+    skipped: list[str] = []
+    for start in tqdm(range(0, len(files), batch_size), desc="reconstruct", unit="batch"):
+        batch_files, tensors = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                array = load_image(path, channels=cfg.in_channels)
+            except BadImageError as err:
+                skipped.append(f"{path}: {err}")
+                continue
+            tensors.append(to_tensor(resize_center_crop(array, cfg.image_size)))
+            batch_files.append(path)
+        if not tensors:
+            continue
+        images = torch.stack(tensors)
+        recon = reconstruct_images(model, images, batch_size)
+        for path, original, reconstruction in zip(batch_files, images, recon):
+            target = out_dir / f"{path.stem}_recon.png"
+            save_side_by_side(original[None], reconstruction[None], target, pairs_per_row=1)
+            written.append(target)
+    if skipped:
+        print(f"[maetok] skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+    return written

@@ -1,0 +1,170 @@
+"""What every command needs about where things run and where they are written: the device, the layout of a run
+directory, JSON files, and the format version stamped into every file the package writes.
+
+A **run directory** is what a training command writes (``config.yaml``, ``log.csv``, ``checkpoints/last.pt``
+and, once finished, ``model/``); a **model directory** is ``model/`` itself (``config.json`` +
+``model.safetensors``). Every command that reads a model takes either: :func:`model_directory` is the one rule.
+
+**Format versions.** ``config.json`` of tokenizer and diffusion models, training checkpoints and the metadata of
+latent caches (``cache_plan.json``, ``stats.json``) carry ``"format_version": FORMAT_VERSION``. Files written
+before versions existed read as version 0 and load unchanged (``tests/fixtures/v0``); a file from a newer maetok
+is refused with a message naming it (:func:`check_format_version`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PathLike = Union[str, Path]
+
+#: The version of every file layout this package writes (bump it when a layout changes, and teach the readers).
+FORMAT_VERSION = 1
+FORMAT_KEY = "format_version"
+MODEL_DIR = "model"
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``device`` as a :class:`torch.device`; by default the first GPU when there is one, else the CPU."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_directory(path: PathLike) -> Path:
+    """The model directory that ``path`` names: ``path`` itself, or the ``model/`` of the run directory ``path``."""
+    path = Path(path)
+    return path / MODEL_DIR if (path / MODEL_DIR / MODEL_CONFIG).exists() else path
+
+
+def run_directory(path: PathLike) -> Path:
+    """The run directory behind ``path``: ``path`` itself, or the parent of a run's ``model/`` folder."""
+    path = Path(path)
+    if path.name == MODEL_DIR and (path.parent / "checkpoints").is_dir():
+        return path.parent
+    return path
+
+
+def is_finished(run_dir: PathLike) -> bool:
+    """Whether a training run directory holds its exported model (written last, once the run is complete)."""
+    return (Path(run_dir) / MODEL_DIR / MODEL_CONFIG).exists()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (hex) of a model's state dict: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_format_version(data: Mapping[str, Any], source: PathLike) -> int:
+    """The format version of a file's content (0 when absent: written before versions existed); a version newer
+    than this package's :data:`FORMAT_VERSION` raises ``ValueError`` naming ``source``."""
+    version = data.get(FORMAT_KEY, 0)
+    if not isinstance(version, int) or version < 0:
+        raise ValueError(f"{source}: {FORMAT_KEY} must be a non-negative integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{source} has {FORMAT_KEY} {version}, written by a newer maetok (this one reads up to "
+                         f"{FORMAT_VERSION}): upgrade maetok to read it")
+    return version
+
+
+def jsonable(value: Any) -> Any:
+    """numpy scalars / arrays, Paths and non-finite floats -> plain JSON values (NaN and inf become None)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: PathLike, data: Mapping[str, Any], atomic: bool = False) -> Path:
+    """Write ``data`` as indented JSON (numpy values converted, NaN / inf as null); returns the path. ``atomic``:
+    through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(jsonable(data), indent=2) + "\n"
+    if not atomic:
+        path.write_text(text)
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model folders: config.json + model.safetensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str, Any],
+                      state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write a model folder: ``model.safetensors`` (``state_dict`` on the CPU; no pickles), then ``config.json``
+    (``model_type``, the format version and ``config``), both through a temporary file and a rename. The config is
+    written last, so its presence means the folder is complete. Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (MODEL_WEIGHTS + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / MODEL_WEIGHTS)
+    write_json(directory / MODEL_CONFIG, {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION, **config}, atomic=True)
+    return directory
+
+
+def read_model_config(path: PathLike, model_type: str, what: str) -> tuple[Path, dict[str, Any]]:
+    """``(model directory, config)`` of the model folder ``path`` names (itself, or the ``model/`` of a run
+    directory): ``config.json`` without its ``model_type`` (absent: ``model_type`` is assumed) and format version.
+    ``what`` names the kind of model in the errors (missing file, invalid JSON, newer version, another type)."""
+    from maetok.config import ConfigError
+
+    directory = model_directory(path)
+    config_path = directory / MODEL_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_path} is not valid JSON: {err}") from None
+    check_format_version(raw, config_path)
+    raw.pop(FORMAT_KEY, None)
+    found = raw.pop("model_type", model_type)
+    if found != model_type:
+        raise ConfigError(f"{config_path}: model_type {found!r} is not a maetok {what}")
+    return directory, raw
+
+
+def load_model_weights(model: torch.nn.Module, directory: PathLike, map_location: str = "cpu") -> torch.nn.Module:
+    """Load ``directory/model.safetensors`` into ``model`` (every key must match: ``ValueError`` naming the file)."""
+    weights = Path(directory) / MODEL_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found")
+    missing, unexpected = model.load_state_dict(load_file(str(weights), device=map_location), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match its config: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    return model
