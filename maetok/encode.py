@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maetok.data import DatasetSubset, iter_batches
+from maetok.data import IMAGE_EXTENSIONS, DatasetSubset, iter_batches, list_image_files
 from maetok.data.images import BadImageError, load_image, resize_center_crop, save_side_by_side, to_tensor
 from maetok.data.latents import PLAN_NAME, STATS_NAME, shard_path
 from maetok.models.tokenizer import MAETok
@@ -33,7 +33,6 @@ __all__ = ["cache_latents", "encode_dataset", "encode_images", "list_images", "l
            "reconstruct_images", "reconstructions"]
 
 PathLike = Union[str, Path]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 def load_tokenizer(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> MAETok:
@@ -245,14 +244,15 @@ def _same_plan(stored: dict, plan: dict) -> bool:
 
 
 def list_images(source: Union[str, Path]) -> list[Path]:
+    """``maetok reconstruct --input``: an image file, or every image file below a folder."""
     source = Path(source)
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"--input {source} is neither an image file nor a folder")
-    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = list_image_files(source)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {source}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source}")
     return files
 
 

@@ -86,25 +86,19 @@ def test_v0_latent_cache_is_completed_by_a_rerun(tmp_path):
     assert json.loads((cache_dir / "stats.json").read_text())["num_items"] == 48
 
 
-def test_v0_tokenizer_run_resumes(tmp_path):
-    run = _run_copy(tmp_path, "tokenizer_run")
-    cfg = load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=3"])
-    trainer = TokenizerTrainer(cfg, run, resume=True)
+@pytest.mark.parametrize("name", ["tokenizer_run", "sit_run"])
+def test_v0_runs_resume(name, tmp_path):
+    config_cls, trainer_cls, load = {
+        "tokenizer_run": (TokenizerTrainConfig, TokenizerTrainer, MAETok.from_pretrained),
+        "sit_run": (DiffusionTrainConfig, DiffusionTrainer, DiffusionPipeline.load),
+    }[name]
+    run = _run_copy(tmp_path, name)
+    trainer = trainer_cls(load_config(config_cls, run / "config.yaml", ["train.steps=3"]), run, resume=True)
     assert trainer.step == 2
     trainer.fit()
     assert trainer.step == 3
     assert len((run / "log.csv").read_text().strip().splitlines()) == 1 + 3
-    MAETok.from_pretrained(run / "model")
-
-
-def test_v0_sit_run_resumes(tmp_path):
-    run = _run_copy(tmp_path, "sit_run")
-    cfg = load_config(DiffusionTrainConfig, run / "config.yaml", ["train.steps=3"])
-    trainer = DiffusionTrainer(cfg, run, resume=True)
-    assert trainer.step == 2
-    trainer.fit()
-    assert trainer.step == 3
-    DiffusionPipeline.load(run)
+    load(run)  # the run directory names its new model folder
 
 
 def test_written_files_carry_the_format_version_and_newer_ones_are_refused(tmp_path):

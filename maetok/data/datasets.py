@@ -41,6 +41,7 @@ __all__ = [
     "build_dataset",
     "random_hflip",
     "DatasetSubset",
+    "list_image_files",
     "subset_indices",
     "iter_batches",
     "dataset_images_uint8",
@@ -313,6 +314,13 @@ def _scan_image_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
                 continue
     found.sort()
     return ["/".join(parts) for parts in found]
+
+
+def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file below ``folder`` (by extension; hidden files and folders skipped), sorted: the one walk
+    that image folders, ``maetok reconstruct`` and ``maetok eval-gen`` share."""
+    root = Path(folder)
+    return [root / relative for relative in _scan_image_files(root, extensions)]
 
 
 class _PackedStrings:

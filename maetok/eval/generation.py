@@ -195,9 +195,9 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
     if (path / "samples.npz").is_file():
         images, labels = load_sample_batch(path / "samples.npz")
         return images, labels, str(path / "samples.npz")
-    from maetok.data import IMAGE_EXTENSIONS, load_image
+    from maetok.data import IMAGE_EXTENSIONS, list_image_files, load_image
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_image_files(path)
     if not files:
         raise FileNotFoundError(f"--samples {path}: no samples.npz and no image files ({', '.join(IMAGE_EXTENSIONS)})")
     images, skipped = [], []
