@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import build_dataset, save_image_grid
+from maetok.data import build_dataset, load_images, save_image_grid
 from maetok.data.images import to_uint8
 from maetok.runs import is_finished, resolve_device, write_json
 
@@ -95,18 +95,14 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
     from maetok.eval.inception import load_fid_network, memoized
 
     test_set = build_dataset(data, "test", image_size, channels)
-    items = [test_set[i] for i in range(min(num, len(test_set)))]
-    images = torch.stack([item[0] for item in items])
-    labels = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
-    class_names = list(getattr(test_set, "class_names", []) or [])
-    conditional = len(class_names) > 1 and bool((labels >= 0).all())
+    images, labels = load_images(test_set, range(min(num, len(test_set))))
     network, note = load_fid_network(inception, device)
     reference = None
     if network is not None:
         reference = compute_fid_stats(to_uint8(images, channels_last=True).numpy(), memoized(network),
                                       progress=progress)  # once per machine
-    return EvalData(data, image_size, channels, images, labels if conditional else None,
-                    class_names if conditional else [], network, reference, note)
+    class_names = list(getattr(test_set, "class_names", []) or []) if labels is not None else []
+    return EvalData(data, image_size, channels, images, labels, class_names, network, reference, note)
 
 
 def measure_baselines(evald: EvalData, dim: int, budget: Budget,

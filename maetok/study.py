@@ -30,7 +30,7 @@ from maetok.data import save_image_grid
 from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
-from maetok.runs import write_json
+from maetok.runs import is_finished, write_json
 
 CPU_BUDGET = Budget(  # the demo's tokenizer budget (BENCHMARKS.md, "Convergence per CPU-second"), MSE in both stages
     stage1_steps=2000, stage2_steps=150, diffusion_steps=400, eval_images=1000, fid_samples=1000,
@@ -162,7 +162,7 @@ def _gmm_latents(run_dir: Path, budget: Budget, evald: Any) -> tuple[torch.Tenso
     from maetok.data.latents import LatentDataset
     from maetok.encode import encode_images, load_tokenizer
 
-    if evald is None or not (run_dir / "latents").exists() or not (run_dir / "tokenizer" / "model").exists():
+    if evald is None or not (run_dir / "latents").exists() or not is_finished(run_dir / "tokenizer"):
         raise ValueError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
                          "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
     cache = LatentDataset(run_dir / "latents")

@@ -44,6 +44,7 @@ __all__ = [
     "list_image_files",
     "subset_indices",
     "iter_batches",
+    "load_images",
     "dataset_images_uint8",
 ]
 
@@ -709,6 +710,16 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0):
         return
     for images, labels, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         yield images, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def load_images(dataset: Dataset, indices: Sequence[int], batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Items ``indices`` of ``dataset`` in memory: images ``(N, C, S, S)`` in [-1, 1] and labels ``(N,)`` int64, or
+    None for the labels when the dataset has no classes (fewer than 2, or unlabelled items)."""
+    batches = list(iter_batches(DatasetSubset(dataset, indices), batch_size))
+    images = torch.cat([images for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    has_classes = int(getattr(dataset, "num_classes", 0) or 0) > 1 and bool((labels >= 0).all())
+    return images, labels if has_classes else None
 
 
 def dataset_images_uint8(dataset: Dataset, batch_size: int = 256) -> np.ndarray:

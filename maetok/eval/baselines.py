@@ -209,14 +209,10 @@ def load_split(data: str, split: str, image_size: int, channels: int, num: Optio
                seed: int = 0) -> tuple[Tensor, Optional[Tensor]]:
     """``num`` images of a dataset split (a seeded draw; all when None) as ``(N, C, S, S)`` in [-1, 1], with
     their labels (None when the dataset has no classes)."""
-    from maetok.data import build_dataset, subset_indices
+    from maetok.data import build_dataset, load_images, subset_indices
 
     dataset = build_dataset(data, split, image_size, channels)
-    items = [dataset[int(i)] for i in subset_indices(len(dataset), num, seed)]
-    images = torch.stack([item[0] for item in items])
-    labels = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
-    has_classes = int(getattr(dataset, "num_classes", 0) or 0) > 1 and bool((labels >= 0).all())
-    return images, labels if has_classes else None
+    return load_images(dataset, subset_indices(len(dataset), num, seed))
 
 
 def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Optional[int] = None,

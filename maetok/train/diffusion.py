@@ -115,4 +115,4 @@ class DiffusionTrainer(Trainer):
 
     def export(self) -> Path:
         pipe = self.pipeline()
-        return pipe.save(self.out_dir / "model")
+        return pipe.save(self.model_dir)

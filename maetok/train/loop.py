@@ -417,7 +417,13 @@ class Trainer:
             self.run_log.image(tag, make_image_grid(images, nrow=nrow), self.step)
         return path
 
+    @property
+    def model_dir(self) -> Path:
+        """Where the finished run's model folder goes (``out_dir/model``)."""
+        return self.out_dir / MODEL_DIR
+
     def export(self) -> Path:
+        """Write the model folder to :attr:`model_dir`; returns it."""
         raise NotImplementedError
 
     def config_dict(self) -> dict:
@@ -564,4 +570,4 @@ class Trainer:
         if dist_info.is_main and self.step == self.total_steps:
             path = self.export()
             print(f"[maetok] {self.run_kind} done: saved to {path}")
-        return self.out_dir / MODEL_DIR
+        return self.model_dir

@@ -236,4 +236,4 @@ class TokenizerTrainer(Trainer):
 
     def export(self) -> Path:
         """Write the EMA tokenizer to ``out_dir/model`` (config.json + model.safetensors)."""
-        return self.inference_model().save_pretrained(self.out_dir / "model")
+        return self.inference_model().save_pretrained(self.model_dir)
