@@ -128,12 +128,12 @@ def bench_sampling(preset: str, latent_shape: tuple[int, int], num_classes: int,
                    overrides: list[str], iters: int = 1) -> dict:
     """Generating ``batch_size`` latents with the preset's sampler, steps and CFG (decoding excluded)."""
     from maetok.data.latents import LatentNormalizer
-    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.diffusion.pipeline import LatentGenerator
 
     cfg, model = _diffusion_model(preset, latent_shape, num_classes, overrides)
     model = model.to(device).eval()
     norm = LatentNormalizer({"mean": 0.0, "std": 1.0}, "scalar")
-    pipe = DiffusionPipeline(model, cfg.model, norm, latent_shape, num_classes, [], cfg.sampling, None)
+    pipe = LatentGenerator(model, cfg.model, norm, latent_shape, num_classes, [], cfg.sampling, None)
     labels = torch.arange(batch_size) % num_classes if num_classes else None
     s = cfg.sampling
 

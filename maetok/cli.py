@@ -194,10 +194,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from maetok.diffusion.generate import generate_images, write_samples
-    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.diffusion.pipeline import LatentGenerator
     from maetok.encode import load_tokenizer
 
-    pipe = DiffusionPipeline.load(args.model, args.device)
+    pipe = LatentGenerator.load(args.model, args.device)
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
     if not tokenizer_dir:
         raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer DIR")

@@ -181,7 +181,7 @@ def run_pipeline(
     from maetok.data import DatasetSubset
     from maetok.data.latents import LatentDataset
     from maetok.diffusion.generate import generate_images
-    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.diffusion.pipeline import LatentGenerator
     from maetok.encode import cache_latents, encode_images, load_tokenizer, reconstruct_images
     from maetok.eval.generation import generation_metrics
     from maetok.eval.latents import latent_analysis, latent_map
@@ -229,7 +229,7 @@ def run_pipeline(
     with timer.phase("SiT training"):
         if not is_finished(out / "sit"):
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
-    pipe = DiffusionPipeline.load(out / "sit", device=str(dev))
+    pipe = LatentGenerator.load(out / "sit", device=str(dev))
 
     sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
     if budget.cfg_scale is not None:

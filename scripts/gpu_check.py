@@ -75,7 +75,7 @@ TINY = ["model.image_size=32", "model.in_channels=3", "model.patch_size=8", "mod
 def cuda_paths(work: Path) -> dict:
     from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
     from maetok.data import build_dataset
-    from maetok.diffusion.pipeline import DiffusionPipeline
+    from maetok.diffusion.pipeline import LatentGenerator
     from maetok.encode import cache_latents
     from maetok.models.tokenizer import MAETok
     from maetok.train.diffusion import DiffusionTrainer
@@ -102,7 +102,7 @@ def cuda_paths(work: Path) -> dict:
                        [f"latents={work / 'lat'}", "train.steps=6", "train.batch_size=16", "train.eval_every=3",
                         "train.ckpt_every=3", "train.precision=bf16", "sampling.grid_steps=4"])
     DiffusionTrainer(dcfg, work / "sit", device=DEVICE).fit()
-    pipe = DiffusionPipeline.load(work / "sit", device=DEVICE)
+    pipe = LatentGenerator.load(work / "sit", device=DEVICE)
     latents = pipe.sample_latents(torch.tensor([0, 1]), 2, steps=8, generator=torch.Generator().manual_seed(0))
     images = tok.decode(latents)
     out = {"resume_max_abs_diff": max(diffs), "stage2_continued_stage1_discriminator": continued,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import build_dataset
 from maetok.data.latents import LatentDataset, LatentNormalizer
-from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.diffusion.pipeline import LatentGenerator
 from maetok.encode import cache_latents, load_tokenizer
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
@@ -50,7 +50,7 @@ def test_v0_tokenizer_folder_encodes_and_decodes_as_before(folder, expected):
 
 @pytest.mark.parametrize("folder", ["sit_run/model", "sit_run"])
 def test_v0_sit_folder_predicts_and_samples_as_before(folder, expected):
-    pipe = DiffusionPipeline.load(V0 / folder, device="cpu")
+    pipe = LatentGenerator.load(V0 / folder, device="cpu")
     assert pipe.num_classes == 2 and pipe.latent_shape == (4, 4)
     with torch.no_grad():
         velocity = pipe.model(expected["x_t"], expected["t"], expected["y"])
@@ -90,7 +90,7 @@ def test_v0_latent_cache_is_completed_by_a_rerun(tmp_path):
 def test_v0_runs_resume(name, tmp_path):
     config_cls, trainer_cls, load = {
         "tokenizer_run": (TokenizerTrainConfig, TokenizerTrainer, MAETok.from_pretrained),
-        "sit_run": (DiffusionTrainConfig, DiffusionTrainer, DiffusionPipeline.load),
+        "sit_run": (DiffusionTrainConfig, DiffusionTrainer, LatentGenerator.load),
     }[name]
     run = _run_copy(tmp_path, name)
     trainer = trainer_cls(load_config(config_cls, run / "config.yaml", ["train.steps=3"]), run, resume=True)

@@ -11,7 +11,7 @@ from maetok.cli import main
 from maetok.config import DiffusionTrainConfig, TokenizerConfig, load_config
 from maetok.data import build_dataset
 from maetok.data.latents import LatentDataset, LatentNormalizer
-from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.diffusion.pipeline import LatentGenerator
 from maetok.encode import cache_latents
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
@@ -125,7 +125,7 @@ def test_diffusion_resume_equals_uninterrupted_run(latent_dir, tmp_path):
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert list((tmp_path / "a").glob("samples_step*.png"))
-    pipe = DiffusionPipeline.load(tmp_path / "a")
+    pipe = LatentGenerator.load(tmp_path / "a")
     assert pipe.num_classes == 2 and pipe.latent_shape == (4, 4)
     for key, value in straight.ema.state_dict().items():
         assert torch.equal(value, pipe.model.state_dict()[key].float())
@@ -146,7 +146,7 @@ def test_sample_command_writes_adm_npz_and_respects_labels(latent_dir, tmp_path)
 def test_unconditional_model_and_clear_errors(latent_dir, tmp_path):
     cfg = load_config(DiffusionTrainConfig, "fashion-mnist-sit", TINY_SIT + [f"latents={latent_dir}", "train.steps=1", "model.conditional=false"])
     DiffusionTrainer(cfg, tmp_path / "u").fit()
-    pipe = DiffusionPipeline.load(tmp_path / "u")
+    pipe = LatentGenerator.load(tmp_path / "u")
     assert pipe.num_classes == 0 and pipe.balanced_labels(4) is None
     assert pipe.sample_latents(None, 3, steps=2).shape == (3, 4, 4)
     with pytest.raises(ValueError, match="--latents"):

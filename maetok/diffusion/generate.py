@@ -12,13 +12,13 @@ import torch
 from maetok.config import SamplingConfig
 from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.npz import save_sample_batch
-from maetok.diffusion.pipeline import DiffusionPipeline
+from maetok.diffusion.pipeline import LatentGenerator
 from maetok.models.tokenizer import MAETok
 
 
 @torch.no_grad()
 def generate_images(
-    pipe: DiffusionPipeline,
+    pipe: LatentGenerator,
     tokenizer: MAETok,
     num: int,
     labels: Optional[torch.Tensor] = None,

@@ -35,9 +35,10 @@ def build_diffusion_model(cfg: DiffusionModelConfig, latent_shape: tuple[int, in
         raise ConfigError(f"diffusion model: {err}") from None
 
 
-class DiffusionPipeline:
+class LatentGenerator:
     """A trained velocity model with what sampling needs: latent normalisation, the tokenizer directory,
-    class names and the sampling defaults."""
+    class names and the sampling defaults. (Not a diffusers ``DiffusionPipeline``: that wrapper lives in
+    :mod:`maetok.integrations.diffusers`.)"""
 
     def __init__(
         self,
@@ -78,7 +79,7 @@ class DiffusionPipeline:
         return save_model_folder(directory, MODEL_TYPE, config, state)
 
     @classmethod
-    def load(cls, directory: Union[str, Path], device: Optional[str] = None) -> "DiffusionPipeline":
+    def load(cls, directory: Union[str, Path], device: Optional[str] = None) -> "LatentGenerator":
         """A diffusion model directory written by :meth:`save`, or the run directory holding it as ``model/``."""
         directory, raw = read_model_config(directory, MODEL_TYPE, "diffusion model")
         path = directory / MODEL_CONFIG

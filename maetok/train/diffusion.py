@@ -2,7 +2,7 @@
 
 A run directory holds ``config.yaml``, ``log.csv``, ``checkpoints/last.pt``, periodic ``samples_step*.png``
 grids decoded through the cache's tokenizer, and ``model/`` (the EMA model, see
-:class:`maetok.diffusion.pipeline.DiffusionPipeline`).
+:class:`maetok.diffusion.pipeline.LatentGenerator`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from maetok.config import DiffusionTrainConfig, to_dict
 from maetok.data.latents import LatentDataset, LatentNormalizer
-from maetok.diffusion.pipeline import DiffusionPipeline, build_diffusion_model
+from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model
 from maetok.diffusion.transport import training_loss
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import Trainer, autocast
@@ -84,11 +84,11 @@ class DiffusionTrainer(Trainer):
         logs.update(self.optimizer_step(loss))
         return logs
 
-    def pipeline(self) -> DiffusionPipeline:
+    def pipeline(self) -> LatentGenerator:
         """The EMA model (or live weights without EMA) as a sampling pipeline."""
         model = build_diffusion_model(self.cfg.model, self.latent_shape, self.num_classes).to(self.device)
         model.load_state_dict(self.ema_or_live_state())
-        return DiffusionPipeline(
+        return LatentGenerator(
             model.eval(),
             self.cfg.model,
             self.normalizer,
