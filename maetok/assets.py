@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -422,15 +423,53 @@ def hf_hub_cache() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_hub_id(source: PathLike) -> bool:
+    """Whether ``source`` reads as a Hugging Face hub id (``owner/name``) rather than a local path: it has that
+    form and no such file or folder exists."""
+    text = str(source)
+    return bool(HUB_ID.match(text)) and not os.path.exists(os.path.expanduser(text))
+
+
+def hub_offline() -> bool:
+    """Whether downloads are off (``HF_HUB_OFFLINE=1``): hub ids then resolve from the hub cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download_snapshot(repo_id: str, local_files_only: Optional[bool] = None) -> Path:
+    """The folder of ``repo_id``'s snapshot, through ``huggingface_hub.snapshot_download``: the snapshot that the
+    cache's ``refs/main`` names (downloading it first unless offline or ``local_files_only``). A repository that
+    cannot be had raises ``FileNotFoundError`` in one line."""
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline() if local_files_only is None else local_files_only
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=str(hf_hub_cache()), local_files_only=offline))
+    except Exception as error:  # noqa: BLE001 - hub errors: not cached, no network, no such repository
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = f"not in the hub cache {hf_hub_cache()}" if offline else "could not be downloaded"
+        raise FileNotFoundError(f"hub model {repo_id!r} {where} ({type(error).__name__}: {first})") from None
+
+
+def resolve_pretrained(source: PathLike) -> Path:
+    """A local folder for ``source``: the path itself when it exists, else the hub snapshot of the hub id
+    (:func:`download_snapshot`). Neither raises ``FileNotFoundError`` naming ``source``."""
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        return path
+    if is_hub_id(source):
+        return download_snapshot(str(source))
+    raise FileNotFoundError(f"{source} is neither a folder nor a Hugging Face hub id (owner/name)")
+
+
 def find_hf_snapshot(model_id: str) -> Optional[Path]:
-    """A cached snapshot folder of ``model_id`` holding a ``config.json`` in the hub cache, or ``None``."""
-    snapshots = hf_hub_cache() / ("models--" + model_id.replace("/", "--")) / "snapshots"
-    if not snapshots.is_dir():
+    """The cached snapshot folder of ``model_id`` that ``refs/main`` names, or ``None`` when it is not cached."""
+    try:
+        return download_snapshot(model_id, local_files_only=True)
+    except FileNotFoundError:
         return None
-    for snapshot in sorted(snapshots.iterdir()):
-        if (snapshot / "config.json").is_file():
-            return snapshot
-    return None
 
 
 def _import_transformers():
