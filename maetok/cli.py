@@ -38,7 +38,8 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from maetok.train.tokenizer import TokenizerTrainer
 
     cfg = _tokenizer_config(args.config, args.data, args.overrides)
-    TokenizerTrainer(cfg, args.out, stage="pretrain", resume=args.resume, device=args.device).fit()
+    TokenizerTrainer(cfg, args.out, stage="pretrain", resume=args.resume, device=args.device,
+                     overwrite=args.overwrite, allow_config_change=args.allow_config_change).fit()
     return 0
 
 
@@ -49,7 +50,8 @@ def cmd_finetune_decoder(args: argparse.Namespace) -> int:
 
     base = to_dict(read_run_config(args.source))
     cfg = from_dict(TokenizerTrainConfig, deep_merge(base, parse_overrides(args.overrides)))
-    TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device).fit()
+    TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device,
+                     overwrite=args.overwrite, allow_config_change=args.allow_config_change).fit()
     return 0
 
 
@@ -183,7 +185,8 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
     from maetok.train.diffusion import DiffusionTrainer
 
     cfg = load_config(DiffusionTrainConfig, args.config, [f"latents={args.latents}"] + args.overrides)
-    DiffusionTrainer(cfg, args.out, resume=args.resume, device=args.device).fit()
+    DiffusionTrainer(cfg, args.out, resume=args.resume, device=args.device, overwrite=args.overwrite,
+                     allow_config_change=args.allow_config_change).fit()
     return 0
 
 
@@ -324,6 +327,15 @@ def cmd_analyze_latents(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """What a training command does with an existing run directory (refused without one of these)."""
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in OUT and start again from step 0")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue under a changed config (the earlier one is kept as "
+                        "config.step<N>.yaml); the model's shape can never change")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maetok",
@@ -340,13 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="preset name (see `maetok info`) or a YAML file")
     p.add_argument("--data", default=None, help="fashion-mnist (default of the CPU presets) or an image folder")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    add_run_flags(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=1000")
 
     p = add("finetune-decoder", "Stage 2: freeze the encoder, fine-tune the pixel decoder with decaying masks.")
     p.add_argument("--from", dest="source", required=True, help="stage-1 run directory")
     p.add_argument("--out", required=True, help="run directory for stage 2")
-    p.add_argument("--resume", action="store_true")
+    add_run_flags(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=500")
 
     p = add("reconstruct", "Encode and decode images; write side-by-side PNGs.")
@@ -372,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="preset (sit-xl, sit-l, lightningdit-xl, fashion-mnist-sit) or YAML")
     p.add_argument("--latents", required=True, help="latent cache directory")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true")
+    add_run_flags(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=1000")
 
     p = add("sample", "Generate images: PNGs, a grid and an ADM-format samples.npz.")
@@ -484,11 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from maetok.runs import check_output_folder, resolve_device
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.device:
+            resolve_device(args.device)  # a device this machine lacks: one line, before any work
+        if getattr(args, "out", None):
+            check_output_folder(args.out)  # every command's --out is a folder
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, NotADirectoryError) as err:
         if os.environ.get("MAETOK_DEBUG"):
             raise
         print(f"maetok {args.command}: error: {err}", file=sys.stderr)

@@ -122,6 +122,28 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # 0 = off
 
+    def validate(self, where: str = "optim") -> None:
+        if not (self.lr > 0 and self.lr == self.lr):
+            raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas must be in [0, 1), got {list(self.betas)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"{where}.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{where}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{where}.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+def require_positive(where: str, value: int) -> None:
+    """``value`` must be an integer >= 1 (step counts, batch sizes, intervals); ``where`` names the key."""
+    if value < 1:
+        raise ConfigError(f"{where} must be >= 1, got {value}")
+
 
 @dataclass
 class TrainConfig:
@@ -139,8 +161,17 @@ class TrainConfig:
     eval_every: int = 5_000
     ckpt_every: int = 5_000
     compile: bool = False
+    # a step whose loss or gradient norm is NaN / inf is skipped (no update, no EMA); this many in a row stop the
+    # run with an error (its last checkpoint is never overwritten by a non-finite model)
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "max_nonfinite_steps"):
+            require_positive(f"train.{name}", getattr(self, name))
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ema_warmup < 0:
@@ -177,6 +208,17 @@ class FinetuneConfig:
     # discriminator trains alone for this many steps before its loss reaches the decoder.
     disc_warmup_steps: int = 2_000
 
+    def validate(self) -> None:
+        require_positive("finetune.steps", self.steps)
+        if not (self.lr > 0):
+            raise ConfigError(f"finetune.lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "mask_decay_steps", "disc_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"finetune.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("mask_ratio_start", "mask_ratio_end"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"finetune.{name} must be in [0, 1), got {getattr(self, name)}")
+
 
 @dataclass
 class DataConfig:
@@ -196,10 +238,14 @@ class TokenizerTrainConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got {self.optim.schedule!r}")
-        if self.train.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.train.precision!r}")
+        self.optim.validate()
+        self.finetune.validate()
+        require_positive("data.eval_images", self.data.eval_images)
+        if self.loss.gan_lr <= 0 and self.loss.gan_weight > 0:
+            raise ConfigError(f"loss.gan_lr must be > 0 when loss.gan_weight > 0, got {self.loss.gan_lr}")
+        for name in ("recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "kl_weight"):
+            if getattr(self.loss, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -573,6 +619,10 @@ class SamplingConfig:
     def validate(self) -> None:
         if self.sampler not in ("euler", "euler-maruyama"):
             raise ConfigError(f"sampling.sampler must be 'euler' or 'euler-maruyama', got {self.sampler!r}")
+        require_positive("sampling.steps", self.steps)
+        require_positive("sampling.grid_steps", self.grid_steps)
+        if self.cfg_scale < 0:
+            raise ConfigError(f"sampling.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
             raise ConfigError(
                 f"need 0 <= sampling.guidance_low <= sampling.guidance_high <= 1, got {self.guidance_low}, {self.guidance_high}"
@@ -594,6 +644,7 @@ class DiffusionTrainConfig:
         self.model.validate()
         self.sampling.validate()
         self.train.validate()
+        self.optim.validate()
         if self.transport.time_sampling not in ("uniform", "lognormal"):
             raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.transport.time_sampling!r}")
         if self.transport.latent_norm not in ("channel", "scalar", "none"):

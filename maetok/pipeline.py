@@ -150,12 +150,21 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
     cfg1 = load_config(TokenizerTrainConfig, config, stage1 + extra)
     cfg2 = load_config(TokenizerTrainConfig, config, stage2 + extra)
     stage1_dir = stage1_dir or out / "stage1"
-    if not is_finished(stage1_dir):
+    if not reuse_finished(stage1_dir, "tokenizer stage 1"):
         TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
-    if not is_finished(out / "tokenizer"):
+    if not reuse_finished(out / "tokenizer", "tokenizer stage 2"):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
                          resume=True).fit()
     return cfg2
+
+
+def reuse_finished(run_dir: Path, what: str) -> bool:
+    """Whether the training run in ``run_dir`` finished before (then it is reused, and that is said); an
+    unfinished one is resumed by the caller (under the same config: a changed one is refused)."""
+    if not is_finished(run_dir):
+        return False
+    print(f"[maetok] {run_dir}: {what} finished before, reusing it", flush=True)
+    return True
 
 
 def run_pipeline(
@@ -227,7 +236,7 @@ def run_pipeline(
     ]
     dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
     with timer.phase("SiT training"):
-        if not is_finished(out / "sit"):
+        if not reuse_finished(out / "sit", "SiT"):
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
     pipe = LatentGenerator.load(out / "sit", device=str(dev))
 

@@ -34,10 +34,41 @@ MODEL_WEIGHTS = "model.safetensors"
 
 
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """``device`` as a :class:`torch.device`; by default the first GPU when there is one, else the CPU."""
+    """``device`` as a :class:`torch.device`; by default the first GPU when there is one, else the CPU. A device
+    this machine lacks (``cuda`` without a GPU, ``cuda:3`` with two) raises ``ValueError`` naming it."""
     if device is None or device == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps ...)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            raise ValueError(f"--device {device}: no CUDA GPU is available on this machine ({build}); use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return resolved
+
+
+def check_output_folder(path: PathLike, flag: str = "--out") -> Path:
+    """``path`` as a folder to write into: it may exist as a folder or not at all; an existing file raises
+    ``ValueError`` naming it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is an existing file, not a folder: name a folder to write into")
+    return path
+
+
+def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the first tensors holding NaN / inf (a diverged model is never
+    written, and never sampled from or evaluated)."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{source} holds non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. "
+                         f"{', '.join(bad[:3])}: the model diverged")
 
 
 def model_directory(path: PathLike) -> Path:
@@ -127,6 +158,7 @@ def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str,
     (``model_type``, the format version and ``config``), both through a temporary file and a rename. The config is
     written last, so its presence means the folder is complete. Returns the directory."""
     directory = Path(directory)
+    check_finite_tensors(state_dict, f"the {model_type} to be saved to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (MODEL_WEIGHTS + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})

@@ -93,7 +93,8 @@ def test_v0_runs_resume(name, tmp_path):
         "sit_run": (DiffusionTrainConfig, DiffusionTrainer, LatentGenerator.load),
     }[name]
     run = _run_copy(tmp_path, name)
-    trainer = trainer_cls(load_config(config_cls, run / "config.yaml", ["train.steps=3"]), run, resume=True)
+    trainer = trainer_cls(load_config(config_cls, run / "config.yaml", ["train.steps=3"]), run, resume=True,
+                          allow_config_change=True)  # steps 2 -> 3: a change resumed on purpose
     assert trainer.step == 2
     trainer.fit()
     assert trainer.step == 3
@@ -111,7 +112,8 @@ def test_written_files_carry_the_format_version_and_newer_ones_are_refused(tmp_p
     for name in ("stats.json", "cache_plan.json"):
         assert json.loads((cache / name).read_text())["format_version"] == FORMAT_VERSION
     run = _run_copy(tmp_path, "tokenizer_run")
-    trainer = TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=3"]), run, resume=True)
+    trainer = TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=3"]), run, resume=True,
+                               allow_config_change=True)
     trainer.fit()  # writes a new checkpoint and model folder
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     config_path = run / "model" / "config.json"
@@ -123,7 +125,8 @@ def test_written_files_carry_the_format_version_and_newer_ones_are_refused(tmp_p
         MAETok.from_pretrained(run)
     torch.save(checkpoint | {"format_version": FORMAT_VERSION + 1}, run / "checkpoints" / "last.pt")
     with pytest.raises(ValueError, match=r"last\.pt has format_version"):
-        TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=4"]), run, resume=True)
+        TokenizerTrainer(load_config(TokenizerTrainConfig, run / "config.yaml", ["train.steps=4"]), run, resume=True,
+                         allow_config_change=True)
     stats = json.loads((cache / "stats.json").read_text()) | {"format_version": FORMAT_VERSION + 1}
     (cache / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=r"stats\.json has format_version"):

@@ -5,49 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SIT
 from safetensors.torch import load_file
 
 from maetok.cli import main
-from maetok.config import DiffusionTrainConfig, TokenizerConfig, load_config
+from maetok.config import DiffusionTrainConfig, load_config
 from maetok.data import build_dataset
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import LatentGenerator
 from maetok.encode import cache_latents
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
-
-TINY_SIT = [
-    "model.width=32",
-    "model.depth=2",
-    "model.num_heads=2",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=4",
-    "train.ckpt_every=2",
-    "sampling.grid_steps=3",
-    "sampling.steps=5",
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(
-        image_size=16, in_channels=3, patch_size=4, encoder_width=32, encoder_depth=1, encoder_heads=2,
-        decoder_width=32, decoder_depth=1, decoder_heads=2, num_latent_tokens=4, latent_dim=4, aux_targets=[],
-        mask_ratio_min=0.0, mask_ratio_max=0.0, variant="ae",
-    )
-    path = tmp_path_factory.mktemp("tok") / "model"
-    MAETok(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def latent_dir(tokenizer_dir, image_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("latents")
-    dataset = build_dataset(str(image_folder), "all", 16, 3)
-    cache_latents(MAETok.from_pretrained(tokenizer_dir), dataset, out, tokenizer_dir, flip=True, shard_size=7, progress=False)
-    return out
 
 
 def test_cache_holds_latents_labels_flips_and_exact_statistics(latent_dir, tokenizer_dir, image_folder):

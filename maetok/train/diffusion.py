@@ -29,12 +29,14 @@ class DiffusionTrainer(Trainer):
         out_dir: Union[str, Path],
         resume: bool = False,
         device: Optional[str] = None,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
     ):
         cfg.validate()
         if not cfg.latents:
             raise ValueError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
         self.cfg = cfg
-        super().__init__(out_dir, cfg.train, cfg.optim, cfg.train.steps, device)
+        super().__init__(out_dir, cfg.train, cfg.optim, cfg.train.steps, device, resume, overwrite, allow_config_change)
         self.train_set = LatentDataset(cfg.latents)
         stats = self.train_set.stats
         self.latent_shape = tuple(stats["latent_shape"])

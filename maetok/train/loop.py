@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
+import pickle
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, MODEL_DIR, check_format_version
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, MODEL_DIR, check_finite_tensors, check_format_version
 
 # ---------------------------------------------------------------------------------------------------------
 # Processes and devices
@@ -283,10 +287,119 @@ def load_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - report which file is broken
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from None
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        first = f"it references {found.group(1)}" if found else "unsupported content"
+        raise ValueError(f"checkpoint {path} was refused: it holds pickled code or objects beyond tensors and plain "
+                         f"containers, which maetok never executes ({first})") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: name it, in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a maetok checkpoint: {first}); "
+                         f"delete it to restart the run, or restore it") from None
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a maetok training checkpoint (no 'step' / 'model' entries)")
     check_format_version(state, path)
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run directories: never destroy a run, never resume silently under another config
+# ---------------------------------------------------------------------------------------------------------
+
+#: What a training run writes; a folder holding any of them holds a run.
+RUN_MARKERS = ("config.yaml", "log.csv", str(Path("checkpoints") / "last.pt"), str(Path(MODEL_DIR) / "config.json"))
+#: Keys a resumed run may change without ``--allow-config-change``: they change no number the run computes.
+BOOKKEEPING_KEYS = frozenset({"train.num_workers", "train.log_every", "train.eval_every", "train.ckpt_every"})
+
+
+class NonFiniteError(ValueError):
+    """Training met NaN / inf losses or gradients in ``train.max_nonfinite_steps`` steps in a row."""
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 5}}`` -> ``{"train.steps": 5}`` (lists and scalars are leaves)."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(earlier: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, earlier value, new value)`` for every dotted key that differs (absent: ``None``), sorted by key."""
+    old, new = flatten_config(earlier), flatten_config(now)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def prepare_run_directory(
+    out_dir: Path, config: dict, resume: bool, overwrite: bool, allow_config_change: bool, is_main: bool = True,
+    complete: Callable[[dict], dict] = lambda raw: raw,
+) -> Optional[str]:
+    """Check ``out_dir`` before a run starts; returns the earlier ``config.yaml`` text when a resumed run accepts a
+    changed config (the caller keeps it beside the new one), else ``None``.
+
+    - ``out_dir`` an existing file: ``ValueError``.
+    - ``out_dir`` holds a run (:data:`RUN_MARKERS`) and neither ``resume`` nor ``overwrite``: ``ValueError`` naming
+      both flags (nothing is touched).
+    - ``overwrite``: the old run directory is deleted (by the main process) and the run starts from step 0.
+    - ``resume`` with a config that differs from the run's ``config.yaml``: the differences are printed; changes
+      beyond :data:`BOOKKEEPING_KEYS` need ``allow_config_change`` (changes of the model's shape are refused
+      later, when the checkpoint's tensors do not fit: :meth:`Trainer.resume`). ``complete`` fills the defaults of
+      keys the earlier config lacks (written by an older maetok), so that a new key is not a change.
+    """
+    import yaml
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is an existing file, not a run directory")
+    if resume and overwrite:
+        raise ValueError("pass --resume (continue the run) or --overwrite (delete it and start again), not both")
+    holds_run = out_dir.is_dir() and any((out_dir / marker).exists() for marker in RUN_MARKERS)
+    if not holds_run:
+        return None
+    if overwrite:
+        if is_main:
+            print(f"[maetok] --overwrite: deleting the earlier run in {out_dir}")
+            shutil.rmtree(out_dir)
+        return None
+    if not resume:
+        checkpoint = out_dir / CHECKPOINT
+        if (out_dir / MODEL_DIR / "config.json").exists():
+            state = "a finished run"
+        elif checkpoint.exists():
+            state = "an unfinished run with a checkpoint"
+        else:
+            state = "a run's files"
+        raise ValueError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
+                         f"it and start again (or choose another --out)")
+    config_path = out_dir / "config.yaml"
+    if not config_path.exists():
+        return None
+    earlier_text = config_path.read_text()
+    changes = config_changes(complete(yaml.safe_load(earlier_text) or {}), config)
+    if not changes:
+        return None
+    if is_main:
+        print(f"[maetok] --resume: the config differs from {config_path}:")
+        for key, old, new in changes:
+            print(f"  {key}: {old!r} -> {new!r}")
+    significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
+    if significant and not allow_config_change:
+        raise ValueError(f"--resume with a changed config ({', '.join(significant[:4])}"
+                         f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
+                         f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
+    return earlier_text
+
+
+def keep_earlier_config(out_dir: Path, earlier_text: str, step: int) -> Path:
+    """Write the config a resumed run replaced to ``config.step<N>.yaml`` (``.2``, ``.3`` ... when taken)."""
+    path = out_dir / f"config.step{step}.yaml"
+    k = 2
+    while path.exists():
+        path = out_dir / f"config.step{step}.{k}.yaml"
+        k += 1
+    path.write_text(earlier_text)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,13 +499,23 @@ class Trainer:
 
     run_kind = "run"
 
-    def __init__(self, out_dir: Union[str, Path], train: TrainConfig, optim: OptimConfig, total_steps: int, device: Optional[str]):
+    def __init__(self, out_dir: Union[str, Path], train: TrainConfig, optim: OptimConfig, total_steps: int,
+                 device: Optional[str], resume: bool = False, overwrite: bool = False,
+                 allow_config_change: bool = False):
         self.out_dir = Path(out_dir)
         self.train_cfg = train
         self.optim_cfg = optim
         self.total_steps = total_steps
         self.dist = setup_distributed(device)
         self.device = self.dist.device
+        # the subclass has set its config: refuse to touch a finished run or resume it under another config
+        self.earlier_config = prepare_run_directory(
+            self.out_dir, self.config_dict(), resume, overwrite, allow_config_change, self.dist.is_main,
+            self.complete_config,
+        )
+        if self.dist.world_size > 1:
+            dist.barrier()  # the main process may have deleted the old run (--overwrite)
+        self.nonfinite_in_a_row = 0
         self.step = 0
         self.generator = torch.Generator().manual_seed(train.seed * 7919 + self.dist.rank)
         self.ema: Optional[EMA] = None
@@ -431,6 +554,19 @@ class Trainer:
 
     def describe(self) -> str:
         return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
+
+    def complete_config(self, raw: dict) -> dict:
+        """A saved config as :meth:`config_dict` would write it today (defaults for keys it lacks), when the
+        subclass keeps its dataclass config in ``self.cfg``."""
+        from maetok.config import ConfigError, from_dict, to_dict
+
+        cfg = getattr(self, "cfg", None)
+        if cfg is None or not dataclasses.is_dataclass(cfg):
+            return raw
+        try:
+            return to_dict(from_dict(type(cfg), raw))
+        except ConfigError:  # a key this maetok no longer knows: compare as written
+            return raw
 
     def extra_state(self) -> dict:
         """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""
@@ -472,12 +608,46 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         logs = {"lr": lr}
+        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if not self.all_finite(loss.detach(), grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skip_nonfinite_step(loss)
+            return logs | {"skipped": 1.0}
+        self.nonfinite_in_a_row = 0
         if self.optim_cfg.grad_clip > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, self.optim_cfg.grad_clip).item()
+            logs["grad_norm"] = grad_norm.item()
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return logs
+        return logs | {"skipped": 0.0}
+
+    def all_finite(self, *values: Tensor) -> bool:
+        """Whether every value is finite, on every process (all processes then skip or step together)."""
+        finite = torch.stack([torch.isfinite(v.float()).all() for v in values]).all().to(torch.int32)
+        if self.dist.world_size > 1:
+            finite = finite.to(self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def skip_nonfinite_step(self, loss: Tensor) -> None:
+        """Count a step whose loss or gradients were NaN / inf (its update is dropped); raise
+        :class:`NonFiniteError` after ``train.max_nonfinite_steps`` of them in a row."""
+        self.nonfinite_in_a_row += 1
+        limit = self.train_cfg.max_nonfinite_steps
+        if self.dist.is_main:
+            print(f"[maetok] {self.run_kind} step {self.step + 1}: non-finite loss or gradients (loss "
+                  f"{loss.detach().float().item():.4g}); the step is skipped ({self.nonfinite_in_a_row} of {limit} "
+                  "allowed in a row)", flush=True)
+        if self.nonfinite_in_a_row >= limit:
+            checkpoint = self.out_dir / CHECKPOINT
+            kept = f"{checkpoint} is intact" if checkpoint.exists() else "no checkpoint was written"
+            raise NonFiniteError(
+                f"{self.run_kind} stopped at step {self.step + 1}: the loss or its gradients were NaN / inf in "
+                f"{limit} steps in a row (train.max_nonfinite_steps); nothing non-finite was saved and {kept}. "
+                f"Lower optim.lr (now {self.optim_cfg.lr:g}) or set optim.grad_clip, then --resume "
+                f"--allow-config-change"
+            )
 
     def ema_or_live_state(self) -> dict[str, Tensor]:
         return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
@@ -490,6 +660,9 @@ class Trainer:
             generators = gathered
         if not self.dist.is_main:
             return
+        check_finite_tensors(self.model.state_dict(), f"{self.run_kind} model at step {self.step}")
+        if self.ema is not None:
+            check_finite_tensors(self.ema.state_dict(), f"{self.run_kind} EMA at step {self.step}")
         state = {
             FORMAT_KEY: FORMAT_VERSION,
             "kind": self.run_kind,
@@ -514,6 +687,7 @@ class Trainer:
             raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
         if len(state["generator"]) != self.dist.world_size:
             raise ValueError(f"{path} was written by {len(state['generator'])} processes, this run has {self.dist.world_size}")
+        self.check_resumable_shapes(state["model"], path)
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -524,6 +698,22 @@ class Trainer:
         if self.dist.is_main:
             print(f"[maetok] resumed from {path} at step {self.step}")
 
+    def check_resumable_shapes(self, saved: dict[str, Tensor], path: Path) -> None:
+        """A checkpoint resumes only into a model of its shape: a changed width / depth / latent size ... is
+        refused in one line (even with ``--allow-config-change``)."""
+        ours = self.model.state_dict()
+        missing = sorted(set(ours) - set(saved))
+        unexpected = sorted(set(saved) - set(ours))
+        reshaped = sorted(k for k in set(ours) & set(saved) if tuple(ours[k].shape) != tuple(saved[k].shape))
+        if missing or unexpected or reshaped:
+            examples = [f"{k} {tuple(saved[k].shape)} -> {tuple(ours[k].shape)}" for k in reshaped[:2]]
+            examples += missing[:2] + unexpected[:2]
+            raise ValueError(
+                f"cannot resume {path}: the config changes the model's shape ({len(reshaped)} tensors of another "
+                f"shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {', '.join(examples)}): "
+                f"start a new run (another --out, or --overwrite)"
+            )
+
     def fit(self, stop_at: Optional[int] = None) -> Path:
         """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
         that continue with ``--resume``); export the final model when the run is complete."""
@@ -532,6 +722,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
 
+            if self.earlier_config is not None:
+                kept = keep_earlier_config(self.out_dir, self.earlier_config, self.step)
+                print(f"[maetok] --allow-config-change: the earlier config is kept as {kept}")
+                self.earlier_config = None
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config_dict(), sort_keys=False))
             print(f"[maetok] {self.describe()}")
         stream = batch_stream(self.train_set, cfg.batch_size, cfg.seed, self.step, dist_info, cfg.num_workers)
@@ -540,31 +734,33 @@ class Trainer:
         window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
         self.model.train()
         end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
-        while self.step < end:
-            batch = next(stream)
-            logs = self.train_step(batch)
-            self.step += 1
-            window_items += batch[0].shape[0] * dist_info.world_size
-            window_steps += 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            log.advance()
-            last = self.step == self.total_steps
-            do_eval = self.step % cfg.eval_every == 0 or last
-            if self.step % cfg.log_every == 0 or do_eval:
-                elapsed = time.perf_counter() - window_start
-                row = mean_across_processes({k: v / window_steps for k, v in sums.items()}, self.device)
-                row.update(step=self.step, img_per_s=window_items / max(elapsed, 1e-9))
-                if do_eval and dist_info.is_main:
-                    self.model.eval()
-                    row.update(self.evaluate(self.step))
-                    self.model.train()
-                log.log(row)
-                window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
-            if self.step % cfg.ckpt_every == 0 or last or self.step == end:
-                self.save_checkpoint()
-        log.close()
-        self.run_log = None
+        try:
+            while self.step < end:
+                batch = next(stream)
+                logs = self.train_step(batch)
+                self.step += 1
+                window_items += batch[0].shape[0] * dist_info.world_size
+                window_steps += 1
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                log.advance()
+                last = self.step == self.total_steps
+                do_eval = self.step % cfg.eval_every == 0 or last
+                if self.step % cfg.log_every == 0 or do_eval:
+                    elapsed = time.perf_counter() - window_start
+                    row = mean_across_processes({k: v / window_steps for k, v in sums.items()}, self.device)
+                    row.update(step=self.step, img_per_s=window_items / max(elapsed, 1e-9))
+                    if do_eval and dist_info.is_main:
+                        self.model.eval()
+                        row.update(self.evaluate(self.step))
+                        self.model.train()
+                    log.log(row)
+                    window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
+                if self.step % cfg.ckpt_every == 0 or last or self.step == end:
+                    self.save_checkpoint()
+        finally:
+            log.close()
+            self.run_log = None
         if hasattr(self.train_set, "log_skipped"):
             self.train_set.log_skipped()
         if dist_info.is_main and self.step == self.total_steps:

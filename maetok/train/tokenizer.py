@@ -91,6 +91,8 @@ class TokenizerTrainer(Trainer):
         init_from: Optional[Union[str, Path]] = None,
         resume: bool = False,
         device: Optional[str] = None,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
     ):
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
@@ -104,7 +106,7 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
-        super().__init__(out_dir, cfg.train, optim, total, device)
+        super().__init__(out_dir, cfg.train, optim, total, device, resume, overwrite, allow_config_change)
         m = cfg.model
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
