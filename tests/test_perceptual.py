@@ -204,6 +204,8 @@ def test_prepare_assets_reports(tmp_path, monkeypatch, capsys):
     snapshot = tmp_path / "hub" / "models--facebook--dinov2-small" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")  # a hub cache names its current snapshot
     report = assets.prepare_assets(verbose=True)
     assert report["lpips_vgg16"] is None
     assert report["hf:facebook/dinov2-small"] == str(snapshot)
