@@ -535,3 +535,30 @@ def summarize_pretrained(source: PathLike) -> dict[str, Any]:
     else:
         summary["latent_statistics"] = None
     return summary
+
+
+def convert_pretrained(source: PathLike, out: PathLike) -> Path:
+    """``maetok convert``: the tokenizer of ``source`` (a folder of either format, a run directory or a hub id)
+    written to ``out`` in our format (``config.json`` + ``model.safetensors``); the written folder is read back
+    and must hold the same tensors. Returns ``out``."""
+    from maetok.runs import weights_fingerprint
+
+    directory, _ = read_folder_config(source)
+    out = Path(out)
+    if out.exists() and out.resolve() == directory.resolve():
+        raise ValueError(f"--out {out} is the source folder: write the converted model elsewhere")
+    model = load_pretrained_tokenizer(source)
+    model.save_pretrained(out)
+    if weights_fingerprint(load_pretrained_tokenizer(out)) != weights_fingerprint(model):
+        raise ValueError(f"{out}: the converted model does not read back with the same weights")
+    return out
+
+
+def load_pretrained_config(source: PathLike) -> TokenizerConfig:
+    """The :class:`~maetok.config.TokenizerConfig` of a tokenizer folder (either format), run directory or hub id,
+    without reading its tensors (their format: from ``config.json`` and the safetensors header)."""
+    directory, config = read_folder_config(source)
+    if detect_format(config) == "authors":
+        weights = directory / MODEL_WEIGHTS
+        return authors_architecture(config, safetensors_shapes(weights), directory / MODEL_CONFIG, weights)[0]
+    return MAETok.load_config(directory)
