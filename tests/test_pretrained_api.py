@@ -196,3 +196,16 @@ def test_commands_on_a_released_folder(image_folder, tmp_path):
         if name.startswith("encoder."):  # frozen
             assert torch.equal(tensor, after.state_dict()[name]), name
     assert not torch.equal(before.decoder.head.weight, after.decoder.head.weight)  # the decoder trained
+
+    out = tmp_path / "latents"
+    assert main(["analyze-latents", "--model", f"released={released}", "--data", str(image_folder), "--out", str(out),
+                 "--num-train", "12", "--num-test", "2", "--ks", "1", "2", "--no-map"]) == 0
+    assert "released" in json.loads((out / "latent_analysis.json").read_text())["models"]
+
+
+def test_a_folder_that_is_no_tokenizer_fails_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "sit"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 1152, "depth": 28, "vae_1d": True}))
+    assert main(["info", "--model", str(folder)]) == 2
+    assert f"{folder / 'config.json'} is not a tokenizer config (no model_type;" in capsys.readouterr().err

@@ -141,13 +141,13 @@ def ref_mlp(x, s, b):
     return h @ s[b + "mlp.fc2.weight"].T + s[b + "mlp.fc2.bias"]
 
 
-def ref_encode(s, images, heads, p, L):
+def ref_encode(s, images, heads, p, L, t_xy=None):
     e = "encoder.model."
     x = F.conv2d(images, s[e + "patch_embed.proj.weight"], s[e + "patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
     B, N, C = x.shape
     x = torch.cat([s[e + "cls_token"].expand(B, -1, -1), x], 1) + s[e + "pos_embed"]
     x = torch.cat([x, (s["encoder.latent_tokens"] + s["encoder.latent_pos_embed"]).expand(B, -1, -1)], 1)
-    cis = ref_mixed_cis(s["encoder.freqs"], s["encoder.freqs_t_x"], s["encoder.freqs_t_y"], heads)
+    cis = ref_mixed_cis(s["encoder.freqs"], *(t_xy or (s["encoder.freqs_t_x"], s["encoder.freqs_t_y"])), heads)
     depth = s["encoder.freqs"].shape[1]
     for i in range(depth):
         b = f"{e}blocks.{i}."
@@ -159,14 +159,14 @@ def ref_encode(s, images, heads, p, L):
     return x[:, -L:] @ s["quant_conv.weight"].T + s["quant_conv.bias"]
 
 
-def ref_decode(s, z, heads, p, grid):
+def ref_decode(s, z, heads, p, grid, t_xy=None):
     L = z.shape[1]
     zq = z  # the raw latent drives the modulation
     h = z @ s["post_quant_conv.weight"].T + s["post_quant_conv.bias"]
     B, C = z.shape[0], h.shape[-1]
     N = grid * grid
     x = torch.cat([s["decoder.mask_token"].expand(B, N, -1), h + s["decoder.latent_pos_embed"]], 1)
-    cis = ref_mixed_cis(s["decoder.freqs"], s["decoder.freqs_t_x"], s["decoder.freqs_t_y"], heads)
+    cis = ref_mixed_cis(s["decoder.freqs"], *(t_xy or (s["decoder.freqs_t_x"], s["decoder.freqs_t_y"])), heads)
 
     def modulated(y, shift, scale):
         return torch.cat([y[:, :-L], y[:, -L:] * scale + shift], 1)
@@ -240,6 +240,24 @@ def test_tiny_released_checkpoint_matches_an_independent_reimplementation(tmp_pa
     # the references are not trivially equal to something that ignores RoPE / modulation / LayerScale
     assert (latents - ref_encode({**state, "encoder.freqs": torch.zeros_like(state["encoder.freqs"])}, images, 2, 4, 4)
             ).abs().max() > 1e-3
+
+
+def test_a_base_grid_smaller_than_the_image_uses_the_image_grid(tmp_path):
+    """Their 512px variant stores RoPE positions of the 256px grid (base_image_size); a larger grid gets its own
+    positions (their init_t_xy(W / p, H / p)). Here: stored 2 x 2 positions, 4 x 4 images."""
+    state = authors_state(seed=4)
+    small = torch.arange(4, dtype=torch.float32)
+    for part in ("encoder", "decoder"):
+        state[f"{part}.freqs_t_x"], state[f"{part}.freqs_t_y"] = small % 2, torch.div(small, 2, rounding_mode="floor")
+    model = MAETok.from_pretrained(write_authors_folder(tmp_path / "r", state, authors_config(base_image_size=8)))
+    assert model.architecture.rope_grid == 2
+    idx = torch.arange(16, dtype=torch.float32)
+    own = (idx % 4, torch.div(idx, 4, rounding_mode="floor"))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        latents = model.encode(images)
+        torch.testing.assert_close(latents, ref_encode(state, images, 2, 4, 4, own), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.decode(latents), ref_decode(state, latents, 2, 4, 4, own), rtol=1e-4, atol=1e-5)
 
 
 def test_loading_is_strict_and_lists_the_differences(tmp_path, capsys):

@@ -493,16 +493,23 @@ def read_folder_config(source: PathLike) -> tuple[Path, dict[str, Any]]:
     return directory, config
 
 
-def detect_format(config: Mapping[str, Any]) -> str:
-    """``"authors"`` (their saver's flat config) or ``"maetok"`` (ours)."""
-    return "authors" if is_authors_config(config) else "maetok"
+def detect_format(config: Mapping[str, Any], source: PathLike = "config.json") -> str:
+    """``"authors"`` (their saver's flat config) or ``"maetok"`` (ours: ``model_type`` maetok, or a file from
+    before ``model_type`` with our fields); anything else raises ``ConfigError`` naming ``source``."""
+    if is_authors_config(config):
+        return "authors"
+    if config.get("model_type", "maetok" if "variant" in config else None) == "maetok":
+        return "maetok"
+    kind = f"model_type {config['model_type']!r}" if "model_type" in config else "no model_type"
+    raise ConfigError(f"{source} is not a tokenizer config ({kind}; neither maetok's tokenizer format nor the "
+                      "authors' MAETok format)")
 
 
 def load_pretrained_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
     """The tokenizer of a folder (ours or the authors' format, detected from ``config.json``), a run directory or
     a Hugging Face hub id, strictly loaded, in eval mode."""
     directory, config = read_folder_config(source)
-    if detect_format(config) == "authors":
+    if detect_format(config, directory / MODEL_CONFIG) == "authors":
         return load_authors_tokenizer(directory, config, map_location).eval()
     directory, raw = read_model_config(directory, "maetok", "tokenizer")
     require_config_fields(raw, CONFIG_REQUIRED_FIELDS, directory / MODEL_CONFIG)
@@ -513,8 +520,8 @@ def load_pretrained_tokenizer(source: PathLike, map_location: str = "cpu") -> MA
 def summarize_pretrained(source: PathLike) -> dict[str, Any]:
     """What ``maetok info --model`` prints: format, parameter counts, latent shape and latent statistics."""
     directory, config = read_folder_config(source)
-    fmt = detect_format(config)
-    model = load_pretrained_tokenizer(source)
+    fmt = detect_format(config, directory / MODEL_CONFIG)
+    model = load_pretrained_tokenizer(directory)
     cfg = model.config
     counts = model.parameter_counts()
     released = isinstance(model, ReleasedMAETok)
@@ -547,7 +554,7 @@ def convert_pretrained(source: PathLike, out: PathLike) -> Path:
     out = Path(out)
     if out.exists() and out.resolve() == directory.resolve():
         raise ValueError(f"--out {out} is the source folder: write the converted model elsewhere")
-    model = load_pretrained_tokenizer(source)
+    model = load_pretrained_tokenizer(directory)
     model.save_pretrained(out)
     if weights_fingerprint(load_pretrained_tokenizer(out)) != weights_fingerprint(model):
         raise ValueError(f"{out}: the converted model does not read back with the same weights")
@@ -558,7 +565,7 @@ def load_pretrained_config(source: PathLike) -> TokenizerConfig:
     """The :class:`~maetok.config.TokenizerConfig` of a tokenizer folder (either format), run directory or hub id,
     without reading its tensors (their format: from ``config.json`` and the safetensors header)."""
     directory, config = read_folder_config(source)
-    if detect_format(config) == "authors":
+    if detect_format(config, directory / MODEL_CONFIG) == "authors":
         weights = directory / MODEL_WEIGHTS
         return authors_architecture(config, safetensors_shapes(weights), directory / MODEL_CONFIG, weights)[0]
     return MAETok.load_config(directory)
