@@ -8,18 +8,17 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from test_released_tokenizer import authors_config, authors_state, write_authors_folder
+from safetensors.torch import load_file
+from test_released_tokenizer import authors_config, write_authors_folder
+from test_tokenizer import tiny_config
 
 import maetok
 from maetok.cli import main
 from maetok.config import ConfigError
 from maetok.encode import load_tokenizer
 from maetok.models.released import ReleasedMAETok
-from maetok.runs import weights_fingerprint
 from maetok.models.tokenizer import MAETok
-
-from test_tokenizer import tiny_config
+from maetok.runs import weights_fingerprint
 
 IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
 

@@ -33,7 +33,16 @@ import torch
 from torch import Tensor, nn
 
 from maetok.config import ConfigError, TokenizerConfig, from_dict, to_dict
-from maetok.models.blocks import Attention, Block, Mlp, PatchEmbed, init_vit_weights, mixed_rope, rope_grid_positions
+from maetok.models.blocks import (
+    Attention,
+    Block,
+    Mlp,
+    PatchEmbed,
+    Rope,
+    init_vit_weights,
+    mixed_rope,
+    rope_grid_positions,
+)
 from maetok.models.tokenizer import CONFIG_REQUIRED_FIELDS, RELEASED_ARCHITECTURE_KEY, MAETok
 from maetok.runs import (
     MODEL_CONFIG,
@@ -168,7 +177,7 @@ class _MixedRope(nn.Module):
         with torch.no_grad():
             self.freqs.copy_(torch.stack([fx, fy]).reshape(2, depth, -1))
 
-    def forward(self, grid: tuple[int, int], num_before: int, num_after: int) -> list:
+    def forward(self, grid: tuple[int, int], num_before: int, num_after: int) -> list[Rope]:
         """One ``(cos, sin)`` per layer for ``[num_before unrotated ; grid tokens ; num_after unrotated]``. The
         stored positions serve when they cover the grid's token count, else the grid's own (as theirs)."""
         gh, gw = grid
@@ -244,7 +253,7 @@ class LatentModulatedBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(latent_dim, 4 * dim))
 
-    def forward(self, x: Tensor, latents: Tensor, rope) -> Tensor:
+    def forward(self, x: Tensor, latents: Tensor, rope: Rope) -> Tensor:
         """x: ``(B, N + L, D)``; latents: the raw ``(B, L, latent_dim)``."""
         shift_attn, scale_attn, shift_mlp, scale_mlp = self.adaLN_modulation(latents).chunk(4, dim=-1)
         x = x + self.attn(_modulate_latents(self.norm1(x), shift_attn, scale_attn), rope)
@@ -365,32 +374,31 @@ def _block_count(shapes: Mapping[str, Any], prefix: str) -> int:
 
 
 def _num_heads(config: Mapping[str, Any], part: str, width: int, depth: int, source: PathLike) -> int:
-    """Heads of the encoder or decoder: ``<part>_model_kwargs.num_heads``, else the timm table's when its width
-    agrees with the weights'. Widths / depths the kwargs or the table state must agree with the weights."""
-    name = config.get(f"{part}_model", "")
+    """Heads of the encoder or decoder: ``<part>_model_kwargs.num_heads``, else the timm table's when the table's
+    width agrees with the weights'. A width or depth the kwargs state must agree with the weights."""
+    name = str(config.get(f"{part}_model", ""))
     kwargs = config.get(f"{part}_model_kwargs") or {}
-    table = timm_architecture(str(name))
-    declared = dict(zip(("embed_dim", "depth", "num_heads"), table)) if table else {}
-    declared.update({k: kwargs[k] for k in ("embed_dim", "depth", "num_heads") if k in kwargs})
     for key, found in (("embed_dim", width), ("depth", depth)):
         if key in kwargs and int(kwargs[key]) != found:
             raise ValueError(f"{source}: {part}_model_kwargs.{key}={kwargs[key]} but the weights have {found}")
     if "num_heads" in kwargs:
         return int(kwargs["num_heads"])
+    table = timm_architecture(name)
     if table is None:
         raise ValueError(f"{source}: unknown {part}_model {name!r} (known: {sorted(TIMM_ARCHITECTURES)}); "
                          f"set {part}_model_kwargs.num_heads")
-    if declared["embed_dim"] != width:
-        raise ValueError(f"{source}: {part}_model {name!r} has width {declared['embed_dim']} but the weights have "
-                         f"{width}; set {part}_model_kwargs.num_heads")
-    return int(declared["num_heads"])
+    table_width, _, table_heads = table
+    if table_width != width:
+        raise ValueError(f"{source}: {part}_model {name!r} has width {table_width} but the weights have {width}; "
+                         f"set {part}_model_kwargs.num_heads")
+    return table_heads
 
 
 def authors_architecture(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: PathLike,
                          weights: PathLike) -> tuple[TokenizerConfig, ReleasedArchitecture]:
     """Our config of a checkpoint in their format, from its ``config.json`` (``config``, read from ``source``)
-    and the tensor shapes of its weights (read from ``weights``): the weights decide widths, depths, patch size, latent size and which
-    optional parts exist."""
+    and the tensor shapes of its weights (read from ``weights``): the weights decide widths, depths, patch size,
+    latent size, MLP ratio and which optional parts exist; the config gives image sizes, heads and statistics."""
     for key in ("enc_type", "dec_type"):
         if config.get(key, "vit") != "vit":
             raise ValueError(f"{source}: {key}={config[key]!r}; only their ViT tokenizers (enc_type/dec_type 'vit') load")
