@@ -1,3 +1,27 @@
-"""maetok: MAETok tokenizers, latent diffusion on their 1D tokens, and evaluation."""
+"""maetok: MAETok tokenizers, latent diffusion on their 1D tokens, and evaluation.
+
+The public API: ``from maetok import MAETok`` (``MAETok.from_pretrained(PATH_OR_HUB_ID)``, ``encode``, ``decode``,
+``save_pretrained``, ``push_to_hub``). The classes resolve on first access (PEP 562), so ``import maetok`` stays
+light and the package root, which sits below every layer, imports none of them at import time.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+#: public name -> the module that owns it
+_EXPORTS = {
+    "MAETok": "maetok.models.tokenizer",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'maetok' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

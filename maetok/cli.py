@@ -64,8 +64,42 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("convert")
+def cmd_convert(args: argparse.Namespace) -> int:
+    from maetok.models.released import convert_pretrained
+
+    out = convert_pretrained(args.source, args.out)
+    print(f"[maetok] {args.source} -> {out} (maetok format: config.json + model.safetensors)")
+    return 0
+
+
+def _print_model_info(source: str) -> None:
+    """``maetok info --model``: detected format, parameter counts, latent shape and latent statistics."""
+    from maetok.models.released import summarize_pretrained
+
+    s = summarize_pretrained(source)
+    grid = s["image_size"] // s["patch_size"]
+    print(f"{source}: {s['architecture']}, format {s['format']}")
+    print(f"  folder {s['folder']}")
+    print(f"  {s['image_size']}px, patch {s['patch_size']} ({grid * grid} tokens) -> latents "
+          f"{s['latent_shape'][0]} x {s['latent_shape'][1]}")
+    for part, n in s["parameters"].items():
+        print(f"  {part:<32} {n / 1e6:8.2f}M")
+    stats = s["latent_statistics"]
+    if stats is not None:
+        print(f"  latent statistics: scalar mean {stats['mean']:g}, std {stats['std']:g} (their diffusion models "
+              f"train on (latents - mean) / std)")
+    else:
+        print("  latent statistics: none in the model folder (cache-latents measures per-channel ones: stats.json)")
+    if s.get("ignored_keys"):
+        print(f"  keys unused by encode/decode, not loaded: {', '.join(s['ignored_keys'])}")
+
+
 @command("info")
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.model:
+        _print_model_info(args.model)
+        return 0
     import torch
 
     from maetok.config import (
@@ -402,7 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-png", type=int, default=None, help="write at most this many PNGs (the .npz holds all)")
 
-    p = add("info", "Print presets and their parameter counts.")
+    p = add("convert", "Write a tokenizer (our folder, the authors' released folder or a hub id) in our format.")
+    p.add_argument("--from", dest="source", required=True, help="tokenizer folder, run directory or hub id "
+                   "(e.g. MAETok/maetok-b-128)")
+    p.add_argument("--out", required=True, help="output model folder (config.json + model.safetensors)")
+
+    p = add("info", "Print presets and their parameter counts, or (--model) what a model folder holds.")
+    p.add_argument("--model", default=None, help="a tokenizer folder or hub id: format, parameters, latent statistics")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
     p.add_argument("--sizes", action="store_true", help="only print the diffusion sizes (SiT-XL, ...)")
     p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 32], metavar=("L", "H"), help="for diffusion presets")

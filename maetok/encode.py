@@ -27,7 +27,7 @@ from maetok.data import IMAGE_EXTENSIONS, DatasetSubset, iter_batches, list_imag
 from maetok.data.images import BadImageError, load_image, resize_center_crop, save_side_by_side, to_tensor
 from maetok.data.latents import PLAN_NAME, STATS_NAME, shard_path
 from maetok.models.tokenizer import MAETok
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, model_directory, resolve_device, weights_fingerprint, write_json
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, resolve_device, weights_fingerprint, write_json
 
 __all__ = ["cache_latents", "encode_dataset", "encode_images", "list_images", "load_tokenizer", "reconstruct_files",
            "reconstruct_images", "reconstructions"]
@@ -36,8 +36,10 @@ PathLike = Union[str, Path]
 
 
 def load_tokenizer(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> MAETok:
-    """The tokenizer in a model directory or a run directory holding ``model/``, in eval mode on ``device``."""
-    return MAETok.from_pretrained(model_directory(path)).to(resolve_device(device)).eval()
+    """The tokenizer of a model directory, a run directory holding ``model/``, a folder in the authors' released
+    format or a Hugging Face hub id (:meth:`MAETok.from_pretrained`, the one loader), in eval mode on ``device``.
+    A released tokenizer carries its scalar latent normalisation as ``latent_mean`` / ``latent_std``."""
+    return MAETok.from_pretrained(path).to(resolve_device(device)).eval()
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

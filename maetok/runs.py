@@ -189,14 +189,89 @@ def read_model_config(path: PathLike, model_type: str, what: str) -> tuple[Path,
     return directory, raw
 
 
-def load_model_weights(model: torch.nn.Module, directory: PathLike, map_location: str = "cpu") -> torch.nn.Module:
-    """Load ``directory/model.safetensors`` into ``model`` (every key must match: ``ValueError`` naming the file)."""
-    weights = Path(directory) / MODEL_WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found")
-    missing, unexpected = model.load_state_dict(load_file(str(weights), device=map_location), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights} does not match its config: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
+def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing file raises ``FileNotFoundError``, a truncated or corrupt one
+    a one-line ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path), device=map_location)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) on bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first}") from None
+
+
+def safetensors_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a safetensors file, read from its header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first}") from None
+
+
+#: how many names a key-mismatch error line shows per kind (the full list goes to stderr)
+MISMATCH_NAMES_SHOWN = 3
+
+
+def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                     source: PathLike) -> None:
+    """Strict key check of a checkpoint: ``found`` (name -> shape, from ``source``) must hold exactly the names
+    of ``expected`` (the model's), with the same shapes. Otherwise the full list of differences is printed to
+    stderr and a ``ValueError`` of one line gives the counts of missing, unexpected and mis-shaped keys with the
+    first few names of each."""
+    import sys
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [k for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
+    if not (missing or unexpected or misshaped):
+        return
+    described = {
+        "missing": missing,
+        "unexpected": unexpected,
+        "mis-shaped": [f"{k} (file {list(found[k])}, model {list(expected[k])})" for k in misshaped],
+    }
+    print(f"[maetok] {source} does not match the model:", file=sys.stderr)
+    for kind, names in described.items():
+        for name in names:
+            print(f"  {kind}: {name}", file=sys.stderr)
+    parts = []
+    for kind, names in described.items():
+        if names:
+            more = ", ..." if len(names) > MISMATCH_NAMES_SHOWN else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(names[:MISMATCH_NAMES_SHOWN])}{more})")
+    raise ValueError(f"{source} does not match the model: {'; '.join(parts)} (full list on stderr)")
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: PathLike) -> torch.nn.Module:
+    """Load ``state`` into ``model`` only if every key and shape matches (:func:`check_state_keys`): nothing
+    loads partially."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def load_model_weights(model: torch.nn.Module, directory: PathLike, map_location: str = "cpu") -> torch.nn.Module:
+    """Load ``directory/model.safetensors`` into ``model``, strictly: a missing, truncated or mismatching file
+    (another preset's weights: mis-shaped keys) raises one line naming the file (:func:`load_state_strict`)."""
+    weights = Path(directory) / MODEL_WEIGHTS
+    return load_state_strict(model, read_safetensors(weights, map_location), weights)
+
+
+def require_config_fields(config: Mapping[str, Any], fields: Any, source: PathLike) -> None:
+    """``ConfigError`` naming ``source`` and the first field of ``fields`` that ``config`` lacks (and how many more)."""
+    from maetok.config import ConfigError
+
+    missing = [name for name in fields if name not in config]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{source} lacks the field {missing[0]!r}{more}")

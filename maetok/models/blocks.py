@@ -50,19 +50,54 @@ def rope_angles_2d(grid_h: int, grid_w: int, dim: int, theta: float = 100.0) -> 
 
 
 def rope_from_angles(angles: Tensor, num_unrotated: int = 0, unrotated_first: bool = False) -> Rope:
-    """Turn ``(T, dim/2)`` angles into ``(cos, sin)`` of shape ``(T + num_unrotated, dim)``.
+    """Turn ``(..., T, dim/2)`` angles into ``(cos, sin)`` of shape ``(..., T + num_unrotated, dim)``.
 
     ``num_unrotated`` identity positions (cos=1, sin=0) are appended (or prepended) for tokens that carry
     no rotary position, e.g. the latent tokens of the tokenizer.
     """
     angles = torch.repeat_interleave(angles, 2, dim=-1)  # pairs (2i, 2i+1) share an angle
-    cos, sin = angles.cos(), angles.sin()
-    if num_unrotated:
-        ones = torch.ones(num_unrotated, cos.shape[-1], dtype=cos.dtype)
-        zeros = torch.zeros_like(ones)
-        cos = torch.cat([ones, cos] if unrotated_first else [cos, ones], dim=0)
-        sin = torch.cat([zeros, sin] if unrotated_first else [sin, zeros], dim=0)
+    rope = angles.cos(), angles.sin()
+    before, after = (num_unrotated, 0) if unrotated_first else (0, num_unrotated)
+    cos, sin = pad_rope(rope, before, after)
     return cos.float(), sin.float()
+
+
+def pad_rope(rope: Rope, num_before: int, num_after: int) -> Rope:
+    """``(cos, sin)`` of shape ``(..., T, dim)`` with identity positions (cos=1, sin=0) added before and after
+    the ``T`` rotated ones along the token axis: ``(..., num_before + T + num_after, dim)``."""
+    cos, sin = rope
+    if not num_before and not num_after:
+        return cos, sin
+
+    def pad(x: Tensor, fill: float) -> Tensor:
+        parts = [x.new_full((*x.shape[:-2], n, x.shape[-1]), fill) for n in (num_before, num_after)]
+        return torch.cat([parts[0], x, parts[1]], dim=-2)
+
+    return pad(cos, 1.0), pad(sin, 0.0)
+
+
+def rope_grid_positions(grid_w: int, grid_h: int) -> tuple[Tensor, Tensor]:
+    """Column and row index ``(x, y)`` of every patch of a ``grid_h x grid_w`` grid in row-major order, float32
+    ``(grid_h * grid_w,)`` each."""
+    t = torch.arange(grid_w * grid_h, dtype=torch.float32)
+    return t % grid_w, torch.div(t, grid_w, rounding_mode="floor")
+
+
+def mixed_rope(freqs: Tensor, pos_x: Tensor, pos_y: Tensor, num_heads: int, num_before: int = 0,
+               num_after: int = 0) -> list[Rope]:
+    """"RoPE-mixed" (Heo et al. 2024): learnable 2D frequencies per layer and head. The angle of rotated pair
+    ``i`` of head ``h`` at a patch ``(x, y)`` is ``x * freqs[0, layer, h, i] + y * freqs[1, layer, h, i]``.
+
+    freqs: ``(2, depth, num_heads * head_dim / 2)``; pos_x / pos_y: ``(N,)``. Returns one ``(cos, sin)`` per
+    layer, each ``(num_heads, num_before + N + num_after, head_dim)``, identity on the ``num_before`` /
+    ``num_after`` unrotated tokens around the N rotated ones. Differentiable in ``freqs`` (float32).
+    """
+    depth = freqs.shape[1]
+    freqs = freqs.float()
+    angles = pos_x.float()[:, None] * freqs[0][:, None, :] + pos_y.float()[:, None] * freqs[1][:, None, :]
+    angles = angles.view(depth, pos_x.shape[0], num_heads, -1).permute(0, 2, 1, 3)  # (depth, H, N, head_dim/2)
+    angles = torch.repeat_interleave(angles, 2, dim=-1)
+    return [pad_rope((a.cos(), a.sin()), num_before, num_after) for a in angles]
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:

@@ -29,7 +29,14 @@ from maetok.models.blocks import (
     rope_from_angles,
     unpatchify,
 )
-from maetok.runs import MODEL_CONFIG, load_model_weights, model_directory, read_model_config, save_model_folder
+from maetok.runs import MODEL_CONFIG, read_model_config, require_config_fields, save_model_folder
+
+#: the config.json entry of a tokenizer in the released architecture (:mod:`maetok.models.released`)
+RELEASED_ARCHITECTURE_KEY = "released_architecture"
+#: the fields a tokenizer's config.json must name (they decide every weight's shape); the others take defaults
+CONFIG_REQUIRED_FIELDS = ("variant", "image_size", "in_channels", "patch_size", "encoder_width", "encoder_depth",
+                          "encoder_heads", "decoder_width", "decoder_depth", "decoder_heads", "mlp_ratio",
+                          "num_latent_tokens", "latent_dim")
 
 
 def _grid_rope(grid: tuple[int, int], head_dim: int, theta: float, num_latent: int, device: torch.device) -> Rope:
@@ -170,7 +177,14 @@ class MAETok(nn.Module):
     training and are never part of :meth:`save_pretrained`. ``aux_query_lengths`` maps the names of sequence
     targets (the caption target) to their number of 1D query tokens; their decoders output
     ``(B, length, dim)`` logits instead of ``(B, N, dim)`` patch features.
+
+    ``latent_mean`` / ``latent_std``: a scalar latent normalisation the checkpoint carries (the authors' released
+    tokenizer: their ``vq_mean`` / ``vq_std``, see :mod:`maetok.models.released`); ``None`` for ours, whose
+    per-channel statistics are measured by ``cache-latents`` (the cache's ``stats.json``).
     """
+
+    latent_mean: Optional[float] = None
+    latent_std: Optional[float] = None
 
     def __init__(
         self,
@@ -317,21 +331,65 @@ class MAETok(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------------
 
+    def config_dict(self) -> dict:
+        """What ``config.json`` holds (besides ``model_type`` and the format version)."""
+        return to_dict(self.config)
+
+    def untrained_copy(self) -> "MAETok":
+        """A freshly initialised tokenizer of the same architecture, without auxiliary decoders."""
+        return MAETok(self.config)
+
     def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (encoder + pixel decoder), atomically."""
         state = state_dict if state_dict is not None else self.inference_state_dict()
         state = {k: v for k, v in state.items() if not k.startswith("aux_decoders.")}
-        return save_model_folder(directory, "maetok", to_dict(self.config), state)
+        return save_model_folder(directory, "maetok", self.config_dict(), state)
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: str = "Upload MAETok tokenizer") -> str:
+        """Upload :meth:`save_pretrained`'s folder and a model card (``README.md``) to the Hugging Face hub repo
+        ``repo_id`` (created if needed), the ``PyTorchModelHubMixin`` layout; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_for_hub(tmp, repo_id)
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                         repo_type="model"))
+
+    def save_for_hub(self, directory: Union[str, Path], repo_id: str) -> Path:
+        """The folder :meth:`push_to_hub` uploads: :meth:`save_pretrained`'s files plus a model card."""
+        directory = self.save_pretrained(directory)
+        cfg = self.config
+        card = (
+            "---\nlibrary_name: maetok\ntags:\n- image-tokenizer\n- maetok\n- pytorch_model_hub_mixin\n---\n\n"
+            f"# {repo_id}\n\nA MAETok tokenizer ({cfg.image_size}px, patch {cfg.patch_size}, "
+            f"{cfg.num_latent_tokens} x {cfg.latent_dim} latents) saved by maetok.\n\n"
+            f"```python\nfrom maetok import MAETok\n\ntokenizer = MAETok.from_pretrained(\"{repo_id}\")\n"
+            "latents = tokenizer.encode(images)  # images (B, 3, H, W) in [-1, 1]\n"
+            "images = tokenizer.decode(latents)\n```\n"
+        )
+        (directory / "README.md").write_text(card)
+        return directory
 
     @classmethod
     def load_config(cls, directory: Union[str, Path]) -> TokenizerConfig:
-        """The config of a tokenizer's model directory (or of the run directory holding it)."""
+        """The config of a tokenizer's model directory in our format (or of the run directory holding it); a
+        field that decides a weight's shape must be present (``ConfigError`` naming the file and the field)."""
         directory, raw = read_model_config(directory, "maetok", "tokenizer")
+        require_config_fields(raw, CONFIG_REQUIRED_FIELDS, directory / MODEL_CONFIG)
+        raw.pop(RELEASED_ARCHITECTURE_KEY, None)
         return from_dict(TokenizerConfig, raw, where=str(directory / MODEL_CONFIG))
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], map_location: str = "cpu") -> "MAETok":
-        """Load a directory written by :meth:`save_pretrained`, or the run directory holding it as ``model/``
-        (safetensors: no code is executed)."""
-        directory = model_directory(directory)
-        return load_model_weights(cls(cls.load_config(directory)), directory, map_location).eval()
+    def from_pretrained(cls, source: Union[str, Path], map_location: str = "cpu") -> "MAETok":
+        """Load a tokenizer: a folder written by :meth:`save_pretrained` or by the authors' saver (detected from
+        its ``config.json``), the run directory holding one as ``model/``, or a Hugging Face hub id (through the
+        hub cache; ``HF_HUB_OFFLINE=1`` never downloads). Strict: every key and shape must match. Safetensors
+        only: no code is executed. See :func:`maetok.models.released.load_pretrained_tokenizer`."""
+        from maetok.models.released import load_pretrained_tokenizer
+
+        return load_pretrained_tokenizer(source, map_location)

@@ -30,11 +30,28 @@ from maetok.targets import build_target
 from maetok.train.loop import CHECKPOINT, Trainer, autocast, load_checkpoint
 
 
+#: the preset whose training settings (optimizer, losses, stage 2) fine-tune a tokenizer that comes without a run
+#: config (a model folder, the authors' released folder or a hub id); its model section is the tokenizer's own
+PRETRAINED_FINETUNE_PRESET = "maetok-b-128"
+
+
 def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
+    """The config of a stage-1 run directory; for a tokenizer without a run (a model folder of either format or a
+    hub id): :data:`PRETRAINED_FINETUNE_PRESET`'s training settings around the tokenizer's own model config. A
+    released tokenizer's config has no masking (its encoder's mask token is not loaded): stage 2 then fine-tunes
+    the decoder on unmasked latents."""
     path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a tokenizer run directory?")
-    return from_dict(TokenizerTrainConfig, yaml.safe_load(path.read_text()), where=str(path))
+    if path.exists():
+        return from_dict(TokenizerTrainConfig, yaml.safe_load(path.read_text()), where=str(path))
+    from maetok.config import load_config
+    from maetok.models.released import load_pretrained_config
+
+    try:
+        model_config = load_pretrained_config(run_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: {run_dir} is neither a tokenizer run directory nor a tokenizer "
+                                "folder or hub id") from None
+    return dataclasses.replace(load_config(TokenizerTrainConfig, PRETRAINED_FINETUNE_PRESET), model=model_config)
 
 
 def build_objective(
@@ -128,7 +145,7 @@ class TokenizerTrainer(Trainer):
             {name: t.context_length for name, t in targets.items() if hasattr(t, "context_length")},
         )
         if stage == "finetune":
-            self._load_stage1_weights(model, Path(init_from))
+            model = self._load_stage1_weights(model, init_from)
             model.encoder.requires_grad_(False)
         self.setup_optimization(model, resume)
 
@@ -163,12 +180,17 @@ class TokenizerTrainer(Trainer):
         if self.dist.is_main:
             print(f"[maetok] {message}")
 
-    def _load_stage1_weights(self, model: MAETok, source: Path) -> None:
-        model_dir = model_directory(source)
-        stage1 = MAETok.from_pretrained(model_dir)
+    def _load_stage1_weights(self, model: MAETok, source: Union[str, Path]) -> MAETok:
+        """``model`` with the stage-1 weights of ``source``; a tokenizer of another architecture (the authors'
+        released one) is used as loaded."""
+        stage1 = MAETok.from_pretrained(source)
         if to_dict(stage1.config) | {"aux_targets": []} != to_dict(self.cfg.model) | {"aux_targets": []}:
-            raise ValueError(f"the tokenizer in {model_dir} was built with a different model config than this run")
+            raise ValueError(f"the tokenizer in {model_directory(source)} was built with a different model config "
+                             "than this run")
+        if type(stage1) is not type(model):
+            return stage1.train()
         model.load_state_dict(stage1.state_dict(), strict=True)
+        return model
 
     def config_dict(self) -> dict:
         return to_dict(self.cfg)
@@ -222,7 +244,7 @@ class TokenizerTrainer(Trainer):
 
     def inference_model(self) -> MAETok:
         """The tokenizer with EMA weights (or the live weights without EMA), on the training device."""
-        model = MAETok(self.cfg.model).to(self.device)
+        model = self.model.untrained_copy().to(self.device)
         state = self.ema_or_live_state()
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("aux_decoders.")})
         return model.eval()
