@@ -253,9 +253,10 @@ def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str
 
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: PathLike) -> torch.nn.Module:
     """Load ``state`` into ``model`` only if every key and shape matches (:func:`check_state_keys`): nothing
-    loads partially."""
+    loads partially; and only finite weights (a diverged model is never sampled from or evaluated)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_finite_tensors(state, str(source))
     model.load_state_dict(state, strict=True)
     return model
 

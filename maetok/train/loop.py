@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, MODEL_DIR, check_finite_tensors, check_format_version
+from maetok.runs import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    MODEL_DIR,
+    check_finite_tensors,
+    check_format_version,
+    check_state_keys,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Processes and devices
@@ -701,18 +708,12 @@ class Trainer:
     def check_resumable_shapes(self, saved: dict[str, Tensor], path: Path) -> None:
         """A checkpoint resumes only into a model of its shape: a changed width / depth / latent size ... is
         refused in one line (even with ``--allow-config-change``)."""
-        ours = self.model.state_dict()
-        missing = sorted(set(ours) - set(saved))
-        unexpected = sorted(set(saved) - set(ours))
-        reshaped = sorted(k for k in set(ours) & set(saved) if tuple(ours[k].shape) != tuple(saved[k].shape))
-        if missing or unexpected or reshaped:
-            examples = [f"{k} {tuple(saved[k].shape)} -> {tuple(ours[k].shape)}" for k in reshaped[:2]]
-            examples += missing[:2] + unexpected[:2]
-            raise ValueError(
-                f"cannot resume {path}: the config changes the model's shape ({len(reshaped)} tensors of another "
-                f"shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {', '.join(examples)}): "
-                f"start a new run (another --out, or --overwrite)"
-            )
+        ours = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        try:
+            check_state_keys(ours, {k: tuple(v.shape) for k, v in saved.items()}, path)
+        except ValueError as err:
+            raise ValueError(f"cannot resume: the config changes the model's shape, {err}; start a new run "
+                             f"(another --out, or --overwrite)") from None
 
     def fit(self, stop_at: Optional[int] = None) -> Path:
         """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
