@@ -716,13 +716,16 @@ class ImageFolder(ImageDataset):
             path = self.root / self.relative_path(index)
             try:
                 if full_decode:
-                    load_image(path, self.channels)
+                    self.load(index)
                 else:
                     if os.path.getsize(path) == 0:
                         return "empty file (0 bytes)"
                     with Image.open(path) as img:
                         if img.width <= 0 or img.height <= 0:
                             return f"image has zero size {img.width}x{img.height}"
+                        if self.max_image_pixels is not None and img.width * img.height > self.max_image_pixels:
+                            return (f"too large: {img.width}x{img.height} = {img.width * img.height} pixels, above "
+                                    f"the limit of {self.max_image_pixels}")
             except BadImageError as error:
                 return error.reason
             except Exception as error:  # header-only mode: any failure to open is a bad file
