@@ -21,7 +21,7 @@ from conftest import tiny_cfg
 from PIL import Image
 from safetensors.torch import load_file
 
-from maetok.cli import main
+from maetok.cli import build_parser, main
 from maetok.config import ConfigError, DataConfig, TokenizerConfig, TokenizerTrainConfig, load_config
 from maetok.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -163,6 +163,10 @@ def test_pixel_limit_from_the_header_and_jpeg_draft(tmp_path: Path, capsys) -> N
     with pytest.raises(BadImageError, match=r"too large: 9000x9000 = 81000000 pixels, above the limit of 64000000"):
         load_image(tmp_path / "huge.png")
     assert DataConfig().max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 64_000_000
+    for command in ("reconstruct", "cache-latents", "eval-recon"):  # the flag's default is the same limit
+        action = next(a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions
+                      if a.dest == "max_image_pixels")
+        assert action.default == DEFAULT_MAX_IMAGE_PIXELS
     Image.fromarray(_noise(60, 50, 0)).save(tmp_path / "big.png")
     assert load_image(tmp_path / "big.png", max_pixels=3000).shape == (60, 50, 3)
     with pytest.raises(BadImageError, match="50x60"):  # width x height
