@@ -5,6 +5,10 @@ an int (``(image, label, caption)`` for ``ImageFolder(return_captions=True)``), 
 ``num_classes`` (0 if unlabeled), ``class_names``, ``channels``, ``image_size`` and ``labels``
 (int64 array of length ``len(dataset)``).
 
+Reading a dataset for a cache or a measurement goes through :func:`iter_item_batches` / :func:`iter_batches`: an
+unreadable image file leaves no row and is reported (:class:`SkippedItem`), never replaced by another image.
+Only training batches (``ImageFolder.__getitem__``) substitute the next readable file, counted and named.
+
 There is no random augmentation inside datasets: the training loop flips batches with ``random_hflip`` and its
 own seeded ``torch.Generator``, so a resumed run replays the exact same flips.
 """
