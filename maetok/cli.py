@@ -57,10 +57,14 @@ def cmd_finetune_decoder(args: argparse.Namespace) -> int:
 
 @command("reconstruct")
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from maetok.data import pixel_limit
     from maetok.encode import reconstruct_files
 
-    written = reconstruct_files(args.model, args.input, args.out, device=args.device, batch_size=args.batch_size)
-    print(f"[maetok] wrote {len(written)} side-by-side PNGs to {args.out}")
+    skipped: list = []
+    written = reconstruct_files(args.model, args.input, args.out, device=args.device, batch_size=args.batch_size,
+                                max_image_pixels=pixel_limit(args.max_image_pixels, "--max-image-pixels"),
+                                skipped=skipped)
+    print(f"[maetok] wrote {len(written)} side-by-side PNGs to {args.out} ({len(skipped)} unreadable input(s) skipped)")
     return 0
 
 
@@ -195,9 +199,13 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     from maetok.encode import cache_latents, load_tokenizer
     from maetok.runs import model_directory
 
+    from maetok.data import pixel_limit
+    from maetok.data.latents import read_latent_stats
+
+    max_image_pixels = pixel_limit(args.max_image_pixels, "--max-image-pixels")
     tokenizer = load_tokenizer(args.model, args.device)
     cfg = tokenizer.config
-    dataset = build_dataset(args.data, args.split, cfg.image_size, cfg.in_channels)
+    dataset = build_dataset(args.data, args.split, cfg.image_size, cfg.in_channels, max_image_pixels=max_image_pixels)
     stats = cache_latents(
         tokenizer,
         dataset,
@@ -209,7 +217,9 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         sample_posterior=args.sample_posterior,
         seed=args.seed,
     )
-    print(f"[maetok] cached {len(dataset)} latents to {args.out} ({stats.name} written)")
+    summary = read_latent_stats(stats.parent)
+    print(f"[maetok] cached {summary['num_items']} latents of {len(dataset)} listed images to {args.out} "
+          f"({summary['num_skipped_images']} unreadable skipped, listed in {summary['skipped_list']}; {stats.name} written)")
     return 0
 
 
@@ -323,11 +333,12 @@ def cmd_baselines(args: argparse.Namespace) -> int:
 
 @command("eval-recon")
 def cmd_eval_recon(args: argparse.Namespace) -> int:
+    from maetok.data import pixel_limit
     from maetok.eval.reconstruction import eval_recon
 
     result = eval_recon(args.model, args.data, num=args.num, split=args.split, batch_size=args.batch_size,
                         device=args.device, inception_weights=args.inception, fid=not args.no_fid,
-                        lpips=not args.no_lpips)
+                        lpips=not args.no_lpips, max_image_pixels=pixel_limit(args.max_image_pixels, "--max-image-pixels"))
     _print_and_save(result, args.json)
     return 0
 
@@ -395,11 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. finetune.steps=500")
 
-    p = add("reconstruct", "Encode and decode images; write side-by-side PNGs.")
+    pixels_help = ("skip image files whose header announces more pixels than this, before decoding "
+                   "(default 64000000; 0: no limit)")
+    p = add("reconstruct", "Encode and decode images; write one side-by-side PNG (original | reconstruction) per "
+                           "input: OUT/<path relative to INPUT>.png, subfolders mirrored and the input's extension "
+                           "kept (a.jpg -> a.jpg.png, sub/a.png -> sub/a.png.png).")
     p.add_argument("--model", required=True, help="tokenizer directory (config.json + model.safetensors) or run dir")
-    p.add_argument("--input", required=True, help="an image file or a folder of images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--input", required=True, help="an image file or a folder of images (walked recursively)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<relative path of each input>.png")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, help=pixels_help)
 
     p = add("cache-latents", "Encode a dataset with a tokenizer into a sharded latent cache (+ statistics).")
     p.add_argument("--model", required=True, help="tokenizer directory or tokenizer run directory")
@@ -413,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples (default 0)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000,
+                   help=pixels_help + "; unreadable files leave no row and are listed in OUT/skipped.json")
 
     p = add("train-diffusion", "Train SiT / LightningDiT on a latent cache.")
     p.add_argument("--config", required=True, help="preset (sit-xl, sit-l, lightningdit-xl, fashion-mnist-sit) or YAML")
@@ -483,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM (/ LPIPS) only")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (VGG16) of the reconstructions")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000,
+                   help=pixels_help + "; unreadable files are left out and counted in num_skipped_images")
 
     p = add("eval-gen", "gFID, sFID, IS, precision and recall of generated images (ADM conventions).")
     p.add_argument("--samples", required=True, help="an ADM .npz, a folder with samples.npz, or a folder of images")

@@ -224,6 +224,14 @@ class FinetuneConfig:
 class DataConfig:
     dataset: str = "fashion-mnist"  # "fashion-mnist" or an image folder path
     eval_images: int = 64  # images in the periodic reconstruction grid
+    # image files whose header announces more pixels are skipped (counted, named) before decoding; 0: no limit.
+    # The default is maetok.data.images.DEFAULT_MAX_IMAGE_PIXELS (64 megapixels).
+    max_image_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        pixels = self.max_image_pixels
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise ConfigError(f"data.max_image_pixels must be a number of pixels >= 0 (0: no limit), got {pixels!r}")
 
 
 @dataclass

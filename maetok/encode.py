@@ -5,7 +5,10 @@
 * :func:`encode_dataset` / :func:`reconstructions`: every image of a dataset (flattened latents + labels for the
   latent analyses; (original, reconstruction) batches for the reconstruction metrics);
 * :func:`cache_latents`: a dataset into a latent cache for diffusion training (read by :mod:`maetok.data.latents`);
-* :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side PNGs.
+* :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side PNGs (one per input,
+  :func:`reconstruction_path`).
+
+Unreadable image files never become rows: they are left out and reported (``skipped`` lists, ``skipped.json``).
 
 Latents are the deterministic ``encode`` (the posterior mean of a VAE) unless a cache asks for posterior samples.
 """
@@ -23,14 +26,37 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maetok.data import IMAGE_EXTENSIONS, DatasetSubset, iter_batches, list_image_files
-from maetok.data.images import BadImageError, load_image, resize_center_crop, save_side_by_side, to_tensor
-from maetok.data.latents import PLAN_NAME, STATS_NAME, shard_path
+from maetok.data import (
+    IMAGE_EXTENSIONS,
+    DatasetSubset,
+    SkippedItem,
+    iter_batches,
+    iter_item_batches,
+    list_image_files,
+    log_skipped_items,
+)
+from maetok.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
+    load_image,
+    pixel_limit,
+    resize_center_crop,
+    save_side_by_side,
+    to_tensor,
+)
+from maetok.data.latents import (
+    PLAN_NAME,
+    SKIPPED_METADATA_KEY,
+    SKIPPED_NAME,
+    STATS_NAME,
+    read_shard_skips,
+    shard_path,
+)
 from maetok.models.tokenizer import MAETok
 from maetok.runs import FORMAT_KEY, FORMAT_VERSION, resolve_device, weights_fingerprint, write_json
 
 __all__ = ["cache_latents", "encode_dataset", "encode_images", "list_images", "load_tokenizer", "reconstruct_files",
-           "reconstruct_images", "reconstructions"]
+           "reconstruct_images", "reconstruction_path", "reconstructions"]
 
 PathLike = Union[str, Path]
 
@@ -65,13 +91,17 @@ def reconstruct_images(model: torch.nn.Module, images: Tensor, batch_size: int =
 
 @torch.no_grad()
 def reconstructions(model: torch.nn.Module, dataset: Dataset, batch_size: int = 250,
-                    progress: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(images, reconstructions)`` batches ``(B, C, S, S)`` in [-1, 1] on the CPU over every image of ``dataset``."""
+                    progress: bool = True, skipped: Optional[list[SkippedItem]] = None,
+                    limit: Optional[int] = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images, reconstructions)`` batches ``(B, C, S, S)`` in [-1, 1] on the CPU over every readable image of
+    ``dataset`` (the first ``limit`` readable ones when given); unreadable files are left out and appended to
+    ``skipped`` (logged when it is None)."""
     from tqdm.auto import tqdm
 
     model.eval()
-    with tqdm(total=len(dataset), desc="reconstruct", unit="img", disable=not progress) as bar:
-        for images, _ in iter_batches(dataset, batch_size):
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    with tqdm(total=total, desc="reconstruct", unit="img", disable=not progress) as bar:
+        for images, _ in iter_batches(dataset, batch_size, skipped=skipped, limit=limit):
             yield images, reconstruct_images(model, images, batch_size)
             bar.update(images.shape[0])
 
@@ -79,8 +109,9 @@ def reconstructions(model: torch.nn.Module, dataset: Dataset, batch_size: int = 
 @torch.no_grad()
 def encode_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, progress: bool = True,
                    desc: str = "encode") -> tuple[Tensor, Tensor]:
-    """Every image of ``dataset`` (wrap it in :class:`~maetok.data.DatasetSubset` for part of a split) through the
-    encoder: flattened latents ``(N, L*H)`` float32 on the CPU and labels ``(N,)`` int64."""
+    """Every readable image of ``dataset`` (wrap it in :class:`~maetok.data.DatasetSubset` for part of a split)
+    through the encoder: flattened latents ``(N, L*H)`` float32 on the CPU and labels ``(N,)`` int64 (unreadable
+    files are left out and logged)."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -148,6 +179,10 @@ def cache_latents(
     made with other settings or by a tokenizer with other weights is refused (ValueError), or with
     ``restart_if_stale`` deleted and made again. ``sample_posterior``: store a sample of a VAE's posterior
     (default for a VAE; drawn from ``seed``) rather than its mean; only a VAE has a posterior to sample.
+
+    An unreadable image file leaves no row: each shard stores the dataset index of each row ("indices") and its
+    skipped items (metadata), and ``skipped.json`` lists them all (format in :mod:`maetok.data.latents`);
+    ``stats.json`` counts rows (``num_items``), listed items and skipped files.
     """
     from tqdm.auto import tqdm
 
@@ -159,6 +194,7 @@ def cache_latents(
                          f"{tokenizer.config.variant!r} (its latents are deterministic)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
     plan = {
         FORMAT_KEY: FORMAT_VERSION,
         "num_items": len(dataset),
@@ -170,6 +206,8 @@ def cache_latents(
         "sample_posterior": sample_posterior,
         "seed": seed if sample_posterior else None,
     }
+    if hasattr(base, "max_image_pixels"):  # which files count as unreadable depends on it
+        plan["max_image_pixels"] = base.max_image_pixels
     plan_path = out_dir / PLAN_NAME
     if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), plan):
         if not restart_if_stale:
@@ -187,37 +225,76 @@ def cache_latents(
     num_items = len(dataset)
     num_shards = (num_items + shard_size - 1) // shard_size
     moments = LatentMoments(tokenizer.config.latent_dim)
+    num_rows = 0
+    skipped: list[tuple[int, str, str]] = []  # (dataset index, file, reason)
+    legacy_shards: list[int] = []  # shards written before skip lists existed
     bar = tqdm(total=num_items, desc="cache latents", unit="img", disable=not progress)
     for shard in range(num_shards):
         path = shard_path(out_dir, shard)
-        indices = range(shard * shard_size, min(num_items, (shard + 1) * shard_size))
+        first, stop = shard * shard_size, min(num_items, (shard + 1) * shard_size)
         if path.exists():
-            moments.update(load_file(str(path))["latents"])
-            bar.update(len(indices))
+            done = load_file(str(path))["latents"]
+            if len(done):
+                moments.update(done)
+            num_rows += len(done)
+            shard_skips = read_shard_skips(path)
+            if shard_skips is None:
+                legacy_shards.append(shard)
+            else:
+                skipped.extend(shard_skips)
+            bar.update(stop - first)
             continue
         generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
-        latents, flipped, labels = [], [], []
-        for images, batch_labels in iter_batches(DatasetSubset(dataset, indices), batch_size, num_workers):
-            images = images.to(device, non_blocking=True)
+        latents, flipped, labels, indices, shard_skips = [], [], [], [], []
+        for batch in iter_item_batches(DatasetSubset(dataset, range(first, stop)), batch_size, num_workers):
+            shard_skips.extend((first + item.index, item.file, item.reason) for item in batch.skipped)
+            bar.update(len(batch.indices) + len(batch.skipped))
+            if not len(batch.indices):
+                continue
+            images = batch.images.to(device, non_blocking=True)
             latents.append(tokenizer.encode(images, sample=sample_posterior, generator=generator).float().cpu())
             if flip:
                 flipped.append(
                     tokenizer.encode(images.flip(-1), sample=sample_posterior, generator=generator).float().cpu()
                 )
-            labels.append(batch_labels)
-            bar.update(images.shape[0])
-        tensors = {"latents": torch.cat(latents).to(dtype), "labels": torch.cat(labels)}
+            labels.append(batch.labels)
+            indices.append(batch.indices + first)
+        latent_shape = (tokenizer.config.num_latent_tokens, tokenizer.config.latent_dim)
+        tensors = {
+            "latents": torch.cat(latents).to(dtype) if latents else torch.empty(0, *latent_shape, dtype=dtype),
+            "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64),
+            "indices": torch.cat(indices) if indices else torch.empty(0, dtype=torch.int64),
+        }
         if flip:
-            tensors["latents_flip"] = torch.cat(flipped).to(dtype)
-        moments.update(tensors["latents"])
+            tensors["latents_flip"] = torch.cat(flipped).to(dtype) if flipped else tensors["latents"].clone()
+        if latents:
+            moments.update(tensors["latents"])
+        num_rows += len(tensors["latents"])
+        skipped.extend(shard_skips)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={SKIPPED_METADATA_KEY: json.dumps([list(s) for s in shard_skips])})
         os.replace(tmp, path)
     bar.close()
+    if num_rows == 0:
+        raise ValueError(f"none of the {num_items} images of the dataset could be read: no latents to cache in {out_dir}")
+    skipped_items = [SkippedItem(index, file, reason) for index, file, reason in skipped]
+    log_skipped_items(skipped_items, f"the latent cache {out_dir}")
+    if legacy_shards:
+        print(f"[maetok] {out_dir}: shard(s) {legacy_shards} were written by an older maetok that replaced unreadable "
+              "files by a neighbour; those are not listed in skipped.json")
+    write_json(out_dir / SKIPPED_NAME, {
+        FORMAT_KEY: FORMAT_VERSION,
+        "num_skipped": len(skipped_items),
+        "skipped": [item.to_dict() for item in skipped_items],
+        "shards_without_skip_list": legacy_shards,
+    }, atomic=True)
     cfg = tokenizer.config
     stats = {
         FORMAT_KEY: FORMAT_VERSION,
-        "num_items": num_items,
+        "num_items": num_rows,
+        "num_listed_items": num_items,
+        "num_skipped_images": len(skipped_items),
+        "skipped_list": SKIPPED_NAME,
         "num_shards": num_shards,
         "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
         "flip": flip,
@@ -229,15 +306,18 @@ def cache_latents(
         "class_names": list(getattr(dataset, "class_names", []) or []),
         **moments.stats(),
     }
-    if hasattr(dataset, "log_skipped"):  # unreadable files met while encoding (by this invocation)
-        stats["num_skipped_images"] = dataset.log_skipped()
     return write_json(out_dir / STATS_NAME, stats, atomic=True)
+
+
+# plan keys added after caches were first written: a stored plan without one was written before it existed
+_PLAN_KEYS_ADDED_LATER = ("max_image_pixels",)
 
 
 def _same_plan(stored: dict, plan: dict) -> bool:
     """Whether a cache's stored plan asks for what ``plan`` asks (its format version aside: a version-0 cache is
-    completed as it is)."""
-    return {k: v for k, v in stored.items() if k != FORMAT_KEY} == {k: v for k, v in plan.items() if k != FORMAT_KEY}
+    completed as it is; keys it predates are not compared)."""
+    ignored = {FORMAT_KEY} | {key for key in _PLAN_KEYS_ADDED_LATER if key not in stored}
+    return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in plan.items() if k not in ignored}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,6 +338,19 @@ def list_images(source: Union[str, Path]) -> list[Path]:
     return files
 
 
+RECONSTRUCTION_SUFFIX = ".png"
+
+
+def reconstruction_path(out_dir: Union[str, Path], source: Union[str, Path], image: Union[str, Path]) -> Path:
+    """Where ``maetok reconstruct`` writes the side-by-side PNG of ``image``: its path relative to the ``source``
+    folder (its name alone for a single file), full file name and extension kept, plus ``.png``, under
+    ``out_dir``: ``in/a.jpg`` -> ``out/a.jpg.png``, ``in/a.png`` -> ``out/a.png.png``, ``in/sub/a.png`` ->
+    ``out/sub/a.png.png``. Distinct inputs therefore never share an output."""
+    source, image = Path(source), Path(image)
+    relative = image.relative_to(source) if source.is_dir() else Path(image.name)
+    return Path(out_dir) / relative.parent / (relative.name + RECONSTRUCTION_SUFFIX)
+
+
 @torch.no_grad()
 def reconstruct_files(
     model_path: Union[str, Path],
@@ -265,25 +358,35 @@ def reconstruct_files(
     out_dir: Union[str, Path],
     device: Optional[str] = None,
     batch_size: int = 32,
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    skipped: Optional[list[SkippedItem]] = None,
 ) -> list[Path]:
-    """Reconstruct every image under ``source``; unreadable files are reported and skipped.
-    Writes ``out_dir/<stem>_recon.png`` (original | reconstruction) per image; returns the paths."""
+    """Reconstruct every image under ``source`` (a file or a folder, walked by
+    :func:`~maetok.data.list_image_files`); returns the paths written.
+
+    Each input gets its own output, ``out_dir/<path relative to source>.png`` (subfolders mirrored, the input's
+    full name and extension kept: ``a.jpg`` -> ``a.jpg.png``, ``sub/a.png`` -> ``sub/a.png.png``; see
+    :func:`reconstruction_path`), holding original | reconstruction side by side. Unreadable files (and files
+    above ``max_image_pixels`` pixels; 0 or None: no limit) are skipped, reported in one line with their count, and appended to
+    ``skipped`` when a list is given."""
     from tqdm.auto import tqdm
 
+    max_image_pixels = pixel_limit(max_image_pixels)
     model = load_tokenizer(model_path, device)
     cfg = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(source)
     written: list[Path] = []
-    skipped: list[str] = []
+    skipped = skipped if skipped is not None else []
     for start in tqdm(range(0, len(files), batch_size), desc="reconstruct", unit="batch"):
         batch_files, tensors = [], []
-        for path in files[start : start + batch_size]:
+        for index, path in enumerate(files[start : start + batch_size], start):
             try:
-                array = load_image(path, channels=cfg.in_channels)
+                array = load_image(path, channels=cfg.in_channels, max_pixels=max_image_pixels,
+                                   draft_size=cfg.image_size)
             except BadImageError as err:
-                skipped.append(f"{path}: {err}")
+                skipped.append(SkippedItem(index, str(path), err.reason))
                 continue
             tensors.append(to_tensor(resize_center_crop(array, cfg.image_size)))
             batch_files.append(path)
@@ -292,9 +395,10 @@ def reconstruct_files(
         images = torch.stack(tensors)
         recon = reconstruct_images(model, images, batch_size)
         for path, original, reconstruction in zip(batch_files, images, recon):
-            target = out_dir / f"{path.stem}_recon.png"
+            target = reconstruction_path(out_dir, source, path)
             save_side_by_side(original[None], reconstruction[None], target, pairs_per_row=1)
             written.append(target)
     if skipped:
-        print(f"[maetok] skipped {len(skipped)} unreadable images, e.g. {skipped[0]}")
+        print(f"[maetok] skipped {len(skipped)} unreadable image(s): "
+              + "; ".join(f"{item.file}: {item.reason}" for item in skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
     return written

@@ -1,11 +1,13 @@
 """The yardstick baselines: PCA as a tokenizer, a (class-conditional) Gaussian as a generator, real-vs-real FID."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import StubInception
+from PIL import Image
 
 import maetok.eval.baselines as baselines
 from maetok.cli import main
@@ -86,7 +88,11 @@ def test_compute_baselines_with_a_stub_inception():
 def test_cli_baselines_on_an_image_folder(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr("maetok.eval.inception.load_inception", lambda *a, **k: StubInception())
     out = tmp_path / "baselines"
-    assert main(["baselines", "--data", str(image_folder), "--dim", "6", "--image-size", "16", "--out", str(out),
+    folder = tmp_path / "images"  # the held-out split of image_folder holds one readable image: add two
+    shutil.copytree(image_folder, folder)
+    for index in (22, 69):  # names hash_split assigns to the held-out side
+        Image.new("RGB", (20, 24), (index, 90, 200)).save(folder / "dogs" / f"extra{index}.png")
+    assert main(["baselines", "--data", str(folder), "--dim", "6", "--image-size", "16", "--out", str(out),
                  "--num-eval", "8", "--no-lpips"]) == 0
     result = json.loads((out / "baselines.json").read_text())
     assert result["pca"]["dim"] == 6 and result["gaussian"]["conditional"] is True

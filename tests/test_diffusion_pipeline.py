@@ -21,7 +21,8 @@ from maetok.train.diffusion import DiffusionTrainer
 def test_cache_holds_latents_labels_flips_and_exact_statistics(latent_dir, tokenizer_dir, image_folder):
     stats = json.loads((latent_dir / "stats.json").read_text())
     data = LatentDataset(latent_dir)
-    assert stats["num_items"] == len(data) == 22 and stats["num_shards"] == 4  # 20 images + 2 bad files (substituted)
+    assert stats["num_items"] == len(data) == 20 and stats["num_shards"] == 4  # 22 files listed, 2 bad: no row
+    assert stats["num_listed_items"] == 22 and stats["num_skipped_images"] == 2
     assert stats["latent_shape"] == [4, 4] and stats["num_classes"] == 2
     tokenizer = MAETok.from_pretrained(tokenizer_dir)
     dataset = build_dataset(str(image_folder), "all", 16, 3)

@@ -5,25 +5,41 @@ an int (``(image, label, caption)`` for ``ImageFolder(return_captions=True)``), 
 ``num_classes`` (0 if unlabeled), ``class_names``, ``channels``, ``image_size`` and ``labels``
 (int64 array of length ``len(dataset)``).
 
+Reading a dataset for a cache or a measurement goes through :func:`iter_item_batches` / :func:`iter_batches`: an
+unreadable image file leaves no row and is reported (:class:`SkippedItem`), never replaced by another image.
+Only training batches (``ImageFolder.__getitem__``) substitute the next readable file, counted and named.
+
 There is no random augmentation inside datasets: the training loop flips batches with ``random_hflip`` and its
 own seeded ``torch.Generator``, so a resumed run replays the exact same flips.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from maetok.data.images import BadImageError, load_image, resize_center_crop, to_rgb, to_tensor, to_uint8
+from maetok.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
+    load_image,
+    pixel_limit,
+    resize_center_crop,
+    to_rgb,
+    to_tensor,
+    to_uint8,
+)
 
 __all__ = [
     "DatasetNotFoundError",
@@ -41,9 +57,17 @@ __all__ = [
     "build_dataset",
     "random_hflip",
     "DatasetSubset",
+    "FolderScan",
+    "draw_order",
+    "ItemBatch",
+    "SkippedItem",
     "list_image_files",
+    "scan_image_folder",
     "subset_indices",
     "iter_batches",
+    "iter_item_batches",
+    "log_skipped_items",
+    "read_item",
     "load_images",
     "dataset_images_uint8",
 ]
@@ -291,37 +315,138 @@ def split_paths(
 # ------------------------------------------------------------------------------------------- ImageFolder
 
 
-def _scan_image_files(root: Path, extensions: tuple[str, ...]) -> list[str]:
-    """All image files below root (hidden files / folders skipped), as '/'-joined relative paths, sorted."""
-    found: list[tuple[str, ...]] = []
-    stack: list[tuple[str, tuple[str, ...]]] = [(str(root), ())]
-    while stack:
-        folder, parts = stack.pop()
-        try:
-            with os.scandir(folder) as iterator:
-                entries = list(iterator)
-        except OSError as error:
-            logger.warning("cannot list folder '%s': %s", folder, error)
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir():
-                    stack.append((entry.path, parts + (entry.name,)))
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
-                    found.append(parts + (entry.name,))
-            except OSError:
-                continue
-    found.sort()
-    return ["/".join(parts) for parts in found]
+@dataclass
+class FolderScan:
+    """What :func:`scan_image_folder` found below ``root``.
+
+    ``files``: the image files, '/'-joined paths relative to ``root``, sorted. ``left_out``: ``(relative path,
+    kind)`` of each entry the scan did not follow, ``kind`` one of :data:`LEFT_OUT_KINDS`:
+
+    * "dangling symlink": a link whose target does not exist;
+    * "symlink loop": a link to a folder that contains the link (or a chain of links that never ends);
+    * "duplicate folder link": a link to a folder already listed under another path (listed once, there);
+    * "unreadable": a folder or entry the scan could not read (permissions, I/O error).
+    """
+
+    root: Path
+    files: list[str] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+    def left_out_by_kind(self) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for relative, kind in self.left_out:
+            grouped.setdefault(kind, []).append(relative)
+        return grouped
+
+    def warn(self, max_names: int = 3) -> None:
+        """One warning line per kind of left-out entry, with its count and first names."""
+        for kind, names in sorted(self.left_out_by_kind().items()):
+            shown = ", ".join(names[:max_names]) + (", ..." if len(names) > max_names else "")
+            logger.warning("image folder '%s': left out %d %s(s): %s", self.root, len(names), kind, shown)
 
 
-def list_image_files(folder: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Every image file below ``folder`` (by extension; hidden files and folders skipped), sorted: the one walk
-    that image folders, ``maetok reconstruct`` and ``maetok eval-gen`` share."""
+LEFT_OUT_KINDS = ("dangling symlink", "symlink loop", "duplicate folder link", "unreadable")
+
+
+def scan_image_folder(
+    folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, warn: bool = True
+) -> FolderScan:
+    """Every image file below ``folder`` (by extension, case-insensitive; hidden files and folders skipped).
+
+    Each real folder is walked once, whatever number of paths lead to it: the folders reached without
+    symlinks first, then the symlinked folders in sorted order of their paths; a link to a folder already walked
+    (identified by ``(st_dev, st_ino)``) is left out, as a loop when it points to one of its own parents and as a
+    duplicate otherwise. The scan therefore always ends and lists no file twice through folder links. Dangling
+    links, loops, duplicates and unreadable folders are reported in ``left_out`` and, with ``warn``, logged
+    (one line per kind). Links to files are followed.
+    """
     root = Path(folder)
-    return [root / relative for relative in _scan_image_files(root, extensions)]
+    suffixes = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    scan = FolderScan(root)
+    found: list[tuple[str, ...]] = []
+    try:
+        root_stat = os.stat(root)
+    except OSError as error:
+        raise DatasetNotFoundError(f"image folder '{root}' cannot be read: {error.strerror or error}") from None
+    walked: set[tuple[int, int]] = {(root_stat.st_dev, root_stat.st_ino)}
+    linked_folders: list[tuple[tuple[str, ...], str]] = []  # (relative parts, path) of links to folders
+
+    def walk(start: str, start_parts: tuple[str, ...]) -> None:
+        stack = [(start, start_parts)]
+        while stack:
+            current, parts = stack.pop()
+            try:
+                with os.scandir(current) as iterator:
+                    entries = sorted(iterator, key=lambda e: e.name)
+            except OSError:
+                scan.left_out.append(("/".join(parts) or ".", "unreadable"))
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                entry_parts = parts + (entry.name,)
+                relative = "/".join(entry_parts)
+                try:
+                    if entry.is_symlink():
+                        try:
+                            target = os.stat(entry.path)  # follows the whole chain of links
+                        except FileNotFoundError:
+                            scan.left_out.append((relative, "dangling symlink"))
+                            continue
+                        except OSError as error:
+                            kind = "symlink loop" if error.errno == errno.ELOOP else "unreadable"
+                            scan.left_out.append((relative, kind))
+                            continue
+                        if stat.S_ISDIR(target.st_mode):
+                            linked_folders.append((entry_parts, entry.path))
+                        elif stat.S_ISREG(target.st_mode) and os.path.splitext(entry.name)[1].lower() in suffixes:
+                            found.append(entry_parts)
+                    elif entry.is_dir(follow_symlinks=False):
+                        info = entry.stat(follow_symlinks=False)
+                        key = (info.st_dev, info.st_ino)
+                        if key in walked:  # a bind mount of a parent, or a folder listed before
+                            scan.left_out.append((relative, "symlink loop"))
+                            continue
+                        walked.add(key)
+                        stack.append((entry.path, entry_parts))
+                    elif entry.is_file(follow_symlinks=False) and os.path.splitext(entry.name)[1].lower() in suffixes:
+                        found.append(entry_parts)
+                except OSError:
+                    scan.left_out.append((relative, "unreadable"))
+
+    walk(str(root), ())
+    while linked_folders:
+        linked_folders.sort(reverse=True)
+        parts, path = linked_folders.pop()
+        relative = "/".join(parts)
+        try:
+            info = os.stat(path)
+        except OSError:
+            scan.left_out.append((relative, "unreadable"))
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in walked:
+            target = os.path.realpath(path)
+            parent = os.path.realpath(os.path.dirname(path))
+            inside = parent == target or parent.startswith(target.rstrip(os.sep) + os.sep)
+            scan.left_out.append((relative, "symlink loop" if inside else "duplicate folder link"))
+            continue
+        walked.add(key)
+        walk(path, parts)
+    found.sort()
+    scan.files = ["/".join(parts) for parts in found]
+    scan.left_out.sort()
+    if warn:
+        scan.warn()
+    return scan
+
+
+def list_image_files(folder: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Every image file below ``folder`` (:func:`scan_image_folder`: by extension, hidden files and folders
+    skipped, each real folder once; what was left out is logged), sorted: the one walk that image folders,
+    ``maetok reconstruct`` and ``maetok eval-gen`` share."""
+    root = Path(folder)
+    return [root / relative for relative in scan_image_folder(root, extensions).files]
 
 
 class _PackedStrings:
@@ -349,20 +474,36 @@ class ImageFolder(ImageDataset):
     """Every image below ``root`` (any depth), sorted by relative path; decoded, converted to RGB / gray,
     resized + center cropped (or padded) to ``image_size`` on access.
 
-    Classes: the names of the top-level sub-folders that hold images (at any depth), sorted, are the classes
-    and labels are their indices; loose images directly in ``root`` then get label -1 (a warning names one).
+    Files: :func:`scan_image_folder` (each real folder once; dangling links and loops are left out, logged, and
+    listed in ``left_out``).
+
+    Classes: the names of the top-level sub-folders that hold images (at any depth) anywhere in the folder,
+    whatever the split, sorted, are the classes and labels are their indices, so a class has the same label
+    in every split; loose images directly in ``root`` then get label -1 (a warning names one).
     Without sub-folders (or with ``use_classes=False``) the dataset is unlabeled: ``num_classes == 0`` and
-    every label is 0. An explicit ``class_names`` list (e.g. the train classes for a val folder) fixes the
-    mapping: top-level folders map to those indices, images anywhere else get label -1.
+    every label is 0. An explicit ``class_names`` list (e.g. the classes of an ImageNet-style root for its
+    train and val folders) fixes the mapping: top-level folders map to those indices, images anywhere else get
+    label -1.
 
     Split: ``split=None`` or 'all' keeps every file; 'train' / 'test' ('val') keep the files that
     ``hash_split`` assigns to that side with ``holdout_fraction``.
 
-    Bad files (truncated, corrupt, empty, not an image) never stop a run: ``__getitem__`` deterministically
-    returns the next readable index instead (wrapping around), and marks the bad index in a shared-memory flag
-    array that DataLoader workers write to, so ``num_skipped`` / ``skipped_files`` in the main process count
-    the distinct bad files met by any worker. The first few bad files are logged by each process, and
-    ``log_skipped()`` logs a summary. ``scan()`` validates every file up front and drops the bad ones.
+    Decoding: :func:`~maetok.data.images.load_image` with ``max_image_pixels`` (a larger file is a bad file,
+    refused from its header; 0 or None: no limit) and, with ``jpeg_draft``, JPEGs decoded at reduced scale while both sides stay
+    >= ``image_size``. Odd files (CMYK, 16-bit, palette, LA, EXIF-rotated, tiny ...) are converted and used.
+
+    Bad files (truncated, corrupt, empty, not an image, too large) are met in two ways:
+
+    * ``read_item(i)`` (used by :func:`iter_item_batches` / :func:`iter_batches`, hence by latent caches and
+      evaluations) raises ``BadImageError`` naming the relative path: the caller leaves the item out and
+      reports it, no row is made up;
+    * ``__getitem__`` (training batches) deterministically returns the next readable index instead (wrapping
+      around), so a training step still gets a full batch.
+
+    Both mark the bad index in a shared-memory flag array that DataLoader workers write to, so ``num_skipped``
+    / ``skipped_files`` in the main process count and name the distinct bad files met by any worker. The first
+    few bad files are logged by each process, and ``log_skipped()`` logs a summary with their names. ``scan()``
+    validates every file up front and drops the bad ones.
 
     Items: ``(image, label)`` or, with ``return_captions=True``, ``(image, label, caption)`` where caption is
     the stripped text of the ``.txt`` file of the same stem next to the image ("" if absent).
@@ -382,6 +523,8 @@ class ImageFolder(ImageDataset):
         use_classes: bool = True,
         class_names: Sequence[str] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        jpeg_draft: bool = True,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -398,13 +541,19 @@ class ImageFolder(ImageDataset):
         self.return_captions = bool(return_captions)
         self.resize_mode = resize_mode
         self.holdout_fraction = float(holdout_fraction)
+        self.max_image_pixels = pixel_limit(max_image_pixels)  # None: no limit
+        self.jpeg_draft = bool(jpeg_draft)
         normalised_extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
 
-        relative_paths = _scan_image_files(self.root, normalised_extensions)
+        folder_scan = scan_image_folder(self.root, normalised_extensions)
+        self.left_out: list[tuple[str, str]] = folder_scan.left_out  # (relative path, kind) the scan left out
+        relative_paths = folder_scan.files
         if not relative_paths:
             raise DatasetNotFoundError(
                 f"no images found under '{self.root}' (extensions: {', '.join(normalised_extensions)})"
             )
+        # one class list for every split: the top-level folders holding images anywhere in the folder
+        all_classes = sorted({rel.split("/", 1)[0] for rel in relative_paths if "/" in rel})
         if self.split in ("train", "test"):
             keep = split_paths(relative_paths, self.split, self.holdout_fraction)
             if not keep:
@@ -418,7 +567,7 @@ class ImageFolder(ImageDataset):
         if class_names is not None:
             self.class_names = list(class_names)
         elif use_classes:
-            self.class_names = sorted({top for top in top_folders if top is not None})
+            self.class_names = all_classes
         else:
             self.class_names = []
         if self.class_names:
@@ -475,9 +624,25 @@ class ImageFolder(ImageDataset):
     def load(self, index: int) -> torch.Tensor:
         """Decode, convert, resize and crop item ``index``: float32 (channels, S, S) in [-1, 1].
         Raises ``BadImageError`` for an unreadable file (no skipping)."""
-        pixels = load_image(self.root / self.relative_path(index), self.channels)
+        pixels = load_image(
+            self.root / self.relative_path(index),
+            self.channels,
+            max_pixels=self.max_image_pixels,
+            draft_size=self.image_size if self.jpeg_draft else None,
+        )
         pixels = resize_center_crop(pixels, self.image_size, mode=self.resize_mode)
         return to_tensor(pixels)
+
+    def read_item(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` exactly: ``(image (channels, S, S) in [-1, 1], label)``. An unreadable file raises
+        ``BadImageError`` whose ``path`` is the file relative to ``root`` (and is flagged for ``skipped_files``);
+        nothing is substituted."""
+        try:
+            image = self.load(index)
+        except BadImageError as error:
+            self._bad_flags[index] = 1
+            raise BadImageError(self.relative_path(index), error.reason) from None
+        return image, int(self.labels[index])
 
     def __getitem__(self, index: int):
         count = len(self)
@@ -555,13 +720,16 @@ class ImageFolder(ImageDataset):
             path = self.root / self.relative_path(index)
             try:
                 if full_decode:
-                    load_image(path, self.channels)
+                    self.load(index)
                 else:
                     if os.path.getsize(path) == 0:
                         return "empty file (0 bytes)"
                     with Image.open(path) as img:
                         if img.width <= 0 or img.height <= 0:
                             return f"image has zero size {img.width}x{img.height}"
+                        if self.max_image_pixels is not None and img.width * img.height > self.max_image_pixels:
+                            return (f"too large: {img.width}x{img.height} = {img.width * img.height} pixels, above "
+                                    f"the limit of {self.max_image_pixels}")
             except BadImageError as error:
                 return error.reason
             except Exception as error:  # header-only mode: any failure to open is a bad file
@@ -613,12 +781,15 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
     Args:
         spec: 'fashion-mnist' (root from $MAETOK_FASHION_MNIST or the Debian package), or a folder path.
             A folder holding ``train/`` and ``val/`` (or ``test/``) sub-folders is an ImageNet-style root:
-            ``train/`` serves split 'train', ``val/`` serves 'test' / 'val' (labels use the train classes).
-            Any other folder is split by ``hash_split`` ('all' keeps everything).
+            ``train/`` serves split 'train', ``val/`` serves 'test' / 'val'; the classes are the union of the
+            sub-folders of both, sorted, so a class has one label in both splits (a val folder without
+            sub-folders is unlabeled). Any other folder is split by ``hash_split`` ('all' keeps everything) and
+            its classes come from the whole folder.
         split: 'train', 'test' (alias 'val') or, for plain folders, 'all'.
         image_size: output side length S.
         channels: 1 or 3.
-        folder_options: extra keyword arguments for ``ImageFolder`` (return_captions, holdout_fraction, ...).
+        folder_options: extra keyword arguments for ``ImageFolder`` (return_captions, holdout_fraction,
+            max_image_pixels, ...); ``max_image_pixels`` is accepted and unused for Fashion-MNIST.
 
     Returns:
         a dataset of (image (channels, S, S) float32 in [-1, 1], label int) items.
@@ -631,6 +802,7 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
                 f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "
                 "with a .txt caption beside each image"
             )
+        folder_options = {k: v for k, v in folder_options.items() if k != "max_image_pixels"}
         if folder_options:
             raise TypeError(f"options {sorted(folder_options)} do not apply to fashion-mnist")
         return FashionMNIST(split=split, image_size=image_size, channels=channels)
@@ -645,18 +817,31 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
     if (root / "train").is_dir() and held_out_dir is not None:
         split_name = _normalise_split(split, ("train", "test"))
         train_dir = root / "train"
-        if split_name == "train":
-            return ImageFolder(train_dir, image_size, channels, split=None, **folder_options)
         options = dict(folder_options)
         if "class_names" not in options and options.get("use_classes", True):
-            with os.scandir(train_dir) as iterator:
-                train_classes = sorted(e.name for e in iterator if e.is_dir() and not e.name.startswith("."))
-            with os.scandir(held_out_dir) as iterator:
-                held_out_has_folders = any(e.is_dir() and not e.name.startswith(".") for e in iterator)
-            if train_classes and held_out_has_folders:
-                options["class_names"] = train_classes
-        return ImageFolder(held_out_dir, image_size, channels, split=None, **options)
+            train_classes, held_out_classes = _class_folders(train_dir), _class_folders(held_out_dir)
+            own_classes = train_classes if split_name == "train" else held_out_classes
+            if own_classes:  # a split without class folders stays unlabeled
+                options["class_names"] = sorted(set(train_classes) | set(held_out_classes))
+        return ImageFolder(train_dir if split_name == "train" else held_out_dir, image_size, channels, split=None,
+                           **options)
     return ImageFolder(root, image_size, channels, split=split, **folder_options)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Names of the non-hidden sub-folders of ``folder`` (links to folders included), sorted."""
+    try:
+        with os.scandir(folder) as iterator:
+            return sorted(e.name for e in iterator if not e.name.startswith(".") and _is_dir(e))
+    except OSError:
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ subsets, batches
@@ -673,6 +858,18 @@ def subset_indices(length: int, num: int | None, seed: int = 0) -> np.ndarray:
     if num < 1:
         raise ValueError(f"number of images must be >= 1, got {num}")
     return np.random.default_rng(seed).permutation(length)[:num]
+
+
+def draw_order(length: int, num: int | None, seed: int = 0) -> tuple[np.ndarray, int | None]:
+    """What to read for a draw of ``num`` readable items: ``(indices, limit)``. All items in order and no limit
+    when ``num`` is None or >= ``length``; else the whole seeded permutation with ``limit=num``: reading it in order
+    and stopping after ``num`` readable items gives :func:`subset_indices` ``(length, num, seed)`` when no file is
+    bad, and otherwise the next items of the same draw in place of the bad ones (pass ``limit`` to
+    :func:`iter_batches`)."""
+    if num is None or num >= length:
+        return subset_indices(length, None), None
+    subset_indices(length, num, seed)  # the checks
+    return np.random.default_rng(seed).permutation(length), int(num)
 
 
 class DatasetSubset(Dataset):
@@ -695,26 +892,138 @@ class DatasetSubset(Dataset):
     def __getitem__(self, index: int):
         return self.dataset[int(self.indices[index])]
 
+    def read_item(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` exactly (see :func:`read_item`)."""
+        return read_item(self.dataset, int(self.indices[index]))
+
     def log_skipped(self) -> int:
         return self.dataset.log_skipped() if hasattr(self.dataset, "log_skipped") else 0
 
 
-def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0):
-    """``(images (B, C, H, W) in [-1, 1], labels (B,) int64)`` batches of ``dataset`` in order (vectorised for
-    Fashion-MNIST, also behind a :class:`DatasetSubset`)."""
+def read_item(dataset: Dataset, index: int) -> tuple[torch.Tensor, int]:
+    """Item ``index`` of ``dataset`` as it is: ``(image (C, S, S), label)``. A dataset that can meet unreadable
+    files (``ImageFolder``) raises ``BadImageError`` for them instead of substituting another item."""
+    if hasattr(dataset, "read_item"):
+        return dataset.read_item(index)
+    image, label, *_ = dataset[index]
+    return image, int(label)
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """An item left out because its file could not be read: ``index`` (position in the dataset iterated),
+    ``file`` (the path relative to the image folder's root) and ``reason``."""
+
+    index: int
+    file: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "file": self.file, "reason": self.reason}
+
+
+class ItemBatch(NamedTuple):
+    """One batch of :func:`iter_item_batches`: the readable items of ``batch_size`` consecutive positions.
+
+    images: (B, C, S, S) float32 in [-1, 1] (B may be 0); labels: (B,) int64; indices: (B,) int64, the position
+    of each row in the dataset iterated; skipped: the items of these positions that could not be read.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[SkippedItem]
+
+
+class _ReadOrReport(Dataset):
+    """``dataset`` read with :func:`read_item`, reporting an unreadable item instead of raising (picklable, so
+    DataLoader workers can use it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = read_item(self.dataset, index)
+        except BadImageError as error:
+            return index, None, 0, SkippedItem(index, error.path, error.reason)
+        return index, image, int(label), None
+
+
+def _collate_read(items: list) -> tuple:
+    rows = [item for item in items if item[1] is not None]
+    images = torch.stack([item[1] for item in rows]) if rows else None
+    labels = torch.tensor([item[2] for item in rows], dtype=torch.int64)
+    indices = torch.tensor([item[0] for item in rows], dtype=torch.int64)
+    return images, labels, indices, [item[3] for item in items if item[1] is None]
+
+
+def iter_item_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Iterator[ItemBatch]:
+    """:class:`ItemBatch` es over positions ``[0, B), [B, 2B) ...`` of ``dataset`` in order: the rows are the items
+    actually read, each with its position, and unreadable files are listed in ``skipped`` (never replaced by
+    another image). Vectorised for Fashion-MNIST, also behind a :class:`DatasetSubset`."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
     if hasattr(base, "get_batch"):
         indices = dataset.indices if isinstance(dataset, DatasetSubset) else np.arange(len(dataset))
         for start in range(0, len(indices), batch_size):
-            yield base.get_batch(indices[start : start + batch_size])
+            images, labels = base.get_batch(indices[start : start + batch_size])
+            positions = torch.arange(start, start + len(labels), dtype=torch.int64)
+            yield ItemBatch(images, labels, positions, [])
         return
-    for images, labels, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        yield images, torch.as_tensor(labels, dtype=torch.int64)
+    channels, size = getattr(dataset, "channels", None) or 3, getattr(dataset, "image_size", None) or 1
+    loader = DataLoader(_ReadOrReport(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_read)
+    for images, labels, indices, skipped in loader:
+        if images is None:
+            images = torch.empty(0, channels, size, size)
+        yield ItemBatch(images, labels, indices, skipped)
+
+
+def log_skipped_items(skipped: Sequence[SkippedItem], where: str, max_names: int = 5) -> None:
+    """One warning line: how many items of ``where`` were left out as unreadable, naming the first ones."""
+    if skipped:
+        names = ", ".join(f"{item.file} ({item.reason})" for item in skipped[:max_names])
+        more = ", ..." if len(skipped) > max_names else ""
+        logger.warning("%d unreadable image(s) left out of %s: %s%s", len(skipped), where, names, more)
+
+
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 skipped: list[SkippedItem] | None = None,
+                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images (B, C, H, W) in [-1, 1], labels (B,) int64)`` batches of the readable items of ``dataset`` in
+    order (:func:`iter_item_batches`; empty batches are not yielded), stopping after ``limit`` items when given
+    (see :func:`draw_order`). The unreadable items met are appended to ``skipped`` when a list is given, else
+    logged in one line at the end."""
+    left_out: list[SkippedItem] = skipped if skipped is not None else []
+    remaining = limit
+    for batch in iter_item_batches(dataset, batch_size, num_workers):
+        rows = len(batch.indices)
+        if remaining is not None and rows >= remaining:  # the last batch: keep what precedes the limit
+            cut = int(batch.indices[remaining - 1]) if remaining else -1
+            left_out.extend(item for item in batch.skipped if item.index < cut)
+            if remaining:
+                yield batch.images[:remaining], batch.labels[:remaining]
+            remaining = 0
+            break
+        left_out.extend(batch.skipped)
+        if rows:
+            yield batch.images, batch.labels
+        if remaining is not None:
+            remaining -= rows
+    if skipped is None:
+        base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
+        log_skipped_items(left_out, f"'{getattr(base, 'root', 'the dataset')}'")
 
 
 def load_images(dataset: Dataset, indices: Sequence[int], batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Items ``indices`` of ``dataset`` in memory: images ``(N, C, S, S)`` in [-1, 1] and labels ``(N,)`` int64, or
-    None for the labels when the dataset has no classes (fewer than 2, or unlabelled items)."""
+    None for the labels when the dataset has no classes (fewer than 2, or unlabelled items). Unreadable files
+    are left out (N is then smaller than ``len(indices)``) and logged."""
     batches = list(iter_batches(DatasetSubset(dataset, indices), batch_size))
     images = torch.cat([images for images, _ in batches])
     labels = torch.cat([labels for _, labels in batches])
@@ -722,10 +1031,14 @@ def load_images(dataset: Dataset, indices: Sequence[int], batch_size: int = 1000
     return images, labels if has_classes else None
 
 
-def dataset_images_uint8(dataset: Dataset, batch_size: int = 256) -> np.ndarray:
-    """All images of ``dataset`` as uint8 RGB ``(N, H, W, 3)`` (gray repeated), converted with
-    :func:`~maetok.data.images.to_uint8` exactly as reconstructions and samples are."""
-    parts = [to_uint8(to_rgb(images), channels_last=True).numpy() for images, _ in iter_batches(dataset, batch_size)]
+def dataset_images_uint8(dataset: Dataset, batch_size: int = 256, limit: int | None = None) -> np.ndarray:
+    """All readable images of ``dataset`` (the first ``limit`` readable ones when given) as uint8 RGB
+    ``(N, H, W, 3)`` (gray repeated), converted with :func:`~maetok.data.images.to_uint8` exactly as
+    reconstructions and samples are (unreadable files are left out and logged)."""
+    batches = iter_batches(dataset, batch_size, limit=limit)
+    parts = [to_uint8(to_rgb(images), channels_last=True).numpy() for images, _ in batches]
+    if not parts:
+        raise ValueError(f"none of the {len(dataset)} images could be read")
     return np.ascontiguousarray(np.concatenate(parts))
 
 

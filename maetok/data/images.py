@@ -22,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "BadImageError",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "pixel_limit",
     "load_image",
     "resize_center_crop",
     "to_tensor",
@@ -39,6 +41,22 @@ _DIRECT_MODES = {"1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow < 9.1 has the filters on Image itself
 _BOX, _BICUBIC = _RESAMPLING.BOX, _RESAMPLING.BICUBIC
+
+# Files whose header announces more pixels than this are skipped before decoding (``data.max_image_pixels``,
+# ``--max-image-pixels``): 64 megapixels, e.g. 8000 x 8000, about 192 MB decoded as RGB. Pillow's own
+# decompression-bomb error (above 2 * ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def pixel_limit(value: int | None, name: str = "max_image_pixels") -> int | None:
+    """A pixel limit as given by a user (``data.max_image_pixels``, ``--max-image-pixels``): a positive number
+    of pixels, or 0 / None for no limit of ours (returned as None). Anything else raises ``ValueError`` naming
+    ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a number of pixels >= 0 (0: no limit), got {value!r}")
+    return int(value) or None
 
 
 class BadImageError(Exception):
@@ -133,6 +151,8 @@ def load_image(
     *,
     errors: Literal["raise", "none"] = "raise",
     background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    draft_size: int | None = None,
 ) -> np.ndarray | None:
     """Decode an image file to a uint8 array of shape (H, W, channels).
 
@@ -147,6 +167,12 @@ def load_image(
         errors: "raise" raises ``BadImageError`` for missing, empty, truncated, corrupt or non-image files;
             "none" returns None for them instead.
         background: RGB colour (0..255) behind transparent pixels.
+        max_pixels: a file whose header announces more than ``width * height > max_pixels`` pixels is a bad
+            image ("too large"), refused before anything is decoded; None: no limit of ours.
+        draft_size: the side length the caller will bring the image to. A JPEG is then decoded at a reduced
+            scale (1/2, 1/4 or 1/8, Pillow's ``draft`` mode) as long as both sides stay >= ``draft_size``, so a
+            large photo costs little for a small model. None (default): decode at full size. Other formats are
+            always decoded at full size.
 
     Returns:
         uint8 array (H, W, channels), or None (only with errors="none").
@@ -155,15 +181,21 @@ def load_image(
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if errors not in ("raise", "none"):
         raise ValueError(f"errors must be 'raise' or 'none', got {errors!r}")
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive (or None for no limit), got {max_pixels}")
+    if draft_size is not None and draft_size <= 0:
+        raise ValueError(f"draft_size must be positive (or None), got {draft_size}")
     try:
-        return _load_image_or_raise(path, channels, background)
+        return _load_image_or_raise(path, channels, background, max_pixels, draft_size)
     except BadImageError:
         if errors == "none":
             return None
         raise
 
 
-def _load_image_or_raise(path: PathLike, channels: int, background: tuple[int, int, int]) -> np.ndarray:
+def _load_image_or_raise(
+    path: PathLike, channels: int, background: tuple[int, int, int], max_pixels: int | None, draft_size: int | None
+) -> np.ndarray:
     try:
         size_bytes = os.path.getsize(path)
     except OSError as error:
@@ -171,8 +203,16 @@ def _load_image_or_raise(path: PathLike, channels: int, background: tuple[int, i
     if size_bytes == 0:
         raise BadImageError(path, "empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImageError(
+                    path, f"too large: {width}x{height} = {width * height} pixels, above the limit of {max_pixels} "
+                    "(data.max_image_pixels / --max-image-pixels)"
+                )
             img.seek(0)  # first frame of animations
+            if draft_size is not None and img.format == "JPEG":
+                img.draft(img.mode, (draft_size, draft_size))  # DCT scaling; both sides stay >= draft_size
             img.load()  # decode now: truncated / corrupt data raises here
             if img.width <= 0 or img.height <= 0:
                 raise BadImageError(path, f"image has zero size {img.width}x{img.height}")

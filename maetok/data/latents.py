@@ -6,14 +6,30 @@ A cache directory holds::
     cache_plan.json               the settings of the cache (flip, VAE posterior sampling and its seed, ...) and a
                                   hash of the tokenizer's weights (a rerun with other settings or another
                                   tokenizer is refused, or restarts on request)
-    shard-00000.safetensors ...   "latents" (n, L, H) [+ "latents_flip" (n, L, H)], "labels" (n,) int64
-    stats.json                    item count, latent shape, scalar and per-channel mean/std, the tokenizer
-                                  directory, class names; written last, so its presence means "complete"
+    shard-00000.safetensors ...   "latents" (n, L, H) [+ "latents_flip" (n, L, H)], "labels" (n,) int64,
+                                  "indices" (n,) int64: the dataset item of each row; the safetensors
+                                  metadata key "skipped" holds the shard's unreadable items (JSON list of
+                                  [index, file, reason])
+    skipped.json                  every unreadable item left out of the cache (see below)
+    stats.json                    row count, latent shape, scalar and per-channel mean/std, the tokenizer
+                                  directory, class names, skip count; written last, so its presence means
+                                  "complete"
 
-Both JSON files carry ``format_version`` (:data:`maetok.runs.FORMAT_VERSION`; caches written before it read as 0).
+The JSON files carry ``format_version`` (:data:`maetok.runs.FORMAT_VERSION`; caches written before it read as 0).
 
-Shard ``i`` holds dataset items ``[i * shard_size, (i + 1) * shard_size)``; each shard is written to a
-temporary file and renamed, so a crash leaves no half-written shard and a rerun skips the finished ones.
+Shard ``i`` holds the readable items among dataset items ``[i * shard_size, (i + 1) * shard_size)``, in order:
+an unreadable (bad) file leaves no row, so a shard may hold fewer than ``shard_size`` rows and ``stats.json``'s
+``num_items`` counts rows (``num_listed_items`` counts the dataset's items, ``num_skipped_images`` the files left
+out). ``skipped.json``::
+
+    {"format_version": 1, "num_skipped": 2,
+     "skipped": [{"index": 13, "file": "cats/broken.jpg", "reason": "corrupt or truncated (...)"}, ...],
+     "shards_without_skip_list": []}
+
+``index`` is the dataset item, ``file`` the path relative to the image folder. Shards written by a maetok
+before this format (no "indices" tensor: their unreadable files were replaced by a neighbour) are named in
+``shards_without_skip_list``. Each shard is written to a temporary file and renamed, so a crash leaves no
+half-written shard and a rerun skips the finished ones (with their skip lists).
 
 A VAE's latents are by default a sample of its posterior (DiT / SiT practice: the diffusion model learns the
 distribution the decoder was trained on), drawn per shard from ``(seed, shard)`` so a resumed cache equals an
@@ -27,6 +43,7 @@ from pathlib import Path
 from typing import Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -35,6 +52,8 @@ from maetok.runs import check_format_version
 
 STATS_NAME = "stats.json"
 PLAN_NAME = "cache_plan.json"
+SKIPPED_NAME = "skipped.json"
+SKIPPED_METADATA_KEY = "skipped"  # safetensors metadata of a shard: JSON list of [index, file, reason]
 
 
 def shard_path(cache_dir: Path, index: int) -> Path:
@@ -54,15 +73,37 @@ def read_latent_stats(cache_dir: Union[str, Path]) -> dict:
     return stats
 
 
+def read_shard_skips(path: Path) -> list[tuple[int, str, str]] | None:
+    """The unreadable items ``(dataset index, file, reason)`` recorded in a shard's metadata; None for a shard
+    written before skip lists existed."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if SKIPPED_METADATA_KEY not in metadata:
+        return None
+    return [(int(index), str(file), str(reason)) for index, file, reason in json.loads(metadata[SKIPPED_METADATA_KEY])]
+
+
+def read_skipped(cache_dir: Union[str, Path]) -> list[dict]:
+    """The items a finished cache left out (``skipped.json``): ``{"index", "file", "reason"}`` each; [] for a cache
+    written before skip lists existed."""
+    path = Path(cache_dir) / SKIPPED_NAME
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    check_format_version(data, path)
+    return list(data["skipped"])
+
+
 class LatentDataset(Dataset):
     """A finished latent cache in memory. Items: ``(latents (2, L, H), label)`` where the first slot holds
     the latents and the second those of the flipped image (the same latents again when the cache has no
-    flips); the trainer picks one slot per item with its own generator (exact resume)."""
+    flips); the trainer picks one slot per item with its own generator (exact resume). ``item_indices``: the
+    dataset item of each row (None when a shard predates it)."""
 
     def __init__(self, cache_dir: Union[str, Path]):
         self.cache_dir = Path(cache_dir)
         self.stats = read_latent_stats(self.cache_dir)
-        latents, flipped, labels = [], [], []
+        latents, flipped, labels, indices = [], [], [], []
         for shard in range(self.stats["num_shards"]):
             path = shard_path(self.cache_dir, shard)
             if not path.exists():
@@ -71,9 +112,11 @@ class LatentDataset(Dataset):
             latents.append(tensors["latents"])
             flipped.append(tensors.get("latents_flip", tensors["latents"]))
             labels.append(tensors["labels"])
+            indices.append(tensors.get("indices"))
         self.latents = torch.cat(latents)
         self.latents_flip = torch.cat(flipped)
         self.labels = torch.cat(labels)
+        self.item_indices = None if any(i is None for i in indices) else torch.cat(indices)
         if len(self.latents) != self.stats["num_items"]:
             raise ValueError(f"{self.cache_dir}: {len(self.latents)} latents, stats.json says {self.stats['num_items']}")
         self.num_classes = self.stats["num_classes"]

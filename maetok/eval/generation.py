@@ -239,7 +239,7 @@ def eval_gen(
     as an ADM reference batch (statistics + ``arr_0``) for later runs.
     IS: mean over consecutive splits of ``inception_score_split_size`` samples (ADM: 5000).
     """
-    from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, subset_indices
+    from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, draw_order
     from maetok.eval.fid import save_reference_stats
     from maetok.eval.inception import describe_network, load_fid_network
 
@@ -262,8 +262,8 @@ def eval_gen(
         if num_ref is not None and num_ref > len(dataset):
             raise ValueError(f"--num-ref {num_ref}: the {ref_split} split of {ref} has only {len(dataset)} images")
         count = num_ref if num_ref is not None else min(len(images), len(dataset))
-        subset = DatasetSubset(dataset, subset_indices(len(dataset), count, seed))
-        ref_images = dataset_images_uint8(subset)
+        order, limit = draw_order(len(dataset), count, seed)  # unreadable files: the next images of the draw
+        ref_images = dataset_images_uint8(DatasetSubset(dataset, order), limit=limit)
         source = f"{ref} {ref_split} split, {len(ref_images)} images at {size}x{size}"
         reference = reference_from_images(ref_images, network, batch_size, progress, source)
         if save_ref:

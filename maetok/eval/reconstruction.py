@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maetok.data.images import to_uint8
+from maetok.data.images import DEFAULT_MAX_IMAGE_PIXELS, to_uint8
 from maetok.eval.fid import FeatureStats, InceptionStats, fid_label, frechet_distance, load_stats_npz
 from maetok.eval.metrics import LPIPS_LABEL, lpips_per_image, lpips_unavailable_reason, psnr_per_image, ssim_per_image
 
@@ -95,15 +95,20 @@ class ReconstructionEvaluator:
 
 def evaluate_tokenizer(model: torch.nn.Module, dataset: Dataset, inception: Optional[torch.nn.Module] = None,
                        reference: Optional[InceptionStats] = None, lpips: bool = True, batch_size: int = 250,
-                       progress: bool = True) -> dict[str, Any]:
-    """:class:`ReconstructionEvaluator`'s ``result()`` for every image of ``dataset`` (wrap it in a
+                       progress: bool = True, skipped: Optional[list] = None,
+                       limit: Optional[int] = None) -> dict[str, Any]:
+    """:class:`ReconstructionEvaluator`'s ``result()`` for every readable image of ``dataset`` (wrap it in a
     :class:`~maetok.data.DatasetSubset` for part of it) reconstructed by the tokenizer ``model`` (on its device;
-    LPIPS runs there too)."""
+    LPIPS runs there too), or its first ``limit`` readable images. Unreadable files are left out (``num_images``
+    counts the images measured) and appended to ``skipped`` (:class:`~maetok.data.SkippedItem`) when a list is
+    given, else logged."""
     from maetok.encode import reconstructions
 
     evaluator = ReconstructionEvaluator(inception, reference, lpips, device=next(model.parameters()).device)
-    for images, recon in reconstructions(model, dataset, batch_size, progress):
+    for images, recon in reconstructions(model, dataset, batch_size, progress, skipped=skipped, limit=limit):
         evaluator.update(images, recon)
+    if not evaluator.values["psnr"]:
+        raise ValueError(f"none of the {len(dataset)} images could be read: nothing to evaluate")
     return evaluator.result()
 
 
@@ -120,29 +125,36 @@ def eval_recon(
     seed: int = 0,
     progress: bool = True,
     lpips: bool = True,
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """``maetok eval-recon``: rFID, PSNR, SSIM and LPIPS (VGG) of a tokenizer on ``num`` images (all by default,
-    a seeded random subset otherwise) of the held-out ``split`` of ``data``.
+    a seeded random subset otherwise, :func:`~maetok.data.draw_order`) of the held-out ``split`` of ``data``.
 
     rFID compares the reconstructions with the same original images (the paper's ImageNet-val
     convention). Returns ``rfid`` (None with ``rfid_note`` when no Inception weights exist or ``fid`` is
     False), ``rfid_num_images``, ``rfid_label``, ``psnr``, ``ssim`` (data_range 1), ``ssim_dr2``
     (data_range 2, the tokenizer-paper convention), ``lpips`` (LPIPS-VGG16 on images in [-1, 1], mean over
     images; None with ``lpips_note`` when ``lpips`` is False or the VGG16/LPIPS weights are missing),
-    ``lpips_label``, ``num_images`` and provenance.
+    ``lpips_label``, ``num_images`` (the images read and measured) and provenance. Unreadable files (and,
+    for image folders, files above ``max_image_pixels`` pixels; 0 or None: no limit) are left out, never replaced: ``num_skipped_images``
+    counts them and ``skipped_images`` names them (``{"file", "reason"}``, the file relative to the folder).
     """
-    from maetok.data import DatasetSubset, build_dataset, subset_indices
+    from maetok.data import DatasetSubset, build_dataset, draw_order, log_skipped_items
     from maetok.encode import load_tokenizer
     from maetok.eval.inception import describe_network, load_fid_network
     from maetok.runs import model_directory
 
     tokenizer = load_tokenizer(model, device)
     cfg = tokenizer.config
-    dataset = build_dataset(data, split, cfg.image_size, cfg.in_channels)
-    subset = DatasetSubset(dataset, subset_indices(len(dataset), num, seed))
+    dataset = build_dataset(data, split, cfg.image_size, cfg.in_channels, max_image_pixels=max_image_pixels)
+    order, limit = draw_order(len(dataset), num, seed)  # a bad file drawn is replaced by the next of the draw
+    subset = DatasetSubset(dataset, order)
     network, reason = (load_fid_network(inception, device, inception_weights) if fid else (None, "disabled (--no-fid)"))
     lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"
-    metrics = evaluate_tokenizer(tokenizer, subset, network, None, lpips_reason is None, batch_size, progress)
+    skipped: list = []
+    metrics = evaluate_tokenizer(tokenizer, subset, network, None, lpips_reason is None, batch_size, progress,
+                                 skipped=skipped, limit=limit)
+    log_skipped_items(skipped, f"eval-recon on {data} ({split})")
     n = int(metrics["num_images"])
     result: dict[str, Any] = {
         "model": str(model_directory(model)),
@@ -157,8 +169,14 @@ def eval_recon(
         "ssim_dr2": metrics["ssim_dr2"],
         "lpips": metrics.get("lpips"),
         "lpips_label": LPIPS_LABEL,
+        "num_skipped_images": len(skipped),
+        "skipped_images": [{"file": item.file, "reason": item.reason} for item in skipped],
         "notes": [],
     }
+    if skipped:
+        result["notes"].append(f"{len(skipped)} unreadable image file(s) met were left out (skipped_images)"
+                               + (", replaced by the next images of the seeded draw" if limit else "")
+                               + f"; the metrics are over the {n} images read")
     if network is not None:
         result["rfid_reference"] = f"the same {n} original images ({data} {split} split)"
         result["inception"] = describe_network(network)

@@ -128,8 +128,9 @@ class TokenizerTrainer(Trainer):
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
         caption_options = {"return_captions": True} if self.uses_captions else {}
-        self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options)
-        self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels)
+        pixels = {"max_image_pixels": cfg.data.max_image_pixels}
+        self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options, **pixels)
+        self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels, **pixels)
         n_eval = min(cfg.data.eval_images, len(self.eval_set))
         self.eval_images = torch.stack([self.eval_set[i][0] for i in range(n_eval)])
 
