@@ -182,7 +182,8 @@ def test_commands_on_a_released_folder(image_folder, tmp_path):
 
     assert main(["eval-recon", "--model", str(released), "--data", str(image_folder), "--num", "2", "--no-fid",
                  "--no-lpips", "--json", str(tmp_path / "recon.json")]) == 0
-    assert json.loads((tmp_path / "recon.json").read_text())["num_images"] == 2
+    recon = json.loads((tmp_path / "recon.json").read_text())  # the held-out split: 1 readable image, 1 broken
+    assert recon["num_images"] == 1 and recon["num_skipped_images"] == 1
 
     ft = tmp_path / "ft"
     assert main(["finetune-decoder", "--from", str(released), "--out", str(ft), f"data.dataset={image_folder}",
