@@ -195,12 +195,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 @command("cache-latents")
 def cmd_cache_latents(args: argparse.Namespace) -> int:
-    from maetok.data import build_dataset
+    from maetok.assets import resolve_pretrained
+    from maetok.data import build_dataset, pixel_limit
+    from maetok.data.latents import read_latent_stats
     from maetok.encode import cache_latents, load_tokenizer
     from maetok.runs import model_directory
-
-    from maetok.data import pixel_limit
-    from maetok.data.latents import read_latent_stats
 
     max_image_pixels = pixel_limit(args.max_image_pixels, "--max-image-pixels")
     tokenizer = load_tokenizer(args.model, args.device)
@@ -210,7 +209,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
         tokenizer,
         dataset,
         args.out,
-        tokenizer_dir=model_directory(args.model),
+        tokenizer_dir=model_directory(resolve_pretrained(args.model)),  # a hub id: its local snapshot
         flip=args.flip,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
