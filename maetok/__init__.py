@@ -1,29 +1,28 @@
-"""maetok: MAETok tokenizers, latent diffusion on their 1D tokens, and evaluation."""
+"""maetok: MAETok tokenizers, latent diffusion on their 1D tokens, and evaluation.
 
-from __future__ import annotations
+The public API: ``from maetok import SiT, LightningDiT`` (``from_pretrained(PATH_OR_HUB_ID)``, ``save_pretrained``,
+``push_to_hub``). The classes resolve on first access (PEP 562), so ``import maetok`` stays light and the package
+root, which sits below every layer, imports none of them at import time.
+"""
 
 import importlib
-from typing import Any
 
 __version__ = "0.1.0"
 
-# The public models, imported on first use (PEP 562): ``import maetok`` stays light and the package root stays in
-# the base layer of tests/test_layout.py. name -> the module that defines it.
-_PUBLIC: dict[str, str] = {
+#: public name -> the module that owns it
+_EXPORTS = {
     "SiT": "maetok.models.sit",
     "LightningDiT": "maetok.models.lightningdit",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'maetok' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+    return sorted(set(globals()) | set(_EXPORTS))

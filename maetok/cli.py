@@ -215,7 +215,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         changes.update(guidance_low=args.guidance_interval[0], guidance_high=args.guidance_interval[1])
     sampling = dataclasses.replace(pipe.sampling, **changes)
     sampling.validate()
-    normalizer = pipe.normalizer_for(sampling, tokenizer.config, args.latent_scalars)
+    normalizer = pipe.normalizer_for(sampling, tokenizer, args.latent_scalars)
     labels = None
     if args.labels:
         try:

@@ -244,6 +244,38 @@ def test_save_pretrained_round_trips_our_format(authors_folder, tmp_path):
         LightningDiT.from_pretrained(folder)
     with pytest.raises(ValueError, match="holds a LightningDiT, not a SiT"):
         SiT.from_pretrained(lightning_dir)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"encoder_model": "vit_base_patch14_dinov2.lvd142m"}')
+    with pytest.raises(ValueError, match="neither a maetok diffusion model .* nor the authors' SiT"):
+        SiT.from_pretrained(tmp_path / "other")
+
+
+def test_push_to_hub_uploads_the_saved_folder(authors_folder, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder, _ = authors_folder
+    calls = []
+
+    class FakeApi:  # records what would be sent (no network here)
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            calls.append(("upload", repo_id, commit_message))
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = SiT.from_pretrained(folder)
+    assert model.push_to_hub("me/sit-tiny", private=True, token="t") == "commit"
+    assert calls == [("token", "t"), ("create", "me/sit-tiny", True, True),
+                     ("upload", "me/sit-tiny", "Upload maetok diffusion model")]
+    uploaded = SiT.from_pretrained(tmp_path / "uploaded")
+    for name, value in model.state_dict().items():
+        assert torch.equal(uploaded.state_dict()[name], value), name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,9 +389,27 @@ def test_authors_conventions_equal_their_sampler_loop(authors_folder):
     assert torch.allclose(float32.double(), raw, atol=1e-3, rtol=0)
 
 
+def test_latent_normalisation_follows_the_convention(authors_folder):
+    folder, _ = authors_folder
+    pipe = LatentGenerator.load(folder, "cpu")
+    assert pipe.sampling.latent_norm == "tokenizer" and pipe.normalizer.mode == "none"
+    released_like = SimpleNamespace(latent_mean=0.5, latent_std=2.0)  # what a released tokenizer carries
+    normalizer = pipe.normalizer_for(None, released_like)
+    assert torch.equal(normalizer.denormalize(torch.tensor([1.0, -1.0])), torch.tensor([2.5, -1.5]))
+    ours = SamplingConfig(latent_norm="model")
+    assert pipe.normalizer_for(ours, released_like) is pipe.normalizer
+    assert pipe.normalizer_for(ours, None, (1.0, 3.0)).denormalize(torch.tensor([1.0])).item() == 4.0
+    with pytest.raises(ValueError, match="carries no scalar latent mean / std"):
+        pipe.normalizer_for(None, SimpleNamespace(config=TokenizerConfig()))
+    with pytest.raises(ValueError, match="std must be positive"):
+        pipe.normalizer_for(None, None, (0.0, 0.0))
+
+
 def test_latent_scalars_come_from_the_tokenizer_config():
     assert tokenizer_latent_scalars(SimpleNamespace(latent_mean=0.25, latent_std=2.0)) == (0.25, 2.0)
     assert tokenizer_latent_scalars({"vq_mean": -0.5, "vq_std": 3.0}) == (-0.5, 3.0)
+    assert tokenizer_latent_scalars(SimpleNamespace(config=SimpleNamespace(latent_mean=1.0, latent_std=0.5))) == (1.0, 0.5)
+    assert tokenizer_latent_scalars(SimpleNamespace(latent_mean=None, latent_std=None, vq_mean=0.0, vq_std=4.0)) == (0.0, 4.0)
     with pytest.raises(ValueError, match="carries no scalar latent mean / std"):
         tokenizer_latent_scalars(SimpleNamespace(image_size=16))
 

@@ -9,7 +9,7 @@ also read the authors' released SiT folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -93,19 +93,19 @@ class LatentGenerator:
     def normalizer_for(
         self,
         sampling: Optional[SamplingConfig] = None,
-        tokenizer_config: Any = None,
+        tokenizer: Any = None,
         scalars: Optional[Sequence[float]] = None,
     ) -> LatentNormalizer:
         """The latent normalisation to undo after sampling: ``scalars`` ``(mean, std)`` when given; else, with
-        ``sampling.latent_norm == "tokenizer"``, the tokenizer config's scalar latent mean / std
+        ``sampling.latent_norm == "tokenizer"``, the scalar latent mean / std the tokenizer carries
         (:func:`tokenizer_latent_scalars`); else the model's own statistics."""
         s = sampling or self.sampling
         if scalars is not None:
             mean, std = (float(v) for v in scalars)
         elif s.latent_norm == "tokenizer":
-            if tokenizer_config is None:
-                raise ValueError("sampling.latent_norm='tokenizer' needs the tokenizer's config")
-            mean, std = tokenizer_latent_scalars(tokenizer_config)
+            if tokenizer is None:
+                raise ValueError("sampling.latent_norm='tokenizer' needs the tokenizer")
+            mean, std = tokenizer_latent_scalars(tokenizer)
         else:
             return self.normalizer
         if not std > 0:
@@ -154,21 +154,26 @@ class LatentGenerator:
         return (normalizer or self.normalizer).denormalize(x0.float())
 
 
-# the names under which a tokenizer config may carry its scalar latent statistics, in the order they are tried:
-# ours, then the authors' (their ModelArgs: vq_mean / vq_std, used as decode(x * vq_std + vq_mean))
+# the names under which a tokenizer (the model, its config, or a config.json dict) carries scalar latent statistics,
+# in the order they are tried: ours (a released tokenizer's latent_mean / latent_std), then the authors' config keys
+# (their ModelArgs: vq_mean / vq_std, used as decode(x * vq_std + vq_mean))
 LATENT_SCALAR_NAMES = (("latent_mean", "latent_std"), ("vq_mean", "vq_std"))
 
 
-def tokenizer_latent_scalars(config: Any) -> tuple[float, float]:
-    """``(mean, std)``: the scalar latent statistics a tokenizer config carries (an object or a mapping, under one
-    of :data:`LATENT_SCALAR_NAMES`). ``ValueError`` when it carries none."""
-    for mean_name, std_name in LATENT_SCALAR_NAMES:
-        if isinstance(config, dict):
-            mean, std = config.get(mean_name), config.get(std_name)
-        else:
-            mean, std = getattr(config, mean_name, None), getattr(config, std_name, None)
-        if mean is not None and std is not None:
-            return float(mean), float(std)
+def tokenizer_latent_scalars(tokenizer: Any) -> tuple[float, float]:
+    """``(mean, std)``: the scalar latent statistics that ``tokenizer`` (a tokenizer model, its ``config``, or a
+    mapping) carries under one of :data:`LATENT_SCALAR_NAMES`. ``ValueError`` when it carries none (our own
+    tokenizers: their statistics are per channel, measured by ``cache-latents``)."""
+    for holder in (tokenizer, getattr(tokenizer, "config", None)):
+        if holder is None:
+            continue
+        for mean_name, std_name in LATENT_SCALAR_NAMES:
+            if isinstance(holder, Mapping):
+                mean, std = holder.get(mean_name), holder.get(std_name)
+            else:
+                mean, std = getattr(holder, mean_name, None), getattr(holder, std_name, None)
+            if mean is not None and std is not None:
+                return float(mean), float(std)
     names = " / ".join(f"{a}, {b}" for a, b in LATENT_SCALAR_NAMES)
-    raise ValueError(f"the tokenizer config ({type(config).__name__}) carries no scalar latent mean / std ({names}): "
+    raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) carries no scalar latent mean / std ({names}): "
                      "use the model's latent statistics (--latent-norm model) or give them (--latent-scalars MEAN STD)")

@@ -48,6 +48,21 @@ __all__ = ["MAETokAutoencoder", "MAETokTransformer", "MAETokSampler", "MAETokSiT
 PathLike = Union[str, Path]
 
 
+def _tokenizer_config(tokenizer: MAETok) -> dict:
+    """What the tokenizer's ``config.json`` holds (a released tokenizer adds its architecture entry)."""
+    config_dict = getattr(tokenizer, "config_dict", None)
+    return config_dict() if callable(config_dict) else to_dict(tokenizer.config)
+
+
+def _build_tokenizer(config: dict) -> MAETok:
+    """A freshly initialised tokenizer of the architecture ``config`` describes (see :func:`_tokenizer_config`)."""
+    try:  # the released architecture's builder, where the package has it
+        from maetok.models.released import build_tokenizer
+    except ImportError:
+        return MAETok(from_dict(TokenizerConfig, config, where="tokenizer_config"))
+    return build_tokenizer(config, "tokenizer_config")
+
+
 def _eager(kwargs: dict[str, Any]) -> dict[str, Any]:
     # build on real tensors: our models compute non-persistent buffers (RoPE tables) at construction, which a
     # meta-device (low_cpu_mem_usage) build would leave empty
@@ -60,13 +75,13 @@ class MAETokAutoencoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, tokenizer_config: dict):
         super().__init__()
-        self.tokenizer = MAETok(from_dict(TokenizerConfig, tokenizer_config, where="tokenizer_config"))
+        self.tokenizer = _build_tokenizer(dict(tokenizer_config))
 
     @classmethod
     def from_maetok(cls, source: PathLike, device: Optional[Union[str, torch.device]] = None) -> "MAETokAutoencoder":
         """The tokenizer in a maetok folder, run directory or hub id (:func:`maetok.encode.load_tokenizer`)."""
         tokenizer = load_tokenizer(source, "cpu")
-        wrapper = cls(tokenizer_config=to_dict(tokenizer.config))
+        wrapper = cls(tokenizer_config=_tokenizer_config(tokenizer))
         wrapper.tokenizer.load_state_dict(tokenizer.state_dict())
         return wrapper.to(device or "cpu").eval()
 
@@ -204,7 +219,7 @@ class MAETokSiTPipeline(DiffusionPipeline):
             raise ValueError(f"{model} names no tokenizer: pass tokenizer=DIR_OR_HUB_ID")
         vae = MAETokAutoencoder.from_maetok(source)
         sampling = dataclasses.replace(generator.sampling, **sampling_changes)
-        normalizer = generator.normalizer_for(sampling, vae.tokenizer.config, latent_scalars)
+        normalizer = generator.normalizer_for(sampling, vae.tokenizer, latent_scalars)
         pipe = cls(MAETokTransformer.from_latent_generator(generator, normalizer), vae,
                    MAETokSampler.from_sampling(sampling))
         return pipe.to(device or "cpu")

@@ -451,6 +451,20 @@ class AdaLNVelocityTransformer(nn.Module):
         return save_diffusion_folder(directory, model_cfg, latent_shape, num_classes,
                                      state_dict if state_dict is not None else self.state_dict(), **merged)
 
+    def push_to_hub(self, repo_id: str, private: bool = False, token: Optional[str] = None,
+                    commit_message: str = "Upload maetok diffusion model", **extras: Any) -> Any:
+        """:meth:`save_pretrained` into a temporary folder, uploaded to the hub repository ``repo_id`` (created if
+        needed) with ``huggingface_hub``; returns its commit info. Needs the network and a token."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **extras)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # SiT
@@ -550,7 +564,8 @@ def read_diffusion_folder(source: Union[str, Path]) -> DiffusionFolder:
     directory, raw = read_model_config(directory, DIFFUSION_MODEL_TYPE, "diffusion model")
     missing = [key for key in ("model", "latent_shape", "num_classes", "latent_norm", "sampling") if key not in raw]
     if missing:
-        raise ConfigError(f"{path} lacks {missing}")
+        raise ConfigError(f"{path} is neither a maetok diffusion model (it lacks {missing}) nor the authors' SiT "
+                          f"(config keys {list(REFERENCE_SIT_KEYS)})")
     model_cfg = from_dict(DiffusionModelConfig, raw["model"], where=f"{path}:model")
     latent_shape = tuple(int(n) for n in raw["latent_shape"])
     if len(latent_shape) != 2:
