@@ -149,3 +149,23 @@ def test_import_maetok_needs_no_diffusers():
             "try:\n    import maetok.integrations.diffusers\nexcept ImportError as e:\n    print(e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "maetok.integrations.diffusers needs diffusers: pip install 'maetok[diffusers]'"
+
+
+def test_released_tokenizer_round_trips_through_the_wrapper(tmp_path):
+    """The authors' released tokenizer format (runs once its architecture, tests/test_released_tokenizer.py, is in
+    the package): wrapped, saved and loaded in diffusers' layout with the same encode / decode."""
+    pytest.importorskip("maetok.models.released")
+    released = pytest.importorskip("test_released_tokenizer")
+    from maetok.encode import load_tokenizer
+
+    folder = released.write_authors_folder(tmp_path / "tok")
+    ours = load_tokenizer(folder, "cpu")
+    vae = MAETokAutoencoder.from_maetok(folder)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae.save_pretrained(tmp_path / "vae")
+    again = MAETokAutoencoder.from_pretrained(tmp_path / "vae")
+    assert (again.tokenizer.latent_mean, again.tokenizer.latent_std) == (0.25, 1.5)
+    with torch.no_grad():
+        latents = ours.encode(images)
+        assert torch.equal(vae.encode(images).latent, latents) and torch.equal(again.encode(images).latent, latents)
+        assert torch.equal(again.decode(latents).sample, ours.decode(latents))

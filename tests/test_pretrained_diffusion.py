@@ -3,6 +3,7 @@ ids), and the authors' sampling conventions (issue 13)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -454,3 +455,27 @@ def test_sample_command_on_the_authors_sit(authors_folder, tmp_path):
     with np.load(out / "samples.npz") as npz:
         assert not np.array_equal(npz["arr_0"], images)
     assert main(["sample", "--model", str(folder), "--num", "1", "--out", str(out)]) == 2
+
+
+def test_released_sit_and_tokenizer_together(tmp_path):
+    """Both released formats in one command: the authors' SiT with their tokenizer's scalar latent mean / std (runs
+    once the released tokenizer architecture, tests/test_released_tokenizer.py, is in the package)."""
+    pytest.importorskip("maetok.models.released")
+    released = pytest.importorskip("test_released_tokenizer")
+    tokenizer_dir = released.write_authors_folder(tmp_path / "tok")  # vq_mean 0.25, vq_std 1.5
+    tiny = released.TINY
+    sit_dir = tmp_path / "sit"
+    write_authors_sit(sit_dir, {**TINY_AUTHORS_CONFIG, "in_channels": tiny["latent_dim"], "input_size": tiny["latents"]})
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(sit_dir), "--tokenizer", str(tokenizer_dir), "--num", "2", "--out", str(out),
+                 "--steps", "3", "--labels", "1", "--seed", "2", "--device", "cpu"]) == 0
+    pipe = LatentGenerator.load(sit_dir, "cpu")
+    tokenizer = load_tokenizer(tokenizer_dir, "cpu")
+    normalizer = pipe.normalizer_for(None, tokenizer)
+    assert (normalizer.mode, normalizer.mean.item(), normalizer.std.item()) == ("scalar", 0.25, 1.5)
+    sampling = dataclasses.replace(pipe.sampling, steps=3)
+    latents = pipe.sample_latents(torch.tensor([1, 1]), 2, sampling, torch.Generator().manual_seed(2),
+                                  normalizer=normalizer)
+    with np.load(out / "samples.npz") as npz:
+        expected = to_uint8(tokenizer.decode(latents).clamp(-1, 1), channels_last=True).numpy()
+        assert np.array_equal(npz["arr_0"], expected)

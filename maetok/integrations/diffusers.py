@@ -224,6 +224,12 @@ class MAETokSiTPipeline(DiffusionPipeline):
                    MAETokSampler.from_sampling(sampling))
         return pipe.to(device or "cpu")
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokSiTPipeline":
+        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id); import
+        :mod:`maetok.integrations.diffusers` first, as diffusers loads components only from imported modules."""
+        return super().from_pretrained(*args, **_eager(kwargs))
+
     @torch.no_grad()
     def __call__(
         self,
