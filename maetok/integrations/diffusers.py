@@ -24,7 +24,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
