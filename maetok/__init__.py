@@ -1,8 +1,9 @@
 """maetok: MAETok tokenizers, latent diffusion on their 1D tokens, and evaluation.
 
-The public API: ``from maetok import MAETok`` (``MAETok.from_pretrained(PATH_OR_HUB_ID)``, ``encode``, ``decode``,
-``save_pretrained``, ``push_to_hub``). The classes resolve on first access (PEP 562), so ``import maetok`` stays
-light and the package root, which sits below every layer, imports none of them at import time.
+The public API: ``from maetok import MAETok, SiT, LightningDiT``, each with ``from_pretrained(PATH_OR_HUB_ID)`` (our
+folders and the authors' released ones), ``save_pretrained`` and ``push_to_hub``; ``MAETok.encode`` / ``decode``.
+The classes resolve on first access (PEP 562), so ``import maetok`` stays light and the package root, which sits
+below every layer, imports none of them at import time.
 """
 
 import importlib
@@ -12,6 +13,8 @@ __version__ = "0.1.0"
 #: public name -> the module that owns it
 _EXPORTS = {
     "MAETok": "maetok.models.tokenizer",
+    "SiT": "maetok.models.sit",
+    "LightningDiT": "maetok.models.lightningdit",
 }
 
 __all__ = ["__version__", *_EXPORTS]

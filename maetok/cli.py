@@ -239,6 +239,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
+    from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
     from maetok.diffusion.generate import generate_images, write_samples
     from maetok.diffusion.pipeline import LatentGenerator
     from maetok.encode import load_tokenizer
@@ -246,12 +247,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = LatentGenerator.load(args.model, args.device)
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
     if not tokenizer_dir:
-        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer DIR")
+        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
+                         "(the authors' SiT: their tokenizer, e.g. MAETok/maetok-b-128)")
     tokenizer = load_tokenizer(tokenizer_dir, args.device)
-    changes = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale)) if v is not None}
+    changes: dict[str, Any] = {}
+    if args.convention is not None:
+        changes.update(AUTHORS_SAMPLING if args.convention == "authors" else MAETOK_SAMPLING)
+    flags = (("sampler", args.sampler), ("steps", args.steps), ("cfg_scale", args.cfg_scale),
+             ("cfg_on", args.cfg_on), ("precision", args.precision), ("latent_norm", args.latent_norm),
+             ("last_step", args.last_step), ("diffusion_form", args.diffusion_form), ("t_end", args.t_end))
+    changes.update({k: v for k, v in flags if v is not None})
     if args.guidance_interval is not None:
         changes.update(guidance_low=args.guidance_interval[0], guidance_high=args.guidance_interval[1])
     sampling = dataclasses.replace(pipe.sampling, **changes)
+    sampling.validate()
+    normalizer = pipe.normalizer_for(sampling, tokenizer, args.latent_scalars)
     labels = None
     if args.labels:
         try:
@@ -259,10 +269,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
         labels = ids.repeat(-(-args.num // len(ids)))[: args.num]
-    images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed)
+    images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed,
+                                          normalizer=normalizer)
     paths = write_samples(args.out, images, label_array, png_limit=args.max_png)
-    print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} in "
-          f"[{sampling.guidance_low}, {sampling.guidance_high}]): {paths['grid']}, {paths['npz']}")
+    print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} on the "
+          f"{sampling.cfg_on} in [{sampling.guidance_low}, {sampling.guidance_high}], {sampling.precision} state, "
+          f"latent norm: {normalizer.mode}): {paths['grid']}, {paths['npz']}")
     return 0
 
 
@@ -439,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=1000")
 
     p = add("sample", "Generate images: PNGs, a grid and an ADM-format samples.npz.")
-    p.add_argument("--model", required=True, help="diffusion model directory or diffusion run directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the latents came from)")
+    p.add_argument("--model", required=True, help="diffusion model directory or run directory, the authors' released "
+                                                  "SiT folder, or a hub id (e.g. MAETok/sit-xl_maetok-b-128)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the one the latents "
+                                                     "came from; required for the authors' SiT)")
     p.add_argument("--num", type=int, required=True, help="number of images")
     p.add_argument("--out", required=True)
     p.add_argument("--labels", default=None, help="comma-separated class ids to cycle through (default: all classes evenly)")
@@ -449,6 +463,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="apply guidance only for noise levels t in [LOW, HIGH] (t=1 is pure noise)")
+    p.add_argument("--convention", choices=["maetok", "authors"], default=None,
+                   help="sampling conventions (default: the model's; the authors' SiT comes with theirs): 'authors' "
+                        "= Euler-Maruyama with guidance on the drift, float64 state, the tokenizer's scalar latent "
+                        "mean/std; the flags below override single choices")
+    p.add_argument("--cfg-on", choices=["velocity", "drift"], default=None,
+                   help="guide the velocity (ours) or the SDE drift (the authors'; equal up to rounding)")
+    p.add_argument("--precision", choices=["float32", "float64"], default=None, help="dtype of the integrated state")
+    p.add_argument("--latent-norm", choices=["model", "tokenizer"], default=None,
+                   help="undo the diffusion model's latent statistics or the tokenizer's scalar latent mean/std")
+    p.add_argument("--latent-scalars", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+                   help="undo this scalar latent normalisation instead (decode(x * STD + MEAN))")
+    p.add_argument("--last-step", choices=["drift", "velocity"], default=None,
+                   help="Euler-Maruyama's final noise-free step from t_end to 0: along the drift (the authors') or "
+                        "the velocity")
+    p.add_argument("--diffusion-form", choices=["sigma", "constant", "linear"], default=None,
+                   help="Euler-Maruyama diffusion w(t): t (the authors' 2t/2), 1 or 1 - t")
+    p.add_argument("--t-end", type=float, default=None, help="Euler-Maruyama: last noisy time (default 0.04)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-png", type=int, default=None, help="write at most this many PNGs (the .npz holds all)")

@@ -589,6 +589,45 @@ class DiffusionModelConfig:
                 f"model.preset {self.preset!r} is not a {self.arch} preset; known: {', '.join(known)}"
             )
 
+    @classmethod
+    def from_architecture(
+        cls, architecture: DiffusionTransformerConfig
+    ) -> tuple["DiffusionModelConfig", tuple[int, int], int]:
+        """The inverse of :meth:`architecture`: ``(config, latent_shape (L, C), num_classes)`` that rebuild
+        ``architecture`` exactly (a :class:`SiTConfig` / :class:`LightningDiTConfig`, e.g. the authors' SiT from
+        :meth:`SiTConfig.from_reference_config`). The preset is the size's row of :data:`DIFFUSION_SIZES` when one
+        matches, else the family's first with explicit ``width``/``depth``/``num_heads``. A field this config cannot
+        express (``qk_norm``, ``frequency_dim``, ``pos_embed_layout``, ``rope_theta`` off their defaults) raises
+        ``ValueError`` naming it."""
+        arch = next((name for name, kind in DIFFUSION_ARCHS.items() if type(architecture) is kind), None)
+        if arch is None:
+            raise ValueError(f"{type(architecture).__name__} is not a diffusion architecture config")
+        size = TransformerSize(architecture.width, architecture.depth, architecture.num_heads)
+        presets = type(architecture).presets()
+        exact = next((name for name, row in presets.items() if row == size), None)
+        classes = architecture.num_classes
+        cfg = cls(
+            arch=arch,
+            preset=exact or next(iter(presets)),
+            width=0 if exact else size.width,
+            depth=0 if exact else size.depth,
+            num_heads=0 if exact else size.num_heads,
+            mlp_ratio=architecture.mlp_ratio,
+            class_dropout_prob=architecture.class_dropout_prob if classes else cls.class_dropout_prob,
+            conditional=classes > 0,
+        )
+        latent_shape = (architecture.num_latent_tokens, architecture.latent_dim)
+        rebuilt = cfg.architecture(latent_shape, classes)
+        differing = [f.name for f in dataclasses.fields(architecture)
+                     if getattr(rebuilt, f.name) != getattr(architecture, f.name)]
+        if differing:
+            raise ValueError(
+                f"{type(architecture).__name__} fields {differing} ("
+                + ", ".join(f"{name}={getattr(architecture, name)!r}" for name in differing)
+                + ") cannot be written as a maetok diffusion model config"
+            )
+        return cfg, latent_shape, classes
+
     def architecture(self, latent_shape: tuple[int, int], num_classes: int) -> DiffusionTransformerConfig:
         """The :class:`SiTConfig` / :class:`LightningDiTConfig` for latents ``(L, C) = latent_shape`` and
         ``num_classes`` classes (0, or ``conditional`` False: unconditional); validates this config first."""
@@ -613,9 +652,26 @@ class TransportConfig:
     latent_norm: str = "channel"  # "channel", "scalar" or "none": (x - mean) / std over the training latents
 
 
+SAMPLERS = ("euler", "euler-maruyama")
+DIFFUSION_FORMS = ("sigma", "constant", "linear")  # w(t) of the Euler-Maruyama sampler: t, 1, 1 - t
+LAST_STEPS = ("drift", "velocity")
+CFG_TARGETS = ("velocity", "drift")
+PRECISIONS = ("float32", "float64")
+LATENT_NORMS = ("model", "tokenizer")
+
+
 @dataclass
 class SamplingConfig:
-    """Defaults of ``maetok sample`` and of the periodic sample grids."""
+    """Defaults of ``maetok sample`` and of the periodic sample grids.
+
+    The Euler-Maruyama schedule: ``linspace(1, t_end, steps)`` then one noise-free step to 0 (``last_step``:
+    along the SDE drift or the velocity), diffusion ``w(t)`` = ``diffusion_form`` (see
+    :mod:`maetok.diffusion.samplers`). ``cfg_on``: guidance combines the velocities (ours) or the SDE drifts (the
+    authors'; the same in exact arithmetic, the drift is affine in the velocity). ``precision``: dtype of the
+    integrated state (the authors integrate in float64). ``latent_norm``: undo the diffusion model's own latent
+    statistics (``"model"``) or the tokenizer's scalar latent mean / std (``"tokenizer"``, the authors').
+    :data:`AUTHORS_SAMPLING` lists the authors' choices.
+    """
 
     sampler: str = "euler-maruyama"  # or "euler"
     steps: int = 250
@@ -623,18 +679,39 @@ class SamplingConfig:
     guidance_low: float = 0.0  # guidance applies for noise levels t in [low, high] (t = 1 is pure noise)
     guidance_high: float = 1.0
     grid_steps: int = 50  # steps of the periodic training grids
+    t_end: float = 0.04
+    last_step: str = "drift"
+    diffusion_form: str = "sigma"
+    cfg_on: str = "velocity"
+    precision: str = "float32"
+    latent_norm: str = "model"
 
     def validate(self) -> None:
-        if self.sampler not in ("euler", "euler-maruyama"):
-            raise ConfigError(f"sampling.sampler must be 'euler' or 'euler-maruyama', got {self.sampler!r}")
+        for name, allowed in (("sampler", SAMPLERS), ("last_step", LAST_STEPS), ("diffusion_form", DIFFUSION_FORMS),
+                              ("cfg_on", CFG_TARGETS), ("precision", PRECISIONS), ("latent_norm", LATENT_NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"sampling.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         require_positive("sampling.steps", self.steps)
         require_positive("sampling.grid_steps", self.grid_steps)
         if self.cfg_scale < 0:
             raise ConfigError(f"sampling.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if not 0.0 < self.t_end < 1.0:
+            raise ConfigError(f"sampling.t_end must lie in (0, 1), got {self.t_end}")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
             raise ConfigError(
                 f"need 0 <= sampling.guidance_low <= sampling.guidance_high <= 1, got {self.guidance_low}, {self.guidance_high}"
             )
+
+
+# The sampling conventions of the authors' released SiT (METHOD.md §5): their Euler-Maruyama sampler (linspace(1,
+# 0.04, N) plus a final deterministic drift step, diffusion 2t = 2 w(t) with w = t), guidance on the drift, a float64
+# state and the tokenizer's scalar latent mean / std. Our defaults differ in cfg_on, precision and latent_norm.
+AUTHORS_SAMPLING: dict[str, Any] = {
+    "sampler": "euler-maruyama", "t_end": 0.04, "last_step": "drift", "diffusion_form": "sigma",
+    "cfg_on": "drift", "precision": "float64", "latent_norm": "tokenizer",
+}
+# Ours, for the same fields (SamplingConfig's defaults).
+MAETOK_SAMPLING: dict[str, Any] = {name: getattr(SamplingConfig, name) for name in AUTHORS_SAMPLING}
 
 
 @dataclass

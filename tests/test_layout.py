@@ -19,7 +19,7 @@ LAYERS = [
     ("eval", {"maetok.eval"}),
     ("train", {"maetok.train"}),
     ("jobs", {"maetok.pipeline", "maetok.bench"}),
-    ("front ends", {"maetok.demo", "maetok.study", "maetok.cli"}),
+    ("front ends", {"maetok.demo", "maetok.study", "maetok.cli", "maetok.integrations"}),
 ]
 LAYER_OF = {unit: index for index, (_, units) in enumerate(LAYERS) for unit in units}
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from maetok.config import SamplingConfig
+from maetok.data.latents import LatentNormalizer
 from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.npz import save_sample_batch
 from maetok.diffusion.pipeline import LatentGenerator
@@ -26,9 +27,11 @@ def generate_images(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    normalizer: Optional[LatentNormalizer] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """``num`` images as uint8 ``(num, H, W, C)`` and their labels ``(num,)`` (None if unconditional).
-    ``labels`` default: all classes evenly (``i % num_classes``)."""
+    ``labels`` default: all classes evenly (``i % num_classes``). ``normalizer``: the latent normalisation to
+    undo (default the model's; see :meth:`LatentGenerator.normalizer_for`)."""
     from tqdm.auto import tqdm
 
     if labels is None:
@@ -40,7 +43,7 @@ def generate_images(
     for start in tqdm(range(0, num, batch_size), desc="sample", unit="batch", disable=not progress):
         count = min(batch_size, num - start)
         batch_labels = labels[start : start + count] if labels is not None else None
-        latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator)
+        latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator, normalizer=normalizer)
         decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
         images.append(to_uint8(decoded.cpu(), channels_last=True).numpy())  # NaN / inf raise: never gray images
     return np.concatenate(images), (labels.numpy() if labels is not None else None)

@@ -10,7 +10,13 @@ are bound in the closure). Both samplers integrate from ``t = 1`` (``noise``) to
   velocity, ``s = -(x + (1 - t) v) / t``, and ``w(t) = t`` (SiT's ``"sigma"`` diffusion form; the authors'
   MAETok sampler writes the same thing as ``diffusion = 2t``, drift ``v - diffusion / 2 * s``). Time grid
   ``linspace(1, t_end, num_steps)`` followed by one final noise-free step from ``t_end`` to 0, so the model
-  is evaluated ``num_steps`` times.
+  is evaluated ``num_steps`` times. These defaults are the authors' sampler for their released SiT (METHOD.md
+  §5); where the authors differ from us it is selectable: guidance on the drift (``cfg_on="drift"``) and a
+  float64 state (``state_dtype=torch.float64``).
+
+Guidance on the drift equals guidance on the velocity in exact arithmetic: the drift
+``d(v) = v - w s(v) = (1 + w (1 - t) / t) v + (w / t) x`` is affine in ``v`` with the same ``x`` for both
+branches, so ``d_u + g (d_c - d_u) = d(v_u + g (v_c - v_u))``; the two differ by rounding only.
 """
 
 from __future__ import annotations
@@ -21,12 +27,68 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from maetok.config import CFG_TARGETS, DIFFUSION_FORMS, LAST_STEPS
 from maetok.diffusion.transport import velocity_to_score
+from maetok.models.sit import apply_guidance
 
-__all__ = ["ModelFn", "make_model_fn", "euler_sample", "euler_maruyama_sample", "DIFFUSION_FORMS"]
+__all__ = ["ModelFn", "GuidedVelocity", "make_model_fn", "euler_sample", "euler_maruyama_sample", "DIFFUSION_FORMS"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-DIFFUSION_FORMS = ("sigma", "constant", "linear")
+
+
+class GuidedVelocity:
+    """A velocity model with its labels and guidance bound: ``fn(x, t) -> v`` (guided), and
+    :meth:`split` ``(x, t) -> (cond, uncond or None)`` for samplers that guide another quantity (the drift).
+    Built by :func:`make_model_fn`."""
+
+    def __init__(self, model: nn.Module, y: Optional[Tensor], cfg_scale: float, guidance_interval: Sequence[float]):
+        guided = hasattr(model, "forward_with_cfg")
+        if cfg_scale != 1.0 and not guided:
+            raise ValueError(f"{type(model).__name__} has no forward_with_cfg: classifier-free guidance is unavailable")
+        if cfg_scale != 1.0 and y is None:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y")
+        self.model = model
+        self.y = y
+        self.cfg_scale = float(cfg_scale)
+        self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        self._guided = guided
+        params = next(iter(model.parameters()), None)
+        self._model_dtype = params.dtype if params is not None else None
+
+    def _inputs(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        x_in = x.to(self._model_dtype) if self._model_dtype is not None and x.is_floating_point() else x
+        t_in = t.to(device=x.device, dtype=torch.float32)
+        labels = self.y.to(x.device) if self.y is not None else None
+        return x_in, t_in, labels
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        x_in, t_in, labels = self._inputs(x, t)
+        if self._guided:
+            velocity = self.model.forward_with_cfg(x_in, t_in, labels, self.cfg_scale, self.guidance_interval)
+        else:
+            velocity = self.model(x_in, t_in, labels)
+        return velocity.to(x.dtype)
+
+    def guides(self, t: Tensor) -> bool:
+        """Whether guidance applies to any sample at times ``t`` ``(B,)``."""
+        low, high = self.guidance_interval
+        return self.cfg_scale != 1.0 and bool(((t >= low) & (t <= high)).any())
+
+    def split(self, x: Tensor, t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The conditional and unconditional velocities ``(B, ...)`` in ``x``'s dtype; ``uncond`` is None where
+        guidance does not apply at ``t`` (then ``cond`` is the velocity)."""
+        if not self.guides(t):
+            return self(x, t), None
+        x_in, t_in, labels = self._inputs(x, t)
+        cond, uncond = self.model.forward_pair(x_in, t_in, labels)
+        return cond.to(x.dtype), uncond.to(x.dtype)
+
+    def combine(self, cond: Tensor, uncond: Optional[Tensor], t: Tensor) -> Tensor:
+        """``uncond + cfg_scale (cond - uncond)`` for the samples whose ``t`` is inside the interval, else
+        ``cond`` (any quantity computed alike from both branches, e.g. the drift)."""
+        if uncond is None:
+            return cond
+        return apply_guidance(cond, uncond, t, self.cfg_scale, self.guidance_interval)
 
 
 def make_model_fn(
@@ -34,8 +96,8 @@ def make_model_fn(
     y: Optional[Tensor] = None,
     cfg_scale: float = 1.0,
     guidance_interval: Sequence[float] = (0.0, 1.0),
-) -> ModelFn:
-    """Bind labels and guidance to a velocity model; returns ``fn(x, t) -> v``.
+) -> GuidedVelocity:
+    """Bind labels and guidance to a velocity model; returns ``fn(x, t) -> v`` (a :class:`GuidedVelocity`).
 
     model: a :class:`~maetok.models.sit.SiT` / :class:`~maetok.models.lightningdit.LightningDiT` (anything
     with ``forward_with_cfg(x, t, y, cfg_scale, guidance_interval)``; a plain ``model(x, t, y)`` callable
@@ -45,29 +107,13 @@ def make_model_fn(
     whose ``t`` lies in ``guidance_interval``. ``x`` is cast to the model's parameter dtype for the call
     and the velocity back to ``x``'s dtype; ``t`` is passed as float32.
     """
-    guided = hasattr(model, "forward_with_cfg")
-    if cfg_scale != 1.0 and not guided:
-        raise ValueError(f"{type(model).__name__} has no forward_with_cfg: classifier-free guidance is unavailable")
-    if cfg_scale != 1.0 and y is None:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels y")
-    params = next(iter(model.parameters()), None)
-    model_dtype = params.dtype if params is not None else None
-
-    def model_fn(x: Tensor, t: Tensor) -> Tensor:
-        x_in = x.to(model_dtype) if model_dtype is not None and x.is_floating_point() else x
-        t_in = t.to(device=x.device, dtype=torch.float32)
-        labels = y.to(x.device) if y is not None else None
-        if guided:
-            velocity = model.forward_with_cfg(x_in, t_in, labels, cfg_scale, guidance_interval)
-        else:
-            velocity = model(x_in, t_in, labels)
-        return velocity.to(x.dtype)
-
-    return model_fn
+    return GuidedVelocity(model, y, cfg_scale, guidance_interval)
 
 
-def _state(noise: Tensor) -> Tensor:
-    # integrate in at least float32 even when the noise (and model) are half precision
+def _state(noise: Tensor, state_dtype: Optional[torch.dtype] = None) -> Tensor:
+    # integrate in state_dtype, by default the noise's but at least float32 (half-precision noise and model)
+    if state_dtype is not None:
+        return noise.to(state_dtype, copy=True)
     if noise.dtype in (torch.float16, torch.bfloat16):
         return noise.float()
     return noise.clone()
@@ -87,22 +133,24 @@ def euler_sample(
     t_start: float = 1.0,
     t_end: float = 0.0,
     progress: bool = False,
+    state_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Deterministic Euler integration of ``dx/dt = v(x, t)`` on ``linspace(t_start, t_end, num_steps + 1)``.
 
     noise: ``(B, ...)`` the state at ``t_start`` (standard normal for ``t_start = 1``). Returns the state at
-    ``t_end`` (``(B, ...)``, the noise's dtype): generated (normalised) latents for ``t_end = 0``.
+    ``t_end`` (``(B, ...)``, the noise's dtype): generated (normalised) latents for ``t_end = 0``. The state
+    is integrated in ``state_dtype`` (default: the noise's, at least float32).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not (0.0 <= t_end <= 1.0 and 0.0 <= t_start <= 1.0):
         raise ValueError(f"t_start {t_start} and t_end {t_end} must lie in [0, 1]")
-    x = _state(noise)
+    x = _state(noise, state_dtype)
     times = torch.linspace(t_start, t_end, num_steps + 1, dtype=torch.float64).tolist()
     batch = x.shape[0]
     with _progress(num_steps, progress, "euler") as bar:
         for t_cur, t_next in zip(times[:-1], times[1:]):
-            t_vec = torch.full((batch,), t_cur, device=x.device, dtype=torch.float32)
+            t_vec = torch.full((batch,), t_cur, device=x.device, dtype=x.dtype)
             x = x + (t_next - t_cur) * model_fn(x, t_vec).to(x.dtype)
             bar.update(1)
     return x.to(noise.dtype)
@@ -133,6 +181,8 @@ def euler_maruyama_sample(
     generator: Optional[torch.Generator] = None,
     last_step: str = "drift",
     progress: bool = False,
+    cfg_on: str = "velocity",
+    state_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Euler-Maruyama integration of the reverse SDE from ``t = 1`` to ``t = 0``.
 
@@ -146,23 +196,40 @@ def euler_maruyama_sample(
     ``w = 1 - t``, or a callable ``t -> w``. The final step from ``t_end`` to 0 adds no noise:
     ``last_step="drift"`` moves along ``v - w s`` (the authors' sampler), ``"velocity"`` along ``v`` (the
     ODE step, i.e. the posterior mean ``x - t_end v``). Returns ``(B, ...)`` in the noise's dtype.
+
+    ``cfg_on``: ``"velocity"`` uses ``model_fn``'s (guided) velocity; ``"drift"`` (the authors') computes the
+    drift of the conditional and the unconditional velocity (:meth:`GuidedVelocity.split`) and guides the drift
+    (a plain callable without ``split`` is used unguided). The state is integrated in ``state_dtype`` (default:
+    the noise's, at least float32; the authors use float64); times reach the score in that dtype and the model
+    as float32.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0.0 < t_end < 1.0:
         raise ValueError(f"t_end must lie in (0, 1) (the score is singular at t=0), got {t_end}")
-    if last_step not in ("drift", "velocity"):
-        raise ValueError(f"unknown last_step {last_step!r}; expected 'drift' or 'velocity'")
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")
+    if cfg_on not in CFG_TARGETS:
+        raise ValueError(f"unknown cfg_on {cfg_on!r}; expected one of {CFG_TARGETS}")
     diffusion = _diffusion_fn(diffusion_coef, diffusion_norm)
-    x = _state(noise)
+    x = _state(noise, state_dtype)
     times = torch.linspace(1.0, t_end, num_steps, dtype=torch.float64).tolist() + [0.0]
     batch = x.shape[0]
+    split = getattr(model_fn, "split", None) if cfg_on == "drift" else None
 
     def drift(x_cur: Tensor, t_cur: float) -> tuple[Tensor, Tensor]:
-        t_vec = torch.full((batch,), t_cur, device=x_cur.device, dtype=torch.float32)
-        velocity = model_fn(x_cur, t_vec).to(x_cur.dtype)
-        score = velocity_to_score(velocity, x_cur, t_vec)
-        return velocity, velocity - diffusion(t_cur) * score
+        """(velocity, SDE drift ``v - w s``) at ``(x_cur, t_cur)``, guided as ``cfg_on`` says."""
+        t_vec = torch.full((batch,), t_cur, device=x_cur.device, dtype=x_cur.dtype)
+        w = diffusion(t_cur)
+        if split is None:
+            velocity = model_fn(x_cur, t_vec).to(x_cur.dtype)
+            return velocity, velocity - w * velocity_to_score(velocity, x_cur, t_vec)
+        cond, uncond = split(x_cur, t_vec)
+        d_cond = cond - w * velocity_to_score(cond, x_cur, t_vec)
+        if uncond is None:
+            return cond, d_cond
+        d_uncond = uncond - w * velocity_to_score(uncond, x_cur, t_vec)
+        return model_fn.combine(cond, uncond, t_vec), model_fn.combine(d_cond, d_uncond, t_vec)
 
     with _progress(num_steps, progress, "euler-maruyama") as bar:
         for t_cur, t_next in zip(times[:-2], times[1:-1]):

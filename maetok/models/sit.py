@@ -21,12 +21,27 @@ mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional, Sequence
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from maetok.config import DiffusionTransformerConfig, SiTConfig, TransformerSize
+from maetok.assets import resolve_pretrained
+from maetok.config import (
+    AUTHORS_SAMPLING,
+    ConfigError,
+    DiffusionModelConfig,
+    DiffusionTransformerConfig,
+    SamplingConfig,
+    SiTConfig,
+    TransformerSize,
+    from_dict,
+    to_dict,
+)
 from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
 
 __all__ = [
@@ -41,7 +56,18 @@ __all__ = [
     "FinalLayer",
     "apply_guidance",
     "sincos_1d_interleaved",
+    "DIFFUSION_MODEL_TYPE",
+    "DiffusionFolder",
+    "build_velocity_model",
+    "default_folder_extras",
+    "is_reference_sit_config",
+    "load_state_dict_strict",
+    "load_velocity_model",
+    "read_diffusion_folder",
+    "save_diffusion_folder",
 ]
+
+logger = logging.getLogger(__name__)
 
 # The SiT rows of maetok.config.DIFFUSION_SIZES: name -> (width, depth, num_heads).
 SIT_PRESETS: dict[str, TransformerSize] = SiTConfig.presets()
@@ -245,6 +271,8 @@ class AdaLNVelocityTransformer(nn.Module):
         )
         self.final_layer = FinalLayer(config.width, config.latent_dim, self.block_norm)
         self.initialize_weights()
+        # the diffusion folder's other entries when loaded by from_pretrained (see save_pretrained)
+        self.folder_extras: dict[str, Any] = {}
 
     def initialize_weights(self) -> None:
         """Xavier-uniform linears with zero bias; N(0, 0.02) label table and time-MLP weights; zero adaLN
@@ -341,6 +369,19 @@ class AdaLNVelocityTransformer(nn.Module):
             tokens = block(tokens, c, rope)
         return self.final_layer(tokens, c)
 
+    def forward_pair(self, x: Tensor, t: Tensor | float, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The conditional and the unconditional (null-class) velocities ``(B, L, C)`` each, in one batch of
+        ``2B`` (no label dropout). Raises ``ValueError`` for a model without a null class."""
+        t, y = self._check_inputs(x, t, y)
+        if self.y_embedder is None or not self.y_embedder.has_null_class or y is None:
+            raise ValueError(f"{type(self).__name__} has no null class (num_classes=0 or class_dropout_prob=0): "
+                             "no unconditional velocity for classifier-free guidance")
+        keep = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        drop = torch.cat([keep, torch.ones_like(keep)])
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop_ids=drop)
+        cond, uncond = both.chunk(2)
+        return cond, uncond
+
     def forward_with_cfg(
         self,
         x: Tensor,
@@ -351,29 +392,78 @@ class AdaLNVelocityTransformer(nn.Module):
     ) -> Tensor:
         """Classifier-free guided velocity ``(B, L, C)``.
 
-        Runs the conditional and the unconditional (null-class) pass in one batch of ``2B`` and returns
-        ``u + cfg_scale * (c - u)`` for samples with ``t`` in ``guidance_interval = (low, high)``
-        (inclusive), the conditional velocity ``c`` for the others. Label dropout is never applied here
-        (the null class is forced for the unconditional half only). ``cfg_scale == 1`` or no sample inside
-        the interval skips the unconditional pass.
+        Runs the conditional and the unconditional (null-class) pass in one batch of ``2B``
+        (:meth:`forward_pair`) and returns ``u + cfg_scale * (c - u)`` for samples with ``t`` in
+        ``guidance_interval = (low, high)`` (inclusive), the conditional velocity ``c`` for the others. Label
+        dropout is never applied here. ``cfg_scale == 1`` or no sample inside the interval skips the
+        unconditional pass.
         """
         _check_interval(guidance_interval)
         t, y = self._check_inputs(x, t, y)
-        batch = x.shape[0]
-        keep = torch.zeros(batch, dtype=torch.long, device=x.device)
         if self.y_embedder is None or y is None:
             if cfg_scale != 1.0:
                 raise ValueError(f"{type(self).__name__} is unconditional (num_classes=0): cfg_scale must be 1")
             return self.forward(x, t, y)
         low, high = float(guidance_interval[0]), float(guidance_interval[1])
         if cfg_scale == 1.0 or not bool(((t >= low) & (t <= high)).any()):
-            return self.forward(x, t, y, force_drop_ids=keep)
+            return self.forward(x, t, y, force_drop_ids=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
         if not self.y_embedder.has_null_class:
             raise ValueError(f"{type(self).__name__} was built with class_dropout_prob=0: no null class for CFG")
-        drop = torch.cat([keep, torch.ones_like(keep)])
-        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop_ids=drop)
-        cond, uncond = both.chunk(2)
+        cond, uncond = self.forward_pair(x, t, y)
         return apply_guidance(cond, uncond, t, cfg_scale, guidance_interval)
+
+    # pretrained folders ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
+    ) -> "AdaLNVelocityTransformer":
+        """The model in ``source``, in eval mode on ``device`` (default: the first GPU, else the CPU).
+
+        ``source``: a diffusion model folder of ours (``config.json`` with ``model_type`` ``maetok-diffusion`` +
+        ``model.safetensors``), the run directory holding it as ``model/``, the authors' released SiT folder
+        (``config.json`` with ``hidden_size``, ``depth``, ``in_channels``, ``input_size``, ...), or a Hugging Face
+        hub id of either (:func:`maetok.assets.resolve_pretrained`; offline with ``HF_HUB_OFFLINE=1``). The
+        format is detected from ``config.json``. Weights load strictly (:func:`load_state_dict_strict`). The
+        folder's other entries (latent normalisation, sampling defaults, tokenizer, class names) are kept in
+        :attr:`folder_extras` and written back by :meth:`save_pretrained`.
+        """
+        model, folder = load_velocity_model(source, device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{folder.directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def save_pretrained(
+        self,
+        directory: Union[str, Path],
+        state_dict: Optional[dict[str, Tensor]] = None,
+        **extras: Any,
+    ) -> Path:
+        """Write our diffusion model folder (``config.json`` + ``model.safetensors``, what
+        :class:`maetok.diffusion.pipeline.LatentGenerator` and :meth:`from_pretrained` read). ``extras``
+        (``class_names``, ``latent_norm``, ``sampling``, ``tokenizer``) override :attr:`folder_extras`, which
+        override :func:`default_folder_extras`. ``state_dict``: default the model's."""
+        model_cfg, latent_shape, num_classes = DiffusionModelConfig.from_architecture(self.config)
+        unknown = sorted(set(extras) - set(FOLDER_EXTRAS))
+        if unknown:
+            raise ValueError(f"unknown diffusion folder entries {unknown}; known: {list(FOLDER_EXTRAS)}")
+        merged = {**default_folder_extras(), **self.folder_extras, **extras}
+        return save_diffusion_folder(directory, model_cfg, latent_shape, num_classes,
+                                     state_dict if state_dict is not None else self.state_dict(), **merged)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: Optional[str] = None,
+                    commit_message: str = "Upload maetok diffusion model", **extras: Any) -> Any:
+        """:meth:`save_pretrained` into a temporary folder, uploaded to the hub repository ``repo_id`` (created if
+        needed) with ``huggingface_hub``; returns its commit info. Needs the network and a token."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **extras)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -404,3 +494,181 @@ class SiT(AdaLNVelocityTransformer):
 def build_sit(preset: str = "SiT-XL", **overrides: Any) -> SiT:
     """``build_sit("SiT-B", latent_dim=32, num_latent_tokens=128, num_classes=1000)``."""
     return SiT(SiTConfig.from_preset(preset, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusion model folders: ours (written by save_diffusion_folder) and the authors' released SiT
+# ---------------------------------------------------------------------------------------------------------
+
+DIFFUSION_MODEL_TYPE = "maetok-diffusion"  # config.json's model_type in our folders
+# config.json entries of our folder besides the architecture (model, latent_shape, num_classes), in file order
+FOLDER_EXTRAS = ("class_names", "latent_norm", "sampling", "tokenizer")
+# what the authors' SiT config.json must hold (written by their PyTorchModelHubMixin save_pretrained)
+REFERENCE_SIT_KEYS = ("hidden_size", "depth", "num_heads", "in_channels", "input_size")
+
+
+def default_folder_extras() -> dict[str, Any]:
+    """The folder entries of a model that has none: no class names, identity latent normalisation, the default
+    sampling settings, no tokenizer."""
+    return {"class_names": [], "latent_norm": {"mode": "none", "mean": 0.0, "std": 1.0},
+            "sampling": to_dict(SamplingConfig()), "tokenizer": None}
+
+
+def is_reference_sit_config(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` is the authors' SiT (flat model arguments, no ``model_type``)."""
+    return "model_type" not in config and all(key in config for key in REFERENCE_SIT_KEYS)
+
+
+@dataclass
+class DiffusionFolder:
+    """What a diffusion model folder's ``config.json`` says. ``source_format``: ``"maetok"`` (ours) or
+    ``"authors-sit"``; ``extras``: :data:`FOLDER_EXTRAS` (for the authors' SiT: none known, the authors'
+    sampling conventions, whose latent normalisation comes from the tokenizer)."""
+
+    directory: Path
+    source_format: str
+    model_cfg: DiffusionModelConfig
+    latent_shape: tuple[int, int]
+    num_classes: int
+    extras: dict[str, Any]
+
+    @property
+    def architecture(self) -> DiffusionTransformerConfig:
+        return self.model_cfg.architecture(self.latent_shape, self.num_classes)
+
+
+def read_diffusion_folder(source: Union[str, Path]) -> DiffusionFolder:
+    """The :class:`DiffusionFolder` of ``source``: a folder of ours or the authors', the run directory holding
+    ours as ``model/``, or a hub id of either (:func:`maetok.assets.resolve_pretrained`)."""
+    from maetok.runs import MODEL_CONFIG, model_directory, read_model_config
+
+    directory = model_directory(resolve_pretrained(source))
+    path = directory / MODEL_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a diffusion model folder holds config.json and model.safetensors")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    if is_reference_sit_config(raw):
+        try:
+            architecture = SiTConfig.from_reference_config(raw)
+            architecture.validate()
+            model_cfg, latent_shape, num_classes = DiffusionModelConfig.from_architecture(architecture)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: the authors' SiT config cannot be mapped: {err}") from None
+        extras = {**default_folder_extras(), "sampling": to_dict(SamplingConfig(**AUTHORS_SAMPLING))}
+        return DiffusionFolder(directory, "authors-sit", model_cfg, latent_shape, num_classes, extras)
+    directory, raw = read_model_config(directory, DIFFUSION_MODEL_TYPE, "diffusion model")
+    missing = [key for key in ("model", "latent_shape", "num_classes", "latent_norm", "sampling") if key not in raw]
+    if missing:
+        raise ConfigError(f"{path} is neither a maetok diffusion model (it lacks {missing}) nor the authors' SiT "
+                          f"(config keys {list(REFERENCE_SIT_KEYS)})")
+    model_cfg = from_dict(DiffusionModelConfig, raw["model"], where=f"{path}:model")
+    latent_shape = tuple(int(n) for n in raw["latent_shape"])
+    if len(latent_shape) != 2:
+        raise ConfigError(f"{path}: latent_shape must be [L, C], got {raw['latent_shape']}")
+    from_dict(SamplingConfig, raw["sampling"], where=f"{path}:sampling")  # checked here, read by the bundle
+    extras = {key: raw.get(key, default) for key, default in default_folder_extras().items()}
+    return DiffusionFolder(directory, "maetok", model_cfg, latent_shape, int(raw["num_classes"]), extras)
+
+
+def save_diffusion_folder(
+    directory: Union[str, Path],
+    model_cfg: DiffusionModelConfig,
+    latent_shape: Sequence[int],
+    num_classes: int,
+    state_dict: Mapping[str, Tensor],
+    class_names: Sequence[str] = (),
+    latent_norm: Optional[Mapping[str, Any]] = None,
+    sampling: Optional[Mapping[str, Any]] = None,
+    tokenizer: Optional[str] = None,
+) -> Path:
+    """Write our diffusion model folder (through :func:`maetok.runs.save_model_folder`): ``config.json`` with
+    the model config, latent shape, classes, ``latent_norm`` (a :class:`~maetok.data.latents.LatentNormalizer`
+    dict), ``sampling`` (a :class:`~maetok.config.SamplingConfig` dict) and the tokenizer folder or hub id."""
+    from maetok.runs import save_model_folder
+
+    defaults = default_folder_extras()
+    config = {
+        "model": to_dict(model_cfg),
+        "latent_shape": [int(n) for n in latent_shape],
+        "num_classes": int(num_classes),
+        "class_names": list(class_names),
+        "latent_norm": dict(latent_norm) if latent_norm is not None else defaults["latent_norm"],
+        "sampling": dict(sampling) if sampling is not None else defaults["sampling"],
+        "tokenizer": str(tokenizer) if tokenizer is not None else None,
+    }
+    return save_model_folder(directory, DIFFUSION_MODEL_TYPE, config, state_dict)
+
+
+def build_velocity_model(architecture: DiffusionTransformerConfig) -> AdaLNVelocityTransformer:
+    """A :class:`SiT` or :class:`~maetok.models.lightningdit.LightningDiT` for its architecture config."""
+    from maetok.config import LightningDiTConfig
+    from maetok.models.lightningdit import LightningDiT
+
+    if isinstance(architecture, SiTConfig):
+        return SiT(architecture)
+    if isinstance(architecture, LightningDiTConfig):
+        return LightningDiT(architecture)
+    raise ValueError(f"no velocity model for {type(architecture).__name__}")
+
+
+def _first(names: Sequence[str], count: int = 3) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f", ... (+{len(names) - count})" if len(names) > count else "")
+
+
+def load_state_dict_strict(
+    model: nn.Module, state: Mapping[str, Tensor], source: Union[str, Path], ignore: Sequence[str] = ()
+) -> nn.Module:
+    """Load ``state`` into ``model`` only if every key matches in name and shape (``ignore``: file keys consumed
+    without use). Otherwise ``ValueError`` in one line: the counts of missing, unexpected and mis-shaped keys
+    and the first names of each, ``source`` named; the full lists go to the log. Values are cast to the model's
+    dtypes."""
+    expected = model.state_dict()
+    ignored = set(ignore)
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected and k not in ignored)
+    misshaped = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or misshaped:
+        logger.error("%s: missing keys %s; unexpected keys %s; mis-shaped keys %s", source, missing, unexpected,
+                     [f"{k} file {tuple(state[k].shape)} model {tuple(expected[k].shape)}" for k in misshaped])
+        parts = []
+        if missing:
+            parts.append(f"missing: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected: {_first(unexpected)}")
+        if misshaped:
+            parts.append("mis-shaped: " + _first([f"{k} (file {list(state[k].shape)}, model "
+                                                   f"{list(expected[k].shape)})" for k in misshaped]))
+        raise ValueError(
+            f"{source} does not match {type(model).__name__}: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped keys ({'; '.join(parts)})"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
+    return model
+
+
+def load_velocity_model(
+    source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
+) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
+    """The model of a diffusion folder (ours or the authors', see :func:`read_diffusion_folder`), strictly
+    loaded, in eval mode on ``device``, with its :attr:`~AdaLNVelocityTransformer.folder_extras`; and the folder."""
+    from safetensors.torch import load_file
+
+    from maetok.runs import MODEL_WEIGHTS, resolve_device
+
+    folder = read_diffusion_folder(source)
+    weights = folder.directory / MODEL_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found")
+    try:
+        model = build_velocity_model(folder.architecture)
+    except ValueError as err:
+        raise ConfigError(f"{folder.directory / 'config.json'}: {err}") from None
+    load_state_dict_strict(model, load_file(str(weights)), weights)
+    model.folder_extras = dict(folder.extras)
+    return model.to(resolve_device(device)).eval(), folder
