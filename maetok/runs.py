@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -24,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger(__name__)
 
 #: The version of every file layout this package writes (bump it when a layout changes, and teach the readers).
 FORMAT_VERSION = 1
@@ -65,7 +68,8 @@ def check_output_folder(path: PathLike, flag: str = "--out") -> Path:
 def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise ``ValueError`` naming ``source`` and the first tensors holding NaN / inf (a diverged model is never
     written, and never sampled from or evaluated)."""
-    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{source} holds non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. "
                          f"{', '.join(bad[:3])}: the model diverged")
@@ -222,13 +226,11 @@ MISMATCH_NAMES_SHOWN = 3
 
 
 def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
-                     source: PathLike) -> None:
+                     source: PathLike, model_name: str = "the model") -> None:
     """Strict key check of a checkpoint: ``found`` (name -> shape, from ``source``) must hold exactly the names
-    of ``expected`` (the model's), with the same shapes. Otherwise the full list of differences is printed to
-    stderr and a ``ValueError`` of one line gives the counts of missing, unexpected and mis-shaped keys with the
-    first few names of each."""
-    import sys
-
+    of ``expected`` (the model's), with the same shapes. Otherwise the full list of differences goes to the log
+    (``maetok.runs``, on stderr by default) and a ``ValueError`` of one line gives the counts of missing, unexpected
+    and mis-shaped keys with the first few names of each."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = [k for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
@@ -239,23 +241,22 @@ def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str
         "unexpected": unexpected,
         "mis-shaped": [f"{k} (file {list(found[k])}, model {list(expected[k])})" for k in misshaped],
     }
-    print(f"[maetok] {source} does not match the model:", file=sys.stderr)
-    for kind, names in described.items():
-        for name in names:
-            print(f"  {kind}: {name}", file=sys.stderr)
+    logger.error("%s does not match %s:\n%s", source, model_name,
+                 "\n".join(f"  {kind}: {name}" for kind, names in described.items() for name in names))
     parts = []
     for kind, names in described.items():
         if names:
             more = ", ..." if len(names) > MISMATCH_NAMES_SHOWN else ""
             parts.append(f"{len(names)} {kind} ({', '.join(names[:MISMATCH_NAMES_SHOWN])}{more})")
-    raise ValueError(f"{source} does not match the model: {'; '.join(parts)} (full list on stderr)")
+    raise ValueError(f"{source} does not match {model_name}: {'; '.join(parts)} (the full list is in the log)")
 
 
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: PathLike) -> torch.nn.Module:
     """Load ``state`` into ``model`` only if every key and shape matches (:func:`check_state_keys`): nothing
-    loads partially; and only finite weights (a diverged model is never sampled from or evaluated)."""
+    loads partially; and only finite weights (a diverged model is never sampled from or evaluated). Values are
+    cast to the model's dtypes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source)
+    check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source, type(model).__name__)
     check_finite_tensors(state, str(source))
     model.load_state_dict(state, strict=True)
     return model

@@ -61,7 +61,6 @@ __all__ = [
     "build_velocity_model",
     "default_folder_extras",
     "is_reference_sit_config",
-    "load_state_dict_strict",
     "load_velocity_model",
     "read_diffusion_folder",
     "save_diffusion_folder",
@@ -424,7 +423,7 @@ class AdaLNVelocityTransformer(nn.Module):
         ``model.safetensors``), the run directory holding it as ``model/``, the authors' released SiT folder
         (``config.json`` with ``hidden_size``, ``depth``, ``in_channels``, ``input_size``, ...), or a Hugging Face
         hub id of either (:func:`maetok.assets.resolve_pretrained`; offline with ``HF_HUB_OFFLINE=1``). The
-        format is detected from ``config.json``. Weights load strictly (:func:`load_state_dict_strict`). The
+        format is detected from ``config.json``. Weights load strictly (:func:`maetok.runs.load_state_strict`). The
         folder's other entries (latent normalisation, sampling defaults, tokenizer, class names) are kept in
         :attr:`folder_extras` and written back by :meth:`save_pretrained`.
         """
@@ -616,59 +615,18 @@ def build_velocity_model(architecture: DiffusionTransformerConfig) -> AdaLNVeloc
     raise ValueError(f"no velocity model for {type(architecture).__name__}")
 
 
-def _first(names: Sequence[str], count: int = 3) -> str:
-    shown = ", ".join(names[:count])
-    return shown + (f", ... (+{len(names) - count})" if len(names) > count else "")
-
-
-def load_state_dict_strict(
-    model: nn.Module, state: Mapping[str, Tensor], source: Union[str, Path], ignore: Sequence[str] = ()
-) -> nn.Module:
-    """Load ``state`` into ``model`` only if every key matches in name and shape (``ignore``: file keys consumed
-    without use). Otherwise ``ValueError`` in one line: the counts of missing, unexpected and mis-shaped keys
-    and the first names of each, ``source`` named; the full lists go to the log. Values are cast to the model's
-    dtypes."""
-    expected = model.state_dict()
-    ignored = set(ignore)
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected and k not in ignored)
-    misshaped = sorted(k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or misshaped:
-        logger.error("%s: missing keys %s; unexpected keys %s; mis-shaped keys %s", source, missing, unexpected,
-                     [f"{k} file {tuple(state[k].shape)} model {tuple(expected[k].shape)}" for k in misshaped])
-        parts = []
-        if missing:
-            parts.append(f"missing: {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_first(unexpected)}")
-        if misshaped:
-            parts.append("mis-shaped: " + _first([f"{k} (file {list(state[k].shape)}, model "
-                                                   f"{list(expected[k].shape)})" for k in misshaped]))
-        raise ValueError(
-            f"{source} does not match {type(model).__name__}: {len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(misshaped)} mis-shaped keys ({'; '.join(parts)})"
-        )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
-    return model
-
-
 def load_velocity_model(
     source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
 ) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
     """The model of a diffusion folder (ours or the authors', see :func:`read_diffusion_folder`), strictly
     loaded, in eval mode on ``device``, with its :attr:`~AdaLNVelocityTransformer.folder_extras`; and the folder."""
-    from safetensors.torch import load_file
-
-    from maetok.runs import MODEL_WEIGHTS, resolve_device
+    from maetok.runs import load_model_weights, resolve_device
 
     folder = read_diffusion_folder(source)
-    weights = folder.directory / MODEL_WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} not found")
     try:
         model = build_velocity_model(folder.architecture)
     except ValueError as err:
         raise ConfigError(f"{folder.directory / 'config.json'}: {err}") from None
-    load_state_dict_strict(model, load_file(str(weights)), weights)
+    load_model_weights(model, folder.directory)
     model.folder_extras = dict(folder.extras)
     return model.to(resolve_device(device)).eval(), folder
