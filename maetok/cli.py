@@ -383,6 +383,21 @@ def cmd_analyze_latents(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (--batch-size, --num, --steps ...): an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """What a training command does with an existing run directory (refused without one of these)."""
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last.pt")
@@ -425,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="tokenizer directory (config.json + model.safetensors) or run dir")
     p.add_argument("--input", required=True, help="an image file or a folder of images (walked recursively)")
     p.add_argument("--out", required=True, help="output folder: OUT/<relative path of each input>.png")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, help=pixels_help)
 
     p = add("cache-latents", "Encode a dataset with a tokenizer into a sharded latent cache (+ statistics).")
@@ -438,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE: store a posterior sample (the default, as DiT/SiT train) or, with "
                         "--no-sample-posterior, the posterior mean; recorded in the cache's metadata")
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples (default 0)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--max-image-pixels", type=int, default=64_000_000,
                    help=pixels_help + "; unreadable files leave no row and are listed in OUT/skipped.json")
 
@@ -455,11 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "SiT folder, or a hub id (e.g. MAETok/sit-xl_maetok-b-128)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the one the latents "
                                                      "came from; required for the authors' SiT)")
-    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--num", type=positive_int, required=True, help="number of images")
     p.add_argument("--out", required=True)
     p.add_argument("--labels", default=None, help="comma-separated class ids to cycle through (default: all classes evenly)")
     p.add_argument("--sampler", choices=["euler", "euler-maruyama"], default=None)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default from the model: 250)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default from the model: 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="apply guidance only for noise levels t in [LOW, HIGH] (t=1 is pure noise)")
@@ -480,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-form", choices=["sigma", "constant", "linear"], default=None,
                    help="Euler-Maruyama diffusion w(t): t (the authors' 2t/2), 1 or 1 - t")
     p.add_argument("--t-end", type=float, default=None, help="Euler-Maruyama: last noisy time (default 0.04)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-png", type=int, default=None, help="write at most this many PNGs (the .npz holds all)")
+    p.add_argument("--max-png", type=positive_int, default=None, help="write at most this many PNGs (the .npz holds all)")
 
     p = add("convert", "Write a tokenizer (our folder, the authors' released folder or a hub id) in our format.")
     p.add_argument("--from", dest="source", required=True, help="tokenizer folder, run directory or hub id "
@@ -503,30 +518,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-preset", default="fashion-mnist-sit")
     p.add_argument("--latent-shape", type=int, nargs=2, default=[32, 8], metavar=("L", "H"))
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--sample-batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=250, help="sampling steps")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--sample-batch", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps")
     p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
     p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
 
     p = add("baselines", "PCA with N components as a tokenizer, a Gaussian in its space as a generator, and the "
                          "real-vs-real FID floor: the yardsticks of trained models.")
     p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
-    p.add_argument("--dim", type=int, required=True, help="numbers per image (a tokenizer's L x H, e.g. 128)")
+    p.add_argument("--dim", type=positive_int, required=True, help="numbers per image (a tokenizer's L x H, e.g. 128)")
     p.add_argument("--out", required=True, help="output folder (baselines.json, baselines.png)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: 1 for fashion-mnist, else 3")
-    p.add_argument("--num-train", type=int, default=20000, help="training images the PCA and Gaussians are fitted on")
-    p.add_argument("--num-eval", type=int, default=1000, help="held-out images measured (and generated)")
+    p.add_argument("--num-train", type=positive_int, default=20000, help="training images the PCA and Gaussians are fitted on")
+    p.add_argument("--num-eval", type=positive_int, default=1000, help="held-out images measured (and generated)")
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
     p = add("eval-recon", "rFID, PSNR, SSIM (both conventions) and LPIPS (VGG) of a tokenizer on a held-out split.")
     p.add_argument("--model", required=True, help="tokenizer directory or run directory")
     p.add_argument("--data", required=True, help="fashion-mnist or an image folder")
-    p.add_argument("--num", type=int, default=None, help="images (default: the whole split; else a seeded subset)")
+    p.add_argument("--num", type=positive_int, default=None, help="images (default: the whole split; else a seeded subset)")
     p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--inception", default=None, help="FID Inception weights (default: $MAETOK_INCEPTION or the packaged copy)")
     p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM (/ LPIPS) only")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (VGG16) of the reconstructions")
@@ -537,10 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval-gen", "gFID, sFID, IS, precision and recall of generated images (ADM conventions).")
     p.add_argument("--samples", required=True, help="an ADM .npz, a folder with samples.npz, or a folder of images")
     p.add_argument("--ref", required=True, help="an ADM reference .npz, or a dataset (fashion-mnist, image folder)")
-    p.add_argument("--num-ref", type=int, default=None, help="reference images from a dataset (default: as many as samples)")
+    p.add_argument("--num-ref", type=positive_int, default=None, help="reference images from a dataset (default: as many as samples)")
     p.add_argument("--ref-split", default="test", choices=["test", "train", "all"], help="split of a dataset reference")
     p.add_argument("--save-ref", default=None, help="write the dataset reference as an ADM reference .npz")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--inception", default=None)
     p.add_argument("--json", default=None)
 
@@ -548,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, action="append", help="[NAME=]DIR; repeat to compare tokenizers on one plot")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--num-train", type=int, default=10000)
-    p.add_argument("--num-test", type=int, default=2000)
+    p.add_argument("--num-train", type=positive_int, default=10000)
+    p.add_argument("--num-test", type=positive_int, default=2000)
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50], help="GMM component counts")
     p.add_argument("--no-map", action="store_true", help="skip the UMAP / PCA map")
     p.add_argument("--pca-dim", type=int, default=None,

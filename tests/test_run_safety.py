@@ -236,3 +236,16 @@ def test_a_nonfinite_model_folder_is_never_loaded(tokenizer_dir, tmp_path, capsy
         MAETok.from_pretrained(broken)
     one_line_error(capsys, ["reconstruct", "--model", str(broken), "--input", str(tmp_path), "--out",
                             str(tmp_path / "r")], "non-finite values", "the model diverged")
+
+
+@pytest.mark.parametrize("argv", [
+    ["cache-latents", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"],
+    ["reconstruct", "--model", "m", "--input", "i", "--out", "o", "--batch-size", "-4"],
+    ["sample", "--model", "m", "--num", "0", "--out", "o"],
+    ["sample", "--model", "m", "--num", "2", "--out", "o", "--steps", "0"],
+    ["eval-recon", "--model", "m", "--data", "d", "--num", "0"],
+])
+def test_counts_on_the_command_line_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
