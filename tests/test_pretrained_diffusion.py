@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import released_standins
 import torch
 import torch.nn.functional as F
+from released_standins import COMPAT_SIT, TINY_AUTHORS_CONFIG, authors_shapes, write_authors_sit
 from safetensors.torch import save_file
 
 from maetok import LightningDiT, SiT
@@ -27,69 +29,9 @@ from maetok.models.sit import build_velocity_model, read_diffusion_folder
 from maetok.models.tokenizer import MAETok
 from maetok.runs import load_state_strict
 
-COMPAT_SIT = Path(__file__).resolve().parents[2] / "shared" / "compat" / "sit-xl-maetok.json"
-if not COMPAT_SIT.exists():
-    COMPAT_SIT = Path("/work/shared/compat/sit-xl-maetok.json")
-
-# the authors' SiT config.json at tiny size: 4 tokens of 4 channels, width 32, 2 blocks of 2 heads, 3 classes
-TINY_AUTHORS_CONFIG = {
-    "class_dropout_prob": 0.1, "decoder_hidden_size": 32, "depth": 2, "flash_attn": True, "fused_attn": False,
-    "hidden_size": 32, "in_channels": 4, "input_size": 4, "license": "apache-2.0", "mlp_ratio": 4.0,
-    "num_classes": 3, "num_heads": 2, "patch_size": 1, "path_type": "edm", "qk_norm": False,
-    "repo_url": "https://github.com/Hhhhhhao/continuous_tokenizer", "tags": ["SiT"], "use_cfg": True,
-    "vae_1d": True, "z_dims": [0],
-}
-
-
 # ---------------------------------------------------------------------------------------------------------
-# the authors' format, written and read independently of our model classes
+# the authors' format, read independently of our model classes
 # ---------------------------------------------------------------------------------------------------------
-
-
-def authors_shapes(config: dict) -> dict[str, list[int]]:
-    """Every key and shape of the authors' SiT on 1D latents, from its config (their module layout)."""
-    d, c, n = config["hidden_size"], config["in_channels"], config["input_size"]
-    hidden = int(d * config["mlp_ratio"])
-    shapes = {
-        "pos_embed": [1, n, d], "x_embedder.weight": [d, c], "x_embedder.bias": [d],
-        "t_embedder.mlp.0.weight": [d, 256], "t_embedder.mlp.0.bias": [d],
-        "t_embedder.mlp.2.weight": [d, d], "t_embedder.mlp.2.bias": [d],
-        "y_embedder.embedding_table.weight": [config["num_classes"] + int(config["use_cfg"]), d],
-    }
-    for i in range(config["depth"]):
-        shapes.update({
-            f"blocks.{i}.attn.qkv.weight": [3 * d, d], f"blocks.{i}.attn.qkv.bias": [3 * d],
-            f"blocks.{i}.attn.proj.weight": [d, d], f"blocks.{i}.attn.proj.bias": [d],
-            f"blocks.{i}.mlp.fc1.weight": [hidden, d], f"blocks.{i}.mlp.fc1.bias": [hidden],
-            f"blocks.{i}.mlp.fc2.weight": [d, hidden], f"blocks.{i}.mlp.fc2.bias": [d],
-            f"blocks.{i}.adaLN_modulation.1.weight": [6 * d, d], f"blocks.{i}.adaLN_modulation.1.bias": [6 * d],
-        })
-    shapes.update({
-        "final_layer.linear.weight": [c, d], "final_layer.linear.bias": [c],
-        "final_layer.adaLN_modulation.1.weight": [2 * d, d], "final_layer.adaLN_modulation.1.bias": [2 * d],
-    })
-    return shapes
-
-
-def authors_pos_embed(length: int, dim: int) -> torch.Tensor:
-    """Their fixed 1D position code: sin on even channels, cos on odd ones, frequency 10000^(-2i/dim)."""
-    position = torch.arange(length, dtype=torch.float64)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
-    table = torch.zeros(length, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency)
-    return table[None].float()
-
-
-def write_authors_sit(folder: Path, config: dict = TINY_AUTHORS_CONFIG, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A folder as their save_pretrained writes it (config.json + model.safetensors), random values."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {name: 0.3 * torch.randn(shape, generator=generator) for name, shape in authors_shapes(config).items()}
-    state["pos_embed"] = authors_pos_embed(config["input_size"], config["hidden_size"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(state, str(folder / "model.safetensors"))
-    return state
 
 
 def authors_velocity(state: dict, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, heads: int) -> torch.Tensor:
@@ -458,12 +400,9 @@ def test_sample_command_on_the_authors_sit(authors_folder, tmp_path):
 
 
 def test_released_sit_and_tokenizer_together(tmp_path):
-    """Both released formats in one command: the authors' SiT with their tokenizer's scalar latent mean / std (runs
-    once the released tokenizer architecture, tests/test_released_tokenizer.py, is in the package)."""
-    pytest.importorskip("maetok.models.released")
-    released = pytest.importorskip("test_released_tokenizer")
-    tokenizer_dir = released.write_authors_folder(tmp_path / "tok")  # vq_mean 0.25, vq_std 1.5
-    tiny = released.TINY
+    """Both released formats in one command: the authors' SiT with their tokenizer's scalar latent mean / std."""
+    tokenizer_dir = released_standins.write_authors_folder(tmp_path / "tok")  # vq_mean 0.25, vq_std 1.5
+    tiny = released_standins.TINY
     sit_dir = tmp_path / "sit"
     write_authors_sit(sit_dir, {**TINY_AUTHORS_CONFIG, "in_channels": tiny["latent_dim"], "input_size": tiny["latents"]})
     out = tmp_path / "samples"

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from released_standins import COMPAT, TINY, authors_config, authors_state, write_authors_folder
 
 from maetok.models.released import (
     IGNORED_KEYS,
@@ -23,86 +22,6 @@ from maetok.models.released import (
     timm_architecture,
 )
 from maetok.models.tokenizer import MAETok
-
-COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat" / "maetok-b-128.json"
-if not COMPAT.exists():  # worktrees sit beside shared/; the main checkout too
-    COMPAT = Path("/work/shared/compat/maetok-b-128.json")
-
-# a tiny model in their format: 16px images, patch 4 (4 x 4 grid), encoder 32 wide / 2 heads / 2 blocks,
-# decoder 24 wide / 2 heads / 3 blocks, 4 latent tokens x 6 channels
-TINY = dict(image=16, patch=4, enc_width=32, enc_heads=2, enc_depth=2, dec_width=24, dec_heads=2, dec_depth=3,
-            latents=4, latent_dim=6)
-
-
-def authors_config(**changes) -> dict:
-    """config.json as their saver writes it (flat ModelArgs), for the tiny model; sizes via *_model_kwargs."""
-    config = json.loads(json.loads(COMPAT.read_text())["config_json_text"]) if COMPAT.exists() else {}
-    config.update(
-        image_size=TINY["image"], base_image_size=TINY["image"], enc_patch_size=TINY["patch"],
-        dec_patch_size=TINY["patch"], num_latent_tokens=TINY["latents"], codebook_embed_dim=TINY["latent_dim"],
-        encoder_model="vit_base_patch14_dinov2.lvd142m", decoder_model="vit_base_patch14_dinov2_movqv2",
-        encoder_model_kwargs={"embed_dim": TINY["enc_width"], "depth": TINY["enc_depth"], "num_heads": TINY["enc_heads"]},
-        decoder_model_kwargs={"embed_dim": TINY["dec_width"], "depth": TINY["dec_depth"], "num_heads": TINY["dec_heads"]},
-        enc_type="vit", dec_type="vit", use_ape=False, use_rope=True, rope_mixed=True, rope_theta=10.0,
-        vq_mean=0.25, vq_std=1.5, to_pixel="linear",
-    )
-    config.update(changes)
-    return config
-
-
-def authors_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under their key names and shapes (unused keys included), for the tiny model."""
-    g = torch.Generator().manual_seed(seed)
-    t = TINY
-    n = (t["image"] // t["patch"]) ** 2
-    ew, dw, ld, L, p = t["enc_width"], t["dec_width"], t["latent_dim"], t["latents"], t["patch"]
-
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    grid = t["image"] // p
-    idx = torch.arange(n, dtype=torch.float32)
-    s = {
-        "encoder.latent_tokens": r(1, L, ew), "encoder.latent_pos_embed": r(1, L, ew), "encoder.mask_token": r(1, 1, ew),
-        "encoder.freqs": r(2, t["enc_depth"], ew // 2, scale=1.0),
-        "encoder.freqs_t_x": idx % grid, "encoder.freqs_t_y": torch.div(idx, grid, rounding_mode="floor"),
-        "encoder.model.cls_token": r(1, 1, ew), "encoder.model.pos_embed": r(1, n + 1, ew),
-        "encoder.model.patch_embed.proj.weight": r(ew, 3, p, p), "encoder.model.patch_embed.proj.bias": r(ew),
-        "encoder.model.norm.weight": 1 + r(ew), "encoder.model.norm.bias": r(ew),
-        "quant_conv.weight": r(ld, ew), "quant_conv.bias": r(ld),
-        "post_quant_conv.weight": r(dw, ld), "post_quant_conv.bias": r(dw),
-        "decoder.mask_token": r(1, 1, dw), "decoder.latent_pos_embed": r(1, L, dw),
-        "decoder.freqs": r(2, t["dec_depth"], dw // 2, scale=1.0),
-        "decoder.freqs_t_x": idx % grid, "decoder.freqs_t_y": torch.div(idx, grid, rounding_mode="floor"),
-        "decoder.model.pos_embed": r(1, n + 1, dw),
-        "decoder.model.patch_embed.proj.weight": r(dw, 3, p, p), "decoder.model.patch_embed.proj.bias": r(dw),
-        "decoder.model.norm.adaLN_modulation.1.weight": r(2 * dw, ld), "decoder.model.norm.adaLN_modulation.1.bias": r(2 * dw),
-        "decoder.to_pixel.model.weight": r(p * p * 3, dw), "decoder.to_pixel.model.bias": r(p * p * 3),
-    }
-    for i in range(t["enc_depth"]):
-        b = f"encoder.model.blocks.{i}."
-        s.update({b + "norm1.weight": 1 + r(ew), b + "norm1.bias": r(ew), b + "attn.qkv.weight": r(3 * ew, ew),
-                  b + "attn.qkv.bias": r(3 * ew), b + "attn.proj.weight": r(ew, ew), b + "attn.proj.bias": r(ew),
-                  b + "ls1.gamma": r(ew, scale=0.5), b + "norm2.weight": 1 + r(ew), b + "norm2.bias": r(ew),
-                  b + "mlp.fc1.weight": r(4 * ew, ew), b + "mlp.fc1.bias": r(4 * ew), b + "mlp.fc2.weight": r(ew, 4 * ew),
-                  b + "mlp.fc2.bias": r(ew), b + "ls2.gamma": r(ew, scale=0.5)})
-    for i in range(t["dec_depth"]):
-        b = f"decoder.model.blocks.{i}."
-        s.update({b + "attn.qkv.weight": r(3 * dw, dw), b + "attn.qkv.bias": r(3 * dw), b + "attn.proj.weight": r(dw, dw),
-                  b + "attn.proj.bias": r(dw), b + "mlp.fc1.weight": r(4 * dw, dw), b + "mlp.fc1.bias": r(4 * dw),
-                  b + "mlp.fc2.weight": r(dw, 4 * dw), b + "mlp.fc2.bias": r(dw),
-                  b + "adaLN_modulation.1.weight": r(4 * dw, ld), b + "adaLN_modulation.1.bias": r(4 * dw)})
-    return s
-
-
-def write_authors_folder(folder: Path, state: dict | None = None, config: dict | None = None, seed: int = 0) -> Path:
-    """A tokenizer folder as their saver writes it: config.json (sorted keys, indent 2) + model.safetensors."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state if state is not None else authors_state(seed), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config if config is not None else authors_config(), indent=2,
-                                                   sort_keys=True))
-    return folder
-
 
 # ---------------------------------------------------------------------------------------------------------
 # An independent reimplementation of their equations (plain torch on their key names; none of our modules)
