@@ -68,17 +68,63 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_diffusion_folder(source: str) -> bool:
+    """Whether ``source`` (folder, run directory or hub id) holds a diffusion model (ours or the authors' SiT)
+    rather than a tokenizer."""
+    import json
+
+    from maetok.assets import resolve_pretrained
+    from maetok.models.sit import DIFFUSION_MODEL_TYPE, is_reference_sit_config
+    from maetok.runs import MODEL_CONFIG, model_directory
+
+    path = model_directory(resolve_pretrained(source)) / MODEL_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # the tokenizer loader reports the folder in one line
+    return isinstance(config, dict) and (config.get("model_type") == DIFFUSION_MODEL_TYPE
+                                         or is_reference_sit_config(config))
+
+
 @command("convert")
 def cmd_convert(args: argparse.Namespace) -> int:
-    from maetok.models.released import convert_pretrained
+    if _is_diffusion_folder(args.source):
+        from maetok.models.sit import load_velocity_model
 
-    out = convert_pretrained(args.source, args.out)
+        model, _ = load_velocity_model(args.source, "cpu")
+        out = model.save_pretrained(args.out)
+    else:
+        from maetok.models.released import convert_pretrained
+
+        out = convert_pretrained(args.source, args.out)
     print(f"[maetok] {args.source} -> {out} (maetok format: config.json + model.safetensors)")
     return 0
 
 
+def _print_diffusion_info(source: str) -> None:
+    """``maetok info --model`` of a diffusion model: format, architecture, parameters, latents, classes."""
+    from maetok.models.sit import load_velocity_model
+
+    model, folder = load_velocity_model(source, "cpu")
+    arch = model.config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{source}: {folder.model_cfg.arch} (width {arch.width}, depth {arch.depth}, {arch.num_heads} heads), "
+          f"format {folder.source_format}")
+    print(f"  folder {folder.directory}")
+    print(f"  on {folder.latent_shape[0]} x {folder.latent_shape[1]} latents, {folder.num_classes or 'no'} classes")
+    print(f"  {'parameters':<32} {params / 1e6:8.2f}M")
+    norm = folder.extras.get("latent_norm") or {}
+    if folder.source_format == "maetok":
+        print(f"  latent normalisation: {norm.get('mode', 'none')} (stored with the model)")
+    else:
+        print("  latent normalisation: the tokenizer's scalar mean / std (the authors' convention)")
+
+
 def _print_model_info(source: str) -> None:
     """``maetok info --model``: detected format, parameter counts, latent shape and latent statistics."""
+    if _is_diffusion_folder(source):
+        _print_diffusion_info(source)
+        return
     from maetok.models.released import summarize_pretrained
 
     s = summarize_pretrained(source)

@@ -418,3 +418,20 @@ def test_released_sit_and_tokenizer_together(tmp_path):
     with np.load(out / "samples.npz") as npz:
         expected = to_uint8(tokenizer.decode(latents).clamp(-1, 1), channels_last=True).numpy()
         assert np.array_equal(npz["arr_0"], expected)
+
+
+def test_convert_and_info_on_the_authors_sit(authors_folder, tmp_path, capsys):
+    folder, _ = authors_folder
+    out = tmp_path / "converted"
+    assert main(["convert", "--from", str(folder), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "maetok-diffusion"
+    theirs, ours = SiT.from_pretrained(folder, "cpu"), SiT.from_pretrained(out, "cpu")
+    x, t, y = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(theirs(x, t, y), ours(x, t, y))
+    capsys.readouterr()
+    assert main(["info", "--model", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "format authors-sit" in printed and "on 4 x 4 latents, 3 classes" in printed and "parameters" in printed
+    assert main(["info", "--model", str(out)]) == 0
+    assert "format maetok" in capsys.readouterr().out
