@@ -57,28 +57,28 @@ JOBS = {
 }
 
 
-def use_tiny_discriminator() -> None:
+def use_tiny_discriminator(patch: pytest.MonkeyPatch) -> None:
     """The VGG16 discriminator with random weights (two taps, 8 channels): no packaged weights needed."""
     import maetok.losses.discriminator as discriminator
 
-    if getattr(discriminator.build_discriminator, "tiny", False):
-        return
     original = discriminator.build_discriminator
+    if getattr(original, "tiny", False):
+        return
 
     def tiny(backbone: str = "vgg16", **_options):
         return original("vgg16", pretrained=False, taps=("relu1_2", "relu2_2"), hidden_channels=8)
 
     tiny.tiny = True
-    discriminator.build_discriminator = tiny
+    patch.setattr(discriminator, "build_discriminator", tiny)
 
 
 def run_job(name: str, out_dir: Path, images: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Train job ``name`` into ``out_dir``; returns this process's model, EMA and discriminator tensors."""
+    """Train job ``name`` into ``out_dir`` (with :func:`use_tiny_discriminator` in force); returns this process's
+    model, EMA and discriminator tensors."""
     from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
     from maetok.train.diffusion import DiffusionTrainer
     from maetok.train.tokenizer import TokenizerTrainer
 
-    use_tiny_discriminator()
     kind, overrides = JOBS[name]
     if kind == "tokenizer":
         cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", overrides + [f"data.dataset={images}"])
@@ -119,7 +119,9 @@ def runs(tmp_path_factory):
                __file__, str(root / "two"), str(images), *JOBS]
     result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    one = {name: run_job(name, root / "one" / name, images) for name in JOBS}
+    with pytest.MonkeyPatch.context() as patch:
+        use_tiny_discriminator(patch)
+        one = {name: run_job(name, root / "one" / name, images) for name in JOBS}
     two = {name: [torch.load(root / "two" / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)] for name in JOBS}
     return root, one, two
 
@@ -163,7 +165,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(runs, name):
         assert log_one[0]["adv/adaptive_weight"] > 0
 
 
-def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path):
+def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path, monkeypatch):
     """Nothing in a checkpoint depends on the number of processes: the 2-process run's last checkpoint, resumed
     by one process for one more step, equals the 1-process run continued for that step."""
     import shutil
@@ -172,7 +174,7 @@ def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path):
     from maetok.train.tokenizer import TokenizerTrainer
 
     root, _, _ = runs
-    use_tiny_discriminator()
+    use_tiny_discriminator(monkeypatch)
     overrides = JOBS["gan"][1] + ["train.steps=4", f"data.dataset={root / 'images'}"]
     cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", overrides)
     finished = {}
@@ -288,6 +290,7 @@ def test_the_ae_names_its_unused_mask_token():
 def _worker(out_root: Path, images: Path, names: list[str]) -> None:
     """Under torchrun: run each job, then save this process's state as ``out_root/JOB/rank{r}.pt``."""
     rank = int(os.environ.get("RANK", "0"))
+    use_tiny_discriminator(pytest.MonkeyPatch())
     for name in names:
         state = run_job(name, out_root / name, images)
         (out_root / name).mkdir(parents=True, exist_ok=True)
