@@ -1,7 +1,8 @@
 """Multi-process training is the 1-process run at the same global batch: ``torchrun --nproc_per_node 2`` with
 gloo on the CPU, for a tiny tokenizer with the adversarial loss on from step 0 (masks of different sizes per
-process, HOG and pixel targets, DiffAugment, LeCAM, adaptive weight), a tiny SiT (flips, times, noise, label
-dropout), and the AE and VAE presets (whose mask token is never used).
+process, HOG and pixel targets, DiffAugment, LeCAM, adaptive weight), its stage 2 (frozen encoder, decaying mask,
+stage 1's discriminator continued), a tiny SiT (flips, times, noise, label dropout), and the AE and VAE presets
+(whose mask token is never used).
 
 One ``torchrun`` launch runs every job (this file is its worker script, see ``__main__``); each process saves
 its own model, EMA and discriminator, so the test also sees that the processes agree with each other exactly.
@@ -45,8 +46,10 @@ TOKENIZER = [  # a 16 px tokenizer, width 16, batch 8 (4 per process)
     "train.batch_size=8", "train.log_every=1", "train.eval_every=100", "train.ckpt_every=100",
     "optim.warmup_steps=1", "data.eval_images=2", "loss.perceptual_weight=0",
 ]
-JOBS = {
-    "gan": ("tokenizer", TOKENIZER + ["train.steps=3", "loss.gan_weight=0.4", "loss.gan_backbone=vgg16", "loss.gan_start=0"]),
+GAN = ["train.steps=3", "loss.gan_weight=0.4", "loss.gan_backbone=vgg16", "loss.gan_start=0"]
+JOBS = {  # name: (what it trains, its overrides); run in this order ("finetune" starts from "gan")
+    "gan": ("tokenizer", TOKENIZER + GAN),
+    "finetune": ("finetune", TOKENIZER + GAN + ["finetune.steps=2", "finetune.mask_decay_steps=2"]),
     "ae": ("tokenizer", TOKENIZER + ["train.steps=2", "model.variant=ae", "model.mask_ratio_min=0",
                                      "model.mask_ratio_max=0", "model.aux_targets=[]", "loss.gan_weight=0"]),
     "vae": ("tokenizer", TOKENIZER + ["train.steps=2", "model.variant=vae", "model.mask_ratio_min=0",
@@ -80,9 +83,12 @@ def run_job(name: str, out_dir: Path, images: Path) -> dict[str, dict[str, torch
     from maetok.train.tokenizer import TokenizerTrainer
 
     kind, overrides = JOBS[name]
-    if kind == "tokenizer":
+    if kind in ("tokenizer", "finetune"):
         cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", overrides + [f"data.dataset={images}"])
-        trainer = TokenizerTrainer(cfg, out_dir)
+        if kind == "finetune":  # stage 2 from this run's stage 1, continuing its discriminator
+            trainer = TokenizerTrainer(cfg, out_dir, stage="finetune", init_from=out_dir.parent / "gan")
+        else:
+            trainer = TokenizerTrainer(cfg, out_dir)
     else:
         trainer = DiffusionTrainer(load_config(DiffusionTrainConfig, "fashion-mnist-sit", overrides), out_dir)
     trainer.fit()
@@ -143,8 +149,8 @@ def test_two_processes_hold_the_same_state(runs, name):
     for part in rank0:
         for key, value in rank0[part].items():
             assert torch.equal(value, rank1[part][key]), f"{name}: {part}.{key} differs between the processes"
-    if name == "gan":
-        assert len(rank0["disc"]) > 10 and int(rank0["disc"]["lecam.num_updates"]) == 3
+    if name in ("gan", "finetune"):
+        assert len(rank0["disc"]) > 10 and int(rank0["disc"]["lecam.num_updates"]) == {"gan": 3, "finetune": 5}[name]
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -154,7 +160,8 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(runs, name):
     changed = [k for k, v in one[name]["model"].items() if not torch.equal(v, two[name][0]["model"][k])]
     assert len(changed) < len(one[name]["model"])  # most tensors agree only to rounding, some exactly
     log_one, log_two = read_log(root / "one" / name / "log.csv"), read_log(root / "two" / name / "log.csv")
-    steps = next(int(o.split("=")[1]) for o in JOBS[name][1] if o.startswith("train.steps="))
+    key = "finetune.steps=" if name == "finetune" else "train.steps="
+    steps = [int(o.split("=")[1]) for o in JOBS[name][1] if o.startswith(key)][-1]
     assert len(log_one) == len(log_two) == steps
     for row_one, row_two in zip(log_one, log_two):
         assert row_one.keys() == row_two.keys()
@@ -295,6 +302,7 @@ def _worker(out_root: Path, images: Path, names: list[str]) -> None:
         state = run_job(name, out_root / name, images)
         (out_root / name).mkdir(parents=True, exist_ok=True)
         torch.save(state, out_root / name / f"rank{rank}.pt")
+        torch.distributed.barrier()  # rank 0 exports the model after the others return (finetune reads it)
 
 
 if __name__ == "__main__":
