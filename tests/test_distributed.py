@@ -49,6 +49,7 @@ TOKENIZER = [  # a 16 px tokenizer, width 16, batch 8 (4 per process)
 GAN = ["train.steps=3", "loss.gan_weight=0.4", "loss.gan_backbone=vgg16", "loss.gan_start=0"]
 JOBS = {  # name: (what it trains, its overrides); run in this order ("finetune" starts from "gan")
     "gan": ("tokenizer", TOKENIZER + GAN),
+    "gan_resumed": ("tokenizer", TOKENIZER + GAN),  # stopped after step 1 and resumed
     "finetune": ("finetune", TOKENIZER + GAN + ["finetune.steps=2", "finetune.mask_decay_steps=2"]),
     "ae": ("tokenizer", TOKENIZER + ["train.steps=2", "model.variant=ae", "model.mask_ratio_min=0",
                                      "model.mask_ratio_max=0", "model.aux_targets=[]", "loss.gan_weight=0"]),
@@ -87,6 +88,11 @@ def run_job(name: str, out_dir: Path, images: Path) -> dict[str, dict[str, torch
         cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", overrides + [f"data.dataset={images}"])
         if kind == "finetune":  # stage 2 from this run's stage 1, continuing its discriminator
             trainer = TokenizerTrainer(cfg, out_dir, stage="finetune", init_from=out_dir.parent / "gan")
+        elif name == "gan_resumed":
+            TokenizerTrainer(cfg, out_dir).fit(stop_at=1)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # rank 0 has written the checkpoint
+            trainer = TokenizerTrainer(cfg, out_dir, resume=True)
         else:
             trainer = TokenizerTrainer(cfg, out_dir)
     else:
@@ -170,6 +176,15 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(runs, name):
     if name == "gan":
         assert {"adv/d_loss", "adv/lecam", "adv/adaptive_weight", "aux_hog", "aux_pixel", "mask_ratio"} <= log_one[0].keys()
         assert log_one[0]["adv/adaptive_weight"] > 0
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one_in_either_number_of_processes(runs):
+    """Every process resumes the discriminator rank 0 saved, and it is the one every process held."""
+    _, one, two = runs
+    for resumed, straight in [(one["gan_resumed"], one["gan"])] + list(zip(two["gan_resumed"], two["gan"])):
+        for part in straight:
+            for key, value in straight[part].items():
+                assert torch.equal(resumed[part][key], value), f"{part}.{key}"
 
 
 def test_a_checkpoint_resumes_under_another_number_of_processes(runs, tmp_path, monkeypatch):
