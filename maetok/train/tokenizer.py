@@ -5,7 +5,7 @@ A run directory holds::
 
     config.yaml              the full resolved config of the run
     log.csv                  one row per logged step (losses, lr, img/s, eval PSNR)
-    checkpoints/last.pt      model, EMA, optimizer, discriminator, step and RNG state (resume with --resume)
+    checkpoints/last.pt      model, EMA, optimizer, discriminator and step (resume with --resume)
     model/                   the exported tokenizer: config.json + model.safetensors (EMA weights)
     recon_step*.png          reconstruction grids (top: originals, bottom: reconstructions)
 """
