@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maetok.models.global_batch import RandomSource, SampleRandom, average_gradients, global_mean
+
 # ---------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------
@@ -66,8 +68,8 @@ class LeCAMRegularizer(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: Tensor, logits_fake: Tensor) -> None:
-        real_mean = logits_real.detach().float().mean()
-        fake_mean = logits_fake.detach().float().mean()
+        means = global_mean(torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()]))
+        real_mean, fake_mean = means[0], means[1]  # the global batch's means under several processes
         decay = self.decay if int(self.num_updates) > 0 else 0.0
         self.ema_real.mul_(decay).add_((1.0 - decay) * real_mean)
         self.ema_fake.mul_(decay).add_((1.0 - decay) * fake_mean)
@@ -86,7 +88,8 @@ def adaptive_weight(
 
     ``last_layer``: the weight of the generator's (decoder's) last layer, a leaf tensor that both losses
     depend on. Returns a float32 scalar. Without autograd (``torch.no_grad`` / losses without graph) it
-    returns 0, as in VQGAN, so evaluation passes can call it.
+    returns 0, as in VQGAN, so evaluation passes can call it. Under several processes both gradients are
+    averaged over the processes first (those of the global batch's losses), so every process gets the same weight.
     """
     if not (torch.is_grad_enabled() and nll_loss.requires_grad and adv_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
@@ -99,7 +102,10 @@ def adaptive_weight(
             f"(shape {tuple(last_layer.shape)}); pass the weight of the decoder's final layer that produced "
             f"the reconstruction ({error})"
         ) from None
-    weight = nll_grad.float().norm() / (adv_grad.float().norm() + eps)
+    # under several processes the gradients of the global batch's losses: the mean of the processes' gradients
+    both = global_mean(torch.cat([nll_grad.float().flatten(), adv_grad.float().flatten()]))
+    nll_grad, adv_grad = both[: nll_grad.numel()], both[nll_grad.numel() :]
+    weight = nll_grad.norm() / (adv_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
 
 
@@ -115,7 +121,9 @@ class DiffAugment:
 
     ``augment(a, b, ..., generator=g)`` draws one set of random parameters per sample and applies it to every
     tensor passed (all of the same shape), so a real image and its reconstruction get the same augmentation.
-    Random numbers are drawn on the CPU from ``generator`` (reproducible, device independent).
+    Random numbers are drawn on the CPU from ``generator``: a ``torch.Generator`` (drawn in sequence), or a
+    :class:`~maetok.models.global_batch.SampleRandom` (each sample's parameters from its own streams, named
+    ``brightness`` ... ``cutout_left``); reproducible, device independent.
     """
 
     POLICIES = ("color", "translation", "cutout")
@@ -130,7 +138,7 @@ class DiffAugment:
         self.cutout_ratio = cutout_ratio
 
     def __call__(
-        self, *images: Tensor, generator: Optional[torch.Generator] = None
+        self, *images: Tensor, generator: RandomSource = None
     ) -> Union[Tensor, tuple[Tensor, ...]]:
         if not images:
             raise ValueError("DiffAugment needs at least one image tensor")
@@ -138,6 +146,8 @@ class DiffAugment:
         if any(x.shape != shape for x in images) or len(shape) != 4:
             shapes = [tuple(x.shape) for x in images]
             raise ValueError(f"DiffAugment inputs must share one (B, C, H, W) shape, got {shapes}")
+        if isinstance(generator, SampleRandom) and len(generator) != shape[0]:
+            raise ValueError(f"SampleRandom holds {len(generator)} samples, the batch has {shape[0]}")
         out = list(images)
         for name in self.policy:
             params = getattr(self, f"_sample_{name}")(shape, generator, images[0].device)
@@ -145,12 +155,23 @@ class DiffAugment:
         return out[0] if len(out) == 1 else tuple(out)
 
     @staticmethod
-    def _uniform(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    def _uniform(n: int, generator: RandomSource, device: torch.device, name: str) -> Tensor:
+        """``(n,)`` uniforms in [0, 1) on ``device`` (drawn on the CPU)."""
+        if isinstance(generator, SampleRandom):
+            return generator.uniform(name).to(device)
         return torch.rand(n, generator=generator).to(device)
+
+    @staticmethod
+    def _integers(low: int, high: int, n: int, generator: RandomSource, name: str) -> Tensor:
+        """``(n,)`` integers in ``[low, high)`` on the CPU."""
+        if isinstance(generator, SampleRandom):
+            return generator.integers(name, low, high)
+        return torch.randint(low, high, (n,), generator=generator)
 
     def _sample_color(self, shape, generator, device):
         b = shape[0]
-        return [self._uniform(b, generator, device).view(b, 1, 1, 1) for _ in range(3)]
+        names = ("brightness", "saturation", "contrast")
+        return [self._uniform(b, generator, device, name).view(b, 1, 1, 1) for name in names]
 
     @staticmethod
     def _apply_color(x: Tensor, params) -> Tensor:
@@ -164,8 +185,8 @@ class DiffAugment:
     def _sample_translation(self, shape, generator, device):
         b, _, h, w = shape
         max_h, max_w = int(h * self.translation_ratio + 0.5), int(w * self.translation_ratio + 0.5)
-        shift_h = torch.randint(-max_h, max_h + 1, (b,), generator=generator)
-        shift_w = torch.randint(-max_w, max_w + 1, (b,), generator=generator)
+        shift_h = self._integers(-max_h, max_h + 1, b, generator, "shift_h")
+        shift_w = self._integers(-max_w, max_w + 1, b, generator, "shift_w")
         return max_h, max_w, shift_h.to(device), shift_w.to(device)
 
     @staticmethod
@@ -182,8 +203,8 @@ class DiffAugment:
     def _sample_cutout(self, shape, generator, device):
         b, _, h, w = shape
         size_h, size_w = int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5)
-        top = torch.randint(-(size_h // 2), h - size_h // 2 + 1, (b,), generator=generator)
-        left = torch.randint(-(size_w // 2), w - size_w // 2 + 1, (b,), generator=generator)
+        top = self._integers(-(size_h // 2), h - size_h // 2 + 1, b, generator, "cutout_top")
+        left = self._integers(-(size_w // 2), w - size_w // 2 + 1, b, generator, "cutout_left")
         rows = torch.arange(h)[None, :]
         cols = torch.arange(w)[None, :]
         inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)
@@ -241,7 +262,8 @@ class AdversarialLoss(nn.Module):
         lr / betas / weight_decay: discriminator AdamW (defaults = the tokenizer's: 1e-4, (0.9, 0.95), 1e-4);
             ``lr`` is the peak: :meth:`discriminator_step` scales it by the generator's schedule factor.
         max_grad_norm: optional gradient clipping of the discriminator.
-        seed: seed of the augmentation random generator (its state is saved for exact resume).
+        seed: seed of the augmentation random generator (its state is saved for exact resume), used when a step
+            is given no ``draws``.
 
     It is an ``nn.Module`` (``.to(device)`` moves the discriminator and the anchors; it can be a submodule of
     the training objective). Its ``state_dict`` holds the discriminator heads (the frozen backbone is left
@@ -318,8 +340,18 @@ class AdversarialLoss(nn.Module):
 
     # -- generator side ------------------------------------------------------------------------------------
 
+    def _augment_source(self, draws: Optional[SampleRandom], side: str) -> RandomSource:
+        """The DiffAugment draws of one side: the step's per-sample draws (namespace ``diffaug/<side>``), else
+        this loss's own generator."""
+        return draws.child(f"diffaug/{side}") if draws is not None else self.augment_rng
+
     def generator_loss(
-        self, fake: Tensor, nll_loss: Tensor, last_layer: Optional[Tensor], step: int
+        self,
+        fake: Tensor,
+        nll_loss: Tensor,
+        last_layer: Optional[Tensor],
+        step: int,
+        draws: Optional[SampleRandom] = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Weighted generator loss ``weight * lambda * (-mean D(aug(fake)))`` and float logs.
 
@@ -328,6 +360,8 @@ class AdversarialLoss(nn.Module):
         when ``adaptive``). Before ``start_step`` returns a zero scalar without running the discriminator.
         The discriminator runs in eval mode here and its parameters get no gradient from this loss, so the
         generator step changes nothing in the discriminator (weights, spectral-norm vectors, optimizer).
+        ``draws``: the step's per-sample draws over the batch (for the DiffAugment parameters); without them the
+        augmentation draws from this loss's own generator.
         """
         if not self.generator_active(step):
             zero = torch.zeros((), device=fake.device, dtype=torch.float32)
@@ -336,7 +370,8 @@ class AdversarialLoss(nn.Module):
         self.discriminator.eval()  # no spectral-norm power iteration: the generator step leaves D untouched
         try:
             with _parameters_frozen(self.trainable_parameters()):
-                logits_fake = self.discriminator(self.augment(fake, generator=self.augment_rng))
+                augmented = self.augment(fake, generator=self._augment_source(draws, "generator"))
+                logits_fake = self.discriminator(augmented)
         finally:
             self.discriminator.train(was_training)
         g_loss = hinge_g_loss(logits_fake.float())
@@ -354,7 +389,13 @@ class AdversarialLoss(nn.Module):
     # -- discriminator side --------------------------------------------------------------------------------
 
     def discriminator_step(
-        self, real: Tensor, fake: Tensor, step: int, autocast: AutocastArg = None, lr_factor: float = 1.0
+        self,
+        real: Tensor,
+        fake: Tensor,
+        step: int,
+        autocast: AutocastArg = None,
+        lr_factor: float = 1.0,
+        draws: Optional[SampleRandom] = None,
     ) -> dict[str, float]:
         """One discriminator update (zero_grad, backward, optimizer step); returns float logs.
 
@@ -363,12 +404,16 @@ class AdversarialLoss(nn.Module):
         one), e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``; losses are computed in float32 and no
         GradScaler is used. ``lr_factor``: the generator's schedule factor (warmup, cosine) at ``step``; the
         learning rate is ``lr * lr_factor``. Before ``start_step`` nothing happens and ``{}`` is returned.
+        ``draws``: as in :meth:`generator_loss`. Under several processes the gradients are averaged over them
+        before the step (and the LeCAM anchors follow the global batch), so every process keeps the same
+        discriminator, as under DDP.
         """
         if not self.active(step):
             return {}
         if real.shape != fake.shape:
             raise ValueError(f"real and fake batches differ in shape: {tuple(real.shape)} vs {tuple(fake.shape)}")
-        real_aug, fake_aug = self.augment(real.detach(), fake.detach(), generator=self.augment_rng)
+        source = self._augment_source(draws, "discriminator")
+        real_aug, fake_aug = self.augment(real.detach(), fake.detach(), generator=source)
         self.discriminator.train()
         with _enter_autocast(autocast):
             logits = self.discriminator(torch.cat([real_aug, fake_aug], dim=0))
@@ -380,6 +425,7 @@ class AdversarialLoss(nn.Module):
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         (d_loss + lecam).backward()
+        average_gradients(self.trainable_parameters())
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm)

@@ -16,15 +16,18 @@ from torch import Tensor, nn
 
 from maetok.config import LossConfig, TargetConfig
 from maetok.losses.perceptual import ramp_weight
+from maetok.models.global_batch import SampleRandom, global_weighted_mean
 from maetok.models.tokenizer import TokenizerOutput
 from maetok.targets.base import FeatureTarget
 
 
 def masked_token_loss(prediction: Tensor, target: Tensor, mask: Optional[Tensor], kind: str) -> Tensor:
-    """Mean per-token loss over the masked tokens (all tokens when ``mask`` is None).
+    """Mean per-token loss over the masked tokens of the global batch (all tokens when ``mask`` is None or
+    masks nothing anywhere).
 
     prediction, target: ``(B, N, D)``; mask: ``(B, N)`` bool. ``kind``: ``mse`` (mean over D) or ``cosine``
-    (``1 - cos``)."""
+    (``1 - cos``). Under several processes the count of masked tokens is the global one (processes mask
+    different numbers of tokens), see :func:`~maetok.models.global_batch.global_weighted_mean`."""
     prediction = prediction.float()
     if kind == "mse":
         per_token = (prediction - target).pow(2).mean(dim=-1)
@@ -34,8 +37,7 @@ def masked_token_loss(prediction: Tensor, target: Tensor, mask: Optional[Tensor]
         raise ValueError(f"unknown target loss {kind!r}")
     if mask is None:
         return per_token.mean()
-    weights = mask.to(per_token.dtype)
-    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+    return global_weighted_mean(per_token, mask, empty=per_token.mean())
 
 
 def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -77,9 +79,11 @@ class TokenizerObjective(nn.Module):
         step: int,
         last_layer: Optional[Tensor] = None,
         captions: Optional[Tensor] = None,
+        draws: Optional[SampleRandom] = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Total loss (scalar) and a dict of its terms (floats, for the log). ``captions``: ``(B, T)`` int64
-        CLIP BPE ids of the batch's captions, needed when a ``text`` target is configured."""
+        CLIP BPE ids of the batch's captions, needed when a ``text`` target is configured. ``draws``: the
+        step's per-sample draws (DiffAugment of the adversarial term)."""
         logs: dict[str, float] = {}
         recon = out.reconstruction.float()
         mse = F.mse_loss(recon, images.float())
@@ -110,17 +114,20 @@ class TokenizerObjective(nn.Module):
             total = total + self.loss.kl_weight * kl
             logs["kl"] = kl.item()
         if self.adversarial is not None and self.adversarial.generator_active(step):
-            gan, gan_logs = self.adversarial.generator_loss(recon, nll, last_layer, step)
+            gan, gan_logs = self.adversarial.generator_loss(recon, nll, last_layer, step, draws=draws)
             total = total + gan
             logs.update(gan_logs)
         logs["loss"] = total.item()
         return total, logs
 
-    def discriminator_step(self, real: Tensor, fake: Tensor, step: int, lr_factor: float = 1.0) -> dict[str, float]:
-        """One discriminator update at learning rate ``gan_lr * lr_factor`` (no-op before it starts)."""
+    def discriminator_step(
+        self, real: Tensor, fake: Tensor, step: int, lr_factor: float = 1.0, draws: Optional[SampleRandom] = None
+    ) -> dict[str, float]:
+        """One discriminator update at learning rate ``gan_lr * lr_factor`` (no-op before it starts); ``draws``:
+        the step's per-sample draws (DiffAugment)."""
         if self.adversarial is None or not self.adversarial.active(step):
             return {}
-        return self.adversarial.discriminator_step(real, fake.detach(), step, lr_factor=lr_factor)
+        return self.adversarial.discriminator_step(real, fake.detach(), step, lr_factor=lr_factor, draws=draws)
 
     def training_state(self) -> dict:
         """What must be checkpointed beside the tokenizer (the discriminator and its optimizer)."""

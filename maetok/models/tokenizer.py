@@ -29,6 +29,7 @@ from maetok.models.blocks import (
     rope_from_angles,
     unpatchify,
 )
+from maetok.models.global_batch import RandomSource, SampleRandom
 from maetok.runs import MODEL_CONFIG, read_model_config, require_config_fields, save_model_folder
 
 #: the config.json entry of a tokenizer in the released architecture (:mod:`maetok.models.released`)
@@ -232,18 +233,27 @@ class MAETok(nn.Module):
         batch_size: int,
         num_tokens: int,
         ratio: MaskRatio,
-        generator: Optional[torch.Generator] = None,
+        generator: RandomSource = None,
+        device: Optional[torch.device] = None,
     ) -> Tensor:
         """Boolean mask ``(B, N)``, True = masked. ``ratio``: a float, a ``(min, max)`` range drawn uniformly
         per image, or a ``(B,)`` tensor of per-image ratios. Each image gets ``round(r * N)`` masked tokens
-        chosen uniformly at random. Drawn on the CPU from ``generator`` (reproducible on every device)."""
-        if isinstance(ratio, tuple):
-            low, high = ratio
-            ratio = low + (high - low) * torch.rand(batch_size, generator=generator)
-        ratios = torch.as_tensor(ratio, dtype=torch.float64).expand(batch_size)
+        chosen uniformly at random. ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` (draws per
+        image, streams ``mask_ratio`` and ``mask_order``, made on ``device``) or a ``torch.Generator`` / None
+        (the global RNG), drawn from on the CPU. The mask is on ``device``."""
+        if isinstance(generator, SampleRandom):
+            if len(generator) != batch_size:
+                raise ValueError(f"SampleRandom holds {len(generator)} samples, the batch has {batch_size}")
+            if isinstance(ratio, tuple):
+                ratio = ratio[0] + (ratio[1] - ratio[0]) * generator.uniform("mask_ratio", (), device).double()
+            order = generator.bits("mask_order", (num_tokens,), device)
+        else:
+            if isinstance(ratio, tuple):
+                ratio = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(batch_size, generator=generator)
+            order = torch.rand(batch_size, num_tokens, generator=generator).to(device)
+        ratios = torch.as_tensor(ratio, dtype=torch.float64).to(order.device).expand(batch_size)
         num_masked = torch.round(ratios * num_tokens).long()
-        noise = torch.rand(batch_size, num_tokens, generator=generator)
-        ranks = noise.argsort(dim=1).argsort(dim=1)
+        ranks = order.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
         return ranks < num_masked[:, None]
 
     # -- encode / decode ---------------------------------------------------------------------------------
@@ -257,13 +267,23 @@ class MAETok(nn.Module):
         mean, logvar = out.chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, images: Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False, generator: RandomSource = None) -> Tensor:
         """images ``(B, C, H, W)`` in [-1, 1] -> latents ``(B, L, H_lat)``. A VAE returns its posterior mean
-        unless ``sample``."""
+        unless ``sample`` (noise from ``generator``, see :meth:`sample_posterior`)."""
         mean, logvar = self.encode_posterior(images)
         if logvar is None or not sample:
             return mean
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return self.sample_posterior(mean, logvar, generator)
+
+    @staticmethod
+    def sample_posterior(mean: Tensor, logvar: Tensor, generator: RandomSource = None) -> Tensor:
+        """``mean + exp(logvar / 2) * noise``, each ``(B, L, H_lat)``; the noise is drawn per image (stream
+        ``posterior``, drawn on the device) from a :class:`~maetok.models.global_batch.SampleRandom`, else from a
+        ``torch.Generator`` (None: the global RNG) on the CPU."""
+        if isinstance(generator, SampleRandom):
+            noise = generator.normal("posterior", mean.shape[1:], mean.device, mean.dtype)
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return mean + (0.5 * logvar).exp() * noise
 
     def decode(self, latents: Tensor, image_size: Optional[tuple[int, int]] = None) -> Tensor:
@@ -282,20 +302,20 @@ class MAETok(nn.Module):
         self,
         images: Tensor,
         mask_ratio: Optional[MaskRatio] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: RandomSource = None,
     ) -> TokenizerOutput:
-        """Training pass: mask (if ``mask_ratio``), encode, decode, run the auxiliary decoders."""
+        """Training pass: mask (if ``mask_ratio``), encode, decode, run the auxiliary decoders.
+
+        ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` over the batch (the trainers': draws
+        keyed by each image's place in the global batch) or a ``torch.Generator`` (None: the global RNG). The
+        mask is returned even when it masks nothing, so that the mask token takes part in every step (DDP
+        needs every trainable parameter in the graph)."""
         grid = self.grid_size(images)
         mask = None
         if mask_ratio is not None:
-            mask = self.random_mask(images.shape[0], grid[0] * grid[1], mask_ratio, generator).to(images.device)
-            if not mask.any():
-                mask = None
+            mask = self.random_mask(images.shape[0], grid[0] * grid[1], mask_ratio, generator, images.device)
         mean, logvar = self.encode_posterior(images, mask)
-        latents = mean
-        if logvar is not None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-            latents = mean + (0.5 * logvar).exp() * noise
+        latents = mean if logvar is None else self.sample_posterior(mean, logvar, generator)
         patches = self.decoder(latents, grid)
         reconstruction = unpatchify(patches, self.config.patch_size, grid[0], grid[1], self.config.in_channels)
         aux = {name: decoder(latents, grid) for name, decoder in self.aux_decoders.items()}
@@ -308,6 +328,13 @@ class MAETok(nn.Module):
             posterior_mean=mean if logvar is not None else None,
             posterior_logvar=logvar,
         )
+
+    def unused_in_training(self) -> list[str]:
+        """Names of the parameters no training step of this config uses: the mask token when the config never
+        masks (``mask_ratio_max == 0``: the AE and VAE baselines). It stays in the state dict (model folders and
+        checkpoints keep their keys) and in the optimizer, where it never gets a gradient; multi-process
+        training tells DDP to leave it out of its gradient reduction."""
+        return ["encoder.mask_token"] if self.config.mask_ratio_max <= 0 else []
 
     def last_decoder_layer(self) -> Tensor:
         """The pixel head's weight: where the adaptive GAN weight compares gradient norms."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maetok.models.global_batch import global_weighted_mean
 from maetok.targets.base import FeatureTarget, register_target
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -215,7 +216,8 @@ def caption_cross_entropy(logits: Tensor, token_ids: Tensor) -> Tensor:
 
     logits: ``(B, T, V)``; token_ids: ``(B, T)`` int64 from :meth:`ClipBPETokenizer.encode`. Padding (0) is
     ignored, and so is an empty caption (``[SOT, EOT]`` only): such images contribute nothing. SOT is not a
-    prediction target either (it is the same for every caption). Returns 0 when nothing is left."""
+    prediction target either (it is the same for every caption). Returns 0 when nothing is left. Under several
+    processes the mean is over the caption tokens of the global batch."""
     if logits.dim() != 3 or token_ids.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits (B, T, V) and token ids (B, T), got {tuple(logits.shape)} and {tuple(token_ids.shape)}"
@@ -225,9 +227,9 @@ def caption_cross_entropy(logits: Tensor, token_ids: Tensor) -> Tensor:
     targets[empty] = PAD_ID
     targets[targets == SOT_ID] = PAD_ID
     valid = targets != PAD_ID
-    if not valid.any():
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float()[valid], targets[valid])
+    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD_ID, reduction="none")
+    per_token = flat.view_as(targets)
+    return global_weighted_mean(per_token, valid)  # (B, T); over the global batch's tokens under torchrun
 
 
 class TextTarget(FeatureTarget):

@@ -17,7 +17,7 @@ from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model
 from maetok.diffusion.transport import training_loss
 from maetok.models.tokenizer import MAETok
-from maetok.train.loop import Trainer, autocast
+from maetok.train.loop import Trainer, autocast, flip_mask
 
 
 class DiffusionTrainer(Trainer):
@@ -48,6 +48,7 @@ class DiffusionTrainer(Trainer):
         self.normalizer = LatentNormalizer(stats, cfg.transport.latent_norm)
         torch.manual_seed(cfg.train.seed)
         model = build_diffusion_model(cfg.model, self.latent_shape, self.num_classes)
+        self.label_dropout = model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0
         self.setup_optimization(model, resume)
         self.tokenizer: Optional[MAETok] = None
         tok_dir = stats.get("tokenizer")
@@ -66,8 +67,9 @@ class DiffusionTrainer(Trainer):
 
     def train_step(self, batch) -> dict[str, float]:
         pairs, labels = batch  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
+        draws = self.sample_random(pairs.shape[0])  # flips, times, noise, label dropout: per sample
         if self.cfg.train.flip:
-            pick = (torch.rand(pairs.shape[0], generator=self.generator) < 0.5).long()
+            pick = flip_mask(draws).long()
         else:
             pick = torch.zeros(pairs.shape[0], dtype=torch.long)
         latents = pairs[torch.arange(pairs.shape[0]), pick].to(self.device, non_blocking=True)
@@ -78,9 +80,10 @@ class DiffusionTrainer(Trainer):
                 self.ddp_model,
                 x0,
                 y,
-                generator=self.generator,
+                generator=draws,
                 time_sampling=self.cfg.transport.time_sampling,
                 cosine_loss_weight=self.cfg.transport.cosine_loss_weight,
+                label_dropout=self.label_dropout,
             )
         logs = {k: float(v) for k, v in terms.items()}
         logs.update(self.optimizer_step(loss))

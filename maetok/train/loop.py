@@ -1,9 +1,11 @@
 """What every training run shares: devices and processes, precision, the learning-rate schedule, EMA,
 a deterministic resumable batch stream, atomic checkpoints, and the progress/CSV log.
 
-A resumed run continues exactly as the uninterrupted one would: the batch order is a pure function of
-(seed, step), and every other random draw of a step comes from one CPU ``torch.Generator`` whose state is
-saved in the checkpoint.
+A resumed run continues exactly as the uninterrupted one would, and a run on W processes (``torchrun``) is the
+1-process run at the same global batch (to float rounding): the batch order is a pure function of (seed, step),
+and every other random draw of a step is a pure function of (seed, step, the sample's position in the global
+batch) (:func:`step_sample_random`); batch statistics are taken over the global batch
+(:mod:`maetok.models.global_batch`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig
+from maetok.models.global_batch import SampleRandom
 from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -207,6 +210,19 @@ def describe_ema(train: TrainConfig) -> str:
             f"full decay from step {full:,} of {train.steps:,}{' (not reached)' if full > train.steps else ''}")
 
 
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel; the parameters it names in ``unused_in_training()`` (if it has that
+    method) are left out of the gradient reduction (without DDP's per-step search for unused parameters)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    unused = list(getattr(model, "unused_in_training", lambda: [])())
+    ignore = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if unused and ignore is not None:
+        ignore(model, unused)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(unused) and ignore is None)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers."""
     model = getattr(model, "module", model)
@@ -273,6 +289,18 @@ def batch_stream(
         persistent_workers=num_workers > 0,
     )
     return iter(loader)
+
+
+def step_sample_random(seed: int, step: int, local_batch_size: int, dist_info: DistInfo) -> SampleRandom:
+    """The per-sample random draws of ``step`` for this process's slice of the global batch: sample ``i`` of
+    rank ``r`` sits at global position ``r * local_batch_size + i`` (the slice :class:`StepBatchSampler` gives
+    it), so every draw of a sample is the same whatever the number of processes, and on a resume."""
+    return SampleRandom.for_batch(seed, step, local_batch_size, offset=dist_info.rank * local_batch_size)
+
+
+def flip_mask(draws: SampleRandom, device: Optional[torch.device] = None) -> Tensor:
+    """``(B,)`` bool: which samples of the step are flipped left-right (probability 0.5; stream ``flip``)."""
+    return draws.uniform("flip", (), device) < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -523,8 +551,7 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()  # the main process may have deleted the old run (--overwrite)
         self.nonfinite_in_a_row = 0
-        self.step = 0
-        self.generator = torch.Generator().manual_seed(train.seed * 7919 + self.dist.rank)
+        self.step = 0  # random draws: self.sample_random(batch size), a function of (seed, step, global position)
         self.ema: Optional[EMA] = None
         self.run_log: Optional[RunLog] = None
 
@@ -586,7 +613,11 @@ class Trainer:
 
     def setup_optimization(self, model: nn.Module, resume: bool) -> None:
         """Move the model to the device, build EMA and AdamW over its trainable parameters, resume if asked,
-        then wrap it for DDP / torch.compile as ``self.ddp_model``."""
+        then wrap it for DDP / torch.compile as ``self.ddp_model``.
+
+        Parameters the model names in ``unused_in_training()`` (the mask token of a model that never masks)
+        are left out of DDP's gradient reduction; any other trainable parameter without a gradient is an error
+        DDP reports at the second step."""
         self.model = model.to(self.device)
         cfg = self.train_cfg
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
@@ -596,10 +627,13 @@ class Trainer:
             self.resume()
         self.ddp_model: nn.Module = self.model
         if self.dist.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp_model = wrap_ddp(self.model, self.device)
         if self.train_cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)
+
+    def sample_random(self, local_batch_size: int) -> SampleRandom:
+        """The current step's per-sample draws for this process's slice of the batch (:func:`step_sample_random`)."""
+        return step_sample_random(self.train_cfg.seed, self.step, local_batch_size, self.dist)
 
     def lr_factor(self) -> float:
         """The schedule's factor (warmup, then cosine or constant) at the current step."""
@@ -660,11 +694,8 @@ class Trainer:
         return self.ema.state_dict() if self.ema is not None else self.model.state_dict()
 
     def save_checkpoint(self) -> None:
-        generators = [self.generator.get_state()]
-        if self.dist.world_size > 1:
-            gathered: list = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, self.generator.get_state())
-            generators = gathered
+        """Rank 0 writes the state every process holds alike (model, EMA, optimizer, discriminator). There is no
+        random-generator state: every draw is a function of (seed, step, global position)."""
         if not self.dist.is_main:
             return
         check_finite_tensors(self.model.state_dict(), f"{self.run_kind} model at step {self.step}")
@@ -678,7 +709,6 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "extra": self.extra_state(),
-            "generator": generators,
             "config": self.config_dict(),
         }
         atomic_torch_save(state, self.out_dir / CHECKPOINT)
@@ -692,15 +722,14 @@ class Trainer:
         state = load_checkpoint(path)
         if state.get("kind") != self.run_kind:
             raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
-        if len(state["generator"]) != self.dist.world_size:
-            raise ValueError(f"{path} was written by {len(state['generator'])} processes, this run has {self.dist.world_size}")
         self.check_resumable_shapes(state["model"], path)
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_extra_state(state["extra"])
-        self.generator.set_state(state["generator"][self.dist.rank])
+        # checkpoints written before the per-sample draws hold the states of per-process generators under
+        # "generator": nothing reads them now, and any number of processes may resume any checkpoint
         self.step = int(state["step"])
         if self.dist.is_main:
             print(f"[maetok] resumed from {path} at step {self.step}")

@@ -5,7 +5,7 @@ A run directory holds::
 
     config.yaml              the full resolved config of the run
     log.csv                  one row per logged step (losses, lr, img/s, eval PSNR)
-    checkpoints/last.pt      model, EMA, optimizer, discriminator, step and RNG state (resume with --resume)
+    checkpoints/last.pt      model, EMA, optimizer, discriminator and step (resume with --resume)
     model/                   the exported tokenizer: config.json + model.safetensors (EMA weights)
     recon_step*.png          reconstruction grids (top: originals, bottom: reconstructions)
 """
@@ -20,14 +20,15 @@ import torch
 import yaml
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
-from maetok.data import build_dataset, random_hflip
+from maetok.data import build_dataset
 from maetok.data.images import to_uint8
 from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
+from maetok.models.global_batch import broadcast_module
 from maetok.models.tokenizer import MAETok
 from maetok.runs import model_directory, run_directory
 from maetok.targets import build_target
-from maetok.train.loop import CHECKPOINT, Trainer, autocast, load_checkpoint
+from maetok.train.loop import CHECKPOINT, Trainer, autocast, flip_mask, load_checkpoint
 
 
 #: the preset whose training settings (optimizer, losses, stage 2) fine-tune a tokenizer that comes without a run
@@ -149,6 +150,8 @@ class TokenizerTrainer(Trainer):
             model = self._load_stage1_weights(model, init_from)
             model.encoder.requires_grad_(False)
         self.setup_optimization(model, resume)
+        if self.objective.adversarial is not None:  # every process starts from rank 0's discriminator
+            broadcast_module(self.objective.adversarial)
 
     def _finetune_objective(self, source: Path) -> TokenizerObjective:
         """Stage 2's objective. The discriminator trains from step 0: it continues stage 1's (weights, optimizer,
@@ -222,20 +225,24 @@ class TokenizerTrainer(Trainer):
     def train_step(self, batch) -> dict[str, float]:
         precision = self.cfg.train.precision
         images = batch[0].to(self.device, non_blocking=True)
+        draws = self.sample_random(images.shape[0])  # flips, masks, VAE noise, DiffAugment: per image
         if self.cfg.train.flip:
-            images = random_hflip(images, self.generator)
+            flips = flip_mask(draws, self.device).view(-1, 1, 1, 1)
+            images = torch.where(flips, images.flip(-1), images)
         with autocast(precision, self.device):
-            out = self.ddp_model(images, self.mask_ratio(self.step), self.generator)
+            out = self.ddp_model(images, self.mask_ratio(self.step), draws)
         captions = None
         if self.uses_captions:
             captions = self.objective.targets["text"].tokenize(batch[2]).to(self.device)
         loss, logs = self.objective.generator_loss(
-            out, images, self.step, self.model.last_decoder_layer(), captions=captions
+            out, images, self.step, self.model.last_decoder_layer(), captions=captions, draws=draws
         )
         logs.update(self.optimizer_step(loss))
         with autocast(precision, self.device):
             logs.update(
-                self.objective.discriminator_step(images, out.reconstruction.detach(), self.step, self.lr_factor())
+                self.objective.discriminator_step(
+                    images, out.reconstruction.detach(), self.step, self.lr_factor(), draws=draws
+                )
             )
         if out.mask is not None:
             logs["mask_ratio"] = out.mask.float().mean().item()
