@@ -249,3 +249,26 @@ def test_counts_on_the_command_line_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_a_nonfinite_discriminator_step_is_skipped(image_folder):
+    """NaN images (a diverging tokenizer) reach the discriminator: no LeCAM anchor update, no update."""
+    from conftest import tiny_discriminator
+
+    from maetok.losses.adversarial import AdversarialLoss
+
+    adversarial = AdversarialLoss(tiny_discriminator(0), start_step=0, lr=1e-2)
+    real = torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def tensors() -> dict[str, torch.Tensor]:
+        """Discriminator weights and LeCAM anchors; not the spectral norm's power-iteration vectors (``_u``, ``_v``),
+        which advance on every forward pass from the weights alone."""
+        state = dict(adversarial.named_buffers()) | dict(adversarial.named_parameters())
+        assert all(torch.isfinite(v).all() for v in state.values())
+        return {k: v.detach().clone() for k, v in state.items() if not k.endswith(("._u", "._v"))}
+
+    before = tensors()
+    logs = adversarial.discriminator_step(real, torch.full_like(real, float("nan")), step=1)
+    assert logs["adv/skipped"] == 1.0 and all(torch.equal(before[k], v) for k, v in tensors().items())
+    logs = adversarial.discriminator_step(real, real.flip(0), step=2)
+    assert logs["adv/skipped"] == 0.0 and any(not torch.equal(before[k], v) for k, v in tensors().items())

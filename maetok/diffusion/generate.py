@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from maetok.config import SamplingConfig
-from maetok.data.latents import LatentNormalizer
 from maetok.data.images import save_image_grid, to_rgb, to_uint8
+from maetok.data.latents import LatentNormalizer
 from maetok.data.npz import save_sample_batch
 from maetok.diffusion.pipeline import LatentGenerator
 from maetok.models.tokenizer import MAETok

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maetok.models.global_batch import RandomSource, SampleRandom, average_gradients, global_mean
+from maetok.models.global_batch import RandomSource, SampleRandom, all_finite_everywhere, average_gradients, global_mean
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses
@@ -418,19 +418,25 @@ class AdversarialLoss(nn.Module):
         with _enter_autocast(autocast):
             logits = self.discriminator(torch.cat([real_aug, fake_aug], dim=0))
         logits_real, logits_fake = logits.float().chunk(2, dim=0)
+        lr = self.lr * lr_factor
+        if not all_finite_everywhere(logits):  # NaN / inf logits: no LeCAM anchor update, no step
+            return {"adv/lr": lr, "adv/skipped": 1.0}
         d_loss = hinge_d_loss(logits_real, logits_fake)
         lecam = self.lecam(logits_real, logits_fake)
-        lr = self.lr * lr_factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         (d_loss + lecam).backward()
         average_gradients(self.trainable_parameters())
-        grad_norm = None
-        if self.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm or float("inf"))
+        if not all_finite_everywhere(grad_norm):  # a non-finite gradient: the update is dropped
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"adv/lr": lr, "adv/skipped": 1.0}
+        if self.max_grad_norm is None:
+            grad_norm = None
         self.optimizer.step()
         logs = {
+            "adv/skipped": 0.0,
             "adv/d_loss": float(d_loss.detach()),
             "adv/lecam": float(lecam.detach()),
             "adv/logits_real": float(logits_real.detach().mean()),

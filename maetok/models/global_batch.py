@@ -194,6 +194,12 @@ def global_sum(value: Tensor) -> Tensor:
     return total
 
 
+def all_finite_everywhere(*values: Tensor) -> bool:
+    """Whether every value is finite on every process (all processes then skip or step together)."""
+    finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
+    return bool(global_sum(finite).item() == world_size())
+
+
 def global_mean(value: Tensor) -> Tensor:
     """The mean of ``value`` (detached) over all processes (equal local batches: the global batch mean)."""
     if not distributed():

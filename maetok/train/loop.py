@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig
-from maetok.models.global_batch import SampleRandom
+from maetok.models.global_batch import SampleRandom, all_finite_everywhere
 from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -38,6 +38,7 @@ from maetok.runs import (
     check_finite_tensors,
     check_format_version,
     check_state_keys,
+    resolve_device,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)  # a device this machine lacks: one line
     if dev.type == "cuda" and dev.index is None:  # "--device cuda": this process's GPU
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -651,7 +652,7 @@ class Trainer:
         logs = {"lr": lr}
         clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
-        if not self.all_finite(loss.detach(), grad_norm):
+        if not all_finite_everywhere(loss, grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skip_nonfinite_step(loss)
             return logs | {"skipped": 1.0}
@@ -662,14 +663,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         return logs | {"skipped": 0.0}
-
-    def all_finite(self, *values: Tensor) -> bool:
-        """Whether every value is finite, on every process (all processes then skip or step together)."""
-        finite = torch.stack([torch.isfinite(v.float()).all() for v in values]).all().to(torch.int32)
-        if self.dist.world_size > 1:
-            finite = finite.to(self.device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
 
     def skip_nonfinite_step(self, loss: Tensor) -> None:
         """Count a step whose loss or gradients were NaN / inf (its update is dropped); raise

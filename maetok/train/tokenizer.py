@@ -30,7 +30,6 @@ from maetok.runs import model_directory, run_directory
 from maetok.targets import build_target
 from maetok.train.loop import CHECKPOINT, Trainer, autocast, flip_mask, load_checkpoint
 
-
 #: the preset whose training settings (optimizer, losses, stage 2) fine-tune a tokenizer that comes without a run
 #: config (a model folder, the authors' released folder or a hub id); its model section is the tokenizer's own
 PRETRAINED_FINETUNE_PRESET = "maetok-b-128"
