@@ -1,6 +1,5 @@
 """Tests for maetok.data: image decoding of every odd mode, resize / crop / pad, tensor <-> uint8, PNG grids,
-Fashion-MNIST (packaged and synthetic IDX files), ImageFolder with bad files, the stable split, build_dataset
-and random_hflip."""
+Fashion-MNIST (packaged and synthetic IDX files), ImageFolder with bad files, the stable split, build_dataset."""
 
 from __future__ import annotations
 
@@ -25,7 +24,6 @@ from maetok.data import (
     build_dataset,
     hash_split,
     load_image,
-    random_hflip,
     read_idx,
     resize_center_crop,
     save_image_grid,
@@ -403,22 +401,3 @@ def test_build_dataset(tmp_path: Path) -> None:
         build_dataset(str(imagenet / "train" / "n01" / "x.jpg"), "train", 32, 3)
     with pytest.raises(ValueError, match="'fashion-mnist' has no captions"):  # what the 'text' target asks for
         build_dataset("fashion-mnist", "train", 32, 1, return_captions=True)
-
-
-# ------------------------------------------------------------------------------------------------- flip
-
-
-def test_random_hflip_is_deterministic() -> None:
-    images = torch.arange(16 * 2 * 3 * 5, dtype=torch.float32).view(16, 2, 3, 5)
-    flipped, mask = random_hflip(images, torch.Generator().manual_seed(1234), return_mask=True)
-    expected_mask = torch.rand(16, generator=torch.Generator().manual_seed(1234)) < 0.5
-    assert torch.equal(mask, expected_mask) and 0 < int(mask.sum()) < 16
-    for index in range(16):
-        expected = images[index].flip(-1) if mask[index] else images[index]
-        assert torch.equal(flipped[index], expected)
-    assert torch.equal(random_hflip(images, torch.Generator().manual_seed(1234)), flipped)
-    generator = torch.Generator().manual_seed(1234)
-    random_hflip(images, generator)
-    assert not torch.equal(random_hflip(images, generator, return_mask=True)[1], mask)  # state advanced
-    with pytest.raises(ValueError, match="B, C, H, W"):
-        random_hflip(images[0], torch.Generator())

@@ -9,8 +9,8 @@ Reading a dataset for a cache or a measurement goes through :func:`iter_item_bat
 unreadable image file leaves no row and is reported (:class:`SkippedItem`), never replaced by another image.
 Only training batches (``ImageFolder.__getitem__``) substitute the next readable file, counted and named.
 
-There is no random augmentation inside datasets: the training loop flips batches with ``random_hflip`` and its
-own seeded ``torch.Generator``, so a resumed run replays the exact same flips.
+There is no random augmentation inside datasets: the training loop flips batches with draws keyed by (seed, step,
+global position) (``maetok.train.loop.flip_mask``), so a resumed run replays the exact same flips.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ __all__ = [
     "hash_split",
     "split_paths",
     "build_dataset",
-    "random_hflip",
     "DatasetSubset",
     "FolderScan",
     "draw_order",
@@ -1040,32 +1039,3 @@ def dataset_images_uint8(dataset: Dataset, batch_size: int = 256, limit: int | N
     if not parts:
         raise ValueError(f"none of the {len(dataset)} images could be read")
     return np.ascontiguousarray(np.concatenate(parts))
-
-
-# ------------------------------------------------------------------------------------------------- flip
-
-
-def random_hflip(
-    images: torch.Tensor, generator: torch.Generator, return_mask: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Flip each image left-right with probability 0.5.
-
-    Exactly one ``torch.rand(B, generator=generator)`` draw (on CPU) is made per call; sample ``i`` is flipped
-    iff its draw is < 0.5. The same generator state therefore always flips the same samples (exact resume).
-
-    Args:
-        images: (B, C, H, W) on any device.
-        generator: a CPU ``torch.Generator`` owned by the training loop.
-        return_mask: also return the bool mask (B,) of flipped samples (on CPU).
-
-    Returns:
-        images (B, C, H, W) (a new tensor), and the mask when ``return_mask``.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"random_hflip expects images (B, C, H, W), got shape {tuple(images.shape)}")
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise ValueError("random_hflip needs a CPU torch.Generator (draws must not depend on the device)")
-    flip_mask = torch.rand(images.shape[0], generator=generator) < 0.5
-    mask_on_device = flip_mask.to(images.device).view(-1, 1, 1, 1)
-    flipped = torch.where(mask_on_device, images.flip(-1), images)
-    return (flipped, flip_mask) if return_mask else flipped
