@@ -71,19 +71,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def _is_diffusion_folder(source: str) -> bool:
     """Whether ``source`` (folder, run directory or hub id) holds a diffusion model (ours or the authors' SiT)
     rather than a tokenizer."""
-    import json
-
     from maetok.assets import resolve_pretrained
     from maetok.models.sit import DIFFUSION_MODEL_TYPE, is_reference_sit_config
-    from maetok.runs import MODEL_CONFIG, model_directory
+    from maetok.runs import read_config_json
 
-    path = model_directory(resolve_pretrained(source)) / MODEL_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False  # the tokenizer loader reports the folder in one line
-    return isinstance(config, dict) and (config.get("model_type") == DIFFUSION_MODEL_TYPE
-                                         or is_reference_sit_config(config))
+    _, config = read_config_json(resolve_pretrained(source), "model")
+    return config.get("model_type") == DIFFUSION_MODEL_TYPE or is_reference_sit_config(config)
 
 
 @command("convert")

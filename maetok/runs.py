@@ -171,10 +171,10 @@ def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str,
     return directory
 
 
-def read_model_config(path: PathLike, model_type: str, what: str) -> tuple[Path, dict[str, Any]]:
-    """``(model directory, config)`` of the model folder ``path`` names (itself, or the ``model/`` of a run
-    directory): ``config.json`` without its ``model_type`` (absent: ``model_type`` is assumed) and format version.
-    ``what`` names the kind of model in the errors (missing file, invalid JSON, newer version, another type)."""
+def read_config_json(path: PathLike, what: str) -> tuple[Path, dict[str, Any]]:
+    """``(model directory, config.json as written)`` of the folder ``path`` names (itself, or the ``model/`` of a run
+    directory), in any format (ours or the authors'). A missing file, invalid JSON or a non-object raise one line
+    naming the file; ``what`` names the kind of model."""
     from maetok.config import ConfigError
 
     directory = model_directory(path)
@@ -185,6 +185,19 @@ def read_model_config(path: PathLike, model_type: str, what: str) -> tuple[Path,
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} must hold a JSON object")
+    return directory, raw
+
+
+def read_model_config(path: PathLike, model_type: str, what: str) -> tuple[Path, dict[str, Any]]:
+    """``(model directory, config)`` of the model folder ``path`` names (itself, or the ``model/`` of a run
+    directory): ``config.json`` without its ``model_type`` (absent: ``model_type`` is assumed) and format version.
+    ``what`` names the kind of model in the errors (missing file, invalid JSON, newer version, another type)."""
+    from maetok.config import ConfigError
+
+    directory, raw = read_config_json(path, what)
+    config_path = directory / MODEL_CONFIG
     check_format_version(raw, config_path)
     raw.pop(FORMAT_KEY, None)
     found = raw.pop("model_type", model_type)

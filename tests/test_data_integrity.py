@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from maetok.cli import build_parser, main
-from maetok.config import ConfigError, DataConfig, TokenizerConfig, TokenizerTrainConfig, load_config
+from maetok.config import ConfigError, DataConfig, TokenizerTrainConfig, load_config
 from maetok.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -70,19 +70,6 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(
-        image_size=16, in_channels=3, patch_size=4, encoder_width=32, encoder_depth=1, encoder_heads=2,
-        decoder_width=32, decoder_depth=1, decoder_heads=2, num_latent_tokens=4, latent_dim=4, aux_targets=[],
-        mask_ratio_min=0.0, mask_ratio_max=0.0, variant="ae",
-    )
-    path = tmp_path_factory.mktemp("tokenizer") / "model"
-    MAETok(cfg).save_pretrained(path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ folder scans
@@ -229,15 +216,15 @@ def test_item_batches_leave_bad_files_out_and_name_them(tmp_path: Path) -> None:
     assert sorted(s.file for s in skipped) == sorted(f"{i}.png" for i in met if i in (3, 5))
 
 
-def test_cache_rows_match_their_files_and_resume(tiny_tokenizer: Path, tmp_path: Path) -> None:
+def test_cache_rows_match_their_files_and_resume(tokenizer_dir: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     for i in range(10):
         _save(images / f"k{i % 2}" / f"{i}.png", Image.fromarray(_noise(12, 12, i)))
     (images / "k0" / "2.png").write_text("not an image")
     _truncate(images / "k1" / "5.png", 0.3)
     dataset = build_dataset(str(images), "all", 16, 3)
-    tokenizer = MAETok.from_pretrained(tiny_tokenizer).eval()
-    cache_latents(tokenizer, dataset, tmp_path / "cache", tiny_tokenizer, shard_size=3, batch_size=2, progress=False)
+    tokenizer = MAETok.from_pretrained(tokenizer_dir).eval()
+    cache_latents(tokenizer, dataset, tmp_path / "cache", tokenizer_dir, shard_size=3, batch_size=2, progress=False)
     cache = LatentDataset(tmp_path / "cache")
     bad = {"k0/2.png", "k1/5.png"}
     assert len(cache) == cache.stats["num_items"] == 8 and cache.stats["num_listed_items"] == 10
@@ -256,7 +243,7 @@ def test_cache_rows_match_their_files_and_resume(tiny_tokenizer: Path, tmp_path:
     for f in (tmp_path / "cache").iterdir():
         if f.name not in ("stats.json", "skipped.json", "shard-00002.safetensors"):
             (resumed / f.name).write_bytes(f.read_bytes())
-    cache_latents(tokenizer, dataset, resumed, tiny_tokenizer, shard_size=3, batch_size=2, progress=False)
+    cache_latents(tokenizer, dataset, resumed, tokenizer_dir, shard_size=3, batch_size=2, progress=False)
     for shard in range(4):
         a = load_file(str(tmp_path / "cache" / f"shard-{shard:05d}.safetensors"))
         b = load_file(str(resumed / f"shard-{shard:05d}.safetensors"))
@@ -267,20 +254,20 @@ def test_cache_rows_match_their_files_and_resume(tiny_tokenizer: Path, tmp_path:
         assert json.loads((resumed / name).read_text()) == json.loads((tmp_path / "cache" / name).read_text())
     with pytest.raises(ValueError, match="other settings"):  # another pixel limit could skip other files
         cache_latents(tokenizer, build_dataset(str(images), "all", 16, 3, max_image_pixels=100), resumed,
-                      tiny_tokenizer, shard_size=3, batch_size=2, progress=False)
+                      tokenizer_dir, shard_size=3, batch_size=2, progress=False)
 
 
 # ------------------------------------------------------------------------------------ one output per input
 
 
-def test_reconstruct_gives_every_input_its_own_output(tiny_tokenizer: Path, tmp_path: Path, capsys) -> None:
+def test_reconstruct_gives_every_input_its_own_output(tokenizer_dir: Path, tmp_path: Path, capsys) -> None:
     source = tmp_path / "in"
     _save(source / "a.png", Image.fromarray(_noise(16, 16, 0)))
     _save(source / "a.jpg", Image.fromarray(_noise(16, 16, 1)), quality=95)
     _save(source / "sub" / "a.png", Image.fromarray(_noise(16, 16, 2)))
     _save(source / "sub" / "a.png.png", Image.fromarray(_noise(16, 16, 3)))
     (source / "sub" / "b.jpg").write_bytes(b"")
-    assert main(["reconstruct", "--model", str(tiny_tokenizer), "--input", str(source), "--out",
+    assert main(["reconstruct", "--model", str(tokenizer_dir), "--input", str(source), "--out",
                  str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "wrote 4 side-by-side PNGs" in printed and "1 unreadable input(s) skipped" in printed

@@ -23,7 +23,6 @@ present. Keys that encode / decode never use are consumed by :data:`IGNORED_KEYS
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -486,19 +485,9 @@ def load_authors_tokenizer(directory: Path, config: Mapping[str, Any], map_locat
 def read_folder_config(source: PathLike) -> tuple[Path, dict[str, Any]]:
     """``(model folder, parsed config.json)`` of a folder, a run directory (its ``model/``) or a hub id."""
     from maetok.assets import resolve_pretrained
-    from maetok.runs import model_directory
+    from maetok.runs import read_config_json
 
-    directory = model_directory(resolve_pretrained(source))
-    path = directory / MODEL_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: a tokenizer folder holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return directory, config
+    return read_config_json(resolve_pretrained(source), "tokenizer")
 
 
 def detect_format(config: Mapping[str, Any], source: PathLike = "config.json") -> str:

@@ -21,7 +21,6 @@ mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -539,18 +538,10 @@ class DiffusionFolder:
 def read_diffusion_folder(source: Union[str, Path]) -> DiffusionFolder:
     """The :class:`DiffusionFolder` of ``source``: a folder of ours or the authors', the run directory holding
     ours as ``model/``, or a hub id of either (:func:`maetok.assets.resolve_pretrained`)."""
-    from maetok.runs import MODEL_CONFIG, model_directory, read_model_config
+    from maetok.runs import MODEL_CONFIG, read_config_json, read_model_config
 
-    directory = model_directory(resolve_pretrained(source))
+    directory, raw = read_config_json(resolve_pretrained(source), "diffusion model")
     path = directory / MODEL_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: a diffusion model folder holds config.json and model.safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
     if is_reference_sit_config(raw):
         try:
             architecture = SiTConfig.from_reference_config(raw)
