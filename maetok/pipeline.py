@@ -139,28 +139,46 @@ class Timer:
         self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
+def tokenizer_configs(data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
+                      seed: int = 0) -> tuple[TokenizerTrainConfig, TokenizerTrainConfig]:
+    """The configs of stage 1 and stage 2 of one pipeline run."""
+    stage1, stage2 = tokenizer_overrides(budget)
+    extra = [f"data.dataset={data}", f"train.seed={seed}", *overrides]
+    return load_config(TokenizerTrainConfig, config, stage1 + extra), load_config(TokenizerTrainConfig, config, stage2 + extra)
+
+
 def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
                     seed: int = 0, device: Optional[str] = None, stage1_dir: Optional[Path] = None) -> TokenizerTrainConfig:
     """Stage 1 into ``out/stage1`` (or use the finished ``stage1_dir``) and stage 2 into ``out/tokenizer``; a stage
-    already exported is skipped, an interrupted one resumed."""
+    already exported is skipped, an interrupted one resumed (both only under the same config)."""
     from maetok.train.tokenizer import TokenizerTrainer
 
-    stage1, stage2 = tokenizer_overrides(budget)
-    extra = [f"data.dataset={data}", f"train.seed={seed}", *overrides]
-    cfg1 = load_config(TokenizerTrainConfig, config, stage1 + extra)
-    cfg2 = load_config(TokenizerTrainConfig, config, stage2 + extra)
+    cfg1, cfg2 = tokenizer_configs(data, config, budget, overrides, seed)
     stage1_dir = stage1_dir or out / "stage1"
-    if not reuse_finished(stage1_dir, "tokenizer stage 1"):
+    if not reuse_finished(stage1_dir, "tokenizer stage 1", cfg1):
         TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
-    if not reuse_finished(out / "tokenizer", "tokenizer stage 2"):
+    if not reuse_finished(out / "tokenizer", "tokenizer stage 2", cfg2):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
                          resume=True).fit()
     return cfg2
 
 
-def reuse_finished(run_dir: Path, what: str) -> bool:
-    """Whether the training run in ``run_dir`` finished before (then it is reused, and that is said); an
-    unfinished one is resumed by the caller (under the same config: a changed one is refused)."""
+def check_same_config(run_dir: Path, what: str, cfg: Any) -> None:
+    """A phase's run directory is reused (finished) or resumed (interrupted) only under the config it ran under:
+    another config (another budget, data set, seed ...) raises ``ValueError`` naming the differences."""
+    from maetok.train.loop import run_config_changes
+
+    changes = run_config_changes(run_dir, cfg)
+    if changes:
+        shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes[:3])
+        raise ValueError(f"{run_dir} holds a {what} run made under another config ({shown}"
+                         f"{' ...' if len(changes) > 3 else ''}): write this run to another --out, or delete {run_dir}")
+
+
+def reuse_finished(run_dir: Path, what: str, cfg: Any) -> bool:
+    """Whether the training run in ``run_dir`` finished before under ``cfg`` (then it is reused, and that is said);
+    an unfinished one is resumed by the caller. Another config raises (:func:`check_same_config`)."""
+    check_same_config(run_dir, what, cfg)
     if not is_finished(run_dir):
         return False
     print(f"[maetok] {run_dir}: {what} finished before, reusing it", flush=True)
@@ -199,8 +217,23 @@ def run_pipeline(
     from maetok.train.diffusion import DiffusionTrainer
 
     out = Path(out)
+    dif_overrides = [
+        f"latents={out / 'latents'}",
+        f"train.steps={budget.diffusion_steps}",
+        f"train.eval_every={max(1, budget.diffusion_steps // 3)}",
+        f"train.ckpt_every={max(1, budget.diffusion_steps // 3)}",
+        f"train.log_every={max(1, min(25, budget.diffusion_steps // 6))}",
+        f"train.seed={seed}",
+        *([] if evald.conditional else ["model.conditional=false"]),
+        *diffusion_extra,
+    ]
+    dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
     result_path = out / "result.json"
     if result_path.exists():
+        cfg1, cfg2 = tokenizer_configs(evald.data, tokenizer_config, budget, tokenizer_extra, seed)
+        for run_dir, what, cfg in ((out / "stage1", "tokenizer stage 1", cfg1),
+                                   (out / "tokenizer", "tokenizer stage 2", cfg2), (out / "sit", "SiT", dif_cfg)):
+            check_same_config(run_dir, what, cfg)
         print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -224,19 +257,8 @@ def run_pipeline(
         cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=progress,
                       restart_if_stale=True)
 
-    dif_overrides = [
-        f"latents={out / 'latents'}",
-        f"train.steps={budget.diffusion_steps}",
-        f"train.eval_every={max(1, budget.diffusion_steps // 3)}",
-        f"train.ckpt_every={max(1, budget.diffusion_steps // 3)}",
-        f"train.log_every={max(1, min(25, budget.diffusion_steps // 6))}",
-        f"train.seed={seed}",
-        *([] if evald.conditional else ["model.conditional=false"]),
-        *diffusion_extra,
-    ]
-    dif_cfg = load_config(DiffusionTrainConfig, diffusion_config, dif_overrides)
     with timer.phase("SiT training"):
-        if not reuse_finished(out / "sit", "SiT"):
+        if not reuse_finished(out / "sit", "SiT", dif_cfg):
             DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
     pipe = LatentGenerator.load(out / "sit", device=str(dev))
 

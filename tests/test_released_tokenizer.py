@@ -228,3 +228,14 @@ def test_a_non_released_layout_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="has no decoder.freqs .the decoder's RoPE-mixed frequencies.: not the "
                                          "released MAETok architecture"):
         MAETok.from_pretrained(write_authors_folder(tmp_path / "a", state))
+
+
+def test_a_nonfinite_released_folder_is_refused(tmp_path):
+    state = authors_state()
+    state["post_quant_conv.bias"][0] = float("nan")
+    folder = write_authors_folder(tmp_path / "nan", state=state)
+    with pytest.raises(ValueError, match="non-finite values"):
+        MAETok.from_pretrained(folder)
+    broken = write_authors_folder(tmp_path / "bad", config=authors_config(vq_mean=None))
+    with pytest.raises(ValueError, match=r"config\.json: cannot read the architecture"):
+        MAETok.from_pretrained(broken)

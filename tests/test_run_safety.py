@@ -272,3 +272,41 @@ def test_a_nonfinite_discriminator_step_is_skipped(image_folder):
     assert logs["adv/skipped"] == 1.0 and all(torch.equal(before[k], v) for k, v in tensors().items())
     logs = adversarial.discriminator_step(real, real.flip(0), step=2)
     assert logs["adv/skipped"] == 0.0 and any(not torch.equal(before[k], v) for k, v in tensors().items())
+
+
+def test_overwrite_never_deletes_inputs_or_a_run_before_its_inputs_load(latent_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert train_sit(latent_dir, run) == 0
+    shutil.copytree(latent_dir, run / "latents")  # the run's own input inside the folder --overwrite would delete
+    one_line_error(capsys, ["train-diffusion", "--config", "fashion-mnist-sit", "--latents", str(run / "latents"),
+                            "--out", str(run), "--overwrite", *TINY_SIT, "train.steps=2"],
+                   "--overwrite would delete", "an input of this run")
+    assert (run / "latents" / "stats.json").exists() and (run / "model" / "config.json").exists()
+    # a bad input is reported before anything is deleted
+    one_line_error(capsys, ["train-diffusion", "--config", "fashion-mnist-sit", "--latents", str(tmp_path / "none"),
+                            "--out", str(run), "--overwrite", *TINY_SIT, "train.steps=2"], "none")
+    assert (run / "model" / "config.json").exists()
+    # a finished run whose checkpoint is gone cannot be "resumed" from step 0
+    (run / "checkpoints" / "last.pt").unlink()
+    one_line_error(capsys, ["train-diffusion", "--config", "fashion-mnist-sit", "--latents", str(latent_dir), "--out",
+                            str(run), "--resume", *TINY_SIT, "train.steps=2"], "finished run without", "--overwrite")
+
+
+def test_the_pipeline_reuses_a_phase_only_under_its_config(tmp_path):
+    """`maetok demo` / `study` rerun: a phase trained under another budget, data set or seed is never passed off as
+    this run's (an older config.yaml lacking newer keys still matches)."""
+    from maetok.config import to_dict
+    from maetok.pipeline import check_same_config
+
+    cfg = load_config(DiffusionTrainConfig, "fashion-mnist-sit")
+    run = tmp_path / "sit"
+    run.mkdir()
+    written = to_dict(cfg)
+    del written["train"]["max_nonfinite_steps"]  # as an older maetok wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    check_same_config(run, "SiT", cfg)
+    check_same_config(run, "SiT", load_config(DiffusionTrainConfig, "fashion-mnist-sit", ["train.log_every=7"]))
+    with pytest.raises(ValueError, match=r"another config \(train.steps 2000 -> 5\): write this run to another --out"):
+        check_same_config(run, "SiT", load_config(DiffusionTrainConfig, "fashion-mnist-sit", ["train.steps=5"]))

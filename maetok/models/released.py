@@ -48,6 +48,7 @@ from maetok.runs import (
     MODEL_WEIGHTS,
     check_state_keys,
     load_model_weights,
+    load_state_strict,
     read_model_config,
     read_safetensors,
     require_config_fields,
@@ -466,15 +467,18 @@ def load_authors_tokenizer(directory: Path, config: Mapping[str, Any], map_locat
     """A tokenizer folder in their format (``config`` is its parsed ``config.json``), loaded strictly."""
     weights = directory / MODEL_WEIGHTS
     shapes = safetensors_shapes(weights)
-    tokenizer_config, architecture = authors_architecture(config, shapes, directory / MODEL_CONFIG, weights)
+    try:
+        tokenizer_config, architecture = authors_architecture(config, shapes, directory / MODEL_CONFIG, weights)
+    except (TypeError, KeyError, AttributeError) as err:  # a malformed value (null, a list for a mapping ...)
+        raise ConfigError(f"{directory / MODEL_CONFIG}: cannot read the architecture ({type(err).__name__}: "
+                          f"{err})") from None
     with torch.device("meta"):
         skeleton = ReleasedMAETok(tokenizer_config, architecture)
     kept = {k: v for k, v in shapes.items() if not is_ignored_key(k)}
     check_state_keys(authors_expected_shapes(skeleton), kept, weights)  # in their names, before reading tensors
     model = ReleasedMAETok(tokenizer_config, architecture)
     state, _ = map_authors_state(read_safetensors(weights, map_location))
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_state_strict(model, state, weights)  # finite weights only
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ class DiffusionTrainer(Trainer):
     def config_dict(self) -> dict:
         return to_dict(self.cfg)
 
+    def input_paths(self) -> list[Path]:
+        return [Path(self.cfg.latents)]
+
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (

@@ -368,9 +368,14 @@ def config_changes(earlier: dict, now: dict) -> list[tuple[str, Any, Any]]:
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a training run's files (:data:`RUN_MARKERS`)."""
+    return out_dir.is_dir() and any((out_dir / marker).exists() for marker in RUN_MARKERS)
+
+
 def prepare_run_directory(
     out_dir: Path, config: dict, resume: bool, overwrite: bool, allow_config_change: bool, is_main: bool = True,
-    complete: Callable[[dict], dict] = lambda raw: raw,
+    complete: Callable[[dict], dict] = lambda raw: raw, inputs: Sequence[Union[str, Path]] = (),
 ) -> Optional[str]:
     """Check ``out_dir`` before a run starts; returns the earlier ``config.yaml`` text when a resumed run accepts a
     changed config (the caller keeps it beside the new one), else ``None``.
@@ -378,7 +383,10 @@ def prepare_run_directory(
     - ``out_dir`` an existing file: ``ValueError``.
     - ``out_dir`` holds a run (:data:`RUN_MARKERS`) and neither ``resume`` nor ``overwrite``: ``ValueError`` naming
       both flags (nothing is touched).
-    - ``overwrite``: the old run directory is deleted (by the main process) and the run starts from step 0.
+    - ``overwrite``: the run starts from step 0 and the old run directory is deleted when training starts
+      (:meth:`Trainer.fit`, once the inputs have loaded); refused when one of the run's ``inputs`` (a stage-1 run,
+      a latent cache, an image folder) lies in ``out_dir`` or holds it.
+    - ``resume`` of a finished run whose checkpoint is gone: ``ValueError`` (it would restart from step 0).
     - ``resume`` with a config that differs from the run's ``config.yaml``: the differences are printed; changes
       beyond :data:`BOOKKEEPING_KEYS` need ``allow_config_change`` (changes of the model's shape are refused
       later, when the checkpoint's tensors do not fit: :meth:`Trainer.resume`). ``complete`` fills the defaults of
@@ -390,14 +398,19 @@ def prepare_run_directory(
         raise ValueError(f"--out {out_dir} is an existing file, not a run directory")
     if resume and overwrite:
         raise ValueError("pass --resume (continue the run) or --overwrite (delete it and start again), not both")
-    holds_run = out_dir.is_dir() and any((out_dir / marker).exists() for marker in RUN_MARKERS)
-    if not holds_run:
+    if not holds_run(out_dir):
         return None
     if overwrite:
-        if is_main:
-            print(f"[maetok] --overwrite: deleting the earlier run in {out_dir}")
-            shutil.rmtree(out_dir)
+        out = out_dir.resolve()
+        for source in inputs:
+            path = Path(source).resolve()
+            if path == out or out in path.parents or path in out.parents:
+                raise ValueError(f"--overwrite would delete {source}, an input of this run ({out_dir} holds it or lies "
+                                 f"in it): choose another --out")
         return None
+    if resume and (out_dir / MODEL_DIR / "config.json").exists() and not (out_dir / CHECKPOINT).exists():
+        raise ValueError(f"{out_dir} holds a finished run without {CHECKPOINT}: --resume cannot continue it (it would "
+                         f"start again from step 0); pass --overwrite to train it again")
     if not resume:
         checkpoint = out_dir / CHECKPOINT
         if (out_dir / MODEL_DIR / "config.json").exists():
@@ -425,6 +438,31 @@ def prepare_run_directory(
                          f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
                          f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
     return earlier_text
+
+
+def complete_config(config_class: type, raw: dict) -> dict:
+    """A saved config as the dataclass ``config_class`` would write it today (defaults for keys an older maetok did
+    not write), so that a new key is not a change; as written when it names a key this maetok no longer knows."""
+    from maetok.config import ConfigError, from_dict, to_dict
+
+    try:
+        return to_dict(from_dict(config_class, raw))
+    except ConfigError:
+        return raw
+
+
+def run_config_changes(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """The changes beyond :data:`BOOKKEEPING_KEYS` from the ``config.yaml`` that ``run_dir`` ran under to the
+    dataclass config ``cfg`` (``[]`` when it holds none)."""
+    import yaml
+
+    from maetok.config import to_dict
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return []
+    earlier = complete_config(type(cfg), yaml.safe_load(path.read_text()) or {})
+    return [change for change in config_changes(earlier, to_dict(cfg)) if change[0] not in BOOKKEEPING_KEYS]
 
 
 def keep_earlier_config(out_dir: Path, earlier_text: str, step: int) -> Path:
@@ -547,10 +585,9 @@ class Trainer:
         # the subclass has set its config: refuse to touch a finished run or resume it under another config
         self.earlier_config = prepare_run_directory(
             self.out_dir, self.config_dict(), resume, overwrite, allow_config_change, self.dist.is_main,
-            self.complete_config,
+            self.complete_config, self.input_paths(),
         )
-        if self.dist.world_size > 1:
-            dist.barrier()  # the main process may have deleted the old run (--overwrite)
+        self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
         self.step = 0  # random draws: self.sample_random(batch size), a function of (seed, step, global position)
         self.ema: Optional[EMA] = None
@@ -590,18 +627,15 @@ class Trainer:
     def describe(self) -> str:
         return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
 
-    def complete_config(self, raw: dict) -> dict:
-        """A saved config as :meth:`config_dict` would write it today (defaults for keys it lacks), when the
-        subclass keeps its dataclass config in ``self.cfg``."""
-        from maetok.config import ConfigError, from_dict, to_dict
+    def input_paths(self) -> list[Path]:
+        """What this run reads (a stage-1 run, a latent cache, an image folder): ``--overwrite`` never deletes them."""
+        return []
 
+    def complete_config(self, raw: dict) -> dict:
+        """A saved config with today's defaults filled in (:func:`complete_config`), when the subclass keeps its
+        dataclass config in ``self.cfg``."""
         cfg = getattr(self, "cfg", None)
-        if cfg is None or not dataclasses.is_dataclass(cfg):
-            return raw
-        try:
-            return to_dict(from_dict(type(cfg), raw))
-        except ConfigError:  # a key this maetok no longer knows: compare as written
-            return raw
+        return complete_config(type(cfg), raw) if dataclasses.is_dataclass(cfg) else raw
 
     def extra_state(self) -> dict:
         """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""
@@ -742,6 +776,10 @@ class Trainer:
         that continue with ``--resume``); export the final model when the run is complete."""
         cfg, dist_info = self.train_cfg, self.dist
         if dist_info.is_main:
+            if self.delete_old_run:
+                print(f"[maetok] --overwrite: deleting the earlier run in {self.out_dir}")
+                shutil.rmtree(self.out_dir)
+                self.delete_old_run = False
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
 

@@ -123,6 +123,7 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
+        self.init_from = init_from
         super().__init__(out_dir, cfg.train, optim, total, device, resume, overwrite, allow_config_change)
         m = cfg.model
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
@@ -197,6 +198,10 @@ class TokenizerTrainer(Trainer):
 
     def config_dict(self) -> dict:
         return to_dict(self.cfg)
+
+    def input_paths(self) -> list[Path]:
+        paths = [Path(self.cfg.data.dataset)] if Path(self.cfg.data.dataset).exists() else []
+        return paths + ([Path(self.init_from)] if self.init_from is not None and Path(self.init_from).exists() else [])
 
     def describe(self) -> str:
         counts = {k: f"{v / 1e6:.2f}M" for k, v in self.model.parameter_counts().items()}
