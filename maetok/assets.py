@@ -450,7 +450,8 @@ def download_snapshot(repo_id: str, local_files_only: Optional[bool] = None) -> 
     except Exception as error:  # noqa: BLE001 - hub errors: not cached, no network, no such repository
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = f"not in the hub cache {hf_hub_cache()}" if offline else "could not be downloaded"
-        raise FileNotFoundError(f"hub model {repo_id!r} {where} ({type(error).__name__}: {first})") from None
+        raise FileNotFoundError(f"no folder {repo_id!r} here, and as a hub model {repo_id!r} {where} "
+                                f"({type(error).__name__}: {first})") from None
 
 
 def resolve_pretrained(source: PathLike) -> Path:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from maetok.config import ConfigError
+from maetok.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="an image file or a folder of images (walked recursively)")
     p.add_argument("--out", required=True, help="output folder: OUT/<relative path of each input>.png")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000, help=pixels_help)
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help=pixels_help)
 
     p = add("cache-latents", "Encode a dataset with a tokenizer into a sharded latent cache (+ statistics).")
     p.add_argument("--model", required=True, help="tokenizer directory or tokenizer run directory")
@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE posterior samples (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=pixels_help + "; unreadable files leave no row and are listed in OUT/skipped.json")
 
     p = add("train-diffusion", "Train SiT / LightningDiT on a latent cache.")
@@ -538,13 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-png", type=positive_int, default=None, help="write at most this many PNGs (the .npz holds all)")
 
-    p = add("convert", "Write a tokenizer (our folder, the authors' released folder or a hub id) in our format.")
-    p.add_argument("--from", dest="source", required=True, help="tokenizer folder, run directory or hub id "
+    p = add("convert", "Write a tokenizer or a diffusion model (our folder, the authors' released folder or a hub "
+                       "id) in our format.")
+    p.add_argument("--from", dest="source", required=True, help="model folder, run directory or hub id "
                    "(e.g. MAETok/maetok-b-128)")
     p.add_argument("--out", required=True, help="output model folder (config.json + model.safetensors)")
 
     p = add("info", "Print presets and their parameter counts, or (--model) what a model folder holds.")
-    p.add_argument("--model", default=None, help="a tokenizer folder or hub id: format, parameters, latent statistics")
+    p.add_argument("--model", default=None, help="a tokenizer or diffusion model folder, run directory or hub id: format, parameters, "
+                        "latents")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
     p.add_argument("--sizes", action="store_true", help="only print the diffusion sizes (SiT-XL, ...)")
     p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 32], metavar=("L", "H"), help="for diffusion presets")
@@ -585,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fid", action="store_true", help="PSNR / SSIM (/ LPIPS) only")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (VGG16) of the reconstructions")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
-    p.add_argument("--max-image-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=pixels_help + "; unreadable files are left out and counted in num_skipped_images")
 
     p = add("eval-gen", "gFID, sFID, IS, precision and recall of generated images (ADM conventions).")

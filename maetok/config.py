@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional, TypeVar, Union
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+#: images above this many pixels (width x height, read from the file's header) are skipped unread (0: no limit)
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 T = TypeVar("T")
 
@@ -225,8 +227,7 @@ class DataConfig:
     dataset: str = "fashion-mnist"  # "fashion-mnist" or an image folder path
     eval_images: int = 64  # images in the periodic reconstruction grid
     # image files whose header announces more pixels are skipped (counted, named) before decoding; 0: no limit.
-    # The default is maetok.data.images.DEFAULT_MAX_IMAGE_PIXELS (64 megapixels).
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         pixels = self.max_image_pixels

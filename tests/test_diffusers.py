@@ -79,6 +79,17 @@ def test_autoencoder_wraps_the_tokenizer_and_round_trips(folders, tmp_path):
     with torch.no_grad():
         assert torch.equal(again.encode(images).latent, latents)
         assert torch.equal(again.decode(latents).sample, decoded)
+    # strict, as every maetok loader: a missing tensor fails in one line (diffusers alone would initialise it at
+    # random with a warning)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"does not match MAETokAutoencoder: 1 missing \({dropped}\)"):
+        MAETokAutoencoder.from_pretrained(tmp_path / "vae")
 
 
 def test_vae_tokenizer_gives_a_latent_dist(tmp_path):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
+
 __all__ = [
     "BadImageError",
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -42,10 +44,9 @@ _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 _RESAMPLING = getattr(Image, "Resampling", Image)  # Pillow < 9.1 has the filters on Image itself
 _BOX, _BICUBIC = _RESAMPLING.BOX, _RESAMPLING.BICUBIC
 
-# Files whose header announces more pixels than this are skipped before decoding (``data.max_image_pixels``,
-# ``--max-image-pixels``): 64 megapixels, e.g. 8000 x 8000, about 192 MB decoded as RGB. Pillow's own
-# decompression-bomb error (above 2 * ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Files whose header announces more pixels than DEFAULT_MAX_IMAGE_PIXELS (maetok.config: ``data.max_image_pixels``,
+# ``--max-image-pixels``) are skipped before decoding: 64 megapixels, e.g. 8000 x 8000, about 192 MB decoded as RGB.
+# Pillow's own decompression-bomb error (above 2 * ``PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
 
 
 def pixel_limit(value: int | None, name: str = "max_image_pixels") -> int | None:

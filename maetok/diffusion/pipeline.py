@@ -17,9 +17,8 @@ from torch import Tensor, nn
 from maetok.config import ConfigError, DiffusionModelConfig, SamplingConfig, from_dict, to_dict
 from maetok.data.latents import LatentNormalizer
 from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
-from maetok.models.sit import DIFFUSION_MODEL_TYPE, build_velocity_model, load_velocity_model, save_diffusion_folder
+from maetok.models.sit import build_velocity_model, load_velocity_model, save_diffusion_folder
 
-MODEL_TYPE = DIFFUSION_MODEL_TYPE  # config.json's model_type
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # SamplingConfig.precision
 
 

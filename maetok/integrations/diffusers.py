@@ -35,7 +35,7 @@ try:
 except ImportError:  # one line, naming the extra
     raise ImportError("maetok.integrations.diffusers needs diffusers: pip install 'maetok[diffusers]'") from None
 
-from maetok.config import DiffusionModelConfig, SamplingConfig, TokenizerConfig, from_dict, to_dict
+from maetok.config import DiffusionModelConfig, SamplingConfig, from_dict, to_dict
 from maetok.data.latents import LatentNormalizer
 from maetok.diffusion.pipeline import LatentGenerator
 from maetok.encode import load_tokenizer
@@ -49,17 +49,31 @@ PathLike = Union[str, Path]
 
 def _tokenizer_config(tokenizer: MAETok) -> dict:
     """What the tokenizer's ``config.json`` holds (a released tokenizer adds its architecture entry)."""
-    config_dict = getattr(tokenizer, "config_dict", None)
-    return config_dict() if callable(config_dict) else to_dict(tokenizer.config)
+    return tokenizer.config_dict()
 
 
 def _build_tokenizer(config: dict) -> MAETok:
     """A freshly initialised tokenizer of the architecture ``config`` describes (see :func:`_tokenizer_config`)."""
-    try:  # the released architecture's builder, where the package has it
-        from maetok.models.released import build_tokenizer
-    except ImportError:
-        return MAETok(from_dict(TokenizerConfig, config, where="tokenizer_config"))
+    from maetok.models.released import build_tokenizer
+
     return build_tokenizer(config, "tokenizer_config")
+
+
+def _load_strictly(load: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """diffusers' ``ModelMixin.from_pretrained`` (``load``), strict as every maetok loader: missing, unexpected or
+    mis-shaped weights (which diffusers would only warn about and initialise at random) and non-finite weights raise
+    one line naming the folder."""
+    from maetok.runs import check_finite_tensors
+
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = load(*args, **_eager(kwargs), output_loading_info=True)
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the folder")
+    problems = [f"{len(info.get(kind) or [])} {kind.replace('_keys', '')} ({', '.join(map(str, info[kind][:3]))})"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+    if problems:
+        raise ValueError(f"{source} does not match {type(model).__name__}: {'; '.join(problems)}")
+    check_finite_tensors(model.state_dict(), str(source))
+    return (model, info) if want_info else model
 
 
 def _eager(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -86,8 +100,8 @@ class MAETokAutoencoder(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokAutoencoder":
-        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id)."""
-        return super().from_pretrained(*args, **_eager(kwargs))
+        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id), strictly."""
+        return _load_strictly(super().from_pretrained, args, kwargs)
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -141,8 +155,8 @@ class MAETokTransformer(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokTransformer":
-        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id)."""
-        return super().from_pretrained(*args, **_eager(kwargs))
+        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id), strictly."""
+        return _load_strictly(super().from_pretrained, args, kwargs)
 
     def forward(self, x: Tensor, t: Union[Tensor, float], y: Optional[Tensor] = None) -> Tensor:
         """Velocity ``(B, L, C)`` of noisy latents ``x`` ``(B, L, C)`` at times ``t`` ``(B,)`` (t = 1: noise)."""

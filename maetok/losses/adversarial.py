@@ -422,6 +422,7 @@ class AdversarialLoss(nn.Module):
         if not all_finite_everywhere(logits):  # NaN / inf logits: no LeCAM anchor update, no step
             return {"adv/lr": lr, "adv/skipped": 1.0}
         d_loss = hinge_d_loss(logits_real, logits_fake)
+        anchors = {k: v.clone() for k, v in self.lecam.state_dict().items()}  # restored if the step is skipped
         lecam = self.lecam(logits_real, logits_fake)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -429,8 +430,9 @@ class AdversarialLoss(nn.Module):
         (d_loss + lecam).backward()
         average_gradients(self.trainable_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm or float("inf"))
-        if not all_finite_everywhere(grad_norm):  # a non-finite gradient: the update is dropped
+        if not all_finite_everywhere(grad_norm):  # a non-finite gradient: the update (and the anchors') is dropped
             self.optimizer.zero_grad(set_to_none=True)
+            self.lecam.load_state_dict(anchors)
             return {"adv/lr": lr, "adv/skipped": 1.0}
         if self.max_grad_norm is None:
             grad_norm = None

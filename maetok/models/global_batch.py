@@ -93,13 +93,6 @@ class SampleRandom:
         """Samples at global positions ``offset .. offset + batch_size - 1``."""
         return cls(seed, step, torch.arange(offset, offset + batch_size))
 
-    @classmethod
-    def from_generator(cls, generator: Optional[torch.Generator], batch_size: int) -> "SampleRandom":
-        """A batch keyed by one 62-bit draw from ``generator`` (the global RNG when None): for callers outside a
-        training loop that hand a ``torch.Generator``."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return cls.for_batch(seed, 0, batch_size)
-
     def __len__(self) -> int:
         return self.keys.shape[0]
 
@@ -108,13 +101,6 @@ class SampleRandom:
         out = object.__new__(SampleRandom)
         out.seed, out.step = self.seed, self.step
         out.keys = _fold(self.keys, [stream_word(name)])
-        return out
-
-    def select(self, rows: Tensor) -> "SampleRandom":
-        """The streams of a subset of the samples (``rows``: index or bool mask over the batch)."""
-        out = object.__new__(SampleRandom)
-        out.seed, out.step = self.seed, self.step
-        out.keys = self.keys[rows.cpu()]
         return out
 
     # -- draws -------------------------------------------------------------------------------------------
@@ -159,16 +145,6 @@ class SampleRandom:
 
 
 RandomSource = Union[torch.Generator, SampleRandom, None]
-
-
-def as_sample_random(source: RandomSource, batch_size: int) -> SampleRandom:
-    """``source`` itself when it is a :class:`SampleRandom` (checked against the batch size), else one keyed by a
-    draw from the ``torch.Generator`` (or the global RNG when None)."""
-    if isinstance(source, SampleRandom):
-        if len(source) != batch_size:
-            raise ValueError(f"SampleRandom holds {len(source)} samples, the batch has {batch_size}")
-        return source
-    return SampleRandom.from_generator(source, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
