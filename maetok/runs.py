@@ -36,6 +36,12 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """``device`` as a :class:`torch.device`; by default the first GPU when there is one, else the CPU. A device
     this machine lacks (``cuda`` without a GPU, ``cuda:3`` with two) raises ``ValueError`` naming it."""
@@ -215,7 +221,7 @@ def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, tor
     try:
         return load_file(str(path), device=map_location)
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) on bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first}") from None
 
 
@@ -230,7 +236,7 @@ def safetensors_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first}") from None
 
 

@@ -97,7 +97,7 @@ def read_skipped(cache_dir: Union[str, Path]) -> list[dict]:
 class LatentDataset(Dataset):
     """A finished latent cache in memory. Items: ``(latents (2, L, H), label)`` where the first slot holds
     the latents and the second those of the flipped image (the same latents again when the cache has no
-    flips); the trainer picks one slot per item with its own generator (exact resume). ``item_indices``: the
+    flips); the trainer picks one slot per item with a draw keyed by (seed, step, global position) (exact resume). ``item_indices``: the
     dataset item of each row (None when a shard predates it)."""
 
     def __init__(self, cache_dir: Union[str, Path]):

@@ -262,8 +262,8 @@ class AdversarialLoss(nn.Module):
         lr / betas / weight_decay: discriminator AdamW (defaults = the tokenizer's: 1e-4, (0.9, 0.95), 1e-4);
             ``lr`` is the peak: :meth:`discriminator_step` scales it by the generator's schedule factor.
         max_grad_norm: optional gradient clipping of the discriminator.
-        seed: seed of the augmentation random generator (its state is saved for exact resume), used when a step
-            is given no ``draws``.
+        seed: seed of the augmentation random generator, used only when a step is given no ``draws`` (the trainers
+            always pass keyed draws; the generator's state is still saved, for callers outside the trainers).
 
     It is an ``nn.Module`` (``.to(device)`` moves the discriminator and the anchors; it can be a submodule of
     the training objective). Its ``state_dict`` holds the discriminator heads (the frozen backbone is left

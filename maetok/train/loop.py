@@ -38,6 +38,7 @@ from maetok.runs import (
     check_finite_tensors,
     check_format_version,
     check_state_keys,
+    first_line,
     resolve_device,
 )
 
@@ -329,7 +330,7 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"checkpoint {path} was refused: it holds pickled code or objects beyond tensors and plain "
                          f"containers, which maetok never executes ({first})") from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: name it, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ValueError(f"cannot read checkpoint {path} (truncated or not a maetok checkpoint: {first}); "
                          f"delete it to restart the run, or restore it") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
