@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from maetok.config import DiffusionTrainConfig, to_dict
+from maetok.config import DiffusionTrainConfig
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model
 from maetok.diffusion.transport import training_loss
@@ -54,9 +54,6 @@ class DiffusionTrainer(Trainer):
         tok_dir = stats.get("tokenizer")
         if tok_dir and Path(tok_dir, "config.json").exists():
             self.tokenizer = MAETok.from_pretrained(tok_dir).to(self.device)
-
-    def config_dict(self) -> dict:
-        return to_dict(self.cfg)
 
     def input_paths(self) -> list[Path]:
         return [Path(self.cfg.latents)]

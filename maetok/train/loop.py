@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import math
 import os
 import pickle
@@ -21,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maetok.config import OptimConfig, TrainConfig
+from maetok.config import OptimConfig, TrainConfig, to_dict
 from maetok.models.global_batch import SampleRandom, all_finite_everywhere
 from maetok.runs import (
     FORMAT_KEY,
@@ -37,6 +36,7 @@ from maetok.runs import (
     MODEL_DIR,
     check_finite_tensors,
     check_format_version,
+    check_output_folder,
     check_state_keys,
     first_line,
     resolve_device,
@@ -374,12 +374,40 @@ def holds_run(out_dir: Path) -> bool:
     return out_dir.is_dir() and any((out_dir / marker).exists() for marker in RUN_MARKERS)
 
 
+def complete_config(config_class: type, raw: dict) -> dict:
+    """A saved config as the dataclass ``config_class`` would write it today (defaults for keys an older maetok did
+    not write), so that a new key is not a change; as written when it names a key this maetok no longer knows."""
+    from maetok.config import ConfigError, from_dict
+
+    try:
+        return to_dict(from_dict(config_class, raw))
+    except ConfigError:
+        return raw
+
+
+def changes_since(config_path: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """Every change from the ``config.yaml`` at ``config_path`` (defaults filled in: :func:`complete_config`) to the
+    dataclass config ``cfg``; ``[]`` when there is no such file."""
+    import yaml
+
+    if not config_path.exists():
+        return []
+    earlier = complete_config(type(cfg), yaml.safe_load(config_path.read_text()) or {})
+    return config_changes(earlier, to_dict(cfg))
+
+
+def run_config_changes(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """The changes beyond :data:`BOOKKEEPING_KEYS` from the ``config.yaml`` that ``run_dir`` ran under to the
+    dataclass config ``cfg`` (``[]`` when it holds none)."""
+    return [change for change in changes_since(Path(run_dir) / "config.yaml", cfg) if change[0] not in BOOKKEEPING_KEYS]
+
+
 def prepare_run_directory(
-    out_dir: Path, config: dict, resume: bool, overwrite: bool, allow_config_change: bool, is_main: bool = True,
-    complete: Callable[[dict], dict] = lambda raw: raw, inputs: Sequence[Union[str, Path]] = (),
+    out_dir: Path, cfg: Any, resume: bool, overwrite: bool, allow_config_change: bool, is_main: bool = True,
+    inputs: Sequence[Union[str, Path]] = (),
 ) -> Optional[str]:
-    """Check ``out_dir`` before a run starts; returns the earlier ``config.yaml`` text when a resumed run accepts a
-    changed config (the caller keeps it beside the new one), else ``None``.
+    """Check ``out_dir`` before a run under the dataclass config ``cfg`` starts; returns the earlier ``config.yaml``
+    text when a resumed run accepts a changed config (the caller keeps it beside the new one), else ``None``.
 
     - ``out_dir`` an existing file: ``ValueError``.
     - ``out_dir`` holds a run (:data:`RUN_MARKERS`) and neither ``resume`` nor ``overwrite``: ``ValueError`` naming
@@ -390,13 +418,10 @@ def prepare_run_directory(
     - ``resume`` of a finished run whose checkpoint is gone: ``ValueError`` (it would restart from step 0).
     - ``resume`` with a config that differs from the run's ``config.yaml``: the differences are printed; changes
       beyond :data:`BOOKKEEPING_KEYS` need ``allow_config_change`` (changes of the model's shape are refused
-      later, when the checkpoint's tensors do not fit: :meth:`Trainer.resume`). ``complete`` fills the defaults of
-      keys the earlier config lacks (written by an older maetok), so that a new key is not a change.
+      later, when the checkpoint's tensors do not fit: :meth:`Trainer.resume`). Keys the earlier config lacks
+      (written by an older maetok) take their defaults, so a new key is not a change.
     """
-    import yaml
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is an existing file, not a run directory")
+    check_output_folder(out_dir)
     if resume and overwrite:
         raise ValueError("pass --resume (continue the run) or --overwrite (delete it and start again), not both")
     if not holds_run(out_dir):
@@ -413,20 +438,16 @@ def prepare_run_directory(
         raise ValueError(f"{out_dir} holds a finished run without {CHECKPOINT}: --resume cannot continue it (it would "
                          f"start again from step 0); pass --overwrite to train it again")
     if not resume:
-        checkpoint = out_dir / CHECKPOINT
         if (out_dir / MODEL_DIR / "config.json").exists():
             state = "a finished run"
-        elif checkpoint.exists():
+        elif (out_dir / CHECKPOINT).exists():
             state = "an unfinished run with a checkpoint"
         else:
             state = "a run's files"
         raise ValueError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
                          f"it and start again (or choose another --out)")
     config_path = out_dir / "config.yaml"
-    if not config_path.exists():
-        return None
-    earlier_text = config_path.read_text()
-    changes = config_changes(complete(yaml.safe_load(earlier_text) or {}), config)
+    changes = changes_since(config_path, cfg)
     if not changes:
         return None
     if is_main:
@@ -438,32 +459,7 @@ def prepare_run_directory(
         raise ValueError(f"--resume with a changed config ({', '.join(significant[:4])}"
                          f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
                          f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
-    return earlier_text
-
-
-def complete_config(config_class: type, raw: dict) -> dict:
-    """A saved config as the dataclass ``config_class`` would write it today (defaults for keys an older maetok did
-    not write), so that a new key is not a change; as written when it names a key this maetok no longer knows."""
-    from maetok.config import ConfigError, from_dict, to_dict
-
-    try:
-        return to_dict(from_dict(config_class, raw))
-    except ConfigError:
-        return raw
-
-
-def run_config_changes(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
-    """The changes beyond :data:`BOOKKEEPING_KEYS` from the ``config.yaml`` that ``run_dir`` ran under to the
-    dataclass config ``cfg`` (``[]`` when it holds none)."""
-    import yaml
-
-    from maetok.config import to_dict
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return []
-    earlier = complete_config(type(cfg), yaml.safe_load(path.read_text()) or {})
-    return [change for change in config_changes(earlier, to_dict(cfg)) if change[0] not in BOOKKEEPING_KEYS]
+    return config_path.read_text()
 
 
 def keep_earlier_config(out_dir: Path, earlier_text: str, step: int) -> Path:
@@ -585,8 +581,7 @@ class Trainer:
         self.device = self.dist.device
         # the subclass has set its config: refuse to touch a finished run or resume it under another config
         self.earlier_config = prepare_run_directory(
-            self.out_dir, self.config_dict(), resume, overwrite, allow_config_change, self.dist.is_main,
-            self.complete_config, self.input_paths(),
+            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.input_paths()
         )
         self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
@@ -596,6 +591,7 @@ class Trainer:
 
     # -- to implement ------------------------------------------------------------------------------------
 
+    cfg: Any  # the run's dataclass config, set by the subclass before Trainer.__init__ (which checks the run dir)
     train_set: Dataset
 
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -623,7 +619,8 @@ class Trainer:
         raise NotImplementedError
 
     def config_dict(self) -> dict:
-        raise NotImplementedError
+        """The run's config as written to ``config.yaml`` and the checkpoints."""
+        return to_dict(self.cfg)
 
     def describe(self) -> str:
         return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
@@ -631,12 +628,6 @@ class Trainer:
     def input_paths(self) -> list[Path]:
         """What this run reads (a stage-1 run, a latent cache, an image folder): ``--overwrite`` never deletes them."""
         return []
-
-    def complete_config(self, raw: dict) -> dict:
-        """A saved config with today's defaults filled in (:func:`complete_config`), when the subclass keeps its
-        dataclass config in ``self.cfg``."""
-        cfg = getattr(self, "cfg", None)
-        return complete_config(type(cfg), raw) if dataclasses.is_dataclass(cfg) else raw
 
     def extra_state(self) -> dict:
         """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""

@@ -196,9 +196,6 @@ class TokenizerTrainer(Trainer):
         model.load_state_dict(stage1.state_dict(), strict=True)
         return model
 
-    def config_dict(self) -> dict:
-        return to_dict(self.cfg)
-
     def input_paths(self) -> list[Path]:
         paths = [Path(self.cfg.data.dataset)] if Path(self.cfg.data.dataset).exists() else []
         return paths + ([Path(self.init_from)] if self.init_from is not None and Path(self.init_from).exists() else [])
