@@ -463,11 +463,10 @@ class DiffusionTransformerConfig:
     frequency_dim: int = 256
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field."""
+        """Raise ``ValueError`` (a :class:`ConfigError` for the sizes) naming the bad field."""
         name = type(self).__name__
         for field_name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
-            if getattr(self, field_name) <= 0:
-                raise ValueError(f"{name}.{field_name} must be positive, got {getattr(self, field_name)}")
+            require_positive(f"{name}.{field_name}", getattr(self, field_name))
         if self.width % self.num_heads:
             raise ValueError(f"{name}.width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.mlp_ratio <= 0:
