@@ -398,7 +398,8 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     from maetok.eval.generation import eval_gen
 
     result = eval_gen(args.samples, args.ref, num_ref=args.num_ref, save_ref=args.save_ref, batch_size=args.batch_size,
-                      device=args.device, inception_weights=args.inception, ref_split=args.ref_split)
+                      device=args.device, inception_weights=args.inception, ref_split=args.ref_split,
+                      tokenizer=args.tokenizer, recon=args.recon, save_recon=args.save_recon, floor_data=args.floor_data)
     _print_and_save(result, args.json)
     return 0
 
@@ -596,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-ref", type=positive_int, default=None, help="reference images from a dataset (default: as many as samples)")
     p.add_argument("--ref-split", default="test", choices=["test", "train", "all"], help="split of a dataset reference")
     p.add_argument("--save-ref", default=None, help="write the dataset reference as an ADM reference .npz")
+    p.add_argument("--tokenizer", default=None,
+                   help="also the decoder-free figures: the samples against this tokenizer's reconstructions of the "
+                        "reference images, beside their floor (reconstructions of as many training images)")
+    p.add_argument("--recon", default=None, help="the decoder-free figures from a reconstructions .npz (--save-recon)")
+    p.add_argument("--save-recon", default=None, help="write the --tokenizer's reconstructions as an .npz for --recon")
+    p.add_argument("--floor-data", default=None,
+                   help="dataset whose train split gives the floor images (default: --ref when it is a dataset)")
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--inception", default=None)
     p.add_argument("--json", default=None)

@@ -209,6 +209,9 @@ class FinetuneConfig:
     # Stage 2 continues stage 1's discriminator (and its optimizer) when stage 1 trained one. Otherwise a new
     # discriminator trains alone for this many steps before its loss reaches the decoder.
     disc_warmup_steps: int = 2_000
+    # Train a newly initialised pixel decoder on the frozen encoder instead of fine-tuning stage 1's: with
+    # mask_ratio_start=0 and enough steps it measures how much of the image the latents hold.
+    fresh_decoder: bool = False
 
     def validate(self) -> None:
         require_positive("finetune.steps", self.steps)
@@ -759,6 +762,7 @@ class Budget:
     stage1_loss: str = "mse"  # "mse" (+ auxiliary / KL terms) or "full" (+ LPIPS + GAN, the paper's Eq. 6)
     stage2_loss: str = "full"
     stage2_batch: Optional[int] = None  # None = the preset's batch size
+    stage2_mask_decay: float = 1.0  # fraction of stage 2 over which the mask ratio decays to 0 (paper: the whole stage)
     cfg_scale: Optional[float] = None  # of the gFID samples; None = the diffusion preset's (the study: 1.0)
     baseline_train: int = 20000  # training images the PCA / Gaussian baselines are fitted on
     gmm_all_dims: bool = False  # also store the GMM curve at every PCA dim up to GMM_DIMS (for the study)

@@ -137,6 +137,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         "budget": asdict(budget),
         "reconstruction": {**comparison, "stage 2: MSE + LPIPS + GAN": result["reconstruction"]},
         "generation": result["generation"],
+        "sit_heldout": result.get("sit_heldout"),
         "baselines": baselines,
         "num_cached_latents": result["num_cached_latents"],
         "convergence": result.get("convergence") or convergence(out / "stage1" / "log.csv"),
@@ -189,6 +190,27 @@ def _convergence_sentence(c: dict[str, Any]) -> str:
 def format_optional(value: Any, spec: str = ".2f") -> str:
     """A number in ``spec``, or '-' when it is missing."""
     return "-" if value is None else format(value, spec)
+
+
+def decoder_free_cells(free: Optional[dict[str, Any]]) -> str:
+    """The decoder-free cells of a generator row: FID (floor) | ratio | precision / recall (floor's)."""
+    if not free:
+        return "- | - | -"
+    pr = "-"
+    if free.get("precision") is not None:
+        pr = (f"{free['precision']:.2f} / {free['recall']:.2f} ({free['floor_precision']:.2f} / "
+              f"{free['floor_recall']:.2f})")
+    return f"{free['fid']:.1f} ({free['floor_fid']:.1f}) | {format_optional(free.get('fid_ratio'))}x | {pr}"
+
+
+def heldout_sentence(h: Optional[dict[str, Any]]) -> str:
+    """One sentence on the SiT's held-out denoising loss against a Gaussian's (no decoder, no Inception)."""
+    if not h:
+        return ""
+    return (f"In latent space, with no decoder and no Inception network: the SiT's velocity loss on the {h['num_latents']} "
+            f"held-out latents (normalised, {h['num_times']} fixed times, per number) is {h['loss']:.3f} ({h['train_loss']:.3f} "
+            f"on as many training latents), against {h['gaussian_loss']:.3f} for the best predictor a Gaussian fitted to "
+            f"the training latents allows: ratio {h['ratio']:.3f} (below 1: structure learned beyond a Gaussian).")
 
 
 def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, budget: Budget,
@@ -268,15 +290,26 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         "![Gaussian baseline samples](baseline_samples.png)",
         "",
-        f"| generator ({gen['num_samples']} samples{', classes balanced' if evald.conditional else ''}) | g{fid} | sFID |",
-        "|---|---|---|",
-        f"| SiT, {gen['steps']} {gen['sampler']} steps, CFG {gen['cfg_scale']} | {format_optional(gen.get('gfid'))} | {format_optional(gen.get('sfid'))} |",
+        f"| generator ({gen['num_samples']} samples{', classes balanced' if evald.conditional else ''}) | g{fid} | sFID "
+        f"| decoder-free {fid} (its floor) | ratio to floor | precision / recall vs reconstructions (floor) |",
+        "|---|---|---|---|---|---|",
+        f"| SiT, {gen['steps']} {gen['sampler']} steps, CFG {gen['cfg_scale']} | {format_optional(gen.get('gfid'))} | "
+        f"{format_optional(gen.get('sfid'))} | {decoder_free_cells(gen.get('decoder_free'))} |",
         f"| **baseline: {'class-conditional ' if gauss['conditional'] else ''}Gaussian in the PCA-{pca['dim']} space** | "
-        f"{format_optional(gauss.get('gfid'))} | {format_optional(gauss.get('sfid'))} |",
-        f"| floor: {floor['num_images']} real training images | {format_optional(floor.get('fid'))} | - |",
+        f"{format_optional(gauss.get('gfid'))} | {format_optional(gauss.get('sfid'))} | "
+        f"{decoder_free_cells(gauss.get('decoder_free'))} |",
+        f"| floor: {floor['num_images']} real training images | {format_optional(floor.get('fid'))} | - | - | - | - |",
         "",
         f"gFID: against the {n_eval} held-out images above. The floor is the FID of real images at this sample count: "
-        "no generator can be expected below it.",
+        "no generator can be expected below it. gFID mixes two errors, the decoder's (rFID) and the generator's; the "
+        "decoder-free columns take the decoder out: the samples against the tokenizer's own reconstructions of the same "
+        f"{n_eval} held-out images, beside that figure's floor (the reconstructions of {n_eval} training images against "
+        "them, what a generator that reproduced the encoded distribution exactly would score). Blurrier "
+        "reconstructions spread less in Inception space and shrink every FID among them, floor included, so compare "
+        "generators by the ratio to the floor, and by precision / recall (which a uniform shrinking leaves unchanged). "
+        "The Gaussian is measured the same way in its own space: its samples against the PCA reconstructions.",
+        "",
+        heldout_sentence(results.get("sit_heldout")),
         "",
         "![SiT curves](sit_curves.png)",
         "",

@@ -39,23 +39,24 @@ MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
 
 
 def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
-    """Config overrides of (stage 1, stage 2) for a budget: step counts, five evaluations / checkpoints in stage
-    1 (on 256 held-out images: the last 20% of the steps is the convergence check), the stage-2 mask ratio reaching 0% at 70% of the fine-tuning steps, a new stage-2 discriminator (when stage
-    1 trained none) warming up alone for the first 20% of them, and each stage's loss."""
+    """Config overrides of (stage 1, stage 2) for a budget: step counts, five evaluations (on 256 held-out images:
+    the last 20% of stage 1 is the convergence check) and checkpoints per stage, the stage-2 mask ratio reaching 0%
+    after ``budget.stage2_mask_decay`` of the fine-tuning steps (the paper: all of them), a new stage-2
+    discriminator (when stage 1 trained none) warming up alone for the first 20% of them, and each stage's loss.
+    Stage 1's config holds no ``finetune.*`` override (it does not use them), so one stage-1 run can be shared by
+    stage 2s of different lengths."""
     s1, s2 = budget.stage1_steps, budget.stage2_steps
-    every = max(1, s1 // 5)
-    common = [
-        "data.eval_images=256",
-        f"train.steps={s1}",
-        f"train.eval_every={every}",
-        f"train.ckpt_every={every}",
-        f"train.log_every={max(1, min(20, s1 // 6))}",
+    common = ["data.eval_images=256", f"train.steps={s1}", f"train.log_every={max(1, min(20, s1 // 6))}"]
+    stage1 = common + [f"train.eval_every={max(1, s1 // 5)}", f"train.ckpt_every={max(1, s1 // 5)}"]
+    stage2 = common + [
+        f"train.eval_every={max(1, s2 // 5)}",
+        f"train.ckpt_every={max(1, s2 // 5)}",
         f"finetune.steps={s2}",
-        f"finetune.mask_decay_steps={max(1, int(s2 * 0.7))}",
+        f"finetune.mask_decay_steps={max(1, round(s2 * budget.stage2_mask_decay))}",
         f"finetune.disc_warmup_steps={s2 // 5}",
     ]
-    stage1 = common + (MSE_ONLY if budget.stage1_loss == "mse" else [])
-    stage2 = common + [f"train.eval_every={max(1, s2)}"] + (MSE_ONLY if budget.stage2_loss == "mse" else [])
+    stage1 += MSE_ONLY if budget.stage1_loss == "mse" else []
+    stage2 += MSE_ONLY if budget.stage2_loss == "mse" else []
     if budget.stage2_batch:
         stage2.append(f"train.batch_size={budget.stage2_batch}")
     return stage1, stage2
@@ -70,7 +71,9 @@ def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
 class EvalData:
     """The held-out images every run is measured on: ``images (M, C, S, S)`` in [-1, 1] (the first M of the
     test split), ``labels (M,)`` (None when the dataset has no classes), the Inception network and the
-    images' Inception statistics (``None`` with ``fid_note`` when no Inception weights exist)."""
+    images' Inception statistics (``None`` with ``fid_note`` when no Inception weights exist), and ``floor_images``
+    ``(M, C, S, S)``: as many training images (a seeded draw), whose FID against the held-out images is the
+    real-vs-real floor and whose reconstructions give the decoder-free figure its floor."""
 
     data: str
     image_size: int
@@ -81,6 +84,7 @@ class EvalData:
     inception: Optional[torch.nn.Module]
     reference: Any
     fid_note: Optional[str] = None
+    floor_images: Optional[Tensor] = None
 
     @property
     def conditional(self) -> bool:
@@ -94,15 +98,18 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
     from maetok.eval.fid import compute_fid_stats
     from maetok.eval.inception import load_fid_network, memoized
 
+    from maetok.eval.baselines import load_split
+
     test_set = build_dataset(data, "test", image_size, channels)
     images, labels = load_images(test_set, range(min(num, len(test_set))))
+    floor_images, _ = load_split(data, "train", image_size, channels, len(images), seed=FLOOR_SEED)
     network, note = load_fid_network(inception, device)
     reference = None
     if network is not None:
         reference = compute_fid_stats(to_uint8(images, channels_last=True).numpy(), memoized(network),
                                       progress=progress)  # once per machine
     class_names = list(getattr(test_set, "class_names", []) or []) if labels is not None else []
-    return EvalData(data, image_size, channels, images, labels, class_names, network, reference, note)
+    return EvalData(data, image_size, channels, images, labels, class_names, network, reference, note, floor_images)
 
 
 def measure_baselines(evald: EvalData, dim: int, budget: Budget,
@@ -116,7 +123,8 @@ def measure_baselines(evald: EvalData, dim: int, budget: Budget,
     train_images, train_labels = load_split(evald.data, "train", evald.image_size, evald.channels,
                                             budget.baseline_train)
     full = compute_baselines(train_images, train_labels if evald.conditional else None, evald.images, dim,
-                             evald.inception, evald.reference, sample_labels=sample_labels)
+                             evald.inception, evald.reference, sample_labels=sample_labels,
+                             floor_images=evald.floor_images)
     return {key: full[key] for key in ("pca", "gaussian", "real_vs_real")}, full
 
 
@@ -141,10 +149,12 @@ class Timer:
 
 def tokenizer_configs(data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
                       seed: int = 0) -> tuple[TokenizerTrainConfig, TokenizerTrainConfig]:
-    """The configs of stage 1 and stage 2 of one pipeline run."""
+    """The configs of stage 1 and stage 2 of one pipeline run (``finetune.*`` overrides reach stage 2 only)."""
     stage1, stage2 = tokenizer_overrides(budget)
     extra = [f"data.dataset={data}", f"train.seed={seed}", *overrides]
-    return load_config(TokenizerTrainConfig, config, stage1 + extra), load_config(TokenizerTrainConfig, config, stage2 + extra)
+    stage1_extra = [o for o in extra if not o.startswith("finetune.")]
+    return (load_config(TokenizerTrainConfig, config, stage1 + stage1_extra),
+            load_config(TokenizerTrainConfig, config, stage2 + extra))
 
 
 def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides: Sequence[str] = (),
@@ -197,6 +207,7 @@ def run_pipeline(
     device: Optional[str] = None,
     progress: bool = True,
     label: str = "",
+    stage1_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Train a tokenizer and a SiT on ``evald.data`` and measure both; returns (and writes to
     ``out/result.json``) the figures: ``reconstruction``, ``generation``, ``linear_probe`` (None without
@@ -204,19 +215,22 @@ def run_pipeline(
     (``{d: {"test_nll": {K: NLL}, "explained_variance"}}`` for PCA dims 1..24 when ``budget.gmm_all_dims``, so a
     comparison in one shared dimension needs no latents later), ``latent_map_method``, ``convergence``,
     ``timings_s``, ``num_cached_latents``, ``latent_dim`` (L x H numbers per image). A finished run
-    (``result.json`` present) is returned as it is."""
+    (``result.json`` present) is returned as it is. ``stage1_dir``: where stage 1 trains (or was trained before,
+    to be shared by several stage 2s); default ``out/stage1``."""
     from maetok.data import DatasetSubset
     from maetok.data.latents import LatentDataset
     from maetok.diffusion.generate import generate_images
     from maetok.diffusion.pipeline import LatentGenerator
     from maetok.encode import cache_latents, encode_images, load_tokenizer, reconstruct_images
-    from maetok.eval.generation import generation_metrics
+    from maetok.eval.generation import DecoderFreeReference, generation_metrics, heldout_denoising_loss, \
+        reference_from_images
     from maetok.eval.latents import latent_analysis, latent_map
     from maetok.eval.metrics import lpips_unavailable_reason
     from maetok.eval.reconstruction import ReconstructionEvaluator
     from maetok.train.diffusion import DiffusionTrainer
 
     out = Path(out)
+    stage1_dir = Path(stage1_dir) if stage1_dir is not None else out / "stage1"
     dif_overrides = [
         f"latents={out / 'latents'}",
         f"train.steps={budget.diffusion_steps}",
@@ -231,7 +245,7 @@ def run_pipeline(
     result_path = out / "result.json"
     if result_path.exists():
         cfg1, cfg2 = tokenizer_configs(evald.data, tokenizer_config, budget, tokenizer_extra, seed)
-        for run_dir, what, cfg in ((out / "stage1", "tokenizer stage 1", cfg1),
+        for run_dir, what, cfg in ((stage1_dir, "tokenizer stage 1", cfg1),
                                    (out / "tokenizer", "tokenizer stage 2", cfg2), (out / "sit", "SiT", dif_cfg)):
             check_same_config(run_dir, what, cfg)
         print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
@@ -240,15 +254,24 @@ def run_pipeline(
     dev = resolve_device(device)
     timer = Timer(verbose=progress)
     with timer.phase("tokenizer stage 1 + stage 2"):
-        cfg = train_tokenizer(out, evald.data, tokenizer_config, budget, tokenizer_extra, seed, device)
+        cfg = train_tokenizer(out, evald.data, tokenizer_config, budget, tokenizer_extra, seed, device, stage1_dir)
     m = cfg.model
     tokenizer = load_tokenizer(out / "tokenizer", dev)
 
     with timer.phase("reconstruction metrics"):
         recon = reconstruct_images(tokenizer, evald.images)
-        evaluator = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips_unavailable_reason() is None)
+        evaluator = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips_unavailable_reason() is None,
+                                            keep_features=True)
         evaluator.update(evald.images, recon)
         reconstruction = evaluator.result()
+    decoder_free = None
+    if evald.inception is not None:
+        with timer.phase("reconstructions of the floor images (decoder-free figures)"):
+            floor_recon = reconstruct_images(tokenizer, evald.floor_images)
+            decoder_free = DecoderFreeReference(
+                evaluator.reconstruction_features("reconstructions of the held-out images"),
+                reference_from_images(to_uint8(floor_recon, channels_last=True).numpy(), evald.inception,
+                                      progress=False, source="reconstructions of training images"))
 
     with timer.phase("latent cache of the training split"):
         train_set = build_dataset(evald.data, "train", m.image_size, m.in_channels)
@@ -275,15 +298,21 @@ def run_pipeline(
         save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2), out / "samples.png", nrow=per_row)
         if evald.inception is not None:
             gen = generation_metrics(samples, evald.reference, evald.inception, precision_recall_k=None,
-                                     progress=False)
-            generation.update(gfid=gen["gfid"], sfid=gen["sfid"])
+                                     progress=False, decoder_free=decoder_free)
+            generation.update(gfid=gen["gfid"], sfid=gen["sfid"], decoder_free=gen["decoder_free"])
         else:
             generation.update(gfid=None, sfid=None, note=evald.fid_note)
 
+    cache = LatentDataset(out / "latents")
+    test_latents = encode_images(tokenizer, evald.images)
+    with timer.phase("SiT held-out loss"):
+        norm = pipe.normalizer
+        cache_labels = cache.labels if evald.conditional else None
+        sit_heldout = heldout_denoising_loss(pipe.model, norm.normalize(test_latents), norm.normalize(cache.latents),
+                                             evald.labels, cache_labels, seed=seed)
+
     with timer.phase("latent analysis"):
-        cache = LatentDataset(out / "latents")
         n_train = min(budget.probe_train, len(cache))
-        test_latents = encode_images(tokenizer, evald.images)
         train_latents, train_labels = cache.latents[:n_train], cache.labels[:n_train]
         probe = None
         if evald.conditional:
@@ -313,12 +342,13 @@ def run_pipeline(
         "latent_dim": m.num_latent_tokens * m.latent_dim,
         "reconstruction": reconstruction,
         "generation": generation,
+        "sit_heldout": sit_heldout,
         "linear_probe": probe,
         "gmm": gmm,
         "gmm_by_dim": gmm_by_dim,
         "latent_map_method": map_method,
         "num_cached_latents": len(cache),
-        "convergence": convergence(out / "stage1" / "log.csv"),
+        "convergence": convergence(stage1_dir / "log.csv"),
         "timings_s": timer.phases,
     }
     write_json(result_path, result)
@@ -338,6 +368,7 @@ def sample_grid(samples: np.ndarray, labels: Optional[np.ndarray], rows: int = 1
     return samples[chosen], per_row
 
 
+FLOOR_SEED = 1  # the draw of training images behind the floors (real vs real, and of the decoder-free figures)
 GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)
 CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
 

@@ -59,6 +59,13 @@ CLAIMS = [
     ("linear_probe_top1", "higher", "maetok", "vae"),
     ("gfid", "lower", "maetok", "ae"),
     ("gfid", "lower", "maetok", "vae"),
+    # the generator without the decoder: the samples against the tokenizer's own reconstructions, over its floor
+    ("dfid_ratio", "lower", "maetok", "ae"),
+    ("dfid_ratio", "lower", "maetok", "vae"),
+    ("dfid_recall", "higher", "maetok", "ae"),
+    ("dfid_recall", "higher", "maetok", "vae"),
+    ("heldout_ratio", "lower", "maetok", "ae"),
+    ("heldout_ratio", "lower", "maetok", "vae"),
     ("gmm_nll", "lower", "maetok", "ae"),
     ("gmm_nll", "lower", "maetok", "vae"),
 ]
@@ -68,6 +75,9 @@ METRICS = {  # table column -> (how to read it from a run's result, format)
     LPIPS_LABEL: ("lpips", ".4f"),
     "rFID": ("rfid", ".1f"),
     "gFID": ("gfid", ".1f"),
+    "decoder-free FID / floor": ("dfid_ratio", ".2f"),
+    "recall vs recon.": ("dfid_recall", ".2f"),
+    "SiT / Gaussian loss": ("heldout_ratio", ".3f"),
     "LP top-1 (%)": ("linear_probe_top1", ".1f"),
     "GMM NLL": ("gmm_nll", ".2f"),
 }
@@ -178,9 +188,21 @@ def run_value(r: dict[str, Any], key: str, table_k: str) -> Optional[float]:
         return None if r["linear_probe"] is None else 100 * r["linear_probe"]["top1"]
     if key == "gfid":
         return r["generation"].get("gfid")
+    if key in ("dfid_ratio", "dfid_recall"):
+        free = r["generation"].get("decoder_free") or {}
+        return free.get("fid_ratio" if key == "dfid_ratio" else "recall")
+    if key == "heldout_ratio":
+        return (r.get("sit_heldout") or {}).get("ratio")
     if key == "convergence_gain":
         return (r.get("convergence") or {}).get("gain_last_20pct_db")
     return r["reconstruction"].get(key)
+
+
+def floor_recall(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """The range of the decoder-free floors' recall over the runs, as text."""
+    values = [(r["generation"].get("decoder_free") or {}).get("floor_recall") for rs in runs.values() for r in rs]
+    values = [v for v in values if v is not None]
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
 
 
 def mean_std(values: list[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
@@ -275,15 +297,24 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     ]
     for slug in runs:
         lines.append(f"| {labels[slug]} | " + " | ".join(cell(slug, key, spec) for key, spec in METRICS.values()) + " |")
+    free = gauss.get("decoder_free") or {}
     lines += [
         f"| baseline: PCA-{pca['dim']} | {pca['psnr']:.2f} | - | {format_optional(pca.get('lpips'), '.4f')} | "
-        f"{format_optional(pca.get('rfid'), '.1f')} | {format_optional(gauss.get('gfid'), '.1f')} (Gaussian per class in its space) | - | - |",
-        f"| floor: real vs real | - | - | - | - | {format_optional(floor.get('fid'), '.1f')} | - | - |",
+        f"{format_optional(pca.get('rfid'), '.1f')} | {format_optional(gauss.get('gfid'), '.1f')} (Gaussian per class in its "
+        f"space) | {format_optional(free.get('fid_ratio'))} | {format_optional(free.get('recall'))} | - | - | - |",
+        f"| floor: real vs real | - | - | - | - | {format_optional(floor.get('fid'), '.1f')} | - | - | - | - | - |",
         "",
         "Last-20% gain: held-out PSNR (256 test images) gained by stage 1 over its last 20% of steps; below 0.2 dB "
         "counts as converged (at the end of a cosine schedule this is partly the schedule's doing). "
-        f"FIDs: rFID-{ref_n}, gFID-{fid_n} (no CFG). The PCA row reconstructs with as many numbers per image as the "
-        "tokenizers' latents; its generation cell is a full-covariance Gaussian per class in that PCA space.",
+        f"FIDs: rFID-{ref_n}, gFID-{fid_n} (no CFG). Decoder-free FID / floor: FID of the samples against the "
+        "tokenizer's own reconstructions of the reference images, divided by the FID of the reconstructions of as many "
+        "training images against them (1 = a generator that reproduces the encoded distribution; the decoder's error "
+        "and its blur drop out). Recall vs recon.: the fraction of those reconstructions inside the samples' k-NN "
+        "manifold (k = 3; the floor's recall is about "
+        f"{floor_recall(runs)}). SiT / Gaussian loss: the SiT's velocity loss on held-out normalised latents over the "
+        "best a Gaussian fitted to the training latents allows (no decoder, no Inception). The PCA row reconstructs "
+        "with as many numbers per image as the tokenizers' latents; its generation cells are a full-covariance "
+        "Gaussian per class in that PCA space, measured against the PCA reconstructions.",
         "",
         "## The paper's orderings at this scale",
         "",

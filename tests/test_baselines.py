@@ -81,6 +81,8 @@ def test_compute_baselines_with_a_stub_inception():
     assert result["pca"]["dim"] == 8 and result["pca"]["num_images"] == 60
     assert result["pca"]["psnr"] > 20 and result["pca"]["rfid"] >= 0
     assert result["gaussian"]["conditional"] and result["gaussian"]["gfid"] >= 0
+    free = result["gaussian"]["decoder_free"]  # its samples against the PCA reconstructions, over their floor
+    assert free["fid"] >= 0 and free["floor_fid"] > 0 and free["num_floor"] == free["num_reference"] == 60
     assert result["real_vs_real"]["fid"] >= 0
     assert result["samples"].shape == (60, 3, 16, 16) and result["reconstructions"].shape == (60, 3, 16, 16)
 

@@ -50,6 +50,8 @@ def test_study_writes_table_and_plots_and_resumes(tmp_path, monkeypatch):
     text = report.read_text()
     assert "| AE |" in text and "| MAETok |" in text and "LPIPS (VGG)" in text and "baseline: PCA-16" in text
     assert "MAETok vs AE: linear_probe_top1" in text and "floor: real vs real" in text
+    assert "decoder-free FID / floor" in text and "recall vs recon." in text
+    assert "MAETok vs AE: dfid_ratio" in text and "MAETok vs AE: heldout_ratio" in text
     saved = json.loads((tmp_path / "study.json").read_text())
     shared = saved["gmm_pca"]["pca_dim"]
     assert shared == max(saved["gmm_pca"]["own_pca_dims"].values())
@@ -57,6 +59,7 @@ def test_study_writes_table_and_plots_and_resumes(tmp_path, monkeypatch):
         assert [r["seed"] for r in saved["runs"][slug]] == [0, 1]
         for r in saved["runs"][slug]:
             assert r["reconstruction"]["rfid"] >= 0 and r["generation"]["gfid"] >= 0
+            assert r["generation"]["decoder_free"]["floor_fid"] > 0 and r["sit_heldout"]["gaussian_loss"] > 0
             assert 0 <= r["linear_probe"]["top1"] <= 1 and r["reconstruction"]["lpips"] > 0
             assert r["gmm_shared"]["pca_dim"] == shared and set(r["gmm_shared"]["test_nll"]) == {"1", "2"}
         assert saved["summary"][slug]["psnr"]["seeds"] == 2 and saved["summary"][slug]["psnr"]["std"] is not None
@@ -101,6 +104,10 @@ def test_demo_quick_writes_the_report_with_baselines(tmp_path, monkeypatch):
     with Image.open(tmp_path / "reconstructions.png") as image:  # originals, stage 1, MSE, full, PCA
         assert image.size[1] == 5 * (32 + 2) + 2
     assert torch.isfinite(torch.tensor(metrics["generation"]["gfid"]))
+    free = metrics["generation"]["decoder_free"]  # the decoder-free figures, beside gFID, for the SiT and the Gaussian
+    assert free["num_samples"] == free["num_reference"] == free["num_floor"] == 48 and free["floor_fid"] > 0
+    assert metrics["baselines"]["gaussian"]["decoder_free"]["fid"] >= 0 and metrics["sit_heldout"]["ratio"] > 0
+    assert "decoder-free FID-48 (its floor)" in report and "ratio to floor" in report
 
     # the README's first command can be run twice: the second run reuses every finished phase
     def no_training(*args, **kwargs):

@@ -61,6 +61,22 @@ def test_stage2_freezes_the_encoder_and_decays_the_mask(image_folder, tmp_path):
     assert changed
 
 
+def test_a_fresh_decoder_starts_from_a_new_initialisation_on_the_frozen_encoder(image_folder, tmp_path):
+    cfg = tiny_cfg(image_folder, "train.steps=2", "finetune.steps=2", "finetune.fresh_decoder=true",
+                   "finetune.mask_ratio_start=0")
+    TokenizerTrainer(cfg, tmp_path / "stage1").fit()
+    stage1 = MAETok.from_pretrained(tmp_path / "stage1" / "model").state_dict()
+    stage2 = TokenizerTrainer(cfg, tmp_path / "stage2", stage="finetune", init_from=tmp_path / "stage1")
+    start = stage2.model.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in stage1.items() if k.startswith("encoder."))
+    fresh = MAETok(cfg.model).decoder.state_dict()  # a new initialisation: not stage 1's decoder
+    assert not any(torch.equal(stage1[f"decoder.{k}"], start[f"decoder.{k}"]) for k, v in fresh.items() if v.numel() > 1
+                   and v.std() > 0)
+    assert [stage2.mask_ratio(s) for s in range(2)] == [None, None]  # unmasked latents throughout
+    stage2.fit()
+    assert all(torch.equal(v, stage2.model.state_dict()[k]) for k, v in stage1.items() if k.startswith("encoder."))
+
+
 def test_step_batches_are_a_function_of_the_step():
     full = StepBatchSampler(10, 4, seed=3)
     batches = [full.batch_indices(s) for s in range(5)]

@@ -145,3 +145,43 @@ def save_sample_batch(path: PathLike, images: Union[Tensor, np.ndarray],
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **payload)
     return path
+
+
+#: the keys of a reconstructions batch (the reference of the decoder-free generation figures, ``maetok eval-gen``)
+RECONSTRUCTION_KEYS = ("reference", "floor")
+
+
+def save_reconstruction_batch(path: PathLike, reference: np.ndarray, floor: np.ndarray) -> Path:
+    """Write a tokenizer's reconstructions for the decoder-free figures: ``reference`` uint8 ``(N, H, W, 3)`` (of
+    the reference images, in their order) and ``floor`` uint8 ``(M, H, W, 3)`` (of as many training images), written
+    to a temporary name and renamed, so a file under ``path`` is always complete. Returns the path (``.npz``
+    appended when missing)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = {key: as_nhwc_uint8(images, f"{path}: {key!r}") for key, images in zip(RECONSTRUCTION_KEYS, (reference, floor))}
+    if arrays["reference"].shape[1:] != arrays["floor"].shape[1:]:
+        raise ValueError(f"{path}: reference {arrays['reference'].shape[1:]} and floor {arrays['floor'].shape[1:]} "
+                         "reconstructions must share one image size")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_reconstruction_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read :func:`save_reconstruction_batch`'s file: ``(reference, floor)`` uint8 ``(N, H, W, 3)`` arrays (no
+    pickles; a missing key, another dtype or layout is a :class:`NpzFormatError` naming the file and key)."""
+    path = Path(path)
+    keys = npz_keys(path)
+    arrays = []
+    for key in RECONSTRUCTION_KEYS:
+        require_key(path, key, keys)
+        images = load_array(path, key)
+        check_images_header(path, key, images.shape, images.dtype)
+        arrays.append(images)
+    if arrays[0].shape[1:] != arrays[1].shape[1:]:
+        raise NpzFormatError(f"{path}: 'reference' {arrays[0].shape[1:]} and 'floor' {arrays[1].shape[1:]} images "
+                             "differ in size")
+    return arrays[0], arrays[1]

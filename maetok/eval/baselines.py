@@ -153,21 +153,25 @@ def compute_baselines(
     lpips: bool = True,
     seed: int = 0,
     progress: bool = False,
+    floor_images: Optional[Tensor] = None,
 ) -> dict[str, Any]:
     """PCA-``dim`` reconstruction metrics, the Gaussian generator's gFID and the real-vs-real FID floor.
 
     train_images ``(N, C, H, W)`` in [-1, 1] fit the PCA and the Gaussians (class-conditional when
     ``train_labels`` are given); eval_images ``(M, C, H, W)`` are the held-out reference (``reference``: their
     Inception statistics when already computed). The generator draws ``M`` samples, class-balanced over the
-    training classes (``sample_labels`` overrides). The real-vs-real floor compares ``M`` training images (a
-    seeded draw) with the eval images. Without ``inception`` the FIDs are None. The Inception features of these
-    fixed image sets are memoised on disk (:func:`~maetok.eval.inception.memoized`).
+    training classes (``sample_labels`` overrides). The real-vs-real floor compares ``floor_images`` (default ``M``
+    training images, a seeded draw) with the eval images. The Gaussian's decoder-free figures
+    (:func:`~maetok.eval.generation.decoder_free_metrics`, under ``gaussian["decoder_free"]``) measure its samples
+    against the PCA reconstructions of the eval images, with the PCA reconstructions of the floor images as their
+    floor, exactly as a tokenizer's SiT is measured. Without ``inception`` the FIDs are None. The Inception
+    features of these fixed image sets are memoised on disk (:func:`~maetok.eval.inception.memoized`).
 
     Returns ``{"pca": {...}, "gaussian": {...}, "real_vs_real": {...}}`` of plain numbers, plus
     ``"models": (pca, gaussian)``, ``"reconstructions"`` ``(M, C, H, W)`` and ``"samples"`` ``(M, C, H, W)``.
     """
     from maetok.eval.fid import compute_fid_stats
-    from maetok.eval.generation import generation_metrics
+    from maetok.eval.generation import DecoderFreeReference, generation_metrics, reference_from_images
     from maetok.eval.inception import memoized
     from maetok.eval.reconstruction import ReconstructionEvaluator
 
@@ -178,7 +182,7 @@ def compute_baselines(
     recon = torch.cat([pca.reconstruct(eval_images[i : i + 500]) for i in range(0, len(eval_images), 500)])
     if inception is not None and reference is None:
         reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
-    evaluator = ReconstructionEvaluator(inception, reference, lpips=lpips)
+    evaluator = ReconstructionEvaluator(inception, reference, lpips=lpips, keep_features=inception is not None)
     evaluator.update(eval_images, recon)
     pca_result = {"dim": dim, "explained_variance": pca.explained_variance, "fit_seconds": fit_seconds,
                   "num_train": len(train_images), **evaluator.result()}
@@ -196,11 +200,19 @@ def compute_baselines(
     gaussian_result: dict[str, Any] = {"conditional": gaussian.conditional, "num_samples": m, "gfid": None}
     floor: dict[str, Any] = {"num_images": m, "fid": None}
     if inception is not None:
-        gen = generation_metrics(_uint8_nhwc(samples), reference, inception, precision_recall_k=None, progress=progress)
-        gaussian_result.update(gfid=gen["gfid"], sfid=gen["sfid"])
-        draw = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:m]
-        real = compute_fid_stats(_uint8_nhwc(train_images[draw]), inception, progress=progress)
+        if floor_images is None:
+            floor_images = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed + 1))[:m]]
+        floor_recon = torch.cat([pca.reconstruct(floor_images[i : i + 500]) for i in range(0, len(floor_images), 500)])
+        decoder_free = DecoderFreeReference(
+            evaluator.reconstruction_features(f"PCA-{dim} reconstructions of the eval images"),
+            reference_from_images(_uint8_nhwc(floor_recon), inception, progress=progress,
+                                  source=f"PCA-{dim} reconstructions of the floor images"))
+        gen = generation_metrics(_uint8_nhwc(samples), reference, inception, precision_recall_k=None, progress=progress,
+                                 decoder_free=decoder_free)
+        gaussian_result.update(gfid=gen["gfid"], sfid=gen["sfid"], decoder_free=gen["decoder_free"])
+        real = compute_fid_stats(_uint8_nhwc(floor_images), inception, progress=progress)
         floor["fid"] = real.fid(reference)
+        floor["num_images"] = len(floor_images)
     return {"pca": pca_result, "gaussian": gaussian_result, "real_vs_real": floor, "models": (pca, gaussian),
             "samples": samples, "reconstructions": recon}
 

@@ -36,8 +36,8 @@ from maetok.eval.metrics import (
     precision_recall,
 )
 
-__all__ = ["ReferenceFeatures", "eval_gen", "generation_metrics", "load_samples", "reference_from_images",
-           "reference_from_npz"]
+__all__ = ["DecoderFreeReference", "ReferenceFeatures", "decoder_free_metrics", "eval_gen", "generation_metrics",
+           "load_samples", "reference_from_images", "reference_from_npz"]
 
 PathLike = Union[str, Path]
 
@@ -69,6 +69,138 @@ def reference_from_images(images: Any, inception: torch.nn.Module, batch_size: i
     return ReferenceFeatures(stats, features["pool3"], features["spatial"], source)
 
 
+@dataclass
+class DecoderFreeReference:
+    """What the decoder-free figures compare generated images with (``docs/EVALUATION.md``, "Separating the
+    generator from the decoder"): the Inception features of the tokenizer's reconstructions of the reference images
+    (``reconstructions``: same images, same count as the gFID reference) and of as many other images of the
+    training distribution (``floor``: the figure's own floor, what a generator that reproduced the encoded
+    distribution exactly would score at this count). Both need pool3 features (precision / recall)."""
+
+    reconstructions: ReferenceFeatures
+    floor: ReferenceFeatures
+
+    def __post_init__(self) -> None:
+        for name in ("reconstructions", "floor"):
+            if getattr(self, name).pool3 is None:
+                raise ValueError(f"DecoderFreeReference.{name} needs pool3 features, not statistics only")
+
+
+def decoder_free_metrics(sample_pool3: Any, reference: DecoderFreeReference, k: int = 3) -> dict[str, Any]:
+    """The generator measured against the tokenizer's own reconstructions, so that the decoder's error drops out.
+
+    ``sample_pool3 (N, 2048)``: Inception features of the generated images. Returns
+
+    * ``fid``: FID of the samples against the reconstructions of the reference images (0 when the diffusion model
+      reproduces the encoded reference distribution, whatever the decoder's quality);
+    * ``floor_fid``: FID of the reconstructions of the floor images against the same reconstructions: the value a
+      perfect generator would reach at these counts. Blurrier reconstructions spread less in Inception space and
+      shrink every FID among them, the floor included, so tokenizers are compared by ``fid_ratio`` (``fid /
+      floor_fid``) and ``fid_excess`` (``fid - floor_fid``), never by ``fid`` alone;
+    * ``precision`` / ``recall`` of the samples against the reconstructions (k-NN manifolds, ``k``) beside
+      ``floor_precision`` / ``floor_recall``: a uniform contraction of the feature space changes neither, so
+      blur cannot fake them the way it shrinks an FID;
+    * the counts (``num_samples``, ``num_reference``, ``num_floor``) and ``label`` (e.g. ``"FID-1k"``).
+    """
+    samples = torch.as_tensor(np.asarray(sample_pool3, dtype=np.float64))
+    if samples.ndim != 2 or len(samples) < 2:
+        raise ValueError(f"decoder-free metrics need (N >= 2, D) sample features, got shape {tuple(samples.shape)}")
+    recon, floor = reference.reconstructions, reference.floor
+    sample_stats = stats_from_features(samples.numpy(), None)
+    fid = sample_stats.fid(recon.stats)
+    floor_fid = floor.stats.fid(recon.stats)
+    result: dict[str, Any] = {
+        "fid": fid,
+        "floor_fid": floor_fid,
+        "fid_excess": fid - floor_fid,
+        "fid_ratio": fid / floor_fid if floor_fid > 0 else None,
+        "num_samples": len(samples),
+        "num_reference": recon.num_images,
+        "num_floor": floor.num_images,
+        "label": f"FID-{fid_label(len(samples))}",
+        "precision": None, "recall": None, "floor_precision": None, "floor_recall": None,
+    }
+    if min(len(samples), len(recon.pool3), len(floor.pool3)) > k:
+        real = torch.from_numpy(recon.pool3)
+        result.update(precision_recall(real, samples.float(), k=k))
+        floor_pr = precision_recall(real, torch.from_numpy(floor.pool3), k=k)
+        result.update(floor_precision=floor_pr["precision"], floor_recall=floor_pr["recall"], precision_recall_k=k)
+    return result
+
+
+@torch.no_grad()
+def heldout_denoising_loss(
+    model: torch.nn.Module,
+    heldout: torch.Tensor,
+    train: torch.Tensor,
+    heldout_labels: Optional[torch.Tensor] = None,
+    train_labels: Optional[torch.Tensor] = None,
+    num_times: int = 16,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """The diffusion model's velocity loss on held-out latents, beside a Gaussian's: how much of the latent
+    distribution it learned, with no decoder and no Inception network involved.
+
+    ``model(x_t, t, y)`` predicts velocities of *normalised* latents (the space it was trained in); ``heldout``
+    ``(N, L, C)`` are normalised latents of held-out images, ``train`` ``(M, L, C)`` normalised training latents,
+    each with its labels (None: unconditional). At ``num_times`` fixed times (midpoints of [0, 1]) and fixed noise (``seed``)
+    both are noised as in training (``x_t = (1 - t) x + t eps``, target ``eps - x``) and scored per latent number
+    (mean squared error, averaged over the times):
+
+    * ``loss``: the model on the held-out latents; ``train_loss``: on as many training latents (the gap is
+      memorisation);
+    * ``gaussian_loss``: the best predictor a Gaussian fitted to the training latents allows (full covariance;
+      for eigenvalue ``lam`` of the covariance the optimal velocity is linear in ``x_t``), on the same held-out
+      draws. It is the baseline "a Gaussian fitted in that space": ``ratio = loss / gaussian_loss`` below 1 is
+      structure the model learned beyond the first two moments. Since the latents are normalised, the figures
+      compare across tokenizers at equal latent size (a velocity's variance is 1 + 1 per number).
+    """
+    if heldout.dim() != 3 or train.dim() != 3 or heldout.shape[1:] != train.shape[1:]:
+        raise ValueError(f"held-out {tuple(heldout.shape)} and training latents {tuple(train.shape)} must be "
+                         "(N, L, C) of one shape")
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    flat = train.flatten(1).double()
+    mean = flat.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(flat.T))
+    eigenvalues = eigenvalues.clamp_min(0.0)
+    times = (torch.arange(num_times, dtype=torch.float64) + 0.5) / num_times
+    count = min(len(heldout), len(train))
+
+    def score(latents: torch.Tensor, labels: Optional[torch.Tensor], gaussian: bool) -> tuple[float, float]:
+        generator = torch.Generator().manual_seed(seed)
+        model_sq = gauss_sq = 0.0
+        for t in times:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+            for start in range(0, len(latents), batch_size):
+                x0, eps = latents[start : start + batch_size], noise[start : start + batch_size]
+                x_t, target = (1 - t.item()) * x0 + t.item() * eps, eps - x0
+                y = labels[start : start + batch_size].to(device) if labels is not None else None
+                velocity = model(x_t.to(device), torch.full((len(x0),), t.item(), device=device), y).float().cpu()
+                model_sq += (velocity - target).double().pow(2).sum().item()
+                if gaussian:
+                    projected = (x_t.flatten(1).double() - (1 - t) * mean) @ eigenvectors
+                    gain = (t - (1 - t) * eigenvalues) / ((1 - t) ** 2 * eigenvalues + t**2)
+                    predicted = (projected * gain) @ eigenvectors.T - mean
+                    gauss_sq += (predicted - target.flatten(1).double()).pow(2).sum().item()
+        elements = latents.numel() * num_times
+        return model_sq / elements, gauss_sq / elements
+
+    was_training = model.training
+    model.eval()
+    try:
+        loss, gaussian_loss = score(heldout[:count].float(), None if heldout_labels is None else heldout_labels[:count],
+                                    gaussian=True)
+        train_loss, _ = score(train[:count].float(), None if train_labels is None else train_labels[:count],
+                              gaussian=False)
+    finally:
+        model.train(was_training)
+    return {"loss": loss, "train_loss": train_loss, "gaussian_loss": gaussian_loss,
+            "ratio": loss / gaussian_loss if gaussian_loss > 0 else None, "num_latents": count,
+            "num_times": num_times}
+
+
 def reference_from_npz(path: PathLike, inception: torch.nn.Module, batch_size: int = 100,
                        progress: bool = True) -> ReferenceFeatures:
     """An ADM reference batch: ``arr_0`` images (features computed here; stored ``mu, sigma, mu_s,
@@ -95,8 +227,11 @@ def generation_metrics(
     precision_recall_k: Optional[int] = 3,
     inception_score_split_size: int = IS_SPLIT_SIZE,
     progress: bool = True,
+    decoder_free: Optional[DecoderFreeReference] = None,
 ) -> dict[str, Any]:
-    """gFID, sFID, IS, precision and recall of ``samples`` against ``reference``.
+    """gFID, sFID, IS, precision and recall of ``samples`` against ``reference``, and the decoder-free figures
+    against a tokenizer's reconstructions (``decoder_free``: :func:`decoder_free_metrics`, under the key
+    ``"decoder_free"``) from the same Inception pass.
 
     samples: uint8 ``(N, H, W, 3)`` (gray ``(N, H, W, 1)``: Inception repeats it to RGB), a uint8 ``(N, 3, H, W)``
     tensor, or an ADM ``.npz`` path; their Inception features stream in batches of ``batch_size``.
@@ -114,12 +249,13 @@ def generation_metrics(
     elif isinstance(reference, InceptionStats):
         reference = ReferenceFeatures(reference, None, None, "given reference statistics")
     want_pr = precision_recall_k is not None
+    keep_pool3 = want_pr or decoder_free is not None
     pool, spatial = FeatureStats(), FeatureStats()
     sample_pool3, sample_logits = [], []
     for features in feature_batches(samples, inception, batch_size, progress, "samples"):
         pool.update(features.pool3)
         spatial.update(features.spatial)
-        if want_pr:
+        if keep_pool3:
             sample_pool3.append(features.pool3.float().cpu())
         if features.logits is not None:
             sample_logits.append(features.logits.double().cpu())
@@ -176,6 +312,9 @@ def generation_metrics(
             result.update(precision_recall(torch.from_numpy(reference.pool3), torch.cat(sample_pool3),
                                            k=precision_recall_k))
             result["precision_recall_k"] = precision_recall_k
+    if decoder_free is not None:
+        result["decoder_free"] = decoder_free_metrics(torch.cat(sample_pool3).numpy(), decoder_free,
+                                                      precision_recall_k or 3)
     result["notes"] = notes
     return result
 
@@ -216,6 +355,64 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
     return np.stack(images), None, f"{len(images)} image files under {path}{note}"
 
 
+def tokenizer_reconstructions(
+    tokenizer: PathLike,
+    reference: Any,
+    size: int,
+    floor_data: Optional[str],
+    seed: int = 0,
+    device: Optional[str] = None,
+    batch_size: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A tokenizer's reconstructions for the decoder-free figures, uint8 RGB ``(N, size, size, 3)`` each:
+    ``(of the reference images, of as many training images)``. ``reference``: an ADM ``.npz`` path (its ``arr_0``)
+    or ``(dataset, split, order, limit)``, the draw :func:`eval_gen` read its reference from. The floor images are a
+    seeded draw from the train split of ``floor_data`` (default: the reference dataset)."""
+    from maetok.data import DatasetSubset, build_dataset, draw_order, iter_batches
+    from maetok.data.images import to_rgb, to_tensor, to_uint8
+    from maetok.data.npz import iter_npz_images
+    from maetok.encode import load_tokenizer, reconstruct_images
+
+    model = load_tokenizer(tokenizer, device)
+    channels, tok_size = model.config.in_channels, model.config.image_size
+    if tok_size != size:
+        raise ValueError(f"--tokenizer {tokenizer} makes {tok_size}x{tok_size} images, the samples are {size}x{size}")
+
+    def reconstruct(batches: Any) -> np.ndarray:
+        parts = [to_uint8(to_rgb(reconstruct_images(model, images).clamp(-1, 1)), channels_last=True).numpy()
+                 for images in batches]
+        return np.concatenate(parts)
+
+    if isinstance(reference, tuple):
+        data, split, order, limit = reference
+        dataset = DatasetSubset(build_dataset(data, split, size, channels), order)
+        recon_ref = reconstruct(images for images, _ in iter_batches(dataset, batch_size, limit=limit))
+    else:
+        if floor_data is None:
+            raise ValueError("with an .npz reference the floor needs training images: pass --floor-data DATA")
+
+        def npz_batches() -> Any:
+            for batch in iter_npz_images(reference, batch_size):
+                if batch.shape[1:3] != (size, size):
+                    raise ValueError(f"{reference}: reference images are {batch.shape[2]}x{batch.shape[1]}, the "
+                                     f"tokenizer's {size}x{size}")
+                images = to_tensor(batch)
+                if channels == 1:
+                    if not bool((images == images[:, :1]).all()):
+                        raise ValueError(f"--tokenizer {tokenizer} takes 1-channel images; {reference} holds colour "
+                                         "images")
+                    images = images[:, :1]
+                yield images
+
+        recon_ref = reconstruct(npz_batches())
+        data = floor_data
+    floor_set = build_dataset(floor_data or data, "train", size, channels)
+    order, limit = draw_order(len(floor_set), len(recon_ref), seed + 1)
+    floor_images = iter_batches(DatasetSubset(floor_set, order), batch_size, limit=limit)
+    recon_floor = reconstruct(images for images, _ in floor_images)
+    return recon_ref, recon_floor
+
+
 def eval_gen(
     samples: PathLike,
     ref: str,
@@ -230,14 +427,24 @@ def eval_gen(
     progress: bool = True,
     ref_split: str = "test",
     inception_score_split_size: int = IS_SPLIT_SIZE,
+    tokenizer: Optional[PathLike] = None,
+    recon: Optional[PathLike] = None,
+    save_recon: Optional[PathLike] = None,
+    floor_data: Optional[str] = None,
 ) -> dict[str, Any]:
-    """``maetok eval-gen``: gFID, sFID, IS, precision and recall of generated images.
+    """``maetok eval-gen``: gFID, sFID, IS, precision and recall of generated images, and the decoder-free figures
+    (:func:`decoder_free_metrics`, under ``"decoder_free"``) when a tokenizer or its reconstructions are given.
 
     ``ref``: an ADM reference ``.npz`` (``arr_0`` and/or ``mu, sigma, mu_s, sigma_s``), or a dataset spec
     (``fashion-mnist``, an image folder) whose ``ref_split`` split (test, train, all) gives ``num_ref``
     reference images (default: as many as there are samples; a seeded random subset) at the samples' resolution. ``save_ref`` writes those
     as an ADM reference batch (statistics + ``arr_0``) for later runs.
     IS: mean over consecutive splits of ``inception_score_split_size`` samples (ADM: 5000).
+
+    Decoder-free figures: ``tokenizer`` (a model folder, run directory or hub id) reconstructs the very reference
+    images and as many training images for the floor (a seeded draw from the train split of ``floor_data``, default
+    the ``ref`` dataset; needed for an ``.npz`` reference); ``save_recon`` keeps them as a reconstructions ``.npz``
+    (keys ``reference`` and ``floor``), which ``recon`` reads instead of a tokenizer.
     """
     from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, draw_order
     from maetok.eval.fid import save_reference_stats
@@ -248,6 +455,7 @@ def eval_gen(
     if network is None:
         raise FileNotFoundError(f"eval-gen needs the FID Inception weights: {reason}")
     ref_path = Path(ref)
+    order = limit = None
     if ref_path.suffix == ".npz" or ref_path.is_file():
         if save_ref:
             raise ValueError("--save-ref applies to a dataset reference; the reference is already an .npz")
@@ -268,10 +476,41 @@ def eval_gen(
         reference = reference_from_images(ref_images, network, batch_size, progress, source)
         if save_ref:
             save_reference_stats(save_ref, reference.stats, ref_images)
+    decoder_free, decoder_free_source = None, None
+    if tokenizer is not None or recon is not None:
+        if tokenizer is not None and recon is not None:
+            raise ValueError("give --tokenizer or --recon, not both")
+        if save_recon is not None and tokenizer is None:
+            raise ValueError("--save-recon writes the reconstructions a --tokenizer makes")
+        if recon is not None:
+            from maetok.data.npz import load_reconstruction_batch
+
+            recon_ref, recon_floor = load_reconstruction_batch(recon)
+            decoder_free_source = f"reconstructions in {recon}"
+        else:
+            ref_images = ref_path if ref_path.suffix == ".npz" or ref_path.is_file() else (ref, ref_split, order, limit)
+            recon_ref, recon_floor = tokenizer_reconstructions(tokenizer, ref_images, images.shape[1], floor_data,
+                                                               seed, device, batch_size)
+            decoder_free_source = f"tokenizer {tokenizer}"
+            if save_recon is not None:
+                from maetok.data.npz import save_reconstruction_batch
+
+                decoder_free_source += f" (reconstructions saved to {save_reconstruction_batch(save_recon, recon_ref, recon_floor)})"
+        if len(recon_ref) != reference.num_images:
+            raise ValueError(f"the decoder-free figures need the reconstructions of the very reference images: "
+                             f"{len(recon_ref)} reconstructions, {reference.num_images} reference images")
+        if recon_ref.shape[1:3] != images.shape[1:3]:
+            raise ValueError(f"reconstructions are {recon_ref.shape[2]}x{recon_ref.shape[1]}, the samples "
+                             f"{images.shape[2]}x{images.shape[1]}")
+        decoder_free = DecoderFreeReference(
+            reference_from_images(recon_ref, network, batch_size, progress, "reconstructions of the reference images"),
+            reference_from_images(recon_floor, network, batch_size, progress, "reconstructions of the floor images"))
     result = generation_metrics(images, reference, network, batch_size, precision_recall_k,
-                                inception_score_split_size, progress)
+                                inception_score_split_size, progress, decoder_free)
     result = {"samples": sample_source, "reference": reference.source, **result,
               "inception": describe_network(network)}
+    if decoder_free_source is not None:
+        result["decoder_free_source"] = decoder_free_source
     if labels is not None:
         result["num_classes_in_samples"] = int(len(np.unique(labels)))
     if save_ref:

@@ -34,12 +34,14 @@ class ReconstructionEvaluator:
     Inception network is given, ``rfid`` with ``rfid_reference``: against ``reference`` (the originals' statistics,
     computed once and shared, or an ADM ``.npz``), else against the originals seen by ``update``. Report the rFID
     with ``num_images`` beside it (rFID-1k): below 2048 images FIDs are only comparable at equal counts.
+    With ``keep_features`` the reconstructions' pool3 features are kept for :meth:`reconstruction_features` (the
+    reference of the decoder-free generation figures).
     """
 
     def __init__(self, inception: Optional[torch.nn.Module] = None,
                  reference: Optional[Union[InceptionStats, PathLike]] = None, lpips: bool = True,
                  device: Optional[Union[str, torch.device]] = None, lpips_batch_size: int = 32,
-                 chunk: int = 250) -> None:
+                 chunk: int = 250, keep_features: bool = False) -> None:
         self.inception = inception
         self.reference = load_stats_npz(reference) if isinstance(reference, (str, Path)) else reference
         self.use_lpips = lpips
@@ -50,6 +52,8 @@ class ReconstructionEvaluator:
         self.values: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "ssim_dr2": [], "lpips": []}
         self.original_stats = FeatureStats()
         self.reconstruction_stats = FeatureStats()
+        self.keep_features = keep_features
+        self.reconstruction_pool3: list[Tensor] = []
 
     def _lpips_model(self, fallback: torch.device) -> torch.nn.Module:
         if self._lpips is None:
@@ -69,7 +73,10 @@ class ReconstructionEvaluator:
             if self.use_lpips:
                 self.values["lpips"].append(lpips_per_image(a, b, self._lpips_model(a.device), self.lpips_batch_size))
             if self.inception is not None:
-                self.reconstruction_stats.update(self.inception(b).pool3)
+                pool3 = self.inception(b).pool3
+                self.reconstruction_stats.update(pool3)
+                if self.keep_features:
+                    self.reconstruction_pool3.append(pool3.float().cpu())
                 if self.reference is None:
                     self.original_stats.update(self.inception(a).pool3)
 
@@ -91,6 +98,19 @@ class ReconstructionEvaluator:
             result["rfid_reference"] = "the original images"
         result["rfid"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
         return result
+
+
+    def reconstruction_features(self, source: str = "reconstructions"):
+        """The reconstructions' Inception features seen so far, as a
+        :class:`~maetok.eval.generation.ReferenceFeatures` (pool3 and its statistics; needs ``keep_features``)."""
+        from maetok.eval.generation import ReferenceFeatures
+
+        if not self.keep_features or not self.reconstruction_pool3:
+            raise ValueError("reconstruction_features() needs keep_features=True, an Inception network and update()")
+        pool3 = torch.cat(self.reconstruction_pool3).numpy()
+        stats = InceptionStats(self.reconstruction_stats.mean(), self.reconstruction_stats.cov(), None, None,
+                               len(pool3))
+        return ReferenceFeatures(stats, pool3, None, source)
 
 
 def evaluate_tokenizer(model: torch.nn.Module, dataset: Dataset, inception: Optional[torch.nn.Module] = None,

@@ -149,6 +149,8 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune":
             model = self._load_stage1_weights(model, init_from)
             model.encoder.requires_grad_(False)
+            if cfg.finetune.fresh_decoder:  # a newly initialised decoder (seeded by train.seed) on the frozen encoder
+                model.decoder.load_state_dict(model.untrained_copy().decoder.state_dict())
         self.setup_optimization(model, resume)
         if self.objective.adversarial is not None:  # every process starts from rank 0's discriminator
             broadcast_module(self.objective.adversarial)

@@ -1,0 +1,255 @@
+"""Where does masking pay on 32x32 images? Tokenizer grid points (patch size, mask ratio, stage 2), each measured.
+
+    python3 scripts/regime.py --out DIR --runs p8_ae_s2000_paper10 p8_m40-60_s2000_paper10 ... [--metrics psnr]
+
+A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[_seed{k}]``
+
+* tokenizer: ``ae`` (plain AE, no masking, no auxiliary decoders), ``vae``, or ``m{lo}-{hi}`` (MAETok: mask
+  ratio drawn per image in [lo%, hi%], the HOG + pixel auxiliary decoders of the CPU preset);
+* stage 2 (encoder frozen): ``paper{pct}`` fine-tunes stage 1's decoder for pct% of stage 1's steps while the
+  mask ratio decays linearly from stage 1's highest (60% for 40-60%) to 0 over the whole stage, with stage 1's
+  loss (the paper's recipe, §3.3);
+  ``fresh{steps}`` trains a newly initialised decoder on unmasked latents for that many steps at stage 1's
+  learning rate (how much of the image the latents hold).
+
+Everything else is the ``tiny-maetok`` preset on Fashion-MNIST (or ``--data``): 16 latent tokens x 8 channels =
+128 numbers per image, MSE (+ auxiliary losses) in both stages, batch 32. Stage-1 runs are shared by every
+stage 2 that starts from them (``DIR/stage1/``). ``--metrics psnr``: PSNR / SSIM of the first 1000 test images
+(minutes); ``--metrics all``: the whole pipeline of ``maetok study`` on top (rFID-1k, a SiT and its gFID-1k, the
+decoder-free FID against the tokenizer's own reconstructions with its floor, precision / recall against them, the
+SiT's held-out loss, linear probe, GMM NLL). Finished runs are kept (``DIR/regime.json``); an interrupted one
+resumes. ``--report`` writes ``DIR/regime.md`` and the plots from what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from maetok.config import Budget, TokenizerTrainConfig, load_config
+
+PRESET = "fashion-mnist-maetok"
+NAME = re.compile(r"^p(?P<patch>\d+)_(?P<tok>ae|vae|m(?P<lo>\d+)-(?P<hi>\d+))_s(?P<s1>\d+)_"
+                  r"(?P<mode>paper|fresh)(?P<amount>\d+)(?:_seed(?P<seed>\d+))?$")
+MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
+NO_MASK = ["model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One parsed run name."""
+
+    name: str
+    patch: int
+    tokenizer: str  # "ae", "vae" or "maetok"
+    mask: tuple[float, float]
+    stage1_steps: int
+    stage2_mode: str  # "paper" or "fresh"
+    stage2_steps: int
+    seed: int
+
+    @classmethod
+    def parse(cls, name: str) -> "GridPoint":
+        m = NAME.match(name)
+        if m is None:
+            raise SystemExit(f"run name {name!r} does not read as p{{patch}}_{{ae|vae|m<lo>-<hi>}}_s{{steps}}_"
+                             "{paper<pct>|fresh<steps>}[_seed<k>]")
+        s1 = int(m["s1"])
+        tok = m["tok"] if m["tok"] in ("ae", "vae") else "maetok"
+        mask = (int(m["lo"]) / 100, int(m["hi"]) / 100) if tok == "maetok" else (0.0, 0.0)
+        amount = int(m["amount"])
+        steps = max(1, round(s1 * amount / 100)) if m["mode"] == "paper" else amount
+        return cls(name, int(m["patch"]), tok, mask, s1, m["mode"], steps, int(m["seed"] or 0))
+
+    @property
+    def stage1_name(self) -> str:
+        tok = self.name.split("_")[1]
+        return f"p{self.patch}_{tok}_s{self.stage1_steps}_seed{self.seed}"
+
+    def tokenizer_overrides(self) -> list[str]:
+        """Overrides of the preset for both stages (the step counts come from :meth:`budget`)."""
+        o = [f"model.patch_size={self.patch}", *MSE_ONLY]
+        if self.tokenizer in ("ae", "vae"):
+            o += [f"model.variant={self.tokenizer}", *NO_MASK]
+        else:
+            # stage 2 decays the mask ratio from stage 1's highest (the paper: 60%, its stage 1 drew 40-60%)
+            o += [f"model.mask_ratio_min={self.mask[0]}", f"model.mask_ratio_max={self.mask[1]}",
+                  f"finetune.mask_ratio_start={self.mask[1]}"]
+        if self.stage2_mode == "fresh":
+            # a decoder from scratch: stage 1's learning rate and warm-up
+            o += ["finetune.fresh_decoder=true", "finetune.mask_ratio_start=0", "finetune.lr=2e-3",
+                  "finetune.warmup_steps=100"]
+        return o
+
+    def budget(self, base: Budget) -> Budget:
+        import dataclasses
+
+        return dataclasses.replace(base, stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps,
+                                   stage1_loss="mse", stage2_loss="mse", stage2_mask_decay=1.0)
+
+
+def psnr_metrics(tokenizer_dir: Path, images: torch.Tensor) -> dict[str, float]:
+    from maetok.encode import load_tokenizer, reconstruct_images
+    from maetok.eval.reconstruction import ReconstructionEvaluator
+
+    evaluator = ReconstructionEvaluator(lpips=False)
+    evaluator.update(images, reconstruct_images(load_tokenizer(tokenizer_dir, "cpu"), images))
+    return evaluator.result()
+
+
+def eval_curve(run_dir: Path) -> list[dict[str, float]]:
+    """(step, eval PSNR on 256 test images) rows of a run's log."""
+    import csv
+
+    log = run_dir / "log.csv"
+    if not log.exists():
+        return []
+    return [{"step": int(float(r["step"])), "psnr": float(r["eval_psnr"])}
+            for r in csv.DictReader(log.open()) if r.get("eval_psnr")]
+
+
+def run_point(point: GridPoint, out: Path, base: Budget, data: str, metrics: str, evald: Any) -> dict[str, Any]:
+    from maetok.pipeline import run_pipeline, train_tokenizer
+
+    budget = point.budget(base)
+    stage1_dir = out / "stage1" / point.stage1_name
+    run_dir = out / "runs" / point.name
+    shape = [f"model.image_size={evald.image_size}", f"model.in_channels={evald.channels}"]
+    overrides = shape + point.tokenizer_overrides()
+    start = time.perf_counter()
+    if metrics == "all":
+        result = run_pipeline(run_dir, evald, budget, PRESET, "fashion-mnist-sit", overrides, seed=point.seed,
+                              stage1_dir=stage1_dir, label=point.name)
+        figures = flat_figures(result)
+    else:
+        train_tokenizer(run_dir, data, PRESET, budget, overrides, point.seed, stage1_dir=stage1_dir)
+        figures = {f"{k}": v for k, v in psnr_metrics(run_dir / "tokenizer", evald.images).items()
+                   if k in ("psnr", "ssim")}
+        figures["stage1_psnr"] = psnr_metrics(stage1_dir, evald.images)["psnr"]
+    return {"point": point.__dict__, "metrics": metrics, "figures": figures,
+            "stage1_curve": eval_curve(stage1_dir), "stage2_curve": eval_curve(run_dir / "tokenizer"),
+            "seconds": time.perf_counter() - start}
+
+
+def flat_figures(result: dict[str, Any]) -> dict[str, Optional[float]]:
+    """The figures of a pipeline result the regime tables show."""
+    rec, gen = result["reconstruction"], result["generation"]
+    free = gen.get("decoder_free") or {}
+    return {
+        "psnr": rec["psnr"], "ssim": rec["ssim"], "lpips": rec.get("lpips"), "rfid": rec.get("rfid"),
+        "gfid": gen.get("gfid"), "dfid": free.get("fid"), "dfid_floor": free.get("floor_fid"),
+        "dfid_ratio": free.get("fid_ratio"), "precision": free.get("precision"), "recall": free.get("recall"),
+        "recall_floor": free.get("floor_recall"), "heldout_loss_ratio": (result.get("sit_heldout") or {}).get("ratio"),
+        "linear_probe": None if result["linear_probe"] is None else 100 * result["linear_probe"]["top1"],
+        "gmm_nll": result["gmm"]["test_nll"].get("10"),
+    }
+
+
+COLUMNS = {  # figure -> (table heading, format)
+    "stage1_psnr": ("stage-1 PSNR", ".2f"), "psnr": ("PSNR", ".2f"), "ssim": ("SSIM", ".3f"), "rfid": ("rFID-1k", ".1f"),
+    "gfid": ("gFID-1k", ".1f"), "dfid": ("decoder-free FID (floor)", ".1f"), "dfid_ratio": ("ratio", ".2f"),
+    "recall": ("recall vs recon. (floor)", ".2f"), "heldout_loss_ratio": ("SiT / Gaussian loss", ".3f"),
+    "linear_probe": ("LP top-1 (%)", ".1f"), "gmm_nll": ("GMM NLL K=10", ".2f"),
+}
+
+
+def cell(figures: dict[str, Any], key: str) -> str:
+    value = figures.get(key)
+    if value is None:
+        return "-"
+    text = format(value, COLUMNS[key][1])
+    floor = {"dfid": "dfid_floor", "recall": "recall_floor"}.get(key)
+    if floor and figures.get(floor) is not None:
+        text += f" ({format(figures[floor], COLUMNS[key][1])})"
+    return text
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    """``out/regime.md``: one table row per finished run, and ``out/regime_curves.png``: held-out PSNR against
+    training images (stage 1, then stage 2 from its end)."""
+    from matplotlib.figure import Figure
+
+    keys = [k for k in COLUMNS if any(r["figures"].get(k) is not None for r in results.values())]
+    lines = ["| run | tokens | mask | stage 2 | images seen | " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
+    for key, r in sorted(results.items(), key=lambda kv: (kv[1]["point"]["patch"], kv[0])):
+        p = r["point"]
+        tokens = (32 // p["patch"]) ** 2
+        mask = "-" if p["tokenizer"] != "maetok" else f"{p['mask'][0]:.0%}-{p['mask'][1]:.0%}"
+        stage2 = f"{p['stage2_mode']} {p['stage2_steps']}"
+        seen = (p["stage1_steps"] + p["stage2_steps"]) * 32
+        lines.append(f"| {key} | {tokens} | {mask} | {stage2} | {seen / 1000:.0f}k | "
+                     + " | ".join(cell(r["figures"], k) for k in keys) + " |")
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for key, r in sorted(results.items()):
+        s1, s2 = r["stage1_curve"], r["stage2_curve"]
+        end = r["point"]["stage1_steps"]
+        line = ax.plot([c["step"] * 32 / 1000 for c in s1], [c["psnr"] for c in s1], marker=".", alpha=0.6)[0]
+        ax.plot([(end + c["step"]) * 32 / 1000 for c in s2], [c["psnr"] for c in s2], marker="o",
+                color=line.get_color(), label=key, linestyle="--" if r["point"]["stage2_mode"] == "fresh" else "-")
+    ax.set_xlabel("training images seen (thousands; stage 1, then stage 2)")
+    ax.set_ylabel("held-out PSNR, 256 test images (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "regime_curves.png", dpi=120)
+    path = out / "regime.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", nargs="*", default=[], help="run names (see the module docstring)")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--channels", type=int, default=None)
+    parser.add_argument("--metrics", choices=("psnr", "all"), default="psnr")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--report", action="store_true", help="write DIR/regime.md and the plots")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from maetok.demo import dataset_shape
+    from maetok.study import CPU_BUDGET as FULL
+    from maetok.pipeline import load_eval_data
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size, channels = dataset_shape(args.data, None, args.channels)
+    if args.metrics == "all":
+        evald = load_eval_data(args.data, size, channels, FULL.eval_images)
+    else:  # the same held-out images, no Inception
+        from maetok.data import build_dataset, load_images
+
+        test = build_dataset(args.data, "test", size, channels)
+        images, _ = load_images(test, range(min(FULL.eval_images, len(test))))
+        evald = argparse.Namespace(images=images, image_size=size, channels=channels)
+    results_path = out / "regime.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name in args.runs:
+        point = GridPoint.parse(name)
+        key = f"{name} [{args.metrics}]" if args.data == "fashion-mnist" else f"{name} [{args.metrics}, {args.data}]"
+        if key in results:
+            print(f"[regime] {key}: finished before, kept", flush=True)
+            continue
+        print(f"[regime] {key}", flush=True)
+        results[key] = run_point(point, out, FULL, args.data, args.metrics, evald)
+        print(f"[regime] {key}: {results[key]['figures']}", flush=True)
+        results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: results[key]}
+        results_path.write_text(json.dumps(results, indent=1))
+    if args.report and results:
+        print(f"[regime] report: {write_report(out, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
