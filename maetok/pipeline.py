@@ -6,8 +6,14 @@ invocation finished it (so a rerun into the same folder continues where it stopp
     stage1/      tokenizer stage 1 (mask modeling, auxiliary decoders)
     tokenizer/   stage 2: the decoder fine-tuned on the frozen encoder        -> reconstruction metrics
     latents/     the training split encoded once                              -> latent analysis
-    sit/         SiT on the latents                                           -> gFID (its samples drawn as the grid)
+    sit/         SiT on the latents                                           -> gFID (its samples drawn as the grid),
+                                                                                 the decoder-free figures, the SiT's
+                                                                                 held-out loss
     result.json  every figure of the run (written last: its presence means the run is finished)
+
+The decoder-free figures (:func:`~maetok.eval.generation.decoder_free_metrics`) measure the SiT's samples against
+the tokenizer's own reconstructions of the held-out images, over their floor (the reconstructions of as many
+training images, ``EvalData.floor_images``), so that the decoder's error drops out of the generator's.
 
 Held-out images, their Inception statistics and the network are loaded once (:func:`load_eval_data`) and
 shared by every run and by the baselines (:func:`maetok.eval.baselines.compute_baselines`). Datasets without
@@ -161,11 +167,11 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
                     seed: int = 0, device: Optional[str] = None, stage1_dir: Optional[Path] = None) -> TokenizerTrainConfig:
     """Stage 1 into ``out/stage1`` (or use the finished ``stage1_dir``) and stage 2 into ``out/tokenizer``; a stage
     already exported is skipped, an interrupted one resumed (both only under the same config)."""
-    from maetok.train.tokenizer import TokenizerTrainer
+    from maetok.train.tokenizer import PRETRAIN_UNUSED_SECTIONS, TokenizerTrainer
 
     cfg1, cfg2 = tokenizer_configs(data, config, budget, overrides, seed)
     stage1_dir = stage1_dir or out / "stage1"
-    if not reuse_finished(stage1_dir, "tokenizer stage 1", cfg1):
+    if not reuse_finished(stage1_dir, "tokenizer stage 1", cfg1, PRETRAIN_UNUSED_SECTIONS):
         TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
     if not reuse_finished(out / "tokenizer", "tokenizer stage 2", cfg2):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
@@ -173,22 +179,23 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
     return cfg2
 
 
-def check_same_config(run_dir: Path, what: str, cfg: Any) -> None:
-    """A phase's run directory is reused (finished) or resumed (interrupted) only under the config it ran under:
-    another config (another budget, data set, seed ...) raises ``ValueError`` naming the differences."""
+def check_same_config(run_dir: Path, what: str, cfg: Any, unused: Sequence[str] = ()) -> None:
+    """A phase's run directory is reused (finished) or resumed (interrupted) only under the config it ran under
+    (``unused``: key prefixes the phase never reads): another config (another budget, data set, seed ...) raises
+    ``ValueError`` naming the differences."""
     from maetok.train.loop import run_config_changes
 
-    changes = run_config_changes(run_dir, cfg)
+    changes = run_config_changes(run_dir, cfg, unused)
     if changes:
         shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes[:3])
         raise ValueError(f"{run_dir} holds a {what} run made under another config ({shown}"
                          f"{' ...' if len(changes) > 3 else ''}): write this run to another --out, or delete {run_dir}")
 
 
-def reuse_finished(run_dir: Path, what: str, cfg: Any) -> bool:
+def reuse_finished(run_dir: Path, what: str, cfg: Any, unused: Sequence[str] = ()) -> bool:
     """Whether the training run in ``run_dir`` finished before under ``cfg`` (then it is reused, and that is said);
     an unfinished one is resumed by the caller. Another config raises (:func:`check_same_config`)."""
-    check_same_config(run_dir, what, cfg)
+    check_same_config(run_dir, what, cfg, unused)
     if not is_finished(run_dir):
         return False
     print(f"[maetok] {run_dir}: {what} finished before, reusing it", flush=True)
@@ -210,7 +217,8 @@ def run_pipeline(
     stage1_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Train a tokenizer and a SiT on ``evald.data`` and measure both; returns (and writes to
-    ``out/result.json``) the figures: ``reconstruction``, ``generation``, ``linear_probe`` (None without
+    ``out/result.json``) the figures: ``reconstruction``, ``generation`` (gFID, sFID and ``decoder_free``),
+    ``sit_heldout`` (:func:`~maetok.eval.generation.heldout_denoising_loss`), ``linear_probe`` (None without
     classes), ``gmm`` (the curve in this tokenizer's own 90%-variance dimension), ``gmm_by_dim``
     (``{d: {"test_nll": {K: NLL}, "explained_variance"}}`` for PCA dims 1..24 when ``budget.gmm_all_dims``, so a
     comparison in one shared dimension needs no latents later), ``latent_map_method``, ``convergence``,
@@ -228,6 +236,7 @@ def run_pipeline(
     from maetok.eval.metrics import lpips_unavailable_reason
     from maetok.eval.reconstruction import ReconstructionEvaluator
     from maetok.train.diffusion import DiffusionTrainer
+    from maetok.train.tokenizer import PRETRAIN_UNUSED_SECTIONS
 
     out = Path(out)
     stage1_dir = Path(stage1_dir) if stage1_dir is not None else out / "stage1"
@@ -245,9 +254,10 @@ def run_pipeline(
     result_path = out / "result.json"
     if result_path.exists():
         cfg1, cfg2 = tokenizer_configs(evald.data, tokenizer_config, budget, tokenizer_extra, seed)
-        for run_dir, what, cfg in ((stage1_dir, "tokenizer stage 1", cfg1),
-                                   (out / "tokenizer", "tokenizer stage 2", cfg2), (out / "sit", "SiT", dif_cfg)):
-            check_same_config(run_dir, what, cfg)
+        for run_dir, what, cfg, unused in ((stage1_dir, "tokenizer stage 1", cfg1, PRETRAIN_UNUSED_SECTIONS),
+                                           (out / "tokenizer", "tokenizer stage 2", cfg2, ()),
+                                           (out / "sit", "SiT", dif_cfg, ())):
+            check_same_config(run_dir, what, cfg, unused)
         print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)

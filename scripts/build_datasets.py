@@ -9,7 +9,8 @@
   (astronaut, chelsea, coffee, Hubble deep field, IHC, both motorcycle views, retina, rocket, china, flower), one
   class per photograph. A crop is a random square of 32-128 pixels, resized to 32 x 32 (Lanczos); training crops
   come from the left 80% of each photograph and held-out crops from the right 20%, so no held-out pixel was seen
-  in training. ``--crops-per-photo`` training crops and a tenth as many held-out ones per photograph.
+  in training. ``--crops-per-photo`` training crops and ``--val-per-photo`` held-out ones per photograph (91: the
+  1001 held-out crops cover every photograph even where a command measures the first 1000 in path order).
 
 Both are ImageNet-style roots (``train/`` and ``val/``), which every maetok command reads as its splits.
 Deterministic given ``--seed``; an existing output folder is refused (delete it to rebuild).
@@ -64,14 +65,14 @@ def build_mnist5k(out: Path) -> None:
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L").save(folder / f"{i:05d}.png")
 
 
-def build_photo_crops(out: Path, crops_per_photo: int, seed: int) -> None:
+def build_photo_crops(out: Path, crops_per_photo: int, val_per_photo: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for name, (package, relative) in PHOTOS.items():
         with Image.open(package_file(package, relative)) as source:
             photo = source.convert("RGB")
         cut = int(photo.width * TRAIN_FRACTION)
         regions = {"train": photo.crop((0, 0, cut, photo.height)), "val": photo.crop((cut, 0, photo.width, photo.height))}
-        for split, count in (("train", crops_per_photo), ("val", max(1, crops_per_photo // 10))):
+        for split, count in (("train", crops_per_photo), ("val", val_per_photo)):
             region = regions[split]
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="parent folder of mnist5k/ and photo-crops/")
     parser.add_argument("--crops-per-photo", type=int, default=2000)
+    parser.add_argument("--val-per-photo", type=int, default=91)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("mnist5k", "photo-crops"), default=None)
     args = parser.parse_args()
@@ -101,7 +103,7 @@ def main() -> int:
         if name == "mnist5k":
             build_mnist5k(target)
         else:
-            build_photo_crops(target, args.crops_per_photo, args.seed)
+            build_photo_crops(target, args.crops_per_photo, args.val_per_photo, args.seed)
         count = sum(1 for _ in target.rglob("*.png"))
         print(f"[datasets] {target}: {count} images")
     return 0

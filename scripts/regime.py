@@ -1,24 +1,25 @@
 """Where does masking pay on 32x32 images? Tokenizer grid points (patch size, mask ratio, stage 2), each measured.
 
-    python3 scripts/regime.py --out DIR --runs p8_ae_s2000_paper10 p8_m40-60_s2000_paper10 ... [--metrics psnr]
+    python3 scripts/regime.py --out DIR --runs p8_ae_s2000_paper25 p8_m40-60_s2000_paper25 ... [--metrics psnr]
 
-A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[_seed{k}]``
+A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[gan][_l{tokens}x{channels}][_seed{k}]``
 
 * tokenizer: ``ae`` (plain AE, no masking, no auxiliary decoders), ``vae``, or ``m{lo}-{hi}`` (MAETok: mask
   ratio drawn per image in [lo%, hi%], the HOG + pixel auxiliary decoders of the CPU preset);
 * stage 2 (encoder frozen): ``paper{pct}`` fine-tunes stage 1's decoder for pct% of stage 1's steps while the
   mask ratio decays linearly from stage 1's highest (60% for 40-60%) to 0 over the whole stage, with stage 1's
-  loss (the paper's recipe, §3.3);
-  ``fresh{steps}`` trains a newly initialised decoder on unmasked latents for that many steps at stage 1's
-  learning rate (how much of the image the latents hold).
+  loss (the paper's recipe, §3.3); ``fresh{steps}`` trains a newly initialised decoder on unmasked latents for that
+  many steps at stage 1's learning rate (how much of the image the latents hold); ``gan`` after either: stage 2
+  with the paper's Eq. 6 loss (MSE + LPIPS + adversarial) instead of MSE;
+* ``_l{tokens}x{channels}``: another latent size than the preset's 16 x 8 = 128 numbers per image.
 
-Everything else is the ``tiny-maetok`` preset on Fashion-MNIST (or ``--data``): 16 latent tokens x 8 channels =
-128 numbers per image, MSE (+ auxiliary losses) in both stages, batch 32. Stage-1 runs are shared by every
-stage 2 that starts from them (``DIR/stage1/``). ``--metrics psnr``: PSNR / SSIM of the first 1000 test images
-(minutes); ``--metrics all``: the whole pipeline of ``maetok study`` on top (rFID-1k, a SiT and its gFID-1k, the
-decoder-free FID against the tokenizer's own reconstructions with its floor, precision / recall against them, the
-SiT's held-out loss, linear probe, GMM NLL). Finished runs are kept (``DIR/regime.json``); an interrupted one
-resumes. ``--report`` writes ``DIR/regime.md`` and the plots from what is finished.
+Everything else is the ``fashion-mnist-maetok`` preset on Fashion-MNIST (or ``--data``), MSE (+ auxiliary losses)
+in stage 1, batch 32. Stage-1 runs are shared by every stage 2 that starts from them (``DIR/stage1/``).
+``--metrics psnr``: PSNR / SSIM of the first 1000 test images (minutes); ``recon``: with LPIPS and rFID-1k;
+``all``: the whole pipeline of ``maetok study`` on top (a SiT and its gFID-1k, the decoder-free FID against the
+tokenizer's own reconstructions with its floor, recall against them, the SiT's held-out loss beside a Gaussian's,
+linear probe, GMM NLL). A run's stages are reused by every metrics level. Finished runs are kept
+(``DIR/regime.json``); an interrupted one resumes. ``--report`` writes ``DIR/regime.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from typing import Any, Optional
 
 import torch
 
-from maetok.config import Budget, TokenizerTrainConfig, load_config
+from maetok.config import Budget
+from maetok.study import CPU_BUDGET as BASE_BUDGET  # every figure but the step counts as in `maetok study`
 
 PRESET = "fashion-mnist-maetok"
 NAME = re.compile(r"^p(?P<patch>\d+)_(?P<tok>ae|vae|m(?P<lo>\d+)-(?P<hi>\d+))_s(?P<s1>\d+)_"
-                  r"(?P<mode>paper|fresh)(?P<amount>\d+)(?:_seed(?P<seed>\d+))?$")
-MSE_ONLY = ["loss.perceptual_weight=0", "loss.gan_weight=0"]
+                  r"(?P<mode>paper|fresh)(?P<amount>\d+)(?P<gan>gan)?(?:_l(?P<tokens>\d+)x(?P<channels>\d+))?"
+                  r"(?:_seed(?P<seed>\d+))?$")
+PRESET_OVERRIDES: list[str] = []  # added to every run's (tests shrink the model here)
 NO_MASK = ["model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
 
 
@@ -54,28 +57,33 @@ class GridPoint:
     stage2_mode: str  # "paper" or "fresh"
     stage2_steps: int
     seed: int
-
+    stage2_gan: bool = False  # stage 2 with the paper's Eq. 6 loss (MSE + LPIPS + GAN) instead of stage 1's MSE
+    latent: Optional[tuple[int, int]] = None  # (tokens, channels); None: the preset's 16 x 8
     @classmethod
     def parse(cls, name: str) -> "GridPoint":
         m = NAME.match(name)
         if m is None:
             raise SystemExit(f"run name {name!r} does not read as p{{patch}}_{{ae|vae|m<lo>-<hi>}}_s{{steps}}_"
-                             "{paper<pct>|fresh<steps>}[_seed<k>]")
+                             "{paper<pct>|fresh<steps>}[gan][_l<tokens>x<channels>][_seed<k>]")
         s1 = int(m["s1"])
         tok = m["tok"] if m["tok"] in ("ae", "vae") else "maetok"
         mask = (int(m["lo"]) / 100, int(m["hi"]) / 100) if tok == "maetok" else (0.0, 0.0)
         amount = int(m["amount"])
         steps = max(1, round(s1 * amount / 100)) if m["mode"] == "paper" else amount
-        return cls(name, int(m["patch"]), tok, mask, s1, m["mode"], steps, int(m["seed"] or 0))
+        latent = (int(m["tokens"]), int(m["channels"])) if m["tokens"] else None
+        return cls(name, int(m["patch"]), tok, mask, s1, m["mode"], steps, int(m["seed"] or 0), bool(m["gan"]), latent)
 
     @property
     def stage1_name(self) -> str:
         tok = self.name.split("_")[1]
-        return f"p{self.patch}_{tok}_s{self.stage1_steps}_seed{self.seed}"
+        latent = f"_l{self.latent[0]}x{self.latent[1]}" if self.latent else ""
+        return f"p{self.patch}_{tok}_s{self.stage1_steps}{latent}_seed{self.seed}"
 
     def tokenizer_overrides(self) -> list[str]:
         """Overrides of the preset for both stages (the step counts come from :meth:`budget`)."""
-        o = [f"model.patch_size={self.patch}", *MSE_ONLY]
+        o = [f"model.patch_size={self.patch}"]
+        if self.latent:
+            o += [f"model.num_latent_tokens={self.latent[0]}", f"model.latent_dim={self.latent[1]}"]
         if self.tokenizer in ("ae", "vae"):
             o += [f"model.variant={self.tokenizer}", *NO_MASK]
         else:
@@ -92,7 +100,8 @@ class GridPoint:
         import dataclasses
 
         return dataclasses.replace(base, stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps,
-                                   stage1_loss="mse", stage2_loss="mse", stage2_mask_decay=1.0)
+                                   stage1_loss="mse", stage2_loss="full" if self.stage2_gan else "mse",
+                                   stage2_mask_decay=1.0)
 
 
 def psnr_metrics(tokenizer_dir: Path, images: torch.Tensor) -> dict[str, float]:
@@ -122,9 +131,18 @@ def run_point(point: GridPoint, out: Path, base: Budget, data: str, metrics: str
     stage1_dir = out / "stage1" / point.stage1_name
     run_dir = out / "runs" / point.name
     shape = [f"model.image_size={evald.image_size}", f"model.in_channels={evald.channels}"]
-    overrides = shape + point.tokenizer_overrides()
+    overrides = shape + PRESET_OVERRIDES + point.tokenizer_overrides()
     start = time.perf_counter()
-    if metrics == "all":
+    if metrics == "recon":  # PSNR, SSIM, LPIPS and rFID of the stage-2 tokenizer
+        from maetok.encode import load_tokenizer, reconstruct_images
+        from maetok.eval.reconstruction import ReconstructionEvaluator
+
+        train_tokenizer(run_dir, data, PRESET, budget, overrides, point.seed, stage1_dir=stage1_dir)
+        evaluator = ReconstructionEvaluator(evald.inception, evald.reference)
+        evaluator.update(evald.images, reconstruct_images(load_tokenizer(run_dir / "tokenizer", "cpu"), evald.images))
+        figures = {k: v for k, v in evaluator.result().items() if k in ("psnr", "ssim", "lpips", "rfid")}
+        figures["stage1_psnr"] = psnr_metrics(stage1_dir, evald.images)["psnr"]
+    elif metrics == "all":
         result = run_pipeline(run_dir, evald, budget, PRESET, "fashion-mnist-sit", overrides, seed=point.seed,
                               stage1_dir=stage1_dir, label=point.name)
         figures = flat_figures(result)
@@ -133,7 +151,7 @@ def run_point(point: GridPoint, out: Path, base: Budget, data: str, metrics: str
         figures = {f"{k}": v for k, v in psnr_metrics(run_dir / "tokenizer", evald.images).items()
                    if k in ("psnr", "ssim")}
         figures["stage1_psnr"] = psnr_metrics(stage1_dir, evald.images)["psnr"]
-    return {"point": point.__dict__, "metrics": metrics, "figures": figures,
+    return {"point": point.__dict__, "image_size": evald.image_size, "metrics": metrics, "figures": figures,
             "stage1_curve": eval_curve(stage1_dir), "stage2_curve": eval_curve(run_dir / "tokenizer"),
             "seconds": time.perf_counter() - start}
 
@@ -153,7 +171,8 @@ def flat_figures(result: dict[str, Any]) -> dict[str, Optional[float]]:
 
 
 COLUMNS = {  # figure -> (table heading, format)
-    "stage1_psnr": ("stage-1 PSNR", ".2f"), "psnr": ("PSNR", ".2f"), "ssim": ("SSIM", ".3f"), "rfid": ("rFID-1k", ".1f"),
+    "stage1_psnr": ("stage-1 PSNR", ".2f"), "psnr": ("PSNR", ".2f"), "ssim": ("SSIM", ".3f"),
+    "lpips": ("LPIPS", ".3f"), "rfid": ("rFID-1k", ".1f"),
     "gfid": ("gFID-1k", ".1f"), "dfid": ("decoder-free FID (floor)", ".1f"), "dfid_ratio": ("ratio", ".2f"),
     "recall": ("recall vs recon. (floor)", ".2f"), "heldout_loss_ratio": ("SiT / Gaussian loss", ".3f"),
     "linear_probe": ("LP top-1 (%)", ".1f"), "gmm_nll": ("GMM NLL K=10", ".2f"),
@@ -181,7 +200,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
              "|---|---|---|---|---|" + "---|" * len(keys)]
     for key, r in sorted(results.items(), key=lambda kv: (kv[1]["point"]["patch"], kv[0])):
         p = r["point"]
-        tokens = (32 // p["patch"]) ** 2
+        tokens = (r.get("image_size", 32) // p["patch"]) ** 2
         mask = "-" if p["tokenizer"] != "maetok" else f"{p['mask'][0]:.0%}-{p['mask'][1]:.0%}"
         stage2 = f"{p['stage2_mode']} {p['stage2_steps']}"
         seen = (p["stage1_steps"] + p["stage2_steps"]) * 32
@@ -201,37 +220,86 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "regime_curves.png", dpi=120)
+    gaps = patch_gaps(results)
+    if gaps:
+        plot_gaps(gaps, out / "regime_gap_vs_tokens.png")
+        lines += ["", "| stage-1 steps | image tokens | AE PSNR | MAETok (40-60%) PSNR | gap after stage 1 | gap after stage 2 |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {g['steps']} | {g['tokens']} | {g['ae']:.2f} | {g['maetok']:.2f} | {g['gap_stage1']:.2f} | "
+                  f"{g['gap']:.2f} |" for g in gaps]
     path = out / "regime.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def main() -> int:
+def patch_gaps(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every (stage-1 steps, patch) with both an AE and a MAETok (40-60%) run of the same stage 2: the PSNR gap
+    (AE minus MAETok) on the 1000 held-out images after stage 1 and after stage 2."""
+    by_name = {r["point"]["name"]: r for r in results.values()}
+    gaps = []
+    for name, r in by_name.items():
+        p = r["point"]
+        if p["tokenizer"] != "ae":
+            continue
+        masked = by_name.get(name.replace("_ae_", "_m40-60_"))
+        if masked is None:
+            continue
+        a, m = r["figures"], masked["figures"]
+        gaps.append({"steps": p["stage1_steps"], "tokens": (r.get("image_size", 32) // p["patch"]) ** 2, "stage2": name.split("_")[3],
+                     "ae": a["psnr"], "maetok": m["psnr"], "gap": a["psnr"] - m["psnr"],
+                     "gap_stage1": a["stage1_psnr"] - m["stage1_psnr"]})
+    return sorted(gaps, key=lambda g: (g["steps"], g["stage2"], g["tokens"]))
+
+
+def plot_gaps(gaps: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for key in sorted({(g["steps"], g["stage2"]) for g in gaps}):
+        rows = [g for g in gaps if (g["steps"], g["stage2"]) == key]
+        ax.plot([g["tokens"] for g in rows], [g["gap"] for g in rows], marker="o",
+                label=f"{key[0]} stage-1 steps, stage 2 {key[1]}")
+        ax.plot([g["tokens"] for g in rows], [g["gap_stage1"] for g in rows], marker="x", linestyle=":", alpha=0.6,
+                color=ax.lines[-1].get_color())
+    ax.axhline(0.5, color="k", linestyle="--", linewidth=0.8, label="target: within 0.5 dB")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("image tokens (image size / patch)^2")
+    ax.set_ylabel("PSNR gap AE - MAETok (dB); dotted: after stage 1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="*", default=[], help="run names (see the module docstring)")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--channels", type=int, default=None)
-    parser.add_argument("--metrics", choices=("psnr", "all"), default="psnr")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--eval-images", type=int, default=None, help="held-out images measured (default 1000)")
+    parser.add_argument("--metrics", choices=("psnr", "recon", "all"), default="psnr")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--report", action="store_true", help="write DIR/regime.md and the plots")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from maetok.demo import dataset_shape
-    from maetok.study import CPU_BUDGET as FULL
     from maetok.pipeline import load_eval_data
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size, channels = dataset_shape(args.data, None, args.channels)
-    if args.metrics == "all":
-        evald = load_eval_data(args.data, size, channels, FULL.eval_images)
+    size, channels = dataset_shape(args.data, args.image_size, args.channels)
+    num_eval = args.eval_images or BASE_BUDGET.eval_images
+    if args.metrics != "psnr":
+        evald = load_eval_data(args.data, size, channels, num_eval)
     else:  # the same held-out images, no Inception
         from maetok.data import build_dataset, load_images
 
         test = build_dataset(args.data, "test", size, channels)
-        images, _ = load_images(test, range(min(FULL.eval_images, len(test))))
+        images, _ = load_images(test, range(min(num_eval, len(test))))
         evald = argparse.Namespace(images=images, image_size=size, channels=channels)
     results_path = out / "regime.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -242,7 +310,7 @@ def main() -> int:
             print(f"[regime] {key}: finished before, kept", flush=True)
             continue
         print(f"[regime] {key}", flush=True)
-        results[key] = run_point(point, out, FULL, args.data, args.metrics, evald)
+        results[key] = run_point(point, out, BASE_BUDGET, args.data, args.metrics, evald)
         print(f"[regime] {key}: {results[key]['figures']}", flush=True)
         results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: results[key]}
         results_path.write_text(json.dumps(results, indent=1))

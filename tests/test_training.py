@@ -77,6 +77,21 @@ def test_a_fresh_decoder_starts_from_a_new_initialisation_on_the_frozen_encoder(
     assert all(torch.equal(v, stage2.model.state_dict()[k]) for k, v in stage1.items() if k.startswith("encoder."))
 
 
+def test_a_stage_one_run_is_the_same_run_whatever_its_stage_two_settings(image_folder, tmp_path):
+    from maetok.pipeline import check_same_config, reuse_finished
+    from maetok.train.tokenizer import PRETRAIN_UNUSED_SECTIONS
+
+    TokenizerTrainer(tiny_cfg(image_folder, "train.steps=2"), tmp_path / "stage1").fit()
+    other_stage2 = tiny_cfg(image_folder, "train.steps=2", "finetune.steps=9", "finetune.fresh_decoder=true")
+    assert reuse_finished(tmp_path / "stage1", "tokenizer stage 1", other_stage2, PRETRAIN_UNUSED_SECTIONS)
+    TokenizerTrainer(other_stage2, tmp_path / "stage1", resume=True)  # no --allow-config-change needed
+    with pytest.raises(ValueError, match="finetune.steps"):  # a stage-2 run reads them: there they are changes
+        check_same_config(tmp_path / "stage1", "tokenizer stage 2", other_stage2)
+    with pytest.raises(ValueError, match="train.steps"):
+        reuse_finished(tmp_path / "stage1", "tokenizer stage 1", tiny_cfg(image_folder, "train.steps=3"),
+                       PRETRAIN_UNUSED_SECTIONS)
+
+
 def test_step_batches_are_a_function_of_the_step():
     full = StepBatchSampler(10, 4, seed=3)
     batches = [full.batch_indices(s) for s in range(5)]

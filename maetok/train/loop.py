@@ -385,26 +385,28 @@ def complete_config(config_class: type, raw: dict) -> dict:
         return raw
 
 
-def changes_since(config_path: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
+def changes_since(config_path: Path, cfg: Any, unused: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
     """Every change from the ``config.yaml`` at ``config_path`` (defaults filled in: :func:`complete_config`) to the
-    dataclass config ``cfg``; ``[]`` when there is no such file."""
+    dataclass config ``cfg``, leaving out the keys under the prefixes ``unused`` (sections the run never reads, such
+    as stage 2's ``finetune.`` in a stage-1 run); ``[]`` when there is no such file."""
     import yaml
 
     if not config_path.exists():
         return []
     earlier = complete_config(type(cfg), yaml.safe_load(config_path.read_text()) or {})
-    return config_changes(earlier, to_dict(cfg))
+    return [change for change in config_changes(earlier, to_dict(cfg)) if not change[0].startswith(tuple(unused))]
 
 
-def run_config_changes(run_dir: Path, cfg: Any) -> list[tuple[str, Any, Any]]:
-    """The changes beyond :data:`BOOKKEEPING_KEYS` from the ``config.yaml`` that ``run_dir`` ran under to the
-    dataclass config ``cfg`` (``[]`` when it holds none)."""
-    return [change for change in changes_since(Path(run_dir) / "config.yaml", cfg) if change[0] not in BOOKKEEPING_KEYS]
+def run_config_changes(run_dir: Path, cfg: Any, unused: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """The changes beyond :data:`BOOKKEEPING_KEYS` (and the ``unused`` sections) from the ``config.yaml`` that
+    ``run_dir`` ran under to the dataclass config ``cfg`` (``[]`` when it holds none)."""
+    changes = changes_since(Path(run_dir) / "config.yaml", cfg, unused)
+    return [change for change in changes if change[0] not in BOOKKEEPING_KEYS]
 
 
 def prepare_run_directory(
     out_dir: Path, cfg: Any, resume: bool, overwrite: bool, allow_config_change: bool, is_main: bool = True,
-    inputs: Sequence[Union[str, Path]] = (),
+    inputs: Sequence[Union[str, Path]] = (), unused: Sequence[str] = (),
 ) -> Optional[str]:
     """Check ``out_dir`` before a run under the dataclass config ``cfg`` starts; returns the earlier ``config.yaml``
     text when a resumed run accepts a changed config (the caller keeps it beside the new one), else ``None``.
@@ -419,7 +421,8 @@ def prepare_run_directory(
     - ``resume`` with a config that differs from the run's ``config.yaml``: the differences are printed; changes
       beyond :data:`BOOKKEEPING_KEYS` need ``allow_config_change`` (changes of the model's shape are refused
       later, when the checkpoint's tensors do not fit: :meth:`Trainer.resume`). Keys the earlier config lacks
-      (written by an older maetok) take their defaults, so a new key is not a change.
+      (written by an older maetok) take their defaults, so a new key is not a change; keys under the prefixes
+      ``unused`` (sections this run never reads) are no change either.
     """
     check_output_folder(out_dir)
     if resume and overwrite:
@@ -447,7 +450,7 @@ def prepare_run_directory(
         raise ValueError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
                          f"it and start again (or choose another --out)")
     config_path = out_dir / "config.yaml"
-    changes = changes_since(config_path, cfg)
+    changes = changes_since(config_path, cfg, unused)
     if not changes:
         return None
     if is_main:
@@ -581,7 +584,8 @@ class Trainer:
         self.device = self.dist.device
         # the subclass has set its config: refuse to touch a finished run or resume it under another config
         self.earlier_config = prepare_run_directory(
-            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.input_paths()
+            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.input_paths(),
+            self.unused_config_sections,
         )
         self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
@@ -592,6 +596,7 @@ class Trainer:
     # -- to implement ------------------------------------------------------------------------------------
 
     cfg: Any  # the run's dataclass config, set by the subclass before Trainer.__init__ (which checks the run dir)
+    unused_config_sections: tuple[str, ...] = ()  # key prefixes of cfg this run never reads: changing them is no change
     train_set: Dataset
 
     def train_step(self, batch: Any) -> dict[str, float]:

@@ -30,6 +30,8 @@ from maetok.runs import model_directory, run_directory
 from maetok.targets import build_target
 from maetok.train.loop import CHECKPOINT, Trainer, autocast, flip_mask, load_checkpoint
 
+#: what a stage-1 run never reads: its config may differ there from a later run's (one stage 1 serves several stage 2s)
+PRETRAIN_UNUSED_SECTIONS = ("finetune.",)
 #: the preset whose training settings (optimizer, losses, stage 2) fine-tune a tokenizer that comes without a run
 #: config (a model folder, the authors' released folder or a hub id); its model section is the tokenizer's own
 PRETRAINED_FINETUNE_PRESET = "maetok-b-128"
@@ -119,6 +121,7 @@ class TokenizerTrainer(Trainer):
         self.cfg = cfg
         self.stage = stage
         self.run_kind = f"tokenizer-{stage}"
+        self.unused_config_sections = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
         optim = cfg.optim
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
