@@ -113,6 +113,23 @@ def psnr_metrics(tokenizer_dir: Path, images: torch.Tensor) -> dict[str, float]:
     return evaluator.result()
 
 
+@torch.no_grad()
+def masked_input_psnr(tokenizer_dir: Path, images: torch.Tensor, ratio: float = 0.5, seed: int = 0) -> float:
+    """PSNR of a tokenizer whose encoder sees ``ratio`` of each image's patches replaced by its mask token: how much
+    the latents depend on the pixels the encoder was not shown (an AE falls far; an encoder that only ever saw masked
+    images hardly moves)."""
+    from maetok.data.images import to_uint8
+    from maetok.encode import load_tokenizer
+    from maetok.eval.metrics import psnr
+
+    model = load_tokenizer(tokenizer_dir, "cpu")
+    grid = model.grid_size(images)
+    mask = model.random_mask(len(images), grid[0] * grid[1], ratio, torch.Generator().manual_seed(seed))
+    latents = torch.cat([model.encoder(images[i : i + 500], mask[i : i + 500]) for i in range(0, len(images), 500)])
+    recon = torch.cat([model.decode(latents[i : i + 500]) for i in range(0, len(latents), 500)]).clamp(-1, 1)
+    return psnr(to_uint8(images), to_uint8(recon))
+
+
 def eval_curve(run_dir: Path) -> list[dict[str, float]]:
     """(step, eval PSNR on 256 test images) rows of a run's log."""
     import csv
@@ -151,6 +168,7 @@ def run_point(point: GridPoint, out: Path, base: Budget, data: str, metrics: str
         figures = {f"{k}": v for k, v in psnr_metrics(run_dir / "tokenizer", evald.images).items()
                    if k in ("psnr", "ssim")}
         figures["stage1_psnr"] = psnr_metrics(stage1_dir, evald.images)["psnr"]
+    figures["stage1_psnr_masked50"] = masked_input_psnr(stage1_dir, evald.images)
     return {"point": point.__dict__, "image_size": evald.image_size, "metrics": metrics, "figures": figures,
             "stage1_curve": eval_curve(stage1_dir), "stage2_curve": eval_curve(run_dir / "tokenizer"),
             "seconds": time.perf_counter() - start}
@@ -171,7 +189,8 @@ def flat_figures(result: dict[str, Any]) -> dict[str, Optional[float]]:
 
 
 COLUMNS = {  # figure -> (table heading, format)
-    "stage1_psnr": ("stage-1 PSNR", ".2f"), "psnr": ("PSNR", ".2f"), "ssim": ("SSIM", ".3f"),
+    "stage1_psnr": ("stage-1 PSNR", ".2f"), "stage1_psnr_masked50": ("stage 1, 50% of input masked", ".2f"),
+    "psnr": ("PSNR", ".2f"), "ssim": ("SSIM", ".3f"),
     "lpips": ("LPIPS", ".3f"), "rfid": ("rFID-1k", ".1f"),
     "gfid": ("gFID-1k", ".1f"), "dfid": ("decoder-free FID (floor)", ".1f"), "dfid_ratio": ("ratio", ".2f"),
     "recall": ("recall vs recon. (floor)", ".2f"), "heldout_loss_ratio": ("SiT / Gaussian loss", ".3f"),
@@ -314,6 +333,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[regime] {key}: {results[key]['figures']}", flush=True)
         results = {**(json.loads(results_path.read_text()) if results_path.exists() else {}), key: results[key]}
         results_path.write_text(json.dumps(results, indent=1))
+    for key, r in results.items():  # runs measured before this figure existed
+        stage1 = out / "stage1" / GridPoint.parse(r["point"]["name"]).stage1_name
+        if "stage1_psnr_masked50" not in r["figures"] and r.get("image_size", 32) == evald.image_size and stage1.exists():
+            r["figures"]["stage1_psnr_masked50"] = masked_input_psnr(stage1, evald.images)
+            results_path.write_text(json.dumps({**json.loads(results_path.read_text()), key: r}, indent=1))
     if args.report and results:
         print(f"[regime] report: {write_report(out, results)}")
     return 0

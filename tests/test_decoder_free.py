@@ -117,3 +117,17 @@ def test_heldout_loss_of_the_gaussian_optimum_equals_the_gaussian_baseline():
 class _Zero(torch.nn.Module):
     def forward(self, x, t, y=None):
         return torch.zeros_like(x)
+
+
+def test_heldout_loss_fits_one_gaussian_per_class_when_labelled():
+    """Two classes with opposite means: a pooled Gaussian cannot tell them apart, the per-class ones can."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(4000) % 2
+    shift = (2 * labels - 1).float().view(-1, 1, 1) * 3.0
+    train = torch.randn(4000, 2, 2, generator=g) * 0.3 + shift
+    held = torch.randn(400, 2, 2, generator=g) * 0.3 + shift[:400]
+    pooled = heldout_denoising_loss(_Zero(), held, train)
+    per_class = heldout_denoising_loss(_Zero(), held, train, labels[:400], labels)
+    assert per_class["gaussian"] == "one per class" and pooled["gaussian"] == "one for all latents"
+    assert per_class["gaussian_loss"] < 0.6 * pooled["gaussian_loss"]
+    assert per_class["loss"] == pytest.approx(pooled["loss"])  # the model's own loss does not depend on the fit

@@ -150,23 +150,40 @@ def heldout_denoising_loss(
 
     * ``loss``: the model on the held-out latents; ``train_loss``: on as many training latents (the gap is
       memorisation);
-    * ``gaussian_loss``: the best predictor a Gaussian fitted to the training latents allows (full covariance;
-      for eigenvalue ``lam`` of the covariance the optimal velocity is linear in ``x_t``), on the same held-out
-      draws. It is the baseline "a Gaussian fitted in that space": ``ratio = loss / gaussian_loss`` below 1 is
-      structure the model learned beyond the first two moments. Since the latents are normalised, the figures
-      compare across tokenizers at equal latent size (a velocity's variance is 1 + 1 per number).
+    * ``gaussian_loss``: the best predictor a Gaussian fitted to the training latents allows (full covariance; one
+      Gaussian per class when both label sets are given, as the conditional model sees the labels; for eigenvalue
+      ``lam`` of a covariance the optimal velocity is linear in ``x_t``), on the same held-out draws. It is the
+      baseline "a Gaussian fitted in that space": ``ratio = loss / gaussian_loss`` below 1 is structure the model
+      learned beyond the first two moments. Since the latents are normalised, the figures compare across tokenizers
+      at equal latent size (a velocity's variance is 1 + 1 per number).
     """
     if heldout.dim() != 3 or train.dim() != 3 or heldout.shape[1:] != train.shape[1:]:
         raise ValueError(f"held-out {tuple(heldout.shape)} and training latents {tuple(train.shape)} must be "
                          "(N, L, C) of one shape")
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
-    flat = train.flatten(1).double()
-    mean = flat.mean(0)
-    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(flat.T))
-    eigenvalues = eigenvalues.clamp_min(0.0)
+    per_class = heldout_labels is not None and train_labels is not None
+    gaussians = {}  # class (None: all) -> (mean (D,), eigenvalues (D,), eigenvectors (D, D)) of the training latents
+    for c in (torch.unique(train_labels).tolist() if per_class else [None]):
+        flat = (train if c is None else train[train_labels == c]).flatten(1).double()
+        if len(flat) < 2:
+            raise ValueError(f"class {c}: fewer than 2 training latents to fit its Gaussian")
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(flat.T))
+        gaussians[c] = (flat.mean(0), eigenvalues.clamp_min(0.0), eigenvectors)
+    if per_class and not set(torch.unique(heldout_labels).tolist()) <= set(gaussians):
+        raise ValueError("held-out latents carry a class the training latents do not")
     times = (torch.arange(num_times, dtype=torch.float64) + 0.5) / num_times
     count = min(len(heldout), len(train))
+
+    def gaussian_velocity(x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """``E[eps - x0 | x_t]`` under the fitted Gaussian(s): ``-mean + U diag(gain) U^T (x_t - (1 - t) mean)``."""
+        flat = x_t.flatten(1).double()
+        velocity = torch.empty_like(flat)
+        for c, (mean, eigenvalues, eigenvectors) in gaussians.items():
+            rows = slice(None) if c is None else labels == c
+            gain = (t - (1 - t) * eigenvalues) / ((1 - t) ** 2 * eigenvalues + t**2)
+            velocity[rows] = ((flat[rows] - (1 - t) * mean) @ eigenvectors * gain) @ eigenvectors.T - mean
+        return velocity
 
     def score(latents: torch.Tensor, labels: Optional[torch.Tensor], gaussian: bool) -> tuple[float, float]:
         generator = torch.Generator().manual_seed(seed)
@@ -176,14 +193,12 @@ def heldout_denoising_loss(
             for start in range(0, len(latents), batch_size):
                 x0, eps = latents[start : start + batch_size], noise[start : start + batch_size]
                 x_t, target = (1 - t.item()) * x0 + t.item() * eps, eps - x0
-                y = labels[start : start + batch_size].to(device) if labels is not None else None
-                velocity = model(x_t.to(device), torch.full((len(x0),), t.item(), device=device), y).float().cpu()
+                y = labels[start : start + batch_size] if labels is not None else None
+                velocity = model(x_t.to(device), torch.full((len(x0),), t.item(), device=device),
+                                 None if y is None else y.to(device)).float().cpu()
                 model_sq += (velocity - target).double().pow(2).sum().item()
                 if gaussian:
-                    projected = (x_t.flatten(1).double() - (1 - t) * mean) @ eigenvectors
-                    gain = (t - (1 - t) * eigenvalues) / ((1 - t) ** 2 * eigenvalues + t**2)
-                    predicted = (projected * gain) @ eigenvectors.T - mean
-                    gauss_sq += (predicted - target.flatten(1).double()).pow(2).sum().item()
+                    gauss_sq += (gaussian_velocity(x_t, t, y) - target.flatten(1).double()).pow(2).sum().item()
         elements = latents.numel() * num_times
         return model_sq / elements, gauss_sq / elements
 
@@ -198,7 +213,7 @@ def heldout_denoising_loss(
         model.train(was_training)
     return {"loss": loss, "train_loss": train_loss, "gaussian_loss": gaussian_loss,
             "ratio": loss / gaussian_loss if gaussian_loss > 0 else None, "num_latents": count,
-            "num_times": num_times}
+            "num_times": num_times, "gaussian": "one per class" if per_class else "one for all latents"}
 
 
 def reference_from_npz(path: PathLike, inception: torch.nn.Module, batch_size: int = 100,
