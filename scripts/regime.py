@@ -225,30 +225,54 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         seen = (p["stage1_steps"] + p["stage2_steps"]) * 32
         lines.append(f"| {key} | {tokens} | {mask} | {stage2} | {seen / 1000:.0f}k | "
                      + " | ".join(cell(r["figures"], k) for k in keys) + " |")
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
-    for key, r in sorted(results.items()):
-        s1, s2 = r["stage1_curve"], r["stage2_curve"]
-        end = r["point"]["stage1_steps"]
-        line = ax.plot([c["step"] * 32 / 1000 for c in s1], [c["psnr"] for c in s1], marker=".", alpha=0.6)[0]
-        ax.plot([(end + c["step"]) * 32 / 1000 for c in s2], [c["psnr"] for c in s2], marker="o",
-                color=line.get_color(), label=key, linestyle="--" if r["point"]["stage2_mode"] == "fresh" else "-")
-    ax.set_xlabel("training images seen (thousands; stage 1, then stage 2)")
-    ax.set_ylabel("held-out PSNR, 256 test images (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "regime_curves.png", dpi=120)
+    plot_curves(results, out / "regime_curves.png")
     gaps = patch_gaps(results)
     if gaps:
         plot_gaps(gaps, out / "regime_gap_vs_tokens.png")
-        lines += ["", "| stage-1 steps | image tokens | AE PSNR | MAETok (40-60%) PSNR | gap after stage 1 | gap after stage 2 |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {g['steps']} | {g['tokens']} | {g['ae']:.2f} | {g['maetok']:.2f} | {g['gap_stage1']:.2f} | "
-                  f"{g['gap']:.2f} |" for g in gaps]
+        lines += ["", "| stage-1 steps | stage 2 | image tokens | AE PSNR | MAETok (40-60%) PSNR | gap after stage 1 | "
+                  "gap after stage 2 |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['steps']} | {g['stage2']} | {g['tokens']} | {g['ae']:.2f} | {g['maetok']:.2f} | "
+                  f"{g['gap_stage1']:.2f} | {g['gap']:.2f} |" for g in gaps]
     path = out / "regime.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+PANELS = {  # title -> which runs it shows (from their grid point)
+    "patch size (MAETok 40-60% vs AE, stage 2 25%)":
+        lambda p: p["stage2_mode"] == "paper" and p["stage2_steps"] * 4 == p["stage1_steps"] and p["mask"] in ([0, 0], [0.4, 0.6])
+        and not p.get("latent") and not p.get("stage2_gan"),
+    "mask ratio (patch 8, stage 2 25%)":
+        lambda p: p["patch"] == 8 and p["stage1_steps"] == 2000 and p["stage2_mode"] == "paper"
+        and p["stage2_steps"] == 500 and not p.get("latent") and not p.get("stage2_gan"),
+    "stage 2 (patch 8): 10% / 25% / 100% paper, fresh decoder (dashed)":
+        lambda p: p["patch"] == 8 and p["stage1_steps"] == 2000 and p["mask"] in ([0, 0], [0.4, 0.6])
+        and not p.get("latent") and not p.get("stage2_gan"),
+}
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Held-out PSNR against training images, stage 1 then stage 2, one panel per question of :data:`PANELS`."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 5))
+    for ax, (title, wanted) in zip(fig.subplots(1, len(PANELS)), PANELS.items()):
+        chosen = sorted((r for r in results.values() if wanted(r["point"])), key=lambda r: r["point"]["name"])
+        colours = colormaps["tab20"].colors
+        for i, r in enumerate(chosen):
+            p, colour = r["point"], colours[i % len(colours)]
+            s1, s2 = r["stage1_curve"], r["stage2_curve"]
+            ax.plot([c["step"] * 32 / 1000 for c in s1], [c["psnr"] for c in s1], marker=".", color=colour, alpha=0.6)
+            ax.plot([(p["stage1_steps"] + c["step"]) * 32 / 1000 for c in s2], [c["psnr"] for c in s2], marker="o",
+                    markersize=3, color=colour, label=p["name"], linestyle="--" if p["stage2_mode"] == "fresh" else "-")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training images seen (thousands; stage 1, then stage 2)")
+        ax.set_ylabel("held-out PSNR, 256 test images (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def patch_gaps(results: dict[str, Any]) -> list[dict[str, Any]]:
