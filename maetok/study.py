@@ -2,7 +2,9 @@
 
 Tokenizers that differ in one design choice (AE, VAE, MAETok, MAETok without auxiliary decoders, MAETok without
 masking) go through the same pipeline (:mod:`maetok.pipeline`: both tokenizer stages, the same small SiT on
-their latents, the same evaluation) with several seeds each (AE, VAE and MAETok 3, the ablations 1). The table
+their latents, the same evaluation) with several seeds each (AE, VAE and MAETok 3, the ablations 1), beside an AE
+stopped after a fifth of stage 1 (3 seeds), whose reconstructions are about as poor as MAETok's: the control that
+tells a latent space easier to learn from one that holds less of the image. The table
 gives mean +- std over seeds of PSNR, LPIPS, rFID, gFID (without CFG, as the paper's Table 1), linear-probe
 accuracy and GMM held-out NLL (every run in one shared PCA dimension), beside the PCA / Gaussian baselines and
 the real-vs-real FID floor, and states which of the paper's orderings hold beyond seed noise.
@@ -19,7 +21,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,37 +49,43 @@ QUICK_BUDGET = Budget(
 GMM_TABLE_K = 10  # the K whose held-out NLL goes into the table (the largest K of the curve when fewer)
 
 NO_MASK = ["model.mask_ratio_min=0", "model.mask_ratio_max=0"]
+VARIANT_AE = ["model.variant=ae", *NO_MASK, "model.aux_targets=[]"]
 # slug -> (label, tokenizer-config overrides that make the variant from the MAETok preset, seeds)
 VARIANTS: dict[str, tuple[str, list[str], int]] = {
-    "ae": ("AE", ["model.variant=ae", *NO_MASK, "model.aux_targets=[]"], 3),
+    "ae": ("AE", VARIANT_AE, 3),
     "vae": ("VAE", ["model.variant=vae", *NO_MASK, "model.aux_targets=[]"], 3),
     "maetok": ("MAETok", [], 3),
     "maetok-no-aux": ("MAETok w/o aux decoders", ["model.aux_targets=[]"], 1),
     "maetok-no-mask": ("MAETok w/o masking", NO_MASK, 1),
+    # the information control: an AE stopped early, whose reconstructions are about as poor as MAETok's (at the CPU
+    # budget: 17.7 vs 18.3 dB), so that what its latents hold no longer differs from MAETok's by 4 dB
+    "ae-short": ("AE, 1/5 of stage 1 (MAETok's PSNR)", VARIANT_AE, 3),
 }
+STAGE1_FRACTION = {"ae-short": 0.2}  # variants that train stage 1 for a fraction of the budget's steps
 # the paper's claims this study can test: (metric, better direction, variant that should win, variant it beats)
+DECODER_FREE = ("dfid_ratio", "dfid_recall", "heldout_ratio")  # lower, higher, lower is better
 CLAIMS = [
     ("linear_probe_top1", "higher", "maetok", "ae"),
     ("linear_probe_top1", "higher", "maetok", "vae"),
     ("gfid", "lower", "maetok", "ae"),
     ("gfid", "lower", "maetok", "vae"),
-    # the generator without the decoder: the samples against the tokenizer's own reconstructions, over its floor
-    ("dfid_ratio", "lower", "maetok", "ae"),
-    ("dfid_ratio", "lower", "maetok", "vae"),
-    ("dfid_recall", "higher", "maetok", "ae"),
-    ("dfid_recall", "higher", "maetok", "vae"),
-    ("heldout_ratio", "lower", "maetok", "ae"),
-    ("heldout_ratio", "lower", "maetok", "vae"),
+    # the generator without the decoder: the samples against the tokenizer's own reconstructions, over its floor;
+    # against AE and VAE, and against the AE that holds as little of the image as MAETok (the information control)
+    *((key, "higher" if key == "dfid_recall" else "lower", "maetok", other)
+      for other in ("ae", "vae", "ae-short") for key in DECODER_FREE),
     ("gmm_nll", "lower", "maetok", "ae"),
     ("gmm_nll", "lower", "maetok", "vae"),
 ]
-# the paper's claims in words, each judged on the metrics that test it (every one against AE and against VAE)
+# the paper's claims in words, each judged on the (metric, opponent) orderings of CLAIMS that test it
 CLAIM_TEXTS = {
-    "MAETok's latents are easier for diffusion to learn (judged without the decoder: decoder-free FID / floor, recall "
-    "vs reconstructions, SiT / Gaussian loss)": ("dfid_ratio", "dfid_recall", "heldout_ratio"),
-    "MAETok generates better (gFID, decoder included)": ("gfid",),
-    "MAETok's latents are more discriminative (linear probe)": ("linear_probe_top1",),
-    "MAETok's latents have fewer GMM modes (held-out NLL)": ("gmm_nll",),
+    "MAETok's latents are easier for diffusion to learn than AE's and VAE's (judged without the decoder: decoder-free "
+    "FID / floor, recall vs reconstructions, SiT / Gaussian loss)": [(k, o) for o in ("ae", "vae") for k in DECODER_FREE],
+    "... and still with the information confound out, against an AE stopped where its reconstructions are as poor as "
+    "MAETok's (a blurrier tokenizer's distribution is simpler to learn whatever its training)":
+        [(k, "ae-short") for k in DECODER_FREE],
+    "MAETok generates better (gFID, decoder included)": [("gfid", "ae"), ("gfid", "vae")],
+    "MAETok's latents are more discriminative (linear probe)": [("linear_probe_top1", "ae"), ("linear_probe_top1", "vae")],
+    "MAETok's latents have fewer GMM modes (held-out NLL)": [("gmm_nll", "ae"), ("gmm_nll", "vae")],
 }
 METRICS = {  # table column -> (how to read it from a run's result, format)
     "PSNR (dB)": ("psnr", ".2f"),
@@ -128,15 +136,13 @@ def run_study(
     # seed-major order: every variant's first seed, then the second seeds, ... (an interrupted study is balanced)
     for seed in range(max(seeds or VARIANTS[slug][2] for slug in variants)):
         for slug in variants:
-            label, variant_overrides, default_seeds = VARIANTS[slug]
+            label, _, default_seeds = VARIANTS[slug]
             run_dir = out / slug / f"seed{seed}"
             if seed >= (seeds or default_seeds) or (only_finished and not (run_dir / "result.json").exists()):
                 continue
             print(f"[maetok study] {label}, seed {seed}", flush=True)
-            runs[slug].append(run_pipeline(run_dir, evald, budget, tokenizer_config, diffusion_config,
-                                           shape + variant_overrides + list(tokenizer_overrides),
-                                           diffusion_overrides, seed=seed, device=device, progress=progress,
-                                           label=label))
+            runs[slug].append(run_variant(out, slug, seed, evald, budget, tokenizer_config, diffusion_config,
+                                          shape + list(tokenizer_overrides), diffusion_overrides, device, progress))
     runs = {slug: r for slug, r in runs.items() if r}
     if not runs:
         raise ValueError(f"{out}: no finished run to report")
@@ -150,6 +156,19 @@ def run_study(
     gmm_pca = shared_gmm(out, runs, budget, gmm_pca_dim, evald)
     return write_study(out, runs, baselines, gmm_pca, data, tokenizer_config, diffusion_config, budget,
                        evald.images, time.perf_counter() - start)
+
+
+def run_variant(out: Path, slug: str, seed: int, evald: Any, budget: Budget, tokenizer_config: str,
+                diffusion_config: str, tokenizer_overrides: Sequence[str] = (), diffusion_overrides: Sequence[str] = (),
+                device: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """One (variant, seed) of the study through the pipeline into ``out/<variant>/seed<k>`` (reused when finished);
+    returns its result."""
+    label, variant_overrides, _ = VARIANTS[slug]
+    if slug in STAGE1_FRACTION:
+        budget = replace(budget, stage1_steps=max(1, round(budget.stage1_steps * STAGE1_FRACTION[slug])))
+    return run_pipeline(out / slug / f"seed{seed}", evald, budget, tokenizer_config, diffusion_config,
+                        [*variant_overrides, *tokenizer_overrides], diffusion_overrides, seed=seed, device=device,
+                        progress=progress, label=label)
 
 
 def shared_gmm(out: Path, runs: dict[str, list[dict[str, Any]]], budget: Budget, pca_dim: Optional[int],
@@ -208,12 +227,13 @@ def run_value(r: dict[str, Any], key: str, table_k: str) -> Optional[float]:
     return r["reconstruction"].get(key)
 
 
-def claim_verdicts(verdicts: dict[str, Optional[str]]) -> list[str]:
+def claim_verdicts(verdicts: dict[tuple[str, str, str, str], Optional[str]], labels: dict[str, str]) -> list[str]:
     """One plain line per claim of :data:`CLAIM_TEXTS`: it *holds* when every ordering that tests it holds beyond
-    seed noise, *fails* when any is reversed beyond it, and *cannot be decided at this scale* otherwise."""
+    seed noise, *fails* when any is reversed beyond it, and *cannot be decided at this scale* otherwise.
+    ``verdicts``: :func:`judge`'s answer per ordering of :data:`CLAIMS`."""
     lines = []
-    for text, keys in CLAIM_TEXTS.items():
-        found = {name: v for name, v in verdicts.items() if name.split(": ")[-1] in keys}
+    for text, tested in CLAIM_TEXTS.items():
+        found = {ordering_name(c, labels): v for c, v in verdicts.items() if (c[0], c[3]) in tested}
         states = [(v or "").split(" ")[0] for v in found.values()]
         if not any(found.values()):
             word = "**cannot be decided**: no comparison with 2 or more seeds on each side"
@@ -226,6 +246,12 @@ def claim_verdicts(verdicts: dict[str, Optional[str]]) -> list[str]:
                 n for n, v in found.items() if not (v or "").startswith("holds"))
         lines.append(f"- {text}: {word}.")
     return lines
+
+
+def ordering_name(claim: tuple[str, str, str, str], labels: dict[str, str]) -> str:
+    """``"MAETok vs AE: gfid"`` for an ordering of :data:`CLAIMS`."""
+    key, _, winner, loser = claim
+    return f"{labels.get(winner, winner)} vs {labels.get(loser, loser)}: {key}"
 
 
 def floor_recall(runs: dict[str, list[dict[str, Any]]]) -> str:
@@ -289,13 +315,14 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     n_eval = len(eval_images)
     fid_n, ref_n = fid_label(budget.fid_samples), fid_label(n_eval)
     pca, gauss, floor = baselines["pca"], baselines["gaussian"], baselines["real_vs_real"]
-    verdicts = {f"{labels.get(w, w)} vs {labels.get(lo, lo)}: {key}": judge((key, d, w, lo), stats) for key, d, w, lo in CLAIMS}
+    judged = {claim: judge(claim, stats) for claim in CLAIMS}
+    verdicts = {ordering_name(claim, labels): v for claim, v in judged.items()}
     report = {"data": data, "tokenizer_config": tokenizer_config, "diffusion_config": diffusion_config,
               "budget": asdict(budget), "machine": machine_description(), "command": command,
               "wall_time_s_this_run": wall_s, "gmm_pca": gmm_pca, "baselines": baselines,
               "summary": {slug: {key: {"mean": m, "std": s, "seeds": n} for key, (m, s, n) in st.items()}
                           for slug, st in stats.items()},
-              "claims": verdicts, "claim_verdicts": claim_verdicts(verdicts), "runs": runs}
+              "claims": verdicts, "claim_verdicts": claim_verdicts(judged, labels), "runs": runs}
     write_json(out / "study.json", report)
 
     def cell(slug: str, key: str, spec: str) -> str:
@@ -348,7 +375,7 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
         "",
         "## The paper's claims at this scale",
         "",
-        *claim_verdicts(verdicts),
+        *claim_verdicts(judged, labels),
         "",
         "Each ordering, judged against twice the standard error of the difference of the means:",
         "",

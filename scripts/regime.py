@@ -2,7 +2,7 @@
 
     python3 scripts/regime.py --out DIR --runs p8_ae_s2000_paper25 p8_m40-60_s2000_paper25 ... [--metrics psnr]
 
-A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[gan][_l{tokens}x{channels}][_seed{k}]``
+A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[gan][_l{tokens}x{channels}][_d{sit steps}][_seed{k}]``
 
 * tokenizer: ``ae`` (plain AE, no masking, no auxiliary decoders), ``vae``, or ``m{lo}-{hi}`` (MAETok: mask
   ratio drawn per image in [lo%, hi%], the HOG + pixel auxiliary decoders of the CPU preset);
@@ -11,7 +11,8 @@ A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[ga
   loss (the paper's recipe, §3.3); ``fresh{steps}`` trains a newly initialised decoder on unmasked latents for that
   many steps at stage 1's learning rate (how much of the image the latents hold); ``gan`` after either: stage 2
   with the paper's Eq. 6 loss (MSE + LPIPS + adversarial) instead of MSE;
-* ``_l{tokens}x{channels}``: another latent size than the preset's 16 x 8 = 128 numbers per image.
+* ``_l{tokens}x{channels}``: another latent size than the preset's 16 x 8 = 128 numbers per image;
+* ``_d{steps}``: the SiT of ``--metrics all`` trained for that many steps instead of the study's 400.
 
 Everything else is the ``fashion-mnist-maetok`` preset on Fashion-MNIST (or ``--data``), MSE (+ auxiliary losses)
 in stage 1, batch 32. Stage-1 runs are shared by every stage 2 that starts from them (``DIR/stage1/``).
@@ -40,7 +41,7 @@ from maetok.study import CPU_BUDGET as BASE_BUDGET  # every figure but the step 
 PRESET = "fashion-mnist-maetok"
 NAME = re.compile(r"^p(?P<patch>\d+)_(?P<tok>ae|vae|m(?P<lo>\d+)-(?P<hi>\d+))_s(?P<s1>\d+)_"
                   r"(?P<mode>paper|fresh)(?P<amount>\d+)(?P<gan>gan)?(?:_l(?P<tokens>\d+)x(?P<channels>\d+))?"
-                  r"(?:_seed(?P<seed>\d+))?$")
+                  r"(?:_d(?P<sit>\d+))?(?:_seed(?P<seed>\d+))?$")
 PRESET_OVERRIDES: list[str] = []  # added to every run's (tests shrink the model here)
 NO_MASK = ["model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
 
@@ -59,19 +60,22 @@ class GridPoint:
     seed: int
     stage2_gan: bool = False  # stage 2 with the paper's Eq. 6 loss (MSE + LPIPS + GAN) instead of stage 1's MSE
     latent: Optional[tuple[int, int]] = None  # (tokens, channels); None: the preset's 16 x 8
+    sit_steps: Optional[int] = None  # SiT training steps with --metrics all; None: the study's
+
     @classmethod
     def parse(cls, name: str) -> "GridPoint":
         m = NAME.match(name)
         if m is None:
             raise SystemExit(f"run name {name!r} does not read as p{{patch}}_{{ae|vae|m<lo>-<hi>}}_s{{steps}}_"
-                             "{paper<pct>|fresh<steps>}[gan][_l<tokens>x<channels>][_seed<k>]")
+                             "{paper<pct>|fresh<steps>}[gan][_l<tokens>x<channels>][_d<sit steps>][_seed<k>]")
         s1 = int(m["s1"])
         tok = m["tok"] if m["tok"] in ("ae", "vae") else "maetok"
         mask = (int(m["lo"]) / 100, int(m["hi"]) / 100) if tok == "maetok" else (0.0, 0.0)
         amount = int(m["amount"])
         steps = max(1, round(s1 * amount / 100)) if m["mode"] == "paper" else amount
         latent = (int(m["tokens"]), int(m["channels"])) if m["tokens"] else None
-        return cls(name, int(m["patch"]), tok, mask, s1, m["mode"], steps, int(m["seed"] or 0), bool(m["gan"]), latent)
+        return cls(name, int(m["patch"]), tok, mask, s1, m["mode"], steps, int(m["seed"] or 0), bool(m["gan"]), latent,
+                   int(m["sit"]) if m["sit"] else None)
 
     @property
     def stage1_name(self) -> str:
@@ -101,7 +105,7 @@ class GridPoint:
 
         return dataclasses.replace(base, stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps,
                                    stage1_loss="mse", stage2_loss="full" if self.stage2_gan else "mse",
-                                   stage2_mask_decay=1.0)
+                                   stage2_mask_decay=1.0, diffusion_steps=self.sit_steps or base.diffusion_steps)
 
 
 def psnr_metrics(tokenizer_dir: Path, images: torch.Tensor) -> dict[str, float]:
@@ -238,16 +242,20 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def plain(p: dict[str, Any]) -> bool:
+    """A grid point of the tokenizer questions: the preset's latent size, stage 2 with MSE, the study's SiT."""
+    return not p.get("latent") and not p.get("stage2_gan") and not p.get("sit_steps")
+
+
 PANELS = {  # title -> which runs it shows (from their grid point)
     "patch size (MAETok 40-60% vs AE, stage 2 25%)":
-        lambda p: p["stage2_mode"] == "paper" and p["stage2_steps"] * 4 == p["stage1_steps"] and p["mask"] in ([0, 0], [0.4, 0.6])
-        and not p.get("latent") and not p.get("stage2_gan"),
+        lambda p: plain(p) and p["stage2_mode"] == "paper" and p["stage2_steps"] * 4 == p["stage1_steps"]
+        and p["mask"] in ([0, 0], [0.4, 0.6]),
     "mask ratio (patch 8, stage 2 25%)":
-        lambda p: p["patch"] == 8 and p["stage1_steps"] == 2000 and p["stage2_mode"] == "paper"
-        and p["stage2_steps"] == 500 and not p.get("latent") and not p.get("stage2_gan"),
+        lambda p: plain(p) and p["patch"] == 8 and p["stage1_steps"] == 2000 and p["stage2_mode"] == "paper"
+        and p["stage2_steps"] == 500,
     "stage 2 (patch 8): 10% / 25% / 100% paper, fresh decoder (dashed)":
-        lambda p: p["patch"] == 8 and p["stage1_steps"] == 2000 and p["mask"] in ([0, 0], [0.4, 0.6])
-        and not p.get("latent") and not p.get("stage2_gan"),
+        lambda p: plain(p) and p["patch"] == 8 and p["stage1_steps"] == 2000 and p["mask"] in ([0, 0], [0.4, 0.6]),
 }
 
 
@@ -267,12 +275,18 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
             ax.plot([(p["stage1_steps"] + c["step"]) * 32 / 1000 for c in s2], [c["psnr"] for c in s2], marker="o",
                     markersize=3, color=colour, label=p["name"], linestyle="--" if p["stage2_mode"] == "fresh" else "-")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training images seen (thousands; stage 1, then stage 2)")
-        ax.set_ylabel("held-out PSNR, 256 test images (dB)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        label_axes(ax, "training images seen (thousands; stage 1, then stage 2)",
+                   "held-out PSNR, 256 test images (dB)", legend_size=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def label_axes(ax: Any, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # a panel no run falls in stays empty
+        ax.legend(fontsize=legend_size)
 
 
 def patch_gaps(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -282,7 +296,7 @@ def patch_gaps(results: dict[str, Any]) -> list[dict[str, Any]]:
     gaps = []
     for name, r in by_name.items():
         p = r["point"]
-        if p["tokenizer"] != "ae":
+        if p["tokenizer"] != "ae" or not plain(p):
             continue
         masked = by_name.get(name.replace("_ae_", "_m40-60_"))
         if masked is None:
@@ -307,10 +321,8 @@ def plot_gaps(gaps: list[dict[str, Any]], path: Path) -> None:
                 color=ax.lines[-1].get_color())
     ax.axhline(0.5, color="k", linestyle="--", linewidth=0.8, label="target: within 0.5 dB")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("image tokens (image size / patch)^2")
-    ax.set_ylabel("PSNR gap AE - MAETok (dB); dotted: after stage 1")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    label_axes(ax, "image tokens (image size / patch)^2", "PSNR gap AE - MAETok (dB); dotted: after stage 1",
+               legend_size=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -33,6 +33,9 @@ def test_run_names_read_as_grid_points(regime):
     fresh = regime.GridPoint.parse("p8_ae_s1000_fresh3000")
     assert (fresh.tokenizer, fresh.mask, fresh.stage2_steps, fresh.seed) == ("ae", (0.0, 0.0), 3000, 0)
     assert "finetune.fresh_decoder=true" in fresh.tokenizer_overrides()
+    longer_sit = regime.GridPoint.parse("p8_ae_s2000_paper10_d2000")  # a longer SiT on the same tokenizer
+    assert longer_sit.sit_steps == 2000 and longer_sit.budget(regime.BASE_BUDGET).diffusion_steps == 2000
+    assert longer_sit.stage1_name == "p8_ae_s2000_seed0" and fresh.budget(regime.BASE_BUDGET).diffusion_steps == 400
     with pytest.raises(SystemExit, match="does not read as"):
         regime.GridPoint.parse("p8_maetok_s100_paper10")
 
