@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import build_dataset, load_images, save_image_grid
+from maetok.data import DatasetSubset, build_dataset, load_images, save_image_grid
 from maetok.data.images import to_uint8
 from maetok.runs import is_finished, resolve_device, write_json
 
@@ -225,7 +225,6 @@ def run_pipeline(
     ``timings_s``, ``num_cached_latents``, ``latent_dim`` (L x H numbers per image). A finished run
     (``result.json`` present) is returned as it is. ``stage1_dir``: where stage 1 trains (or was trained before,
     to be shared by several stage 2s); default ``out/stage1``."""
-    from maetok.data import DatasetSubset
     from maetok.data.latents import LatentDataset
     from maetok.diffusion.generate import generate_images
     from maetok.diffusion.pipeline import LatentGenerator
@@ -284,9 +283,7 @@ def run_pipeline(
                                       progress=False, source="reconstructions of training images"))
 
     with timer.phase("latent cache of the training split"):
-        train_set = build_dataset(evald.data, "train", m.image_size, m.in_channels)
-        if budget.cache_limit:
-            train_set = DatasetSubset(train_set, range(min(budget.cache_limit, len(train_set))))
+        train_set = cache_draw(build_dataset(evald.data, "train", m.image_size, m.in_channels), budget.cache_limit)
         cache_latents(tokenizer, train_set, out / "latents", out / "tokenizer" / "model", progress=progress,
                       restart_if_stale=True)
 
@@ -379,6 +376,14 @@ def sample_grid(samples: np.ndarray, labels: Optional[np.ndarray], rows: int = 1
 
 
 FLOOR_SEED = 1  # the draw of training images behind the floors (real vs real, and of the decoder-free figures)
+CACHE_SEED = 2  # the draw (and order) of the training images whose latents the SiT trains on
+
+
+def cache_draw(train_set: Any, limit: Optional[int]) -> Any:
+    """The training images whose latents the pipeline caches: a seeded draw of ``limit`` of them (all when None or
+    0) in shuffled order. Image folders list their classes one after another, and the SiT, the linear probe, the GMM
+    and the held-out loss read the cache or a prefix of it: each must hold every class."""
+    return DatasetSubset(train_set, np.random.default_rng(CACHE_SEED).permutation(len(train_set))[: limit or None])
 GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)
 CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
 

@@ -177,3 +177,19 @@ def test_sample_grid_takes_rows_per_class_from_the_measured_samples():
     assert per_row == 2 and grid[:, 0, 0, 0].tolist() == [0, 3, 1, 4, 2, 5]
     grid, per_row = sample_grid(samples, None, rows=2, per_row=5)
     assert per_row == 5 and grid[:, 0, 0, 0].tolist() == list(range(10))
+
+
+def test_the_latent_cache_draws_every_class_of_a_folder_sorted_by_class():
+    from maetok.pipeline import cache_draw
+
+    class SortedFolder(torch.utils.data.Dataset):  # three classes of 130 images, one after another
+        labels = torch.arange(390) // 130
+
+        def __len__(self) -> int:
+            return 390
+
+    drawn = cache_draw(SortedFolder(), 256)
+    assert len(drawn) == 256 and len(set(drawn.indices.tolist())) == 256
+    assert set(SortedFolder.labels[drawn.indices[:30]].tolist()) == {0, 1, 2}  # every prefix is a draw too
+    assert drawn.indices.tolist() == cache_draw(SortedFolder(), 256).indices.tolist()  # seeded
+    assert sorted(cache_draw(SortedFolder(), None).indices.tolist()) == list(range(390))
