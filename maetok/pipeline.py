@@ -377,6 +377,8 @@ def sample_grid(samples: np.ndarray, labels: Optional[np.ndarray], rows: int = 1
 
 FLOOR_SEED = 1  # the draw of training images behind the floors (real vs real, and of the decoder-free figures)
 CACHE_SEED = 2  # the draw (and order) of the training images whose latents the SiT trains on
+GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)
+CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
 
 
 def cache_draw(train_set: Any, limit: Optional[int]) -> Any:
@@ -384,8 +386,6 @@ def cache_draw(train_set: Any, limit: Optional[int]) -> Any:
     0) in shuffled order. Image folders list their classes one after another, and the SiT, the linear probe, the GMM
     and the held-out loss read the cache or a prefix of it: each must hold every class."""
     return DatasetSubset(train_set, np.random.default_rng(CACHE_SEED).permutation(len(train_set))[: limit or None])
-GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)
-CONVERGED_DB = 0.2  # "converged": the last 20% of the stage-1 steps gained less than this (PSNR, dB)
 
 
 def convergence(log_csv: Path) -> dict[str, Any]:

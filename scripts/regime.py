@@ -37,13 +37,13 @@ import torch
 
 from maetok.config import Budget
 from maetok.study import CPU_BUDGET as BASE_BUDGET  # every figure but the step counts as in `maetok study`
+from maetok.study import NO_MASK_NO_AUX
 
 PRESET = "fashion-mnist-maetok"
 NAME = re.compile(r"^p(?P<patch>\d+)_(?P<tok>ae|vae|m(?P<lo>\d+)-(?P<hi>\d+))_s(?P<s1>\d+)_"
                   r"(?P<mode>paper|fresh)(?P<amount>\d+)(?P<gan>gan)?(?:_l(?P<tokens>\d+)x(?P<channels>\d+))?"
                   r"(?:_d(?P<sit>\d+))?(?:_seed(?P<seed>\d+))?$")
 PRESET_OVERRIDES: list[str] = []  # added to every run's (tests shrink the model here)
-NO_MASK = ["model.mask_ratio_min=0", "model.mask_ratio_max=0", "model.aux_targets=[]"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class GridPoint:
         if self.latent:
             o += [f"model.num_latent_tokens={self.latent[0]}", f"model.latent_dim={self.latent[1]}"]
         if self.tokenizer in ("ae", "vae"):
-            o += [f"model.variant={self.tokenizer}", *NO_MASK]
+            o += [f"model.variant={self.tokenizer}", *NO_MASK_NO_AUX]
         else:
             # stage 2 decays the mask ratio from stage 1's highest (the paper: 60%, its stage 1 drew 40-60%)
             o += [f"model.mask_ratio_min={self.mask[0]}", f"model.mask_ratio_max={self.mask[1]}",
