@@ -93,10 +93,10 @@ def bench_tokenizer(preset: str, batch_size: int, device: torch.device, override
 
 
 def _diffusion_model(preset: str, latent_shape: tuple[int, int], num_classes: int, overrides: list[str]):
-    from maetok.diffusion.pipeline import build_diffusion_model
+    from maetok.models.sit import build_diffusion_model
 
     cfg = load_config(DiffusionTrainConfig, preset, overrides)
-    return cfg, build_diffusion_model(cfg.model, latent_shape, num_classes)
+    return cfg, build_diffusion_model(cfg.model.for_latents(latent_shape, num_classes))
 
 
 def bench_diffusion_train(preset: str, latent_shape: tuple[int, int], num_classes: int, batch_size: int, device: torch.device,
@@ -128,12 +128,12 @@ def bench_sampling(preset: str, latent_shape: tuple[int, int], num_classes: int,
                    overrides: list[str], iters: int = 1) -> dict:
     """Generating ``batch_size`` latents with the preset's sampler, steps and CFG (decoding excluded)."""
     from maetok.data.latents import LatentNormalizer
-    from maetok.diffusion.pipeline import LatentGenerator
+    from maetok.diffusion.generator import LatentGenerator
 
     cfg, model = _diffusion_model(preset, latent_shape, num_classes, overrides)
     model = model.to(device).eval()
     norm = LatentNormalizer({"mean": 0.0, "std": 1.0}, "scalar")
-    pipe = LatentGenerator(model, cfg.model, norm, latent_shape, num_classes, [], cfg.sampling, None)
+    pipe = LatentGenerator(model, norm, [], cfg.sampling, None)
     labels = torch.arange(batch_size) % num_classes if num_classes else None
     s = cfg.sampling
 

@@ -68,43 +68,26 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_diffusion_folder(source: str) -> bool:
-    """Whether ``source`` (folder, run directory or hub id) holds a diffusion model (ours or the authors' SiT)
-    rather than a tokenizer."""
-    from maetok.assets import resolve_pretrained
-    from maetok.models.sit import DIFFUSION_MODEL_TYPE, is_reference_sit_config
-    from maetok.runs import read_config_json
-
-    _, config = read_config_json(resolve_pretrained(source), "model")
-    return config.get("model_type") == DIFFUSION_MODEL_TYPE or is_reference_sit_config(config)
-
-
 @command("convert")
 def cmd_convert(args: argparse.Namespace) -> int:
-    if _is_diffusion_folder(args.source):
-        from maetok.models.sit import load_velocity_model
+    from maetok.model_folders import convert
 
-        model, _ = load_velocity_model(args.source, "cpu")
-        out = model.save_pretrained(args.out)
-    else:
-        from maetok.models.released import convert_pretrained
-
-        out = convert_pretrained(args.source, args.out)
+    out = convert(args.source, args.out)
     print(f"[maetok] {args.source} -> {out} (maetok format: config.json + model.safetensors)")
     return 0
 
 
 def _print_diffusion_info(source: str) -> None:
     """``maetok info --model`` of a diffusion model: format, architecture, parameters, latents, classes."""
-    from maetok.models.sit import load_velocity_model
+    from maetok.model_folders import load_diffusion_model
 
-    model, folder = load_velocity_model(source, "cpu")
+    model, folder = load_diffusion_model(source, "cpu")
     arch = model.config
     params = sum(p.numel() for p in model.parameters())
-    print(f"{source}: {folder.model_cfg.arch} (width {arch.width}, depth {arch.depth}, {arch.num_heads} heads), "
+    print(f"{source}: {arch.arch} (width {arch.width}, depth {arch.depth}, {arch.num_heads} heads), "
           f"format {folder.source_format}")
     print(f"  folder {folder.directory}")
-    print(f"  on {folder.latent_shape[0]} x {folder.latent_shape[1]} latents, {folder.num_classes or 'no'} classes")
+    print(f"  on {arch.num_latent_tokens} x {arch.latent_dim} latents, {model.num_classes or 'no'} classes")
     print(f"  {'parameters':<32} {params / 1e6:8.2f}M")
     norm = folder.extras.get("latent_norm") or {}
     if folder.source_format == "maetok":
@@ -115,12 +98,12 @@ def _print_diffusion_info(source: str) -> None:
 
 def _print_model_info(source: str) -> None:
     """``maetok info --model``: detected format, parameter counts, latent shape and latent statistics."""
-    if _is_diffusion_folder(source):
+    from maetok.model_folders import is_diffusion_folder, summarize
+
+    if is_diffusion_folder(source):
         _print_diffusion_info(source)
         return
-    from maetok.models.released import summarize_pretrained
-
-    s = summarize_pretrained(source)
+    s = summarize(source)
     grid = s["image_size"] // s["patch_size"]
     print(f"{source}: {s['architecture']}, format {s['format']}")
     print(f"  folder {s['folder']}")
@@ -153,11 +136,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         load_config,
         read_preset,
     )
-    from maetok.diffusion.pipeline import build_diffusion_model
+    from maetok.models.sit import build_diffusion_model
     from maetok.models.tokenizer import MAETok
     from maetok.train.loop import describe_ema
 
-    if args.sizes or not args.config:  # the size table of the diffusion presets (model.preset)
+    if args.sizes or not args.config:  # the size table that model.preset names
         print("diffusion transformer sizes (maetok.config.DIFFUSION_SIZES, MLP ratio 4):")
         for preset, size in DIFFUSION_SIZES.items():
             print(f"  {preset:<16} width {size.width:>5}   depth {size.depth:>3}   heads {size.num_heads:>3}")
@@ -168,11 +151,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             cfg = load_config(DiffusionTrainConfig, name, args.overrides)
             shape, classes = tuple(args.latent_shape), args.classes
             with torch.device("meta"):
-                model = build_diffusion_model(cfg.model, shape, classes)
+                model = build_diffusion_model(cfg.model.for_latents(shape, classes))
             params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-            arch = model.config  # the preset's size with the config's width/depth/num_heads overrides
+            arch = model.config
             print(
-                f"{name}: {cfg.model.arch} {cfg.model.preset} (width {arch.width}, depth {arch.depth}, "
+                f"{name}: {arch.arch} {arch.size_name} (width {arch.width}, depth {arch.depth}, "
                 f"{arch.num_heads} heads) on {shape[0]} x {shape[1]} latents, {classes} classes"
             )
             print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
@@ -279,8 +262,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
-    from maetok.diffusion.generate import generate_images, write_samples
-    from maetok.diffusion.pipeline import LatentGenerator
+    from maetok.diffusion.generator import LatentGenerator, generate_images, write_samples
     from maetok.encode import load_tokenizer
 
     pipe = LatentGenerator.load(args.model, args.device)

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import yaml
 
@@ -321,6 +321,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a (possibly partial) dict, checking every key and type."""
+    if hasattr(cls, "expand"):  # a section that expands shorthands (DiffusionModelConfig's preset) first
+        data = cls.expand(data, where or "model")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -331,6 +333,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            if hasattr(hints[key], "expand"):  # shorthands expand before the defaults fill the rest
+                value = hints[key].expand(value, f"{where}.{key}" if where else key)
             # a nested partial dict starts from this class's default for the field, not the nested class's
             value = {**to_dict(getattr(base, key)), **value}
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
@@ -431,7 +435,7 @@ class TransformerSize(NamedTuple):
 
 
 # The sizes of the diffusion transformers, paper Tables 8-9 (SiT / DiT sizes); the one place they are written.
-# A preset's name is "<family>-<size>"; there is no LightningDiT-S.
+# A size's name is "<family>-<size>"; there is no LightningDiT-S. A config names one with ``preset:``.
 DIFFUSION_SIZES: dict[str, TransformerSize] = {
     "SiT-S": TransformerSize(width=384, depth=12, num_heads=6),
     "SiT-B": TransformerSize(width=768, depth=12, num_heads=12),
@@ -441,19 +445,31 @@ DIFFUSION_SIZES: dict[str, TransformerSize] = {
     "LightningDiT-L": TransformerSize(width=1024, depth=24, num_heads=16),
     "LightningDiT-XL": TransformerSize(width=1152, depth=28, num_heads=16),
 }
-
-
-ArchConfig = TypeVar("ArchConfig", bound="DiffusionTransformerConfig")
+# arch -> (the family prefix of its sizes, the values its configs take when they do not say)
+DIFFUSION_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sit": ("SiT", {}),
+    "lightningdit": ("LightningDiT", {"qk_norm": True}),
+}
 
 
 @dataclass
-class DiffusionTransformerConfig:
-    """Fields shared by :class:`SiTConfig` and :class:`LightningDiTConfig` (the adaLN-Zero velocity transformer
-    of :mod:`maetok.models.sit`). Defaults: the XL size on the 128 x 32 MAETok latents, 1000 classes.
-    ``num_classes=0`` builds an unconditional model (no label embedding; ``y`` ignored)."""
+class DiffusionModelConfig:
+    """The velocity transformer on 1D latents, SiT or LightningDiT (:mod:`maetok.models.sit`): the ``model:`` section
+    of a diffusion training config and the ``model`` entry of a diffusion model folder. Defaults: SiT-XL on the
+    128 x 32 MAETok latents, 1000 classes.
 
-    family: ClassVar[str] = ""  # the preset-name prefix in DIFFUSION_SIZES
+    Reading a mapping (a YAML preset, overrides, a folder's ``config.json``) expands ``preset: SiT-B`` (a row of
+    :data:`DIFFUSION_SIZES`) into ``width`` / ``depth`` / ``num_heads`` where those are absent or 0, and fills the
+    arch's own defaults (LightningDiT: ``qk_norm: true``): :meth:`expand`.
 
+    ``latent_dim``, ``num_latent_tokens`` and ``num_classes`` are the latent cache's when training
+    (:meth:`for_latents`); ``conditional: false`` trains an unconditional model (``num_classes`` 0; no label
+    embedding). ``pos_embed_layout`` (SiT): ``"interleaved"`` (the authors' checkpoint: sin / cos alternate along
+    channels) or ``"halves"`` ([sin | cos]). ``rope_theta`` (LightningDiT): base of the 1D RoPE frequencies over the
+    token index.
+    """
+
+    arch: str = "sit"  # "sit" or "lightningdit"
     width: int = 1152
     depth: int = 28
     num_heads: int = 16
@@ -462,190 +478,89 @@ class DiffusionTransformerConfig:
     num_latent_tokens: int = 128
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
+    conditional: bool = True
     qk_norm: bool = False
     frequency_dim: int = 256
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` (a :class:`ConfigError` for the sizes) naming the bad field."""
-        name = type(self).__name__
-        for field_name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
-            require_positive(f"{name}.{field_name}", getattr(self, field_name))
-        if self.width % self.num_heads:
-            raise ValueError(f"{name}.width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"{name}.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ValueError(f"{name}.num_classes must be >= 0, got {self.num_classes}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"{name}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-
-    @classmethod
-    def presets(cls) -> dict[str, TransformerSize]:
-        """This family's rows of :data:`DIFFUSION_SIZES`, e.g. ``SiTConfig.presets()["SiT-XL"].width``."""
-        return {name: size for name, size in DIFFUSION_SIZES.items() if name.rpartition("-")[0] == cls.family}
-
-    @classmethod
-    def from_preset(cls: type[ArchConfig], name: str, **overrides: Any) -> ArchConfig:
-        """``SiTConfig.from_preset("SiT-XL", num_classes=0)``: the size from :data:`DIFFUSION_SIZES`, then the
-        overrides (any field, including the size's). Raises ``ValueError`` on an unknown preset or field."""
-        presets = cls.presets()
-        if name not in presets:
-            raise ValueError(f"unknown {cls.family} preset {name!r}; known: {sorted(presets)}")
-        values = {**presets[name]._asdict(), **overrides}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-
-@dataclass
-class SiTConfig(DiffusionTransformerConfig):
-    """Architecture of SiT on 1D latents (:class:`maetok.models.sit.SiT`). Defaults: SiT-XL.
-
-    ``pos_embed_layout``: ``"interleaved"`` (authors' checkpoint: sin/cos alternate along channels) or
-    ``"halves"`` ([sin | cos]); the values are stored in the state dict either way.
-    """
-
-    family: ClassVar[str] = "SiT"
-
     pos_embed_layout: str = "interleaved"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.width % 2:
-            raise ValueError(f"{type(self).__name__}.width must be even for the sin-cos embedding, got {self.width}")
-        if self.pos_embed_layout not in ("interleaved", "halves"):
-            raise ValueError(
-                f"SiTConfig.pos_embed_layout must be 'interleaved' or 'halves', got {self.pos_embed_layout!r}"
-            )
-
-    @classmethod
-    def from_reference_config(cls, reference: Mapping[str, Any]) -> "SiTConfig":
-        """Map the authors' ``config.json`` (``hidden_size``, ``depth``, ``num_heads``, ``in_channels``,
-        ``input_size``, ``num_classes``, ``class_dropout_prob``, ``mlp_ratio``, ``qk_norm``, ``vae_1d``,
-        ``patch_size``) to a config that loads their ``model.safetensors``."""
-        if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
-            raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported by this config")
-        if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
-            raise ValueError("decoder_hidden_size different from hidden_size is not supported")
-        num_classes = int(reference.get("num_classes", 1000))
-        use_cfg = bool(reference.get("use_cfg", True))
-        return cls(
-            width=int(reference["hidden_size"]),
-            depth=int(reference["depth"]),
-            num_heads=int(reference["num_heads"]),
-            mlp_ratio=float(reference.get("mlp_ratio", 4.0)),
-            latent_dim=int(reference["in_channels"]),
-            num_latent_tokens=int(reference["input_size"]),
-            num_classes=num_classes,
-            class_dropout_prob=float(reference.get("class_dropout_prob", 0.1)) if use_cfg else 0.0,
-            qk_norm=bool(reference.get("qk_norm", False)),
-        )
-
-
-@dataclass
-class LightningDiTConfig(DiffusionTransformerConfig):
-    """Architecture of LightningDiT on 1D latents (:class:`maetok.models.lightningdit.LightningDiT`).
-    Defaults: LightningDiT-XL. ``rope_theta``: base of the 1D RoPE frequencies over the token index (the
-    rotated dimension is the full head dimension)."""
-
-    family: ClassVar[str] = "LightningDiT"
-
-    qk_norm: bool = True
     rope_theta: float = 10000.0
 
-    def validate(self) -> None:
-        super().validate()
-        name = type(self).__name__
-        if (self.width // self.num_heads) % 2:
-            raise ValueError(f"{name}: the head dimension {self.width // self.num_heads} must be even for RoPE")
-        if self.rope_theta <= 1.0:
-            raise ValueError(f"{name}.rope_theta must be > 1, got {self.rope_theta}")
+    @staticmethod
+    def expand(raw: Mapping[str, Any], where: str = "model") -> dict[str, Any]:
+        """A raw ``model:`` mapping with its ``preset`` expanded into the size fields (explicit values above 0 win)
+        and the arch's defaults filled in; an unknown preset or arch raises ``ConfigError`` naming ``where``."""
+        values = dict(raw)
+        arch = values.get("arch", DiffusionModelConfig.arch)
+        if arch not in DIFFUSION_ARCHS:
+            raise ConfigError(f"{where}.arch must be one of {list(DIFFUSION_ARCHS)}, got {arch!r}")
+        family, arch_defaults = DIFFUSION_ARCHS[arch]
+        preset = values.pop("preset", None)
+        if preset is not None:
+            sizes = {name: size for name, size in DIFFUSION_SIZES.items() if name.rpartition("-")[0] == family}
+            if preset not in sizes:
+                raise ConfigError(f"{where}.preset {preset!r} is not a {arch} size; known: {', '.join(sizes)}")
+            for name, value in sizes[preset]._asdict().items():
+                if not values.get(name):
+                    values[name] = value
+        return {**arch_defaults, **values}
 
+    @classmethod
+    def from_size(cls, preset: str, **fields: Any) -> "DiffusionModelConfig":
+        """``DiffusionModelConfig.from_size("SiT-B", num_classes=0)``: a row of :data:`DIFFUSION_SIZES` (its family
+        names the arch), then ``fields``."""
+        arch = next((arch for arch, (family, _) in DIFFUSION_ARCHS.items() if preset.startswith(family + "-")), None)
+        if arch is None or preset not in DIFFUSION_SIZES:
+            raise ConfigError(f"unknown diffusion model size {preset!r}; known: {', '.join(DIFFUSION_SIZES)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{**cls.expand({"arch": arch, "preset": preset}), **fields})
 
-# DiffusionModelConfig.arch -> the architecture config it builds
-DIFFUSION_ARCHS: dict[str, type[DiffusionTransformerConfig]] = {"sit": SiTConfig, "lightningdit": LightningDiTConfig}
+    @property
+    def size_name(self) -> str:
+        """The name of this size in :data:`DIFFUSION_SIZES` (``"SiT-B"``), else ``"<width>w x <depth>"``."""
+        family = DIFFUSION_ARCHS[self.arch][0] if self.arch in DIFFUSION_ARCHS else self.arch
+        size = TransformerSize(self.width, self.depth, self.num_heads)
+        return next((name for name, row in DIFFUSION_SIZES.items() if row == size and name.startswith(family + "-")),
+                    f"{family} width {self.width} x depth {self.depth}")
 
+    def for_latents(self, latent_shape: Sequence[int], num_classes: int) -> "DiffusionModelConfig":
+        """This config on latents ``(L, C) = latent_shape`` with ``num_classes`` classes (0 when not
+        ``conditional``), validated."""
+        cfg = dataclasses.replace(self, num_latent_tokens=int(latent_shape[0]), latent_dim=int(latent_shape[1]),
+                                  num_classes=int(num_classes) if self.conditional else 0)
+        cfg.validate()
+        return cfg
 
-@dataclass
-class DiffusionModelConfig:
-    """The velocity network. ``preset`` names a row of :data:`DIFFUSION_SIZES` of the ``arch``'s family (SiT
-    ``SiT-S/B/L/XL``, LightningDiT ``LightningDiT-B/L/XL``); ``width``/``depth``/``num_heads`` > 0 override it
-    (for small CPU models). The latent shape and the number of classes come from the latent cache."""
-
-    arch: str = "sit"  # "sit" or "lightningdit"
-    preset: str = "SiT-XL"
-    width: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-    conditional: bool = True  # False: unconditional generation (paper Table 5)
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """``(L, C)``: tokens and channels of a latent."""
+        return self.num_latent_tokens, self.latent_dim
 
     def validate(self) -> None:
         if self.arch not in DIFFUSION_ARCHS:
-            raise ConfigError(f"model.arch must be 'sit' or 'lightningdit', got {self.arch!r}")
-        known = DIFFUSION_ARCHS[self.arch].presets()
-        if self.preset not in known:
-            raise ConfigError(
-                f"model.preset {self.preset!r} is not a {self.arch} preset; known: {', '.join(known)}"
-            )
-
-    @classmethod
-    def from_architecture(
-        cls, architecture: DiffusionTransformerConfig
-    ) -> tuple["DiffusionModelConfig", tuple[int, int], int]:
-        """The inverse of :meth:`architecture`: ``(config, latent_shape (L, C), num_classes)`` that rebuild
-        ``architecture`` exactly (a :class:`SiTConfig` / :class:`LightningDiTConfig`, e.g. the authors' SiT from
-        :meth:`SiTConfig.from_reference_config`). The preset is the size's row of :data:`DIFFUSION_SIZES` when one
-        matches, else the family's first with explicit ``width``/``depth``/``num_heads``. A field this config cannot
-        express (``qk_norm``, ``frequency_dim``, ``pos_embed_layout``, ``rope_theta`` off their defaults) raises
-        ``ValueError`` naming it."""
-        arch = next((name for name, kind in DIFFUSION_ARCHS.items() if type(architecture) is kind), None)
-        if arch is None:
-            raise ValueError(f"{type(architecture).__name__} is not a diffusion architecture config")
-        size = TransformerSize(architecture.width, architecture.depth, architecture.num_heads)
-        presets = type(architecture).presets()
-        exact = next((name for name, row in presets.items() if row == size), None)
-        classes = architecture.num_classes
-        cfg = cls(
-            arch=arch,
-            preset=exact or next(iter(presets)),
-            width=0 if exact else size.width,
-            depth=0 if exact else size.depth,
-            num_heads=0 if exact else size.num_heads,
-            mlp_ratio=architecture.mlp_ratio,
-            class_dropout_prob=architecture.class_dropout_prob if classes else cls.class_dropout_prob,
-            conditional=classes > 0,
-        )
-        latent_shape = (architecture.num_latent_tokens, architecture.latent_dim)
-        rebuilt = cfg.architecture(latent_shape, classes)
-        differing = [f.name for f in dataclasses.fields(architecture)
-                     if getattr(rebuilt, f.name) != getattr(architecture, f.name)]
-        if differing:
-            raise ValueError(
-                f"{type(architecture).__name__} fields {differing} ("
-                + ", ".join(f"{name}={getattr(architecture, name)!r}" for name in differing)
-                + ") cannot be written as a maetok diffusion model config"
-            )
-        return cfg, latent_shape, classes
-
-    def architecture(self, latent_shape: tuple[int, int], num_classes: int) -> DiffusionTransformerConfig:
-        """The :class:`SiTConfig` / :class:`LightningDiTConfig` for latents ``(L, C) = latent_shape`` and
-        ``num_classes`` classes (0, or ``conditional`` False: unconditional); validates this config first."""
-        self.validate()
-        sizes = {k: getattr(self, k) for k in ("width", "depth", "num_heads") if getattr(self, k) > 0}
-        classes = num_classes if self.conditional else 0
-        return DIFFUSION_ARCHS[self.arch].from_preset(
-            self.preset,
-            latent_dim=latent_shape[1],
-            num_latent_tokens=latent_shape[0],
-            num_classes=classes,
-            class_dropout_prob=self.class_dropout_prob if classes else 0.0,
-            mlp_ratio=self.mlp_ratio,
-            **sizes,
-        )
+            raise ConfigError(f"model.arch must be one of {list(DIFFUSION_ARCHS)}, got {self.arch!r}")
+        for name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
+            require_positive(f"model.{name}", getattr(self, name))
+        if self.width % self.num_heads:
+            raise ConfigError(f"model.width {self.width} is not divisible by model.num_heads {self.num_heads}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.arch == "sit":
+            if self.width % 2:
+                raise ConfigError(f"model.width must be even for the sin-cos embedding, got {self.width}")
+            if self.pos_embed_layout not in ("interleaved", "halves"):
+                raise ConfigError(
+                    f"model.pos_embed_layout must be 'interleaved' or 'halves', got {self.pos_embed_layout!r}")
+        else:
+            if (self.width // self.num_heads) % 2:
+                raise ConfigError(f"model: the head dimension {self.width // self.num_heads} must be even for RoPE")
+            if self.rope_theta <= 1.0:
+                raise ConfigError(f"model.rope_theta must be > 1, got {self.rope_theta}")
 
 
 @dataclass

@@ -226,8 +226,7 @@ def run_pipeline(
     (``result.json`` present) is returned as it is. ``stage1_dir``: where stage 1 trains (or was trained before,
     to be shared by several stage 2s); default ``out/stage1``."""
     from maetok.data.latents import LatentDataset
-    from maetok.diffusion.generate import generate_images
-    from maetok.diffusion.pipeline import LatentGenerator
+    from maetok.diffusion.generator import LatentGenerator, generate_images
     from maetok.encode import cache_latents, encode_images, load_tokenizer, reconstruct_images
     from maetok.eval.generation import DecoderFreeReference, generation_metrics, heldout_denoising_loss, \
         reference_from_images

@@ -75,7 +75,7 @@ TINY = ["model.image_size=32", "model.in_channels=3", "model.patch_size=8", "mod
 def cuda_paths(work: Path) -> dict:
     from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
     from maetok.data import build_dataset
-    from maetok.diffusion.pipeline import LatentGenerator
+    from maetok.diffusion.generator import LatentGenerator
     from maetok.encode import cache_latents
     from maetok.models.tokenizer import MAETok
     from maetok.train.diffusion import DiffusionTrainer

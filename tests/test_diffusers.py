@@ -15,7 +15,8 @@ from PIL import Image  # noqa: E402
 
 from maetok.config import DiffusionModelConfig, SamplingConfig, TokenizerConfig, to_dict  # noqa: E402
 from maetok.data.latents import LatentNormalizer  # noqa: E402
-from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model  # noqa: E402
+from maetok.diffusion.generator import LatentGenerator  # noqa: E402
+from maetok.models.sit import build_diffusion_model  # noqa: E402
 from maetok.integrations.diffusers import (  # noqa: E402
     MAETokAutoencoder,
     MAETokSampler,
@@ -41,12 +42,12 @@ def tiny_tokenizer(path, variant: str = "ae"):
 
 def tiny_generator(path, tokenizer_dir, num_classes: int = 3):
     torch.manual_seed(1)
-    model_cfg = DiffusionModelConfig(arch="sit", preset="SiT-S", width=32, depth=2, num_heads=2)
-    model = build_diffusion_model(model_cfg, (4, 4), num_classes)
+    model_cfg = DiffusionModelConfig(arch="sit", width=32, depth=2, num_heads=2)
+    model = build_diffusion_model(model_cfg.for_latents((4, 4), num_classes))
     for parameter in model.parameters():
         parameter.data.add_(0.1 * torch.randn_like(parameter))
     stats = {"channel_mean": [0.1, -0.2, 0.0, 0.3], "channel_std": [1.5, 0.5, 1.0, 2.0]}
-    pipe = LatentGenerator(model, model_cfg, LatentNormalizer(stats), (4, 4), num_classes, ["a", "b", "c"],
+    pipe = LatentGenerator(model, LatentNormalizer(stats), ["a", "b", "c"],
                            SamplingConfig(steps=3, cfg_scale=1.5, guidance_high=0.75), str(tokenizer_dir))
     pipe.save(path)
     return path

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from maetok.cli import main
-from maetok.config import DIFFUSION_SIZES, ConfigError, DiffusionModelConfig, read_preset
-from maetok.models.lightningdit import LIGHTNINGDIT_PRESETS, LightningDiT, LightningDiTConfig, build_lightningdit
-from maetok.models.sit import SIT_PRESETS, SiT, SiTConfig, apply_guidance, build_sit
+from maetok.config import DIFFUSION_SIZES, ConfigError, DiffusionModelConfig, from_dict, read_preset
+from maetok.model_folders import authors_sit_config
+from maetok.models.lightningdit import LightningDiT
+from maetok.models.sit import SiT, apply_guidance, build_diffusion_model
 
 REFERENCE_SIT_XL = Path("/work/shared/compat/sit-xl-maetok.json")
 if not REFERENCE_SIT_XL.exists():  # the shared folder next to the repository checkout
@@ -24,7 +25,9 @@ TINY = dict(width=32, depth=2, num_heads=4, latent_dim=4, num_latent_tokens=8, n
 
 def tiny_model(kind: str, **overrides) -> torch.nn.Module:
     values = {**TINY, **overrides}
-    return SiT(SiTConfig(**values)) if kind == "sit" else LightningDiT(LightningDiTConfig(**values))
+    if kind == "lightningdit":
+        values = {"qk_norm": True, **values}
+    return build_diffusion_model(DiffusionModelConfig(arch=kind, **values))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -88,7 +91,7 @@ def test_unconditional_model_has_no_label_embedding_and_ignores_y():
 def test_sit_xl_state_dict_matches_reference_checkpoint():
     reference = json.loads(REFERENCE_SIT_XL.read_text())
     with torch.device("meta"):
-        model = build_sit("SiT-XL", latent_dim=32, num_latent_tokens=128, num_classes=1000)
+        model = SiT(DiffusionModelConfig.from_size("SiT-XL", latent_dim=32, num_latent_tokens=128, num_classes=1000))
     shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     assert shapes == reference["keys"]  # same names, same shapes, nothing extra or missing
     assert len(shapes) == reference["num_tensors"] == 292
@@ -98,18 +101,17 @@ def test_sit_xl_state_dict_matches_reference_checkpoint():
     assert trainable == 675_000_608 - 128 * 1152  # pos_embed is a fixed (stored) buffer
     assert "pos_embed" in dict(model.named_buffers())
     # the authors' config.json maps onto the same architecture
-    config = SiTConfig.from_reference_config(reference["config_json_as_written_by_save_pretrained"])
-    assert config == SiTConfig.from_preset("SiT-XL")
+    config = authors_sit_config(reference["config_json_as_written_by_save_pretrained"])
+    assert config == DiffusionModelConfig.from_size("SiT-XL")
 
 
 def test_preset_parameter_counts():
     counts = {}
     with torch.device("meta"):
-        for name in SIT_PRESETS:
-            counts[name] = sum(p.numel() for p in build_sit(name).parameters())
-        for name in LIGHTNINGDIT_PRESETS:
-            counts[name] = sum(p.numel() for p in build_lightningdit(name).parameters())
-        xl = build_lightningdit("LightningDiT-XL")
+        for name in DIFFUSION_SIZES:
+            counts[name] = sum(p.numel() for p in build_diffusion_model(DiffusionModelConfig.from_size(name)).parameters())
+        xl = build_diffusion_model(DiffusionModelConfig.from_size("LightningDiT-XL"))
+    assert isinstance(xl, LightningDiT) and xl.config.qk_norm  # LightningDiT's own default
     assert counts["SiT-L"] == 457_857_056  # paper: SiT-L 458M
     assert counts["SiT-XL"] == 674_853_152
     assert counts["LightningDiT-XL"] == 674_965_856  # SwiGLU 2/3 width + RMSNorm/qk-norm scales
@@ -123,14 +125,14 @@ def test_preset_parameter_counts():
 
 
 def test_size_table_is_the_single_source(capsys):
-    """config.DIFFUSION_SIZES is the one place a preset's size is written: the configs, the *_PRESETS views,
-    `maetok info` and the check of model.preset all read it, and the paper YAMLs only name a row."""
-    assert {**SIT_PRESETS, **LIGHTNINGDIT_PRESETS} == DIFFUSION_SIZES
-    xl = SiTConfig.from_preset("SiT-XL")
+    """config.DIFFUSION_SIZES is the one place a preset's size is written: the configs, `maetok info` and the
+    expansion of model.preset all read it, and the paper YAMLs only name a row."""
+    xl = DiffusionModelConfig.from_size("SiT-XL")
     assert (xl.width, xl.depth, xl.num_heads) == DIFFUSION_SIZES["SiT-XL"] == (1152, 28, 16)
     for name, size in DIFFUSION_SIZES.items():
-        config = (SiTConfig if name.startswith("SiT-") else LightningDiTConfig).from_preset(name)
-        assert (config.width, config.depth, config.num_heads) == size
+        config = DiffusionModelConfig.from_size(name)
+        assert (config.width, config.depth, config.num_heads) == size and config.size_name == name
+        assert config.arch == ("sit" if name.startswith("SiT-") else "lightningdit")
     assert main(["info", "--sizes"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows == {
@@ -140,9 +142,12 @@ def test_size_table_is_the_single_source(capsys):
     for preset in ("sit-xl", "sit-l", "lightningdit-xl"):
         assert not {"width", "depth", "num_heads"} & set(read_preset(preset)["model"]), preset
     with pytest.raises(ConfigError, match="known: SiT-S, SiT-B, SiT-L, SiT-XL"):
-        DiffusionModelConfig(arch="sit", preset="SiT-XXL").validate()
-    with pytest.raises(ConfigError, match="not a lightningdit preset"):
-        DiffusionModelConfig(arch="lightningdit", preset="SiT-XL").validate()
+        from_dict(DiffusionModelConfig, {"arch": "sit", "preset": "SiT-XXL"})
+    with pytest.raises(ConfigError, match="model.preset 'SiT-XL' is not a lightningdit size"):
+        from_dict(DiffusionModelConfig, {"arch": "lightningdit", "preset": "SiT-XL"})
+    # a preset expands into the sizes it does not set, and LightningDiT takes its qk-norm by default
+    small = from_dict(DiffusionModelConfig, {"arch": "lightningdit", "preset": "LightningDiT-B", "depth": 2})
+    assert (small.width, small.depth, small.num_heads, small.qk_norm) == (768, 2, 12, True)
 
 
 def test_pos_embed_is_interleaved_sincos():
@@ -153,7 +158,7 @@ def test_pos_embed_is_interleaved_sincos():
     angles = torch.arange(8, dtype=torch.float64)[:, None] * frequencies
     assert torch.allclose(pos[:, 0::2].double(), angles.sin(), atol=1e-6)
     assert torch.allclose(pos[:, 1::2].double(), angles.cos(), atol=1e-6)
-    halves = SiT(SiTConfig(**TINY, pos_embed_layout="halves")).pos_embed[0]
+    halves = SiT(DiffusionModelConfig(**TINY, pos_embed_layout="halves")).pos_embed[0]
     assert torch.allclose(halves[:, : width // 2].double(), angles.sin(), atol=1e-6)
 
 
@@ -255,14 +260,14 @@ def test_bad_inputs_raise_clear_errors():
         model(x, t, torch.tensor([0, 11, 2]))
     with pytest.raises(ValueError, match="integer class labels"):
         model(x, t, y.float())
-    with pytest.raises(ValueError, match="unknown SiT preset"):
-        build_sit("SiT-XXL")
-    with pytest.raises(ValueError, match="unknown SiTConfig field"):
-        SiTConfig.from_preset("SiT-B", hidden=3)
-    with pytest.raises(ValueError, match="num_heads"):
-        SiT(SiTConfig(**{**TINY, "num_heads": 5}))
-    with pytest.raises(ValueError, match="unknown LightningDiT preset"):
-        build_lightningdit("LightningDiT-S")
+    with pytest.raises(ConfigError, match="unknown diffusion model size 'SiT-XXL'"):
+        DiffusionModelConfig.from_size("SiT-XXL")
+    with pytest.raises(ConfigError, match="unknown DiffusionModelConfig field"):
+        DiffusionModelConfig.from_size("SiT-B", hidden=3)
+    with pytest.raises(ConfigError, match="num_heads"):
+        SiT(DiffusionModelConfig(**{**TINY, "num_heads": 5}))
+    with pytest.raises(ConfigError, match="unknown diffusion model size 'LightningDiT-S'"):
+        DiffusionModelConfig.from_size("LightningDiT-S")
     no_null = tiny_model("sit", class_dropout_prob=0.0)
     assert no_null.y_embedder.embedding_table.num_embeddings == 10
     with pytest.raises(ValueError, match="null class"):

@@ -12,7 +12,7 @@ from maetok.cli import main
 from maetok.config import DiffusionTrainConfig, load_config
 from maetok.data import build_dataset
 from maetok.data.latents import LatentDataset, LatentNormalizer
-from maetok.diffusion.pipeline import LatentGenerator
+from maetok.diffusion.generator import LatentGenerator
 from maetok.encode import cache_latents
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
@@ -123,12 +123,12 @@ def test_unconditional_model_and_clear_errors(latent_dir, tmp_path):
 
 
 def test_paper_diffusion_presets():
-    from maetok.diffusion.pipeline import build_diffusion_model
+    from maetok.models.sit import build_diffusion_model
 
     for preset, expected in (("sit-xl", 675.0e6), ("lightningdit-xl", 675.0e6), ("sit-l", 458.0e6)):
         cfg = load_config(DiffusionTrainConfig, preset)
         with torch.device("meta"):
-            model = build_diffusion_model(cfg.model, (128, 32), 1000)
+            model = build_diffusion_model(cfg.model.for_latents((128, 32), 1000))
         count = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
         assert abs(count - expected) / expected < 0.003, (preset, count)
     xl = load_config(DiffusionTrainConfig, "sit-xl")

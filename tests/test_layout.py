@@ -11,9 +11,9 @@ PACKAGE = Path(maetok.__file__).parent
 
 # lowest first; a unit is a top-level module or subpackage of maetok
 LAYERS = [
-    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat"}),
+    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat", "maetok.errors"}),
     ("data", {"maetok.data"}),
-    ("models", {"maetok.models", "maetok.targets", "maetok.losses"}),
+    ("models", {"maetok.models", "maetok.targets", "maetok.losses", "maetok.model_folders"}),
     ("diffusion", {"maetok.diffusion"}),
     ("encode", {"maetok.encode"}),
     ("eval", {"maetok.eval"}),
@@ -95,3 +95,38 @@ def test_the_checker_sees_a_violation(tmp_path):
         assert _imports(source) == [(2, "maetok.models.tokenizer"), (3, "maetok.train.loop")]
     finally:
         PACKAGE = saved
+
+
+def _source(relative: str) -> str:
+    return (PACKAGE / relative).read_text()
+
+
+def test_model_folders_have_one_home():
+    """Reading, writing, detecting and uploading model folders lives in maetok/model_folders.py: the model files keep
+    only modules (their from_pretrained / save_pretrained / push_to_hub hand over to it), and nothing else names the
+    folder's files or its model_type."""
+    folder_words = ("MODEL_CONFIG", "MODEL_WEIGHTS", "model_type", "safetensors", "HfApi", "read_config_json")
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(PACKAGE))
+        if relative in ("model_folders.py", "runs.py") or not relative.startswith(("models/", "diffusion/", "cli.py")):
+            continue
+        code = "\n".join(line for line in _source(relative).splitlines() if not line.strip().startswith(("#", '"')))
+        tree = ast.parse(_source(relative))
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert not names & set(folder_words), f"{relative} handles model folders itself: {names & set(folder_words)}"
+        assert "from safetensors" not in code, relative
+    for relative in ("models/tokenizer.py", "models/sit.py"):
+        tree = ast.parse(_source(relative))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in ("from_pretrained", "save_pretrained", "push_to_hub"):
+                imported = {n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)}
+                assert imported == {"maetok.model_folders"}, f"{relative}:{node.lineno} {node.name}"
+    # one builder of diffusion models and one config of their architecture
+    definitions = [(str(path.relative_to(PACKAGE)), node.name) for path in PACKAGE.rglob("*.py")
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                   and (node.name.startswith("build_") and node.name.endswith(("_model", "sit", "lightningdit"))
+                        or node.name.endswith(("SiTConfig", "LightningDiTConfig", "TransformerConfig")))]
+    assert definitions == [("models/sit.py", "build_diffusion_model")], definitions

@@ -208,4 +208,4 @@ def test_a_folder_that_is_no_tokenizer_fails_in_one_line(tmp_path, capsys):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"hidden_size": 1152, "depth": 28, "vae_1d": True}))
     assert main(["info", "--model", str(folder)]) == 2
-    assert f"{folder / 'config.json'} is not a tokenizer config (no model_type;" in capsys.readouterr().err
+    assert f"{folder / 'config.json'} is not a maetok model folder (no model_type;" in capsys.readouterr().err

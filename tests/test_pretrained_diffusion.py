@@ -20,14 +20,14 @@ from safetensors.torch import save_file
 
 from maetok import LightningDiT, SiT
 from maetok.cli import main
-from maetok.config import AUTHORS_SAMPLING, LightningDiTConfig, SamplingConfig, TokenizerConfig
+from maetok.config import AUTHORS_SAMPLING, DiffusionModelConfig, SamplingConfig, TokenizerConfig
 from maetok.data.images import to_uint8
-from maetok.diffusion.pipeline import LatentGenerator, tokenizer_latent_scalars
+from maetok.diffusion.generator import LatentGenerator, tokenizer_latent_scalars
 from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
 from maetok.encode import load_tokenizer
-from maetok.models.sit import build_velocity_model, read_diffusion_folder
+from maetok.model_folders import load_state_strict, read_diffusion_folder
+from maetok.models.sit import build_diffusion_model
 from maetok.models.tokenizer import MAETok
-from maetok.runs import load_state_strict
 
 # ---------------------------------------------------------------------------------------------------------
 # the authors' format, read independently of our model classes
@@ -90,9 +90,9 @@ def test_released_sit_xl_maps_every_key_on_meta(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(compat["config_json_text"])
     described = read_diffusion_folder(folder)
-    assert described.source_format == "authors-sit" and described.latent_shape == (128, 32)
+    assert described.source_format == "authors-sit" and described.model_cfg.latent_shape == (128, 32)
     with torch.device("meta"):
-        model = build_velocity_model(described.architecture)
+        model = build_diffusion_model(described.model_cfg)
     assert isinstance(model, SiT)
     state = {name: torch.empty(shape, device="meta") for name, shape in compat["keys"].items()}
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == compat["keys"]
@@ -167,7 +167,8 @@ def test_save_pretrained_round_trips_our_format(authors_folder, tmp_path):
     model = SiT.from_pretrained(folder)
     out = model.save_pretrained(tmp_path / "ours")
     written = json.loads((out / "config.json").read_text())
-    assert written["model_type"] == "maetok-diffusion" and written["latent_shape"] == [4, 4]
+    assert written["model_type"] == "maetok-diffusion"
+    assert (written["model"]["num_latent_tokens"], written["model"]["latent_dim"]) == (4, 4)
     assert written["sampling"]["cfg_on"] == "drift" and written["sampling"]["latent_norm"] == "tokenizer"
     again = SiT.from_pretrained(out)
     for name, value in model.state_dict().items():
@@ -176,7 +177,7 @@ def test_save_pretrained_round_trips_our_format(authors_folder, tmp_path):
     assert pipe.sampling == SamplingConfig(**AUTHORS_SAMPLING) and pipe.num_classes == 3
     # LightningDiT: our format only; the authors' SiT is not one
     torch.manual_seed(0)
-    lightning = LightningDiT(LightningDiTConfig.from_preset(
+    lightning = LightningDiT(DiffusionModelConfig.from_size(
         "LightningDiT-B", width=32, depth=1, num_heads=2, latent_dim=4, num_latent_tokens=4, num_classes=3))
     lightning_dir = lightning.save_pretrained(tmp_path / "ldit", class_names=["a", "b", "c"])
     loaded = LightningDiT.from_pretrained(lightning_dir)
@@ -189,8 +190,10 @@ def test_save_pretrained_round_trips_our_format(authors_folder, tmp_path):
         SiT.from_pretrained(lightning_dir)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"encoder_model": "vit_base_patch14_dinov2.lvd142m"}')
-    with pytest.raises(ValueError, match="neither a maetok diffusion model .* nor the authors' SiT"):
+    with pytest.raises(ValueError, match="other/config.json is not a maetok model folder .* nor the authors' MAETok or SiT"):
         SiT.from_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="holds a maetok-diffusion model, not a tokenizer"):
+        MAETok.from_pretrained(lightning_dir)
 
 
 def test_push_to_hub_uploads_the_saved_folder(authors_folder, tmp_path, monkeypatch):
@@ -203,19 +206,20 @@ def test_push_to_hub_uploads_the_saved_folder(authors_folder, tmp_path, monkeypa
         def __init__(self, token=None):
             calls.append(("token", token))
 
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            calls.append(("create", repo_id, private, exist_ok))
+        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+            calls.append(("create", repo_id, private, exist_ok, repo_type))
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
+        def upload_folder(self, repo_id, folder_path, commit_message, repo_type=None):
             shutil.copytree(folder_path, tmp_path / "uploaded")
-            calls.append(("upload", repo_id, commit_message))
+            calls.append(("upload", repo_id, commit_message, repo_type))
             return "commit"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     model = SiT.from_pretrained(folder)
     assert model.push_to_hub("me/sit-tiny", private=True, token="t") == "commit"
-    assert calls == [("token", "t"), ("create", "me/sit-tiny", True, True),
-                     ("upload", "me/sit-tiny", "Upload maetok diffusion model")]
+    assert calls == [("token", "t"), ("create", "me/sit-tiny", True, True, "model"),
+                     ("upload", "me/sit-tiny", "Upload maetok diffusion model", "model")]
+    assert "LatentGenerator.load(\"me/sit-tiny\")" in (tmp_path / "uploaded" / "README.md").read_text()
     uploaded = SiT.from_pretrained(tmp_path / "uploaded")
     for name, value in model.state_dict().items():
         assert torch.equal(uploaded.state_dict()[name], value), name

@@ -12,7 +12,8 @@ from conftest import TINY, TINY_SIT
 
 from maetok.cli import main
 from maetok.config import ConfigError, DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.runs import check_finite_tensors, resolve_device, save_model_folder
+from maetok.model_folders import save_model_folder
+from maetok.runs import check_finite_tensors, resolve_device
 from maetok.train import diffusion as diffusion_training
 from maetok.train.diffusion import DiffusionTrainer
 from maetok.train.loop import NonFiniteError, config_changes

@@ -20,7 +20,8 @@ from maetok.diffusion.transport import (
     velocity_to_noise,
     velocity_to_score,
 )
-from maetok.models.sit import SiT, SiTConfig
+from maetok.config import DiffusionModelConfig
+from maetok.models.sit import SiT
 
 
 @contextlib.contextmanager
@@ -195,7 +196,7 @@ def test_training_loss_terms_and_cosine_term():
 
 
 def test_training_loss_is_reproducible_with_a_generator():
-    model = SiT(SiTConfig(width=32, depth=1, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
+    model = SiT(DiffusionModelConfig(width=32, depth=1, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
     with torch.no_grad():
         model.final_layer.linear.weight.normal_()
     x0 = torch.randn(8, 8, 4, generator=torch.Generator().manual_seed(0))
@@ -208,7 +209,7 @@ def test_training_loss_is_reproducible_with_a_generator():
 
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    model = SiT(SiTConfig(width=64, depth=2, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
+    model = SiT(DiffusionModelConfig(width=64, depth=2, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
     x0 = torch.randn(8, 8, 4, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
@@ -232,7 +233,7 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 def test_make_model_fn_binds_labels_and_guidance():
     torch.manual_seed(0)
-    model = SiT(SiTConfig(width=32, depth=1, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
+    model = SiT(DiffusionModelConfig(width=32, depth=1, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.2)
@@ -265,7 +266,7 @@ def test_two_dimensional_mixture_mode_proportions():
         return (centers[component] + 0.2 * torch.randn(n, 2, generator=generator))[:, None, :]
 
     torch.manual_seed(0)
-    model = SiT(SiTConfig(width=32, depth=1, num_heads=4, latent_dim=2, num_latent_tokens=1, num_classes=0))
+    model = SiT(DiffusionModelConfig(width=32, depth=1, num_heads=4, latent_dim=2, num_latent_tokens=1, num_classes=0))
     steps = 700
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     # a linear decay to 0 averages out the minibatch noise of the last steps (mode weights within ~0.02)

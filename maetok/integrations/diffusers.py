@@ -6,7 +6,7 @@
 * :class:`MAETokTransformer`: a SiT / LightningDiT with what undoing its latent normalisation needs.
 * :class:`MAETokSampler`: the sampler settings (:class:`maetok.config.SamplingConfig`) as a diffusers scheduler
   config (``scheduler/scheduler_config.json``); sampling itself runs through
-  :class:`maetok.diffusion.pipeline.LatentGenerator`, the one place that samples.
+  :class:`maetok.diffusion.generator.LatentGenerator`, the one place that samples.
 * :class:`MAETokSiTPipeline`: the three bundled as a ``DiffusionPipeline``, callable with ``class_labels``,
   ``num_inference_steps``, ``guidance_scale``, ``generator``, ``output_type``; returns ``ImagePipelineOutput``.
 
@@ -35,11 +35,12 @@ try:
 except ImportError:  # one line, naming the extra
     raise ImportError("maetok.integrations.diffusers needs diffusers: pip install 'maetok[diffusers]'") from None
 
-from maetok.config import DiffusionModelConfig, SamplingConfig, from_dict, to_dict
+from maetok.config import SamplingConfig, to_dict
 from maetok.data.latents import LatentNormalizer
-from maetok.diffusion.pipeline import LatentGenerator
+from maetok.diffusion.generator import LatentGenerator
 from maetok.encode import load_tokenizer
-from maetok.models.sit import build_velocity_model
+from maetok.model_folders import build_tokenizer, diffusion_model_config
+from maetok.models.sit import build_diffusion_model
 from maetok.models.tokenizer import MAETok
 
 __all__ = ["MAETokAutoencoder", "MAETokTransformer", "MAETokSampler", "MAETokSiTPipeline"]
@@ -50,13 +51,6 @@ PathLike = Union[str, Path]
 def _tokenizer_config(tokenizer: MAETok) -> dict:
     """What the tokenizer's ``config.json`` holds (a released tokenizer adds its architecture entry)."""
     return tokenizer.config_dict()
-
-
-def _build_tokenizer(config: dict) -> MAETok:
-    """A freshly initialised tokenizer of the architecture ``config`` describes (see :func:`_tokenizer_config`)."""
-    from maetok.models.released import build_tokenizer
-
-    return build_tokenizer(config, "tokenizer_config")
 
 
 def _load_strictly(load: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -88,7 +82,7 @@ class MAETokAutoencoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, tokenizer_config: dict):
         super().__init__()
-        self.tokenizer = _build_tokenizer(dict(tokenizer_config))
+        self.tokenizer = build_tokenizer(dict(tokenizer_config), "tokenizer_config")
 
     @classmethod
     def from_maetok(cls, source: PathLike, device: Optional[Union[str, torch.device]] = None) -> "MAETokAutoencoder":
@@ -140,14 +134,15 @@ class MAETokTransformer(ModelMixin, ConfigMixin):
     def __init__(self, diffusion_model: dict, latent_shape: Sequence[int], num_classes: int,
                  class_names: Optional[list] = None, latent_norm: Optional[dict] = None):
         super().__init__()
-        model_cfg = from_dict(DiffusionModelConfig, diffusion_model, where="diffusion_model")
-        self.model = build_velocity_model(model_cfg.architecture(tuple(latent_shape), num_classes))
+        # the latent shape and the classes are also in diffusion_model (folders of maetok <= 0.1 kept them apart)
+        self.model = build_diffusion_model(diffusion_model_config(diffusion_model, "diffusion_model", latent_shape,
+                                                                  num_classes))
 
     @classmethod
     def from_latent_generator(cls, generator: LatentGenerator, normalizer: Optional[LatentNormalizer] = None
                               ) -> "MAETokTransformer":
         """Wrap a loaded :class:`LatentGenerator` (its model's weights), with ``normalizer`` (default its own)."""
-        wrapper = cls(diffusion_model=to_dict(generator.model_cfg), latent_shape=list(generator.latent_shape),
+        wrapper = cls(diffusion_model=to_dict(generator.model.config), latent_shape=list(generator.latent_shape),
                       num_classes=generator.num_classes, class_names=list(generator.class_names),
                       latent_norm=(normalizer or generator.normalizer).to_dict())
         wrapper.model.load_state_dict(generator.model.state_dict())
@@ -165,10 +160,8 @@ class MAETokTransformer(ModelMixin, ConfigMixin):
     def latent_generator(self, sampling: SamplingConfig) -> LatentGenerator:
         """The :class:`LatentGenerator` that samples with this model, its latent normalisation and ``sampling``."""
         cfg = self.config
-        return LatentGenerator(self.model, from_dict(DiffusionModelConfig, dict(cfg.diffusion_model)),
-                               LatentNormalizer.from_dict(dict(cfg.latent_norm or {"mode": "none", "mean": 0.0,
-                                                                                     "std": 1.0})),
-                               tuple(cfg.latent_shape), cfg.num_classes, list(cfg.class_names or []), sampling, None)
+        norm = LatentNormalizer.from_dict(dict(cfg.latent_norm or {"mode": "none", "mean": 0.0, "std": 1.0}))
+        return LatentGenerator(self.model, norm, list(cfg.class_names or []), sampling, None)
 
 
 # SamplingConfig fields the scheduler holds: the latent normalisation is resolved into the transformer, and the
@@ -180,7 +173,7 @@ class MAETokSampler(SchedulerMixin, ConfigMixin):
     """The sampler settings of :class:`maetok.config.SamplingConfig` as a diffusers scheduler config (Euler or
     Euler-Maruyama on the linear interpolant, t = 1 noise; guidance scale and interval; the authors' conventions
     where chosen). It holds settings only: :class:`MAETokSiTPipeline` samples through
-    :class:`~maetok.diffusion.pipeline.LatentGenerator`."""
+    :class:`~maetok.diffusion.generator.LatentGenerator`."""
 
     config_name = "scheduler_config.json"
 

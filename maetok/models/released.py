@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, TypeVar, Union
 import torch
 from torch import Tensor, nn
 
-from maetok.config import ConfigError, TokenizerConfig, from_dict, to_dict
+from maetok.config import ConfigError, TokenizerConfig, to_dict
 from maetok.models.blocks import (
     Attention,
     Block,
@@ -42,24 +42,13 @@ from maetok.models.blocks import (
     mixed_rope,
     rope_grid_positions,
 )
-from maetok.models.tokenizer import CONFIG_REQUIRED_FIELDS, RELEASED_ARCHITECTURE_KEY, MAETok
-from maetok.runs import (
-    MODEL_CONFIG,
-    MODEL_WEIGHTS,
-    check_state_keys,
-    load_model_weights,
-    load_state_strict,
-    read_model_config,
-    read_safetensors,
-    require_config_fields,
-    safetensors_shapes,
-)
+from maetok.models.tokenizer import MAETok
 
 PathLike = Union[str, Path]
 T = TypeVar("T")
 
 #: the key of our ``config.json`` that switches the released architecture on (absent: our architecture)
-ARCHITECTURE_KEY = RELEASED_ARCHITECTURE_KEY
+ARCHITECTURE_KEY = "released_architecture"
 
 #: their timm model names (tag such as ``.lvd142m`` and ``_movq`` / ``_movqv2`` suffix removed) -> (width, depth, heads)
 TIMM_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
@@ -335,32 +324,9 @@ class ReleasedMAETok(MAETok):
         return ReleasedMAETok(self.config, self.architecture)
 
 
-def build_tokenizer(config: Mapping[str, Any], source: PathLike) -> MAETok:
-    """The tokenizer a config of our format describes (its ``released_architecture`` entry switches the released
-    architecture on); ``source`` names the file in errors."""
-    config = dict(config)
-    released = config.pop(ARCHITECTURE_KEY, None)
-    tokenizer_config = from_dict(TokenizerConfig, config, where=str(source))
-    if released is None:
-        return MAETok(tokenizer_config)
-    if not isinstance(released, dict):
-        raise ConfigError(f"{source}: {ARCHITECTURE_KEY} must be a mapping, got {released!r}")
-    return ReleasedMAETok(tokenizer_config, from_dict(ReleasedArchitecture, released, where=f"{source}.{ARCHITECTURE_KEY}"))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Their format: config.json (flat ModelArgs) + model.safetensors (their key names)
 # ---------------------------------------------------------------------------------------------------------
-
-#: fields of their config.json that tell it apart from ours (ours has model_type / format_version)
-AUTHORS_CONFIG_MARKERS = ("enc_type", "encoder_model", "codebook_embed_dim", "num_latent_tokens")
-
-
-def is_authors_config(config: Mapping[str, Any]) -> bool:
-    """Whether a ``config.json`` was written by the authors' saver (flat ``ModelArgs``), not by maetok."""
-    return "model_type" not in config and "format_version" not in config and all(
-        k in config for k in AUTHORS_CONFIG_MARKERS)
-
 
 def timm_architecture(name: str) -> Optional[tuple[int, int, int]]:
     """(width, depth, heads) of one of their timm model names, or ``None`` for a name the table lacks."""
@@ -461,112 +427,3 @@ def map_authors_state(state: Mapping[str, T]) -> tuple[dict[str, T], list[str]]:
         else:
             mapped[to_our_key(key)] = value
     return mapped, ignored
-
-
-def load_authors_tokenizer(directory: Path, config: Mapping[str, Any], map_location: str = "cpu") -> ReleasedMAETok:
-    """A tokenizer folder in their format (``config`` is its parsed ``config.json``), loaded strictly."""
-    weights = directory / MODEL_WEIGHTS
-    shapes = safetensors_shapes(weights)
-    try:
-        tokenizer_config, architecture = authors_architecture(config, shapes, directory / MODEL_CONFIG, weights)
-    except (TypeError, KeyError, AttributeError) as err:  # a malformed value (null, a list for a mapping ...)
-        raise ConfigError(f"{directory / MODEL_CONFIG}: cannot read the architecture ({type(err).__name__}: "
-                          f"{err})") from None
-    with torch.device("meta"):
-        skeleton = ReleasedMAETok(tokenizer_config, architecture)
-    kept = {k: v for k, v in shapes.items() if not is_ignored_key(k)}
-    check_state_keys(authors_expected_shapes(skeleton), kept, weights)  # in their names, before reading tensors
-    model = ReleasedMAETok(tokenizer_config, architecture)
-    state, _ = map_authors_state(read_safetensors(weights, map_location))
-    return load_state_strict(model, state, weights)  # finite weights only
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The one loader
-# ---------------------------------------------------------------------------------------------------------
-
-
-def read_folder_config(source: PathLike) -> tuple[Path, dict[str, Any]]:
-    """``(model folder, parsed config.json)`` of a folder, a run directory (its ``model/``) or a hub id."""
-    from maetok.assets import resolve_pretrained
-    from maetok.runs import read_config_json
-
-    return read_config_json(resolve_pretrained(source), "tokenizer")
-
-
-def detect_format(config: Mapping[str, Any], source: PathLike = "config.json") -> str:
-    """``"authors"`` (their saver's flat config) or ``"maetok"`` (ours: ``model_type`` maetok, or a file from
-    before ``model_type`` with our fields); anything else raises ``ConfigError`` naming ``source``."""
-    if is_authors_config(config):
-        return "authors"
-    if config.get("model_type", "maetok" if "variant" in config else None) == "maetok":
-        return "maetok"
-    kind = f"model_type {config['model_type']!r}" if "model_type" in config else "no model_type"
-    raise ConfigError(f"{source} is not a tokenizer config ({kind}; neither maetok's tokenizer format nor the "
-                      "authors' MAETok format)")
-
-
-def load_pretrained_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
-    """The tokenizer of a folder (ours or the authors' format, detected from ``config.json``), a run directory or
-    a Hugging Face hub id, strictly loaded, in eval mode."""
-    directory, config = read_folder_config(source)
-    if detect_format(config, directory / MODEL_CONFIG) == "authors":
-        return load_authors_tokenizer(directory, config, map_location).eval()
-    directory, raw = read_model_config(directory, "maetok", "tokenizer")
-    require_config_fields(raw, CONFIG_REQUIRED_FIELDS, directory / MODEL_CONFIG)
-    model = build_tokenizer(raw, directory / MODEL_CONFIG)
-    return load_model_weights(model, directory, map_location).eval()
-
-
-def summarize_pretrained(source: PathLike) -> dict[str, Any]:
-    """What ``maetok info --model`` prints: format, parameter counts, latent shape and latent statistics."""
-    directory, config = read_folder_config(source)
-    fmt = detect_format(config, directory / MODEL_CONFIG)
-    model = load_pretrained_tokenizer(directory)
-    cfg = model.config
-    counts = model.parameter_counts()
-    released = isinstance(model, ReleasedMAETok)
-    summary: dict[str, Any] = {
-        "source": str(source),
-        "folder": str(directory),
-        "format": "authors (their config.json + key names)" if fmt == "authors" else "maetok",
-        "architecture": "released MAETok" if released else f"maetok ({cfg.variant})",
-        "image_size": cfg.image_size,
-        "patch_size": cfg.patch_size,
-        "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
-        "parameters": counts,
-    }
-    if fmt == "authors":
-        summary["ignored_keys"] = [k for k in safetensors_shapes(directory / MODEL_WEIGHTS) if is_ignored_key(k)]
-    if model.latent_mean is not None:
-        summary["latent_statistics"] = {"mean": model.latent_mean, "std": model.latent_std, "kind": "scalar"}
-    else:
-        summary["latent_statistics"] = None
-    return summary
-
-
-def convert_pretrained(source: PathLike, out: PathLike) -> Path:
-    """``maetok convert``: the tokenizer of ``source`` (a folder of either format, a run directory or a hub id)
-    written to ``out`` in our format (``config.json`` + ``model.safetensors``); the written folder is read back
-    and must hold the same tensors. Returns ``out``."""
-    from maetok.runs import weights_fingerprint
-
-    directory, _ = read_folder_config(source)
-    out = Path(out)
-    if out.exists() and out.resolve() == directory.resolve():
-        raise ValueError(f"--out {out} is the source folder: write the converted model elsewhere")
-    model = load_pretrained_tokenizer(directory)
-    model.save_pretrained(out)
-    if weights_fingerprint(load_pretrained_tokenizer(out)) != weights_fingerprint(model):
-        raise ValueError(f"{out}: the converted model does not read back with the same weights")
-    return out
-
-
-def load_pretrained_config(source: PathLike) -> TokenizerConfig:
-    """The :class:`~maetok.config.TokenizerConfig` of a tokenizer folder (either format), run directory or hub id,
-    without reading its tensors (their format: from ``config.json`` and the safetensors header)."""
-    directory, config = read_folder_config(source)
-    if detect_format(config, directory / MODEL_CONFIG) == "authors":
-        weights = directory / MODEL_WEIGHTS
-        return authors_architecture(config, safetensors_shapes(weights), directory / MODEL_CONFIG, weights)[0]
-    return MAETok.load_config(directory)

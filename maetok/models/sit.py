@@ -21,55 +21,26 @@ mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``final_layer.{linear, adaLN_modulation
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from maetok.assets import resolve_pretrained
-from maetok.config import (
-    AUTHORS_SAMPLING,
-    ConfigError,
-    DiffusionModelConfig,
-    DiffusionTransformerConfig,
-    SamplingConfig,
-    SiTConfig,
-    TransformerSize,
-    from_dict,
-    to_dict,
-)
+from maetok.config import DiffusionModelConfig
 from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
 
 __all__ = [
-    "SIT_PRESETS",
-    "SiTConfig",
     "SiT",
-    "build_sit",
     "AdaLNVelocityTransformer",
     "TimestepEmbedder",
     "LabelEmbedder",
     "AdaLNBlock",
     "FinalLayer",
     "apply_guidance",
+    "build_diffusion_model",
     "sincos_1d_interleaved",
-    "DIFFUSION_MODEL_TYPE",
-    "DiffusionFolder",
-    "build_velocity_model",
-    "default_folder_extras",
-    "is_reference_sit_config",
-    "load_velocity_model",
-    "read_diffusion_folder",
-    "save_diffusion_folder",
 ]
-
-logger = logging.getLogger(__name__)
-
-# The SiT rows of maetok.config.DIFFUSION_SIZES: name -> (width, depth, num_heads).
-SIT_PRESETS: dict[str, TransformerSize] = SiTConfig.presets()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared pieces (also used by LightningDiT)
@@ -248,19 +219,19 @@ class AdaLNVelocityTransformer(nn.Module):
     block_norm: ClassVar[str] = "layernorm"  # "layernorm" or "rmsnorm", see AdaLNBlock
     block_mlp: ClassVar[str] = "gelu"  # "gelu" or "swiglu", see AdaLNBlock
 
-    def __init__(self, config: DiffusionTransformerConfig):
+    def __init__(self, config: DiffusionModelConfig):
         super().__init__()
         config.validate()
         self.config = config
         self.width = config.width
         self.latent_dim = config.latent_dim
         self.num_latent_tokens = config.num_latent_tokens
-        self.num_classes = config.num_classes
+        self.num_classes = config.num_classes if config.conditional else 0  # 0: unconditional, no label embedding
         self.x_embedder = nn.Linear(config.latent_dim, config.width)
         self.t_embedder = TimestepEmbedder(config.width, config.frequency_dim)
         self.y_embedder: Optional[LabelEmbedder] = None
-        if config.num_classes > 0:
-            self.y_embedder = LabelEmbedder(config.num_classes, config.width, config.class_dropout_prob)
+        if self.num_classes > 0:
+            self.y_embedder = LabelEmbedder(self.num_classes, config.width, config.class_dropout_prob)
         self._build_positions(config)
         self.blocks = nn.ModuleList(
             AdaLNBlock(config.width, config.num_heads, config.mlp_ratio, self.block_norm, self.block_mlp,
@@ -293,7 +264,7 @@ class AdaLNVelocityTransformer(nn.Module):
 
     # hooks -------------------------------------------------------------------------------------------
 
-    def _build_positions(self, config: DiffusionTransformerConfig) -> None:
+    def _build_positions(self, config: DiffusionModelConfig) -> None:
         """Register the position buffers (none here)."""
 
     def _position_inputs(self, tokens: Tensor) -> Tensor:
@@ -410,58 +381,38 @@ class AdaLNVelocityTransformer(nn.Module):
         cond, uncond = self.forward_pair(x, t, y)
         return apply_guidance(cond, uncond, t, cfg_scale, guidance_interval)
 
-    # pretrained folders ------------------------------------------------------------------------------
+    # model folders (maetok.model_folders: the one place that reads and writes them) ----------------------
 
     @classmethod
     def from_pretrained(
         cls, source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
     ) -> "AdaLNVelocityTransformer":
-        """The model in ``source``, in eval mode on ``device`` (default: the first GPU, else the CPU).
+        """The model in ``source`` (our diffusion folder, its run directory, the authors' released SiT folder or a hub
+        id of either; :func:`maetok.model_folders.load_diffusion_model`), in eval mode on ``device``. The folder's
+        other entries (latent normalisation, sampling defaults, tokenizer, class names) are kept in
+        :attr:`folder_extras` and written back by :meth:`save_pretrained`."""
+        from maetok.model_folders import load_diffusion_model
 
-        ``source``: a diffusion model folder of ours (``config.json`` with ``model_type`` ``maetok-diffusion`` +
-        ``model.safetensors``), the run directory holding it as ``model/``, the authors' released SiT folder
-        (``config.json`` with ``hidden_size``, ``depth``, ``in_channels``, ``input_size``, ...), or a Hugging Face
-        hub id of either (:func:`maetok.assets.resolve_pretrained`; offline with ``HF_HUB_OFFLINE=1``). The
-        format is detected from ``config.json``. Weights load strictly (:func:`maetok.runs.load_state_strict`). The
-        folder's other entries (latent normalisation, sampling defaults, tokenizer, class names) are kept in
-        :attr:`folder_extras` and written back by :meth:`save_pretrained`.
-        """
-        model, folder = load_velocity_model(source, device)
+        model, folder = load_diffusion_model(source, device)
         if not isinstance(model, cls):
             raise ValueError(f"{folder.directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
-    def save_pretrained(
-        self,
-        directory: Union[str, Path],
-        state_dict: Optional[dict[str, Tensor]] = None,
-        **extras: Any,
-    ) -> Path:
-        """Write our diffusion model folder (``config.json`` + ``model.safetensors``, what
-        :class:`maetok.diffusion.pipeline.LatentGenerator` and :meth:`from_pretrained` read). ``extras``
-        (``class_names``, ``latent_norm``, ``sampling``, ``tokenizer``) override :attr:`folder_extras`, which
-        override :func:`default_folder_extras`. ``state_dict``: default the model's."""
-        model_cfg, latent_shape, num_classes = DiffusionModelConfig.from_architecture(self.config)
-        unknown = sorted(set(extras) - set(FOLDER_EXTRAS))
-        if unknown:
-            raise ValueError(f"unknown diffusion folder entries {unknown}; known: {list(FOLDER_EXTRAS)}")
-        merged = {**default_folder_extras(), **self.folder_extras, **extras}
-        return save_diffusion_folder(directory, model_cfg, latent_shape, num_classes,
-                                     state_dict if state_dict is not None else self.state_dict(), **merged)
+    def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None,
+                        **extras: Any) -> Path:
+        """Our diffusion model folder (:func:`maetok.model_folders.save_diffusion_model`); ``extras`` (``class_names``,
+        ``latent_norm``, ``sampling``, ``tokenizer``) override :attr:`folder_extras`."""
+        from maetok.model_folders import save_diffusion_model
 
-    def push_to_hub(self, repo_id: str, private: bool = False, token: Optional[str] = None,
-                    commit_message: str = "Upload maetok diffusion model", **extras: Any) -> Any:
-        """:meth:`save_pretrained` into a temporary folder, uploaded to the hub repository ``repo_id`` (created if
-        needed) with ``huggingface_hub``; returns its commit info. Needs the network and a token."""
-        import tempfile
+        return save_diffusion_model(self, directory, state_dict, **{**self.folder_extras, **extras})
 
-        from huggingface_hub import HfApi
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: Optional[str] = None) -> str:
+        """:meth:`save_pretrained`'s folder uploaded to the hub repository ``repo_id``
+        (:func:`maetok.model_folders.push_to_hub`); returns the commit URL."""
+        from maetok.model_folders import push_to_hub
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, **extras)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,11 +424,10 @@ class SiT(AdaLNVelocityTransformer):
     """SiT with patch size 1 on ``(B, L, C)`` latents, fixed 1D sin-cos absolute position embedding,
     adaLN-Zero class/time conditioning; predicts the velocity ``(B, L, C)``. See the module docstring."""
 
-    config: SiTConfig
     block_norm = "layernorm"
     block_mlp = "gelu"
 
-    def _build_positions(self, config: SiTConfig) -> None:
+    def _build_positions(self, config: DiffusionModelConfig) -> None:
         if config.pos_embed_layout == "interleaved":
             pos = sincos_1d_interleaved(config.num_latent_tokens, config.width)
         else:
@@ -489,135 +439,10 @@ class SiT(AdaLNVelocityTransformer):
         return tokens + self.pos_embed.to(tokens.dtype)
 
 
-def build_sit(preset: str = "SiT-XL", **overrides: Any) -> SiT:
-    """``build_sit("SiT-B", latent_dim=32, num_latent_tokens=128, num_classes=1000)``."""
-    return SiT(SiTConfig.from_preset(preset, **overrides))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Diffusion model folders: ours (written by save_diffusion_folder) and the authors' released SiT
-# ---------------------------------------------------------------------------------------------------------
-
-DIFFUSION_MODEL_TYPE = "maetok-diffusion"  # config.json's model_type in our folders
-# config.json entries of our folder besides the architecture (model, latent_shape, num_classes), in file order
-FOLDER_EXTRAS = ("class_names", "latent_norm", "sampling", "tokenizer")
-# what the authors' SiT config.json must hold (written by their PyTorchModelHubMixin save_pretrained)
-REFERENCE_SIT_KEYS = ("hidden_size", "depth", "num_heads", "in_channels", "input_size")
-
-
-def default_folder_extras() -> dict[str, Any]:
-    """The folder entries of a model that has none: no class names, identity latent normalisation, the default
-    sampling settings, no tokenizer."""
-    return {"class_names": [], "latent_norm": {"mode": "none", "mean": 0.0, "std": 1.0},
-            "sampling": to_dict(SamplingConfig()), "tokenizer": None}
-
-
-def is_reference_sit_config(config: Mapping[str, Any]) -> bool:
-    """Whether a ``config.json`` is the authors' SiT (flat model arguments, no ``model_type``)."""
-    return "model_type" not in config and all(key in config for key in REFERENCE_SIT_KEYS)
-
-
-@dataclass
-class DiffusionFolder:
-    """What a diffusion model folder's ``config.json`` says. ``source_format``: ``"maetok"`` (ours) or
-    ``"authors-sit"``; ``extras``: :data:`FOLDER_EXTRAS` (for the authors' SiT: none known, the authors'
-    sampling conventions, whose latent normalisation comes from the tokenizer)."""
-
-    directory: Path
-    source_format: str
-    model_cfg: DiffusionModelConfig
-    latent_shape: tuple[int, int]
-    num_classes: int
-    extras: dict[str, Any]
-
-    @property
-    def architecture(self) -> DiffusionTransformerConfig:
-        return self.model_cfg.architecture(self.latent_shape, self.num_classes)
-
-
-def read_diffusion_folder(source: Union[str, Path]) -> DiffusionFolder:
-    """The :class:`DiffusionFolder` of ``source``: a folder of ours or the authors', the run directory holding
-    ours as ``model/``, or a hub id of either (:func:`maetok.assets.resolve_pretrained`)."""
-    from maetok.runs import MODEL_CONFIG, read_config_json, read_model_config
-
-    directory, raw = read_config_json(resolve_pretrained(source), "diffusion model")
-    path = directory / MODEL_CONFIG
-    if is_reference_sit_config(raw):
-        try:
-            architecture = SiTConfig.from_reference_config(raw)
-            architecture.validate()
-            model_cfg, latent_shape, num_classes = DiffusionModelConfig.from_architecture(architecture)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: the authors' SiT config cannot be mapped: {err}") from None
-        extras = {**default_folder_extras(), "sampling": to_dict(SamplingConfig(**AUTHORS_SAMPLING))}
-        return DiffusionFolder(directory, "authors-sit", model_cfg, latent_shape, num_classes, extras)
-    directory, raw = read_model_config(directory, DIFFUSION_MODEL_TYPE, "diffusion model")
-    missing = [key for key in ("model", "latent_shape", "num_classes", "latent_norm", "sampling") if key not in raw]
-    if missing:
-        raise ConfigError(f"{path} is neither a maetok diffusion model (it lacks {missing}) nor the authors' SiT "
-                          f"(config keys {list(REFERENCE_SIT_KEYS)})")
-    model_cfg = from_dict(DiffusionModelConfig, raw["model"], where=f"{path}:model")
-    latent_shape = tuple(int(n) for n in raw["latent_shape"])
-    if len(latent_shape) != 2:
-        raise ConfigError(f"{path}: latent_shape must be [L, C], got {raw['latent_shape']}")
-    from_dict(SamplingConfig, raw["sampling"], where=f"{path}:sampling")  # checked here, read by the bundle
-    extras = {key: raw.get(key, default) for key, default in default_folder_extras().items()}
-    return DiffusionFolder(directory, "maetok", model_cfg, latent_shape, int(raw["num_classes"]), extras)
-
-
-def save_diffusion_folder(
-    directory: Union[str, Path],
-    model_cfg: DiffusionModelConfig,
-    latent_shape: Sequence[int],
-    num_classes: int,
-    state_dict: Mapping[str, Tensor],
-    class_names: Sequence[str] = (),
-    latent_norm: Optional[Mapping[str, Any]] = None,
-    sampling: Optional[Mapping[str, Any]] = None,
-    tokenizer: Optional[str] = None,
-) -> Path:
-    """Write our diffusion model folder (through :func:`maetok.runs.save_model_folder`): ``config.json`` with
-    the model config, latent shape, classes, ``latent_norm`` (a :class:`~maetok.data.latents.LatentNormalizer`
-    dict), ``sampling`` (a :class:`~maetok.config.SamplingConfig` dict) and the tokenizer folder or hub id."""
-    from maetok.runs import save_model_folder
-
-    defaults = default_folder_extras()
-    config = {
-        "model": to_dict(model_cfg),
-        "latent_shape": [int(n) for n in latent_shape],
-        "num_classes": int(num_classes),
-        "class_names": list(class_names),
-        "latent_norm": dict(latent_norm) if latent_norm is not None else defaults["latent_norm"],
-        "sampling": dict(sampling) if sampling is not None else defaults["sampling"],
-        "tokenizer": str(tokenizer) if tokenizer is not None else None,
-    }
-    return save_model_folder(directory, DIFFUSION_MODEL_TYPE, config, state_dict)
-
-
-def build_velocity_model(architecture: DiffusionTransformerConfig) -> AdaLNVelocityTransformer:
-    """A :class:`SiT` or :class:`~maetok.models.lightningdit.LightningDiT` for its architecture config."""
-    from maetok.config import LightningDiTConfig
+def build_diffusion_model(config: DiffusionModelConfig) -> AdaLNVelocityTransformer:
+    """The :class:`SiT` or :class:`~maetok.models.lightningdit.LightningDiT` of ``config.arch``: the one builder.
+    The model maps latents ``(B, L, C)`` to velocities ``(B, L, C)``."""
     from maetok.models.lightningdit import LightningDiT
 
-    if isinstance(architecture, SiTConfig):
-        return SiT(architecture)
-    if isinstance(architecture, LightningDiTConfig):
-        return LightningDiT(architecture)
-    raise ValueError(f"no velocity model for {type(architecture).__name__}")
-
-
-def load_velocity_model(
-    source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
-) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
-    """The model of a diffusion folder (ours or the authors', see :func:`read_diffusion_folder`), strictly
-    loaded, in eval mode on ``device``, with its :attr:`~AdaLNVelocityTransformer.folder_extras`; and the folder."""
-    from maetok.runs import load_model_weights, resolve_device
-
-    folder = read_diffusion_folder(source)
-    try:
-        model = build_velocity_model(folder.architecture)
-    except ValueError as err:
-        raise ConfigError(f"{folder.directory / 'config.json'}: {err}") from None
-    load_model_weights(model, folder.directory)
-    model.folder_extras = dict(folder.extras)
-    return model.to(resolve_device(device)).eval(), folder
+    config.validate()  # an unknown arch: ConfigError naming it
+    return (LightningDiT if config.arch == "lightningdit" else SiT)(config)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maetok.config import TokenizerConfig, from_dict, to_dict
+from maetok.config import TokenizerConfig, to_dict
 from maetok.models.blocks import (
     Block,
     PatchEmbed,
@@ -30,15 +30,6 @@ from maetok.models.blocks import (
     unpatchify,
 )
 from maetok.models.global_batch import RandomSource, SampleRandom
-from maetok.runs import MODEL_CONFIG, read_model_config, require_config_fields, save_model_folder
-
-#: the config.json entry of a tokenizer in the released architecture (:mod:`maetok.models.released`)
-RELEASED_ARCHITECTURE_KEY = "released_architecture"
-#: the fields a tokenizer's config.json must name (they decide every weight's shape); the others take defaults
-CONFIG_REQUIRED_FIELDS = ("variant", "image_size", "in_channels", "patch_size", "encoder_width", "encoder_depth",
-                          "encoder_heads", "decoder_width", "decoder_depth", "decoder_heads", "mlp_ratio",
-                          "num_latent_tokens", "latent_dim")
-
 
 def _grid_rope(grid: tuple[int, int], head_dim: int, theta: float, num_latent: int, device: torch.device) -> Rope:
     """RoPE (cos, sin) for ``[image tokens ; latent tokens]``: 2D on the grid, identity on latents."""
@@ -366,57 +357,29 @@ class MAETok(nn.Module):
         """A freshly initialised tokenizer of the same architecture, without auxiliary decoders."""
         return MAETok(self.config)
 
+    # model folders (maetok.model_folders: the one place that reads and writes them) ----------------------
+
     def save_pretrained(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (encoder + pixel decoder), atomically."""
-        state = state_dict if state_dict is not None else self.inference_state_dict()
-        state = {k: v for k, v in state.items() if not k.startswith("aux_decoders.")}
-        return save_model_folder(directory, "maetok", self.config_dict(), state)
+        """Write ``config.json`` + ``model.safetensors`` (encoder + pixel decoder), atomically
+        (:func:`maetok.model_folders.save_tokenizer`)."""
+        from maetok.model_folders import save_tokenizer
+
+        return save_tokenizer(self, directory, state_dict)
 
     def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
-                    commit_message: str = "Upload MAETok tokenizer") -> str:
-        """Upload :meth:`save_pretrained`'s folder and a model card (``README.md``) to the Hugging Face hub repo
-        ``repo_id`` (created if needed), the ``PyTorchModelHubMixin`` layout; returns the commit URL."""
-        import tempfile
+                    commit_message: Optional[str] = None) -> str:
+        """Upload :meth:`save_pretrained`'s folder and a model card to the Hugging Face hub repo ``repo_id`` (created
+        if needed; :func:`maetok.model_folders.push_to_hub`); returns the commit URL."""
+        from maetok.model_folders import push_to_hub
 
-        from huggingface_hub import HfApi
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_for_hub(tmp, repo_id)
-            api = HfApi(token=token)
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
-                                         repo_type="model"))
-
-    def save_for_hub(self, directory: Union[str, Path], repo_id: str) -> Path:
-        """The folder :meth:`push_to_hub` uploads: :meth:`save_pretrained`'s files plus a model card."""
-        directory = self.save_pretrained(directory)
-        cfg = self.config
-        card = (
-            "---\nlibrary_name: maetok\ntags:\n- image-tokenizer\n- maetok\n- pytorch_model_hub_mixin\n---\n\n"
-            f"# {repo_id}\n\nA MAETok tokenizer ({cfg.image_size}px, patch {cfg.patch_size}, "
-            f"{cfg.num_latent_tokens} x {cfg.latent_dim} latents) saved by maetok.\n\n"
-            f"```python\nfrom maetok import MAETok\n\ntokenizer = MAETok.from_pretrained(\"{repo_id}\")\n"
-            "latents = tokenizer.encode(images)  # images (B, 3, H, W) in [-1, 1]\n"
-            "images = tokenizer.decode(latents)\n```\n"
-        )
-        (directory / "README.md").write_text(card)
-        return directory
-
-    @classmethod
-    def load_config(cls, directory: Union[str, Path]) -> TokenizerConfig:
-        """The config of a tokenizer's model directory in our format (or of the run directory holding it); a
-        field that decides a weight's shape must be present (``ConfigError`` naming the file and the field)."""
-        directory, raw = read_model_config(directory, "maetok", "tokenizer")
-        require_config_fields(raw, CONFIG_REQUIRED_FIELDS, directory / MODEL_CONFIG)
-        raw.pop(RELEASED_ARCHITECTURE_KEY, None)
-        return from_dict(TokenizerConfig, raw, where=str(directory / MODEL_CONFIG))
+        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, source: Union[str, Path], map_location: str = "cpu") -> "MAETok":
         """Load a tokenizer: a folder written by :meth:`save_pretrained` or by the authors' saver (detected from
         its ``config.json``), the run directory holding one as ``model/``, or a Hugging Face hub id (through the
         hub cache; ``HF_HUB_OFFLINE=1`` never downloads). Strict: every key and shape must match. Safetensors
-        only: no code is executed. See :func:`maetok.models.released.load_pretrained_tokenizer`."""
-        from maetok.models.released import load_pretrained_tokenizer
+        only: no code is executed. See :func:`maetok.model_folders.load_tokenizer`."""
+        from maetok.model_folders import load_tokenizer
 
-        return load_pretrained_tokenizer(source, map_location)
+        return load_tokenizer(source, map_location)

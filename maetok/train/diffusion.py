@@ -2,7 +2,7 @@
 
 A run directory holds ``config.yaml``, ``log.csv``, ``checkpoints/last.pt``, periodic ``samples_step*.png``
 grids decoded through the cache's tokenizer, and ``model/`` (the EMA model, see
-:class:`maetok.diffusion.pipeline.LatentGenerator`).
+:class:`maetok.diffusion.generator.LatentGenerator`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 
 from maetok.config import DiffusionTrainConfig
 from maetok.data.latents import LatentDataset, LatentNormalizer
-from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model
+from maetok.diffusion.generator import LatentGenerator
 from maetok.diffusion.transport import training_loss
+from maetok.models.sit import build_diffusion_model
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import Trainer, autocast, flip_mask
 
@@ -46,8 +47,10 @@ class DiffusionTrainer(Trainer):
                 f"{cfg.latents} has unlabelled items (label -1): train an unconditional model (model.conditional=false)"
             )
         self.normalizer = LatentNormalizer(stats, cfg.transport.latent_norm)
+        # the architecture on this cache's latents and classes (model.latent_dim / num_latent_tokens / num_classes)
+        self.model_cfg = cfg.model.for_latents(self.latent_shape, self.num_classes)
         torch.manual_seed(cfg.train.seed)
-        model = build_diffusion_model(cfg.model, self.latent_shape, self.num_classes)
+        model = build_diffusion_model(self.model_cfg)
         self.label_dropout = model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0
         self.setup_optimization(model, resume)
         self.tokenizer: Optional[MAETok] = None
@@ -61,7 +64,7 @@ class DiffusionTrainer(Trainer):
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (
-            f"diffusion: {self.cfg.model.preset} ({self.cfg.model.arch}, {params:.2f}M) on {len(self.train_set)} latents "
+            f"diffusion: {self.model_cfg.size_name} ({self.model_cfg.arch}, {params:.2f}M) on {len(self.train_set)} latents "
             f"{self.latent_shape}, {self.num_classes or 'no'} classes; device {self.device}"
         )
 
@@ -91,14 +94,11 @@ class DiffusionTrainer(Trainer):
 
     def pipeline(self) -> LatentGenerator:
         """The EMA model (or live weights without EMA) as a sampling pipeline."""
-        model = build_diffusion_model(self.cfg.model, self.latent_shape, self.num_classes).to(self.device)
+        model = build_diffusion_model(self.model_cfg).to(self.device)
         model.load_state_dict(self.ema_or_live_state())
         return LatentGenerator(
             model.eval(),
-            self.cfg.model,
             self.normalizer,
-            self.latent_shape,
-            self.num_classes,
             list(self.train_set.class_names),
             self.cfg.sampling,
             self.train_set.stats.get("tokenizer"),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
+from maetok.model_folders import check_state_keys
 from maetok.models.global_batch import SampleRandom, all_finite_everywhere
 from maetok.runs import (
     FORMAT_KEY,
@@ -37,7 +38,6 @@ from maetok.runs import (
     check_finite_tensors,
     check_format_version,
     check_output_folder,
-    check_state_keys,
     first_line,
     resolve_device,
 )

@@ -46,10 +46,10 @@ def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
     if path.exists():
         return from_dict(TokenizerTrainConfig, yaml.safe_load(path.read_text()), where=str(path))
     from maetok.config import load_config
-    from maetok.models.released import load_pretrained_config
+    from maetok.model_folders import tokenizer_config
 
     try:
-        model_config = load_pretrained_config(run_dir)
+        model_config = tokenizer_config(run_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: {run_dir} is neither a tokenizer run directory nor a tokenizer "
                                 "folder or hub id") from None

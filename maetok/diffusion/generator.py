@@ -1,9 +1,9 @@
-"""Building, saving, loading and sampling the diffusion models that generate MAETok latents.
+"""Sampling the diffusion models that generate MAETok latents: :class:`LatentGenerator` (a trained velocity model
+with its latent normalisation, class names, sampling defaults and tokenizer) and ``maetok sample``'s image writer
+(:func:`generate_images`, :func:`write_samples`: PNGs, a grid and an ADM-format ``.npz``, ``arr_0`` uint8 NHWC,
+``arr_1`` labels).
 
-A diffusion model directory holds ``config.json`` (architecture, latent normalisation, tokenizer path,
-class names, sampling defaults) and ``model.safetensors`` (EMA weights); its reader and writer live with the
-models (:func:`maetok.models.sit.read_diffusion_folder`, :func:`~maetok.models.sit.save_diffusion_folder`), which
-also read the authors' released SiT folder.
+A diffusion model folder is read and written by :mod:`maetok.model_folders` (ours and the authors' released SiT).
 """
 
 from __future__ import annotations
@@ -11,26 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from maetok.config import ConfigError, DiffusionModelConfig, SamplingConfig, from_dict, to_dict
+from maetok.config import SamplingConfig, from_dict, to_dict
+from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.latents import LatentNormalizer
+from maetok.data.npz import save_sample_batch
 from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
-from maetok.models.sit import build_velocity_model, load_velocity_model, save_diffusion_folder
+from maetok.model_folders import load_diffusion_model, save_diffusion_model
+from maetok.models.tokenizer import MAETok
 
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # SamplingConfig.precision
-
-
-def build_diffusion_model(cfg: DiffusionModelConfig, latent_shape: tuple[int, int], num_classes: int) -> nn.Module:
-    """SiT or LightningDiT for latents ``(L, C) = latent_shape`` (the size from ``cfg.preset``'s row of
-    :data:`maetok.config.DIFFUSION_SIZES`, overridden by ``cfg.width/depth/num_heads`` > 0); ``num_classes`` 0
-    (or ``cfg.conditional`` False) builds an unconditional model. The model maps ``(B, L, C)`` -> ``(B, L, C)``."""
-    architecture = cfg.architecture(latent_shape, num_classes)  # validates cfg
-    try:
-        return build_velocity_model(architecture)
-    except ValueError as err:
-        raise ConfigError(f"diffusion model: {err}") from None
 
 
 class LatentGenerator:
@@ -41,20 +34,16 @@ class LatentGenerator:
     def __init__(
         self,
         model: nn.Module,
-        model_cfg: DiffusionModelConfig,
         normalizer: LatentNormalizer,
-        latent_shape: tuple[int, int],
-        num_classes: int,
-        class_names: list[str],
+        class_names: Sequence[str],
         sampling: SamplingConfig,
         tokenizer_dir: Optional[str],
     ):
-        self.model = model
-        self.model_cfg = model_cfg
+        self.model = model  # a SiT / LightningDiT: its config gives the latent shape and the classes
         self.normalizer = normalizer
-        self.latent_shape = tuple(latent_shape)
-        self.num_classes = num_classes if model_cfg.conditional else 0
-        self.class_names = class_names
+        self.latent_shape: tuple[int, int] = model.config.latent_shape
+        self.num_classes: int = model.num_classes
+        self.class_names = list(class_names)
         self.sampling = sampling
         self.tokenizer_dir = tokenizer_dir
 
@@ -63,31 +52,23 @@ class LatentGenerator:
         return next(self.model.parameters()).device
 
     def save(self, directory: Union[str, Path], state_dict: Optional[dict[str, Tensor]] = None) -> Path:
-        """Write the model folder (``state_dict``, default the model's, e.g. the EMA weights), atomically."""
-        state = state_dict if state_dict is not None else self.model.state_dict()
-        return save_diffusion_folder(directory, self.model_cfg, self.latent_shape, self.num_classes, state,
-                                     class_names=self.class_names, latent_norm=self.normalizer.to_dict(),
-                                     sampling=to_dict(self.sampling), tokenizer=self.tokenizer_dir)
+        """Write the model folder (``state_dict``, default the model's, e.g. the EMA weights), atomically
+        (:func:`maetok.model_folders.save_diffusion_model`)."""
+        return save_diffusion_model(self.model, directory, state_dict, class_names=self.class_names,
+                                    latent_norm=self.normalizer.to_dict(), sampling=to_dict(self.sampling),
+                                    tokenizer=self.tokenizer_dir)
 
     @classmethod
     def load(cls, directory: Union[str, Path], device: Optional[str] = None) -> "LatentGenerator":
         """A diffusion model folder written by :meth:`save`, the run directory holding it as ``model/``, the
-        authors' released SiT folder, or a hub id of either. The authors' SiT comes with their sampling
-        conventions (:data:`maetok.config.AUTHORS_SAMPLING`) and no tokenizer: its latent normalisation is the
-        tokenizer's (:meth:`normalizer_for`)."""
-        model, folder = load_velocity_model(directory, device)
+        authors' released SiT folder, or a hub id of either (:func:`maetok.model_folders.load_diffusion_model`). The
+        authors' SiT comes with their sampling conventions (:data:`maetok.config.AUTHORS_SAMPLING`) and no tokenizer:
+        its latent normalisation is the tokenizer's (:meth:`normalizer_for`)."""
+        model, folder = load_diffusion_model(directory, device)
         extras = folder.extras
-        where = f"{folder.directory / 'config.json'}"
-        return cls(
-            model,
-            folder.model_cfg,
-            LatentNormalizer.from_dict(extras["latent_norm"]),
-            folder.latent_shape,
-            folder.num_classes,
-            list(extras.get("class_names") or []),
-            from_dict(SamplingConfig, extras["sampling"], where=f"{where}:sampling"),
-            extras.get("tokenizer"),
-        )
+        where = f"{folder.directory / 'config.json'}:sampling"
+        return cls(model, LatentNormalizer.from_dict(extras["latent_norm"]), list(extras.get("class_names") or []),
+                   from_dict(SamplingConfig, extras["sampling"], where=where), extras.get("tokenizer"))
 
     def normalizer_for(
         self,
@@ -176,3 +157,52 @@ def tokenizer_latent_scalars(tokenizer: Any) -> tuple[float, float]:
     names = " / ".join(f"{a}, {b}" for a, b in LATENT_SCALAR_NAMES)
     raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) carries no scalar latent mean / std ({names}): "
                      "use the model's latent statistics (--latent-norm model) or give them (--latent-scalars MEAN STD)")
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: LatentGenerator,
+    tokenizer: MAETok,
+    num: int,
+    labels: Optional[torch.Tensor] = None,
+    sampling: Optional[SamplingConfig] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    normalizer: Optional[LatentNormalizer] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """``num`` images as uint8 ``(num, H, W, C)`` and their labels ``(num,)`` (None if unconditional).
+    ``labels`` default: all classes evenly (``i % num_classes``). ``normalizer``: the latent normalisation to
+    undo (default the model's; see :meth:`LatentGenerator.normalizer_for`)."""
+    from tqdm.auto import tqdm
+
+    if labels is None:
+        labels = pipe.balanced_labels(num)
+    if labels is not None and len(labels) != num:
+        raise ValueError(f"got {len(labels)} labels for {num} samples")
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in tqdm(range(0, num, batch_size), desc="sample", unit="batch", disable=not progress):
+        count = min(batch_size, num - start)
+        batch_labels = labels[start : start + count] if labels is not None else None
+        latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator, normalizer=normalizer)
+        decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
+        images.append(to_uint8(decoded.cpu(), channels_last=True).numpy())  # NaN / inf raise: never gray images
+    return np.concatenate(images), (labels.numpy() if labels is not None else None)
+
+
+def write_samples(
+    out_dir: Union[str, Path], images: np.ndarray, labels: Optional[np.ndarray], png_limit: Optional[int] = None
+) -> dict[str, Path]:
+    """``out_dir/images/NNNNNN.png`` (the first ``png_limit``), ``out_dir/grid.png`` (up to 100) and
+    ``out_dir/samples.npz`` (ADM format); returns the paths."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images[: png_limit if png_limit is not None else len(images)]):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out_dir / "images" / f"{i:06d}.png")
+    save_image_grid(torch.from_numpy(images[:100]).permute(0, 3, 1, 2), out_dir / "grid.png", nrow=10)
+    npz = out_dir / "samples.npz"
+    save_sample_batch(npz, to_rgb(images), labels)  # the ADM suite reads RGB
+    return {"images": out_dir / "images", "grid": out_dir / "grid.png", "npz": npz}

@@ -1,0 +1,545 @@
+"""Model folders: the one module that reads, writes, converts and uploads them, for every format.
+
+A model folder is ``config.json`` + ``model.safetensors`` (safetensors only: loading never executes code). Its
+format is detected once, from ``config.json`` (:func:`detect_format`):
+
+=====================  ==================================================================================
+``maetok-tokenizer``   ours: ``model_type: maetok`` (or, before ``model_type`` existed, our fields)
+``authors-tokenizer``  the authors' MAETok saver: flat ``ModelArgs`` (``enc_type``, ``encoder_model`` ...)
+``maetok-diffusion``   ours: ``model_type: maetok-diffusion``, the :class:`~maetok.config.DiffusionModelConfig`
+                       under ``model`` and the sampling entries (:data:`FOLDER_EXTRAS`)
+``authors-sit``        the authors' SiT saver: flat model arguments (``hidden_size``, ``depth``, ``input_size`` ...)
+``diffusers``          a diffusers component folder (``_class_name``), written and read by
+                       :mod:`maetok.integrations.diffusers`
+=====================  ==================================================================================
+
+Every loader takes a folder, the run directory holding it as ``model/`` (:func:`maetok.runs.model_directory`) or a
+Hugging Face hub id (:func:`maetok.assets.resolve_pretrained`), and loads strictly: every key and shape must match,
+every weight must be finite, and each problem is one line naming the file. Folders are written atomically (weights
+first, ``config.json`` last). The model classes' ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` call
+:func:`load_tokenizer` / :func:`load_diffusion_model`, :func:`save_tokenizer` / :func:`save_diffusion_model` and
+:func:`push_to_hub`; the key mapping of the authors' tokenizer lives with its modules (:mod:`maetok.models.released`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from maetok.assets import resolve_pretrained
+from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
+    from_dict, to_dict
+from maetok.models.released import (
+    ARCHITECTURE_KEY,
+    ReleasedArchitecture,
+    ReleasedMAETok,
+    authors_architecture,
+    authors_expected_shapes,
+    is_ignored_key,
+    map_authors_state,
+)
+from maetok.models.sit import AdaLNVelocityTransformer, build_diffusion_model
+from maetok.models.tokenizer import MAETok
+from maetok.runs import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    PathLike,
+    check_finite_tensors,
+    check_format_version,
+    first_line,
+    model_directory,
+    resolve_device,
+    weights_fingerprint,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_MODEL_TYPE = "maetok"  # config.json's model_type in our tokenizer folders
+DIFFUSION_MODEL_TYPE = "maetok-diffusion"  # ... in our diffusion folders
+#: the fields of our tokenizer config.json that decide a weight's shape (a folder lacking one is refused)
+CONFIG_REQUIRED_FIELDS = ("variant", "image_size", "in_channels", "patch_size", "encoder_width", "encoder_depth",
+                          "encoder_heads", "decoder_width", "decoder_depth", "decoder_heads", "mlp_ratio",
+                          "num_latent_tokens", "latent_dim")
+#: fields of the authors' tokenizer config.json that tell it apart from ours (ours has model_type / format_version)
+AUTHORS_TOKENIZER_KEYS = ("enc_type", "encoder_model", "codebook_embed_dim", "num_latent_tokens")
+#: what the authors' SiT config.json holds (written by their PyTorchModelHubMixin save_pretrained)
+AUTHORS_SIT_KEYS = ("hidden_size", "depth", "num_heads", "in_channels", "input_size")
+#: config.json entries of our diffusion folder besides ``model``, in file order
+FOLDER_EXTRAS = ("class_names", "latent_norm", "sampling", "tokenizer")
+TOKENIZER_FORMATS = ("maetok-tokenizer", "authors-tokenizer")
+DIFFUSION_FORMATS = ("maetok-diffusion", "authors-sit")
+#: how many names a key-mismatch error line shows per kind (the full list goes to the log)
+MISMATCH_NAMES_SHOWN = 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: config.json and model.safetensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str, Any],
+                      state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write a model folder: ``model.safetensors`` (``state_dict`` on the CPU; no pickles), then ``config.json``
+    (``model_type``, the format version and ``config``), both through a temporary file and a rename. The config is
+    written last, so its presence means the folder is complete. Returns the directory."""
+    directory = Path(directory)
+    check_finite_tensors(state_dict, f"the {model_type} to be saved to {directory}")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (MODEL_WEIGHTS + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / MODEL_WEIGHTS)
+    write_json(directory / MODEL_CONFIG, {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION, **config}, atomic=True)
+    return directory
+
+
+def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing file raises ``FileNotFoundError``, a truncated or corrupt one
+    a one-line ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path), device=map_location)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) on bad files
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
+            from None
+
+
+def safetensors_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a safetensors file, read from its header only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
+            from None
+
+
+def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]],
+                     source: PathLike, model_name: str = "the model") -> None:
+    """Strict key check of a checkpoint: ``found`` (name -> shape, from ``source``) must hold exactly the names
+    of ``expected`` (the model's), with the same shapes. Otherwise the full list of differences goes to the log
+    (on stderr by default) and a ``ValueError`` of one line gives the counts of missing, unexpected and mis-shaped
+    keys with the first few names of each."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [k for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
+    if not (missing or unexpected or misshaped):
+        return
+    described = {
+        "missing": missing,
+        "unexpected": unexpected,
+        "mis-shaped": [f"{k} (file {list(found[k])}, model {list(expected[k])})" for k in misshaped],
+    }
+    logger.error("%s does not match %s:\n%s", source, model_name,
+                 "\n".join(f"  {kind}: {name}" for kind, names in described.items() for name in names))
+    parts = []
+    for kind, names in described.items():
+        if names:
+            more = ", ..." if len(names) > MISMATCH_NAMES_SHOWN else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(names[:MISMATCH_NAMES_SHOWN])}{more})")
+    raise ValueError(f"{source} does not match {model_name}: {'; '.join(parts)} (the full list is in the log)")
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: PathLike) -> torch.nn.Module:
+    """Load ``state`` into ``model`` only if every key and shape matches (:func:`check_state_keys`): nothing
+    loads partially; and only finite weights (a diverged model is never sampled from or evaluated). Values are
+    cast to the model's dtypes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, source, type(model).__name__)
+    check_finite_tensors(state, str(source))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model_weights(model: torch.nn.Module, directory: PathLike, map_location: str = "cpu") -> torch.nn.Module:
+    """Load ``directory/model.safetensors`` into ``model``, strictly (:func:`load_state_strict`)."""
+    weights = Path(directory) / MODEL_WEIGHTS
+    return load_state_strict(model, read_safetensors(weights, map_location), weights)
+
+
+def require_config_fields(config: Mapping[str, Any], fields: Sequence[str], source: PathLike) -> None:
+    """``ConfigError`` naming ``source`` and the first field of ``fields`` that ``config`` lacks (and how many more)."""
+    missing = [name for name in fields if name not in config]
+    if missing:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{source} lacks the field {missing[0]!r}{more}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The format, detected once
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelFolder:
+    """A model folder and what its ``config.json`` says: ``format`` (:func:`detect_format`) and ``config`` (as
+    written; for our formats without ``model_type`` and ``format_version``)."""
+
+    directory: Path
+    format: str
+    config: dict[str, Any]
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / MODEL_CONFIG
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / MODEL_WEIGHTS
+
+
+def detect_format(config: Mapping[str, Any], source: PathLike = MODEL_CONFIG) -> str:
+    """The format of a parsed ``config.json`` (see the module docstring); anything else raises ``ConfigError``
+    naming ``source``."""
+    if "_class_name" in config:
+        return "diffusers"
+    if "model_type" not in config and FORMAT_KEY not in config:
+        if all(key in config for key in AUTHORS_TOKENIZER_KEYS):
+            return "authors-tokenizer"
+        if all(key in config for key in AUTHORS_SIT_KEYS):
+            return "authors-sit"
+    model_type = config.get("model_type", TOKENIZER_MODEL_TYPE if "variant" in config else None)
+    if model_type == TOKENIZER_MODEL_TYPE:
+        return "maetok-tokenizer"
+    if model_type == DIFFUSION_MODEL_TYPE:
+        return "maetok-diffusion"
+    kind = f"model_type {config['model_type']!r}" if "model_type" in config else "no model_type"
+    raise ConfigError(f"{source} is not a maetok model folder ({kind}; neither maetok's tokenizer or diffusion format "
+                      "nor the authors' MAETok or SiT format)")
+
+
+def read_folder(source: PathLike, what: str = "model") -> ModelFolder:
+    """The :class:`ModelFolder` of ``source``: a folder, the run directory holding it as ``model/``, or a hub id. A
+    missing file, invalid JSON, a non-object, a newer format version or an unknown format raise one line naming the
+    file; ``what`` names the kind of model wanted."""
+    directory = model_directory(resolve_pretrained(source))
+    path = directory / MODEL_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    check_format_version(raw, path)
+    fmt = detect_format(raw, path)
+    if fmt.startswith("maetok-"):
+        raw.pop(FORMAT_KEY, None)
+        raw.pop("model_type", None)
+    return ModelFolder(directory, fmt, raw)
+
+
+def _require_format(folder: ModelFolder, formats: Sequence[str], what: str) -> None:
+    if folder.format not in formats:
+        hint = " (load it with maetok.integrations.diffusers)" if folder.format == "diffusers" else ""
+        raise ConfigError(f"{folder.config_path} holds a {folder.format} model, not a {what}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(config: Mapping[str, Any], source: PathLike) -> MAETok:
+    """A freshly initialised tokenizer of the architecture our ``config.json`` describes (its
+    ``released_architecture`` entry switches the released architecture on); ``source`` names the file in errors."""
+    config = dict(config)
+    released = config.pop(ARCHITECTURE_KEY, None)
+    tokenizer_config = from_dict(TokenizerConfig, config, where=str(source))
+    if released is None:
+        return MAETok(tokenizer_config)
+    if not isinstance(released, dict):
+        raise ConfigError(f"{source}: {ARCHITECTURE_KEY} must be a mapping, got {released!r}")
+    return ReleasedMAETok(tokenizer_config, from_dict(ReleasedArchitecture, released, where=f"{source}.{ARCHITECTURE_KEY}"))
+
+
+def _authors_tokenizer_architecture(folder: ModelFolder) -> tuple[TokenizerConfig, ReleasedArchitecture]:
+    try:
+        return authors_architecture(folder.config, safetensors_shapes(folder.weights_path), folder.config_path,
+                                    folder.weights_path)
+    except (TypeError, KeyError, AttributeError) as err:  # a malformed value (null, a list for a mapping ...)
+        raise ConfigError(f"{folder.config_path}: cannot read the architecture ({type(err).__name__}: {err})") from None
+
+
+def tokenizer_config(source: PathLike) -> TokenizerConfig:
+    """The :class:`~maetok.config.TokenizerConfig` of a tokenizer folder (either format), run directory or hub id,
+    without reading its tensors (the authors' format: from ``config.json`` and the safetensors header)."""
+    folder = read_folder(source, "tokenizer")
+    _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
+    if folder.format == "authors-tokenizer":
+        return _authors_tokenizer_architecture(folder)[0]
+    require_config_fields(folder.config, CONFIG_REQUIRED_FIELDS, folder.config_path)
+    raw = {k: v for k, v in folder.config.items() if k != ARCHITECTURE_KEY}
+    return from_dict(TokenizerConfig, raw, where=str(folder.config_path))
+
+
+def load_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
+    """The tokenizer of a folder (ours or the authors' format), a run directory or a hub id, strictly loaded, in
+    eval mode (what ``MAETok.from_pretrained`` returns)."""
+    folder = read_folder(source, "tokenizer")
+    _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
+    if folder.format == "maetok-tokenizer":
+        require_config_fields(folder.config, CONFIG_REQUIRED_FIELDS, folder.config_path)
+        model = build_tokenizer(folder.config, folder.config_path)
+        return load_model_weights(model, folder.directory, map_location).eval()
+    # the authors' format: their key names, checked against the skeleton before any tensor is read
+    tokenizer_cfg, architecture = _authors_tokenizer_architecture(folder)
+    with torch.device("meta"):
+        skeleton = ReleasedMAETok(tokenizer_cfg, architecture)
+    kept = {k: v for k, v in safetensors_shapes(folder.weights_path).items() if not is_ignored_key(k)}
+    check_state_keys(authors_expected_shapes(skeleton), kept, folder.weights_path)
+    model = ReleasedMAETok(tokenizer_cfg, architecture)
+    state, _ = map_authors_state(read_safetensors(folder.weights_path, map_location))
+    return load_state_strict(model, state, folder.weights_path).eval()
+
+
+def save_tokenizer(model: MAETok, directory: PathLike, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Our tokenizer folder: ``config.json`` + ``model.safetensors`` (encoder + pixel decoder; auxiliary decoders are
+    training-only and never written), atomically. ``state_dict``: default the model's."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("aux_decoders.")}
+    return save_model_folder(directory, TOKENIZER_MODEL_TYPE, model.config_dict(), state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusion models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def default_folder_extras() -> dict[str, Any]:
+    """The folder entries of a model that has none: no class names, identity latent normalisation, the default
+    sampling settings, no tokenizer."""
+    return {"class_names": [], "latent_norm": {"mode": "none", "mean": 0.0, "std": 1.0},
+            "sampling": to_dict(SamplingConfig()), "tokenizer": None}
+
+
+def authors_sit_config(reference: Mapping[str, Any]) -> DiffusionModelConfig:
+    """The config that loads the authors' SiT ``model.safetensors``, from their ``config.json`` (``hidden_size``,
+    ``depth``, ``num_heads``, ``in_channels``, ``input_size``, ``num_classes``, ``class_dropout_prob``,
+    ``mlp_ratio``, ``qk_norm``, ``vae_1d``, ``patch_size``, ``use_cfg``). ``ValueError`` for what it cannot load."""
+    if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
+        raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported")
+    if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
+        raise ValueError("decoder_hidden_size different from hidden_size is not supported")
+    use_cfg = bool(reference.get("use_cfg", True))
+    return DiffusionModelConfig(
+        arch="sit",
+        width=int(reference["hidden_size"]),
+        depth=int(reference["depth"]),
+        num_heads=int(reference["num_heads"]),
+        mlp_ratio=float(reference.get("mlp_ratio", 4.0)),
+        latent_dim=int(reference["in_channels"]),
+        num_latent_tokens=int(reference["input_size"]),
+        num_classes=int(reference.get("num_classes", 1000)),
+        class_dropout_prob=float(reference.get("class_dropout_prob", 0.1)) if use_cfg else 0.0,
+        qk_norm=bool(reference.get("qk_norm", False)),
+    )
+
+
+def diffusion_model_config(raw: Mapping[str, Any], where: str, latent_shape: Optional[Sequence[int]] = None,
+                           num_classes: Optional[int] = None) -> DiffusionModelConfig:
+    """A :class:`~maetok.config.DiffusionModelConfig` from a folder's ``model`` entry, validated. Folders of format
+    version 0 / 1 kept the latent shape and the classes beside it (``latent_shape``, ``num_classes``, and
+    ``conditional``); they are folded in."""
+    raw = dict(raw)
+    if latent_shape is not None:
+        if len(latent_shape) != 2:
+            raise ConfigError(f"{where}: latent_shape must be [L, C], got {list(latent_shape)}")
+        raw.setdefault("num_latent_tokens", int(latent_shape[0]))
+        raw.setdefault("latent_dim", int(latent_shape[1]))
+    if num_classes is not None:
+        raw.setdefault("num_classes", int(num_classes))
+    cfg = from_dict(DiffusionModelConfig, raw, where=where)
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class DiffusionFolder:
+    """What a diffusion model folder's ``config.json`` says: the :class:`ModelFolder`, the model config and the
+    :data:`FOLDER_EXTRAS` (for the authors' SiT: no class names, their sampling conventions, the latent
+    normalisation of the tokenizer)."""
+
+    folder: ModelFolder
+    model_cfg: DiffusionModelConfig
+    extras: dict[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.folder.directory
+
+    @property
+    def source_format(self) -> str:
+        return self.folder.format
+
+
+def read_diffusion_folder(source: PathLike) -> DiffusionFolder:
+    """The :class:`DiffusionFolder` of ``source``: a folder of ours or the authors', the run directory holding ours
+    as ``model/``, or a hub id of either."""
+    folder = read_folder(source, "diffusion model")
+    _require_format(folder, DIFFUSION_FORMATS, "diffusion model")
+    raw, path = folder.config, folder.config_path
+    if folder.format == "authors-sit":
+        try:
+            model_cfg = authors_sit_config(raw)
+            model_cfg.validate()
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: the authors' SiT config cannot be mapped: {err}") from None
+        extras = {**default_folder_extras(), "sampling": to_dict(SamplingConfig(**AUTHORS_SAMPLING))}
+        return DiffusionFolder(folder, model_cfg, extras)
+    missing = [key for key in ("model", "latent_norm", "sampling") if key not in raw]
+    if missing:
+        raise ConfigError(f"{path} is not a complete maetok diffusion model: it lacks {missing}")
+    model_cfg = diffusion_model_config(raw["model"], f"{path}:model", raw.get("latent_shape"), raw.get("num_classes"))
+    from_dict(SamplingConfig, raw["sampling"], where=f"{path}:sampling")  # checked here, read by the bundle
+    extras = {key: raw.get(key, default) for key, default in default_folder_extras().items()}
+    return DiffusionFolder(folder, model_cfg, extras)
+
+
+def load_diffusion_model(source: PathLike, device: Optional[Union[str, torch.device]] = None
+                         ) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
+    """The model of a diffusion folder (ours or the authors'), strictly loaded, in eval mode on ``device`` (default:
+    the first GPU, else the CPU), with the folder's extras in its ``folder_extras``; and the folder."""
+    found = read_diffusion_folder(source)
+    model = build_diffusion_model(found.model_cfg)
+    load_model_weights(model, found.directory)
+    model.folder_extras = dict(found.extras)
+    return model.to(resolve_device(device)).eval(), found
+
+
+def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
+                         state_dict: Optional[Mapping[str, torch.Tensor]] = None, **extras: Any) -> Path:
+    """Our diffusion model folder: ``config.json`` with the model config and the :data:`FOLDER_EXTRAS`
+    (``class_names``; ``latent_norm``, a :class:`~maetok.data.latents.LatentNormalizer` dict; ``sampling``, a
+    :class:`~maetok.config.SamplingConfig` dict; ``tokenizer``, its folder or hub id) over
+    :func:`default_folder_extras`, and ``model.safetensors`` (``state_dict``, default the model's), atomically."""
+    unknown = sorted(set(extras) - set(FOLDER_EXTRAS))
+    if unknown:
+        raise ValueError(f"unknown diffusion folder entries {unknown}; known: {list(FOLDER_EXTRAS)}")
+    merged = {**default_folder_extras(), **{k: v for k, v in extras.items() if v is not None}}
+    config = {
+        "model": to_dict(model.config),
+        "class_names": list(merged["class_names"]),
+        "latent_norm": dict(merged["latent_norm"]),
+        "sampling": dict(merged["sampling"]),
+        "tokenizer": str(merged["tokenizer"]) if merged["tokenizer"] is not None else None,
+    }
+    state = state_dict if state_dict is not None else model.state_dict()
+    return save_model_folder(directory, DIFFUSION_MODEL_TYPE, config, state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any model: convert, summarize, upload
+# ---------------------------------------------------------------------------------------------------------
+
+
+def is_diffusion_folder(source: PathLike) -> bool:
+    """Whether ``source`` holds a diffusion model (ours or the authors' SiT) rather than a tokenizer."""
+    return read_folder(source).format in DIFFUSION_FORMATS
+
+
+def load_model(source: PathLike) -> Union[MAETok, AdaLNVelocityTransformer]:
+    """The tokenizer or diffusion model of ``source`` (any format but diffusers'), on the CPU, in eval mode."""
+    if is_diffusion_folder(source):
+        return load_diffusion_model(source, "cpu")[0]
+    return load_tokenizer(source)
+
+
+def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike) -> Path:
+    """A tokenizer or diffusion model (with its ``folder_extras``) written to our folder format."""
+    if isinstance(model, AdaLNVelocityTransformer):
+        return save_diffusion_model(model, directory, **model.folder_extras)
+    return save_tokenizer(model, directory)
+
+
+def convert(source: PathLike, out: PathLike) -> Path:
+    """``maetok convert``: the model of ``source`` (a tokenizer or diffusion folder of any format, a run directory or
+    a hub id) written to ``out`` in our format; the written folder is read back and must hold the same tensors."""
+    directory = read_folder(source).directory
+    out = Path(out)
+    if out.exists() and out.resolve() == directory.resolve():
+        raise ValueError(f"--out {out} is the source folder: write the converted model elsewhere")
+    model = load_model(directory)
+    save_model(model, out)
+    if weights_fingerprint(load_model(out)) != weights_fingerprint(model):
+        raise ValueError(f"{out}: the converted model does not read back with the same weights")
+    return out
+
+
+def summarize(source: PathLike) -> dict[str, Any]:
+    """What ``maetok info --model`` prints of a tokenizer: format, parameter counts, latent shape and statistics."""
+    folder = read_folder(source, "tokenizer")
+    model = load_tokenizer(folder.directory)
+    cfg = model.config
+    authors = folder.format == "authors-tokenizer"
+    summary: dict[str, Any] = {
+        "source": str(source),
+        "folder": str(folder.directory),
+        "format": "authors (their config.json + key names)" if authors else "maetok",
+        "architecture": "released MAETok" if isinstance(model, ReleasedMAETok) else f"maetok ({cfg.variant})",
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
+        "parameters": model.parameter_counts(),
+    }
+    if authors:
+        summary["ignored_keys"] = [k for k in safetensors_shapes(folder.weights_path) if is_ignored_key(k)]
+    summary["latent_statistics"] = None if model.latent_mean is None else {
+        "mean": model.latent_mean, "std": model.latent_std, "kind": "scalar"}
+    return summary
+
+
+def model_card(model: Union[MAETok, AdaLNVelocityTransformer], repo_id: str) -> str:
+    """The ``README.md`` uploaded beside a model: what it is and the lines that load it."""
+    tags = "---\nlibrary_name: maetok\ntags:\n- maetok\n- pytorch_model_hub_mixin\n"
+    if isinstance(model, AdaLNVelocityTransformer):
+        cfg = model.config
+        return (f"{tags}- diffusion\n---\n\n# {repo_id}\n\nA {cfg.size_name} ({cfg.arch}) on {cfg.num_latent_tokens} x "
+                f"{cfg.latent_dim} MAETok latents, {model.num_classes or 'no'} classes, saved by maetok.\n\n"
+                f"```python\nfrom maetok.diffusion.generator import LatentGenerator\n\n"
+                f"generator = LatentGenerator.load(\"{repo_id}\")\n```\n")
+    cfg = model.config
+    return (f"{tags}- image-tokenizer\n---\n\n# {repo_id}\n\nA MAETok tokenizer ({cfg.image_size}px, patch "
+            f"{cfg.patch_size}, {cfg.num_latent_tokens} x {cfg.latent_dim} latents) saved by maetok.\n\n"
+            f"```python\nfrom maetok import MAETok\n\ntokenizer = MAETok.from_pretrained(\"{repo_id}\")\n"
+            "latents = tokenizer.encode(images)  # images (B, 3, H, W) in [-1, 1]\n"
+            "images = tokenizer.decode(latents)\n```\n")
+
+
+def save_for_hub(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike, repo_id: str) -> Path:
+    """The folder :func:`push_to_hub` uploads: :func:`save_model`'s files plus a model card."""
+    directory = save_model(model, directory)
+    (directory / "README.md").write_text(model_card(model, repo_id))
+    return directory
+
+
+def push_to_hub(model: Union[MAETok, AdaLNVelocityTransformer], repo_id: str, *, private: Optional[bool] = None,
+                token: Optional[str] = None, commit_message: Optional[str] = None) -> str:
+    """Upload the model's folder and a model card to the Hugging Face hub repository ``repo_id`` (created if
+    needed); returns the commit URL. Needs the network and a token."""
+    from huggingface_hub import HfApi
+
+    kind = "diffusion model" if isinstance(model, AdaLNVelocityTransformer) else "tokenizer"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hub(model, tmp, repo_id)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
+                                     commit_message=commit_message or f"Upload maetok {kind}"))
