@@ -45,11 +45,10 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 @command("finetune-decoder")
 def cmd_finetune_decoder(args: argparse.Namespace) -> int:
-    from maetok.config import TokenizerTrainConfig, deep_merge, from_dict, parse_overrides, to_dict
+    from maetok.config import TokenizerTrainConfig, load_config, to_dict
     from maetok.train.tokenizer import TokenizerTrainer, read_run_config
 
-    base = to_dict(read_run_config(args.source))
-    cfg = from_dict(TokenizerTrainConfig, deep_merge(base, parse_overrides(args.overrides)))
+    cfg = load_config(TokenizerTrainConfig, to_dict(read_run_config(args.source)), args.overrides)
     TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device,
                      overwrite=args.overwrite, allow_config_change=args.allow_config_change).fit()
     return 0

@@ -1,12 +1,15 @@
 """Typed configuration: dataclasses, YAML presets with ``base:`` inheritance, and ``key.sub=value`` overrides.
 
-A config is built in three layers, each checked against the dataclass fields (an unknown key is an error
-that names it and lists the known ones):
+A config is an OmegaConf structured config (the dataclass is its schema) built in three layers, merged in turn
+(mappings key by key, lists replaced whole) and checked against the dataclass fields (an unknown key is an error
+that names it and lists the known ones; a value of the wrong type names its dotted key and the value):
 
 1. the dataclass defaults,
 2. a preset name (a YAML file in ``maetok/configs/``) or a path to a YAML file, whose ``base:`` key names
    another preset to start from,
 3. command-line overrides ``train.steps=1000 model.aux_targets='[{name: hog}]'`` (values parsed as YAML).
+
+Each config class checks its values in its ``validate()``, which calls its sections' ``validate()``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "configs"
 #: images above this many pixels (width x height, read from the file's header) are skipped unread (0: no limit)
@@ -129,8 +134,8 @@ class OptimConfig:
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"{where}.betas must be in [0, 1), got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"{where}.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.warmup_steps < 0:
@@ -195,6 +200,13 @@ class LossConfig:
     lecam_weight: float = 0.001
     kl_weight: float = 1e-6  # vae only
 
+    def validate(self) -> None:
+        if self.gan_lr <= 0 and self.gan_weight > 0:
+            raise ConfigError(f"loss.gan_lr must be > 0 when loss.gan_weight > 0, got {self.gan_lr}")
+        for name in ("recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class FinetuneConfig:
@@ -232,7 +244,8 @@ class DataConfig:
     # image files whose header announces more pixels are skipped (counted, named) before decoding; 0: no limit.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        require_positive("data.eval_images", self.eval_images)
         pixels = self.max_image_pixels
         if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
             raise ConfigError(f"data.max_image_pixels must be a number of pixels >= 0 (0: no limit), got {pixels!r}")
@@ -252,93 +265,114 @@ class TokenizerTrainConfig:
         self.train.validate()
         self.optim.validate()
         self.finetune.validate()
-        require_positive("data.eval_images", self.data.eval_images)
-        if self.loss.gan_lr <= 0 and self.loss.gan_weight > 0:
-            raise ConfigError(f"loss.gan_lr must be > 0 when loss.gan_weight > 0, got {self.loss.gan_lr}")
-        for name in ("recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "kl_weight"):
-            if getattr(self.loss, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
+        self.data.validate()
+        self.loss.validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Building dataclasses from dicts
+# Building dataclasses from mappings (OmegaConf structured configs), presets and overrides
 # ---------------------------------------------------------------------------------------------------------
 
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {annotation.__name__}, got {value!r}")
-        return from_dict(annotation, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+# what OmegaConf raises for a value or key it refuses (2.4: a TypeError for a mapping merged onto a list)
+_REFUSED = (OmegaConfBaseException, TypeError, ValueError)
+# how an error names the expected type of a field (else by its annotation, e.g. "tuple[float, float]")
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string"}
 
 
-def from_dict(cls: type[T], data: dict, where: str = "") -> T:
-    """Build dataclass ``cls`` from a (possibly partial) dict, checking every key and type."""
-    if hasattr(cls, "expand"):  # a section that expands shorthands (DiffusionModelConfig's preset) first
+def from_dict(cls: type[T], data: Mapping, where: str = "") -> T:
+    """Dataclass ``cls`` from its defaults and a (possibly partial) mapping, every key and type checked (not
+    validated); ``where`` (a file, a section) prefixes the keys that errors name."""
+    return _build(cls, [_expanded(cls, data, where)], where)
+
+
+def _expanded(cls: type, data: Mapping, where: str = "") -> Mapping:
+    """``data`` with the shorthands of every section that has them expanded (``DiffusionModelConfig.expand``: a
+    ``preset`` into the sizes); applied to the merged mapping, before the defaults fill the rest."""
+    if not isinstance(data, Mapping) or not dataclasses.is_dataclass(cls):
+        return data
+    if hasattr(cls, "expand"):
         data = cls.expand(data, where or "model")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {name!r}; known keys here: {sorted(known)}")
-    base = cls()
-    kwargs = {}
+    return {key: _expanded(hints[key], value, f"{where}.{key}" if where else str(key))
+            if key in hints and dataclasses.is_dataclass(hints[key]) else value for key, value in data.items()}
+
+
+def _build(cls: type[T], layers: Sequence[Mapping], where: str = "") -> T:
+    """``cls``'s defaults with each mapping of ``layers`` merged on in turn (a nested mapping starts from the
+    field's default; lists and other values are replaced whole), as a ``cls``; a refusal is a one-line
+    :class:`ConfigError`."""
+    cfg = OmegaConf.structured(cls)
+    for layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except _REFUSED as err:
+            raise ConfigError(_refusal(cls, layer, where) or f"{where or cls.__name__}: {_first_line(err)}") from None
+    try:
+        return _tuples_restored(OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as err:  # a mandatory value left out, a ${...} interpolation that does not resolve
+        key = ".".join(part for part in (where, str(err.full_key or "")) if part) or cls.__name__
+        raise ConfigError(f"{key}: {_first_line(err)}") from None
+
+
+def _refusal(cls: type, data: Any, where: str) -> Optional[str]:
+    """Why ``data`` does not merge onto dataclass ``cls``: one line naming the first refused entry by its dotted
+    key (``model.aux_targets[0].weight``) and value; None when no single entry is to blame. OmegaConf's own errors
+    name a key inside a list item relative to the item (and in some versions no key at all), hence this walk."""
+    if not isinstance(data, Mapping):
+        return f"{where or cls.__name__}: expected a mapping of {cls.__name__} keys, got {data!r}"
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for key, value in data.items():
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            if hasattr(hints[key], "expand"):  # shorthands expand before the defaults fill the rest
-                value = hints[key].expand(value, f"{where}.{key}" if where else key)
-            # a nested partial dict starts from this class's default for the field, not the nested class's
-            value = {**to_dict(getattr(base, key)), **value}
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return dataclasses.replace(base, **kwargs)
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            return f"unknown config key {path!r}; known keys here: {sorted(fields)}"
+        hint = hints[key]
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            reason = _refusal(hint, value, path)
+        elif dataclasses.is_dataclass(item) and isinstance(value, (list, tuple)):
+            reason = next((r for i, v in enumerate(value) if (r := _refusal(item, v, f"{path}[{i}]"))), None)
+        elif not _accepts(cls, key, value):
+            annotation = fields[key].type
+            kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+            reason = f"{path}: expected {_KINDS.get(kind, kind)}, got {value!r}"
+        else:
+            reason = None
+        if reason:
+            return reason
+    return None
+
+
+def _accepts(cls: type, key: str, value: Any) -> bool:
+    """Whether OmegaConf takes ``value`` for field ``key`` of dataclass ``cls``."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(cls), {key: value})
+    except _REFUSED:
+        return False
+    return True
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message (OmegaConf's continue with the key, reference and object types)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _tuples_restored(cfg: T) -> T:
+    """``cfg`` with its ``tuple`` fields tuples again, in nested dataclasses too: OmegaConf before 2.4 gives them
+    back as lists."""
+    if isinstance(cfg, list):
+        for item in cfg:
+            _tuples_restored(item)
+    elif dataclasses.is_dataclass(cfg):
+        hints = typing.get_type_hints(type(cfg))
+        for f in dataclasses.fields(cfg):
+            value = _tuples_restored(getattr(cfg, f.name))
+            hint = hints[f.name]
+            kinds = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+            if isinstance(value, list) and any(k is tuple or typing.get_origin(k) is tuple for k in kinds):
+                setattr(cfg, f.name, tuple(value))
+    return cfg
 
 
 def to_dict(cfg: Any) -> Any:
@@ -352,29 +386,27 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def deep_merge(base: dict, update: dict) -> dict:
-    """``update`` merged into ``base`` key by key (nested dicts merged, an ``options`` dict replaced whole)."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """``update`` merged onto ``base`` by OmegaConf: nested mappings key by key, lists and other values replaced
+    whole (so an aux target's ``options`` mapping, inside the ``aux_targets`` list, is never merged)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(base, update))
+    except _REFUSED as err:
+        raise ConfigError(f"cannot merge: {_first_line(err)}") from None
 
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_preset(name_or_path: str, _seen: Optional[set] = None) -> dict:
+def read_preset(name_or_path: Union[str, Path], _seen: Optional[set] = None) -> dict:
     """Read a preset name or YAML path into a raw dict, resolving ``base:`` chains."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(
-                f"no preset or YAML file named {name_or_path!r}; presets: {', '.join(list_presets())}"
+                f"no preset or YAML file named {str(name_or_path)!r}; presets: {', '.join(list_presets())}"
             )
     seen = _seen or set()
     if path.resolve() in seen:
@@ -387,35 +419,36 @@ def read_preset(name_or_path: str, _seen: Optional[set] = None) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file must be a mapping at the top level")
     base_name = raw.pop("base", None)
-    if base_name:
-        raw = deep_merge(read_preset(base_name, seen), raw)
-    return raw
+    if not base_name:
+        return raw
+    base = read_preset(base_name, seen)
+    try:
+        return deep_merge(base, raw)
+    except ConfigError as err:  # a key that holds a mapping in one file and a list in the other
+        raise ConfigError(f"{path} does not fit its base {base_name!r}: {err}") from None
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.steps=10", "model.variant=ae"]`` -> nested dict (values parsed as YAML)."""
-    nested: dict = {}
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``["train.steps=10", "model.variant=ae"]`` -> nested dict (OmegaConf's dotlist: values parsed as YAML)."""
+    dotlist = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {err}") from None
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
+            dotlist.merge_with_dotlist([item])
+        except (yaml.YAMLError, *_REFUSED) as err:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {_first_line(err)}") from None
+    return OmegaConf.to_container(dotlist)
 
 
-def load_config(cls: type[T], preset: Optional[str] = None, overrides: Optional[list[str]] = None) -> T:
-    """Defaults <- preset/YAML <- overrides, validated."""
-    raw = read_preset(preset) if preset else {}
+def load_config(
+    cls: type[T], preset: Union[str, Path, Mapping, None] = None, overrides: Optional[Sequence[str]] = None
+) -> T:
+    """Defaults <- ``preset`` (a preset name, a YAML path or a mapping, e.g. a run's config) <- ``overrides``,
+    validated."""
+    raw = read_preset(preset) if isinstance(preset, (str, Path)) else preset or {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    cfg = from_dict(cls, raw)
+    cfg = _build(cls, [_expanded(cls, raw)])
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -569,6 +602,12 @@ class TransportConfig:
     cosine_loss_weight: float = 0.0  # LightningDiT's velocity-direction loss
     latent_norm: str = "channel"  # "channel", "scalar" or "none": (x - mean) / std over the training latents
 
+    def validate(self) -> None:
+        if self.time_sampling not in ("uniform", "lognormal"):
+            raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.time_sampling!r}")
+        if self.latent_norm not in ("channel", "scalar", "none"):
+            raise ConfigError(f"transport.latent_norm must be 'channel', 'scalar' or 'none', got {self.latent_norm!r}")
+
 
 SAMPLERS = ("euler", "euler-maruyama")
 DIFFUSION_FORMS = ("sigma", "constant", "linear")  # w(t) of the Euler-Maruyama sampler: t, 1, 1 - t
@@ -648,10 +687,7 @@ class DiffusionTrainConfig:
         self.sampling.validate()
         self.train.validate()
         self.optim.validate()
-        if self.transport.time_sampling not in ("uniform", "lognormal"):
-            raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.transport.time_sampling!r}")
-        if self.transport.latent_norm not in ("channel", "scalar", "none"):
-            raise ConfigError(f"transport.latent_norm must be 'channel', 'scalar' or 'none', got {self.transport.latent_norm!r}")
+        self.transport.validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -682,7 +718,7 @@ class Budget:
     baseline_train: int = 20000  # training images the PCA / Gaussian baselines are fitted on
     gmm_all_dims: bool = False  # also store the GMM curve at every PCA dim up to GMM_DIMS (for the study)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("stage1_loss", "stage2_loss"):
             if getattr(self, name) not in ("mse", "full"):
-                raise ValueError(f"Budget.{name} must be 'mse' or 'full', got {getattr(self, name)!r}")
+                raise ConfigError(f"Budget.{name} must be 'mse' or 'full', got {getattr(self, name)!r}")

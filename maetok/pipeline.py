@@ -51,6 +51,7 @@ def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
     discriminator (when stage 1 trained none) warming up alone for the first 20% of them, and each stage's loss.
     Stage 1's config holds no ``finetune.*`` override (it does not use them), so one stage-1 run can be shared by
     stage 2s of different lengths."""
+    budget.validate()
     s1, s2 = budget.stage1_steps, budget.stage2_steps
     common = ["data.eval_images=256", f"train.steps={s1}", f"train.log_every={max(1, min(20, s1 // 6))}"]
     stage1 = common + [f"train.eval_every={max(1, s1 // 5)}", f"train.ckpt_every={max(1, s1 // 5)}"]
