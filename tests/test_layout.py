@@ -11,7 +11,7 @@ PACKAGE = Path(maetok.__file__).parent
 
 # lowest first; a unit is a top-level module or subpackage of maetok
 LAYERS = [
-    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat"}),
+    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat", "maetok.global_batch"}),
     ("data", {"maetok.data"}),
     ("models", {"maetok.models", "maetok.targets", "maetok.losses"}),
     ("diffusion", {"maetok.diffusion"}),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maetok.models.global_batch import RandomSource, SampleRandom
+from maetok.global_batch import RandomSource, SampleRandom
 
 __all__ = [
     "TIME_SAMPLINGS",
@@ -93,7 +93,7 @@ def sample_time(
     ``sigmoid(n)``, ``n ~ N(lognormal_mean, lognormal_std^2)``, clamped to ``[max(time_eps, 1e-5),
     1 - max(time_eps, 1e-5)]`` so it stays strictly inside ``(0, 1)``. Random numbers come from ``generator``
     when given: a ``torch.Generator`` (drawn on its device) or a
-    :class:`~maetok.models.global_batch.SampleRandom` over the batch (one draw per sample, stream ``time``,
+    :class:`~maetok.global_batch.SampleRandom` over the batch (one draw per sample, stream ``time``,
     made on ``device``).
     """
     if not 0.0 <= time_eps < 0.5:
@@ -160,7 +160,7 @@ def training_loss(
     ``time_sampling`` (see :func:`sample_time`); noise is ``N(0, I)``; every random draw uses ``generator``
     when given (drawn on its device, then moved).
 
-    With a :class:`~maetok.models.global_batch.SampleRandom` as ``generator`` (the trainer's: draws keyed by each
+    With a :class:`~maetok.global_batch.SampleRandom` as ``generator`` (the trainer's: draws keyed by each
     sample's place in the global batch) the time, the noise and the label dropout of each sample come from its
     own streams (``time``, ``noise``, ``label_drop``): the labels to drop (probability ``label_dropout``, the
     model's ``class_dropout_prob``) are passed to the model as ``force_drop_ids`` instead of a generator.

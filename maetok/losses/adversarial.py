@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maetok.models.global_batch import RandomSource, SampleRandom, all_finite_everywhere, average_gradients, global_mean
+from maetok.global_batch import RandomSource, SampleRandom, all_finite_everywhere, average_gradients, global_mean
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses
@@ -122,7 +122,7 @@ class DiffAugment:
     ``augment(a, b, ..., generator=g)`` draws one set of random parameters per sample and applies it to every
     tensor passed (all of the same shape), so a real image and its reconstruction get the same augmentation.
     Random numbers are drawn on the CPU from ``generator``: a ``torch.Generator`` (drawn in sequence), or a
-    :class:`~maetok.models.global_batch.SampleRandom` (each sample's parameters from its own streams, named
+    :class:`~maetok.global_batch.SampleRandom` (each sample's parameters from its own streams, named
     ``brightness`` ... ``cutout_left``); reproducible, device independent.
     """
 

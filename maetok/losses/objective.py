@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from maetok.config import LossConfig, TargetConfig
 from maetok.losses.perceptual import ramp_weight
-from maetok.models.global_batch import SampleRandom, global_weighted_mean
+from maetok.global_batch import SampleRandom, global_weighted_mean
 from maetok.models.tokenizer import TokenizerOutput
 from maetok.targets.base import FeatureTarget
 
@@ -27,7 +27,7 @@ def masked_token_loss(prediction: Tensor, target: Tensor, mask: Optional[Tensor]
 
     prediction, target: ``(B, N, D)``; mask: ``(B, N)`` bool. ``kind``: ``mse`` (mean over D) or ``cosine``
     (``1 - cos``). Under several processes the count of masked tokens is the global one (processes mask
-    different numbers of tokens), see :func:`~maetok.models.global_batch.global_weighted_mean`."""
+    different numbers of tokens), see :func:`~maetok.global_batch.global_weighted_mean`."""
     prediction = prediction.float()
     if kind == "mse":
         per_token = (prediction - target).pow(2).mean(dim=-1)

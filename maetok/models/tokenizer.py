@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.config import TokenizerConfig, from_dict, to_dict
+from maetok.global_batch import RandomSource, SampleRandom
 from maetok.models.blocks import (
     Block,
     PatchEmbed,
@@ -29,7 +30,6 @@ from maetok.models.blocks import (
     rope_from_angles,
     unpatchify,
 )
-from maetok.models.global_batch import RandomSource, SampleRandom
 from maetok.runs import MODEL_CONFIG, read_model_config, require_config_fields, save_model_folder
 
 #: the config.json entry of a tokenizer in the released architecture (:mod:`maetok.models.released`)
@@ -238,7 +238,7 @@ class MAETok(nn.Module):
     ) -> Tensor:
         """Boolean mask ``(B, N)``, True = masked. ``ratio``: a float, a ``(min, max)`` range drawn uniformly
         per image, or a ``(B,)`` tensor of per-image ratios. Each image gets ``round(r * N)`` masked tokens
-        chosen uniformly at random. ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` (draws per
+        chosen uniformly at random. ``generator``: a :class:`~maetok.global_batch.SampleRandom` (draws per
         image, streams ``mask_ratio`` and ``mask_order``, made on ``device``) or a ``torch.Generator`` / None
         (the global RNG), drawn from on the CPU. The mask is on ``device``."""
         if isinstance(generator, SampleRandom):
@@ -278,7 +278,7 @@ class MAETok(nn.Module):
     @staticmethod
     def sample_posterior(mean: Tensor, logvar: Tensor, generator: RandomSource = None) -> Tensor:
         """``mean + exp(logvar / 2) * noise``, each ``(B, L, H_lat)``; the noise is drawn per image (stream
-        ``posterior``, drawn on the device) from a :class:`~maetok.models.global_batch.SampleRandom`, else from a
+        ``posterior``, drawn on the device) from a :class:`~maetok.global_batch.SampleRandom`, else from a
         ``torch.Generator`` (None: the global RNG) on the CPU."""
         if isinstance(generator, SampleRandom):
             noise = generator.normal("posterior", mean.shape[1:], mean.device, mean.dtype)
@@ -306,7 +306,7 @@ class MAETok(nn.Module):
     ) -> TokenizerOutput:
         """Training pass: mask (if ``mask_ratio``), encode, decode, run the auxiliary decoders.
 
-        ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` over the batch (the trainers': draws
+        ``generator``: a :class:`~maetok.global_batch.SampleRandom` over the batch (the trainers': draws
         keyed by each image's place in the global batch) or a ``torch.Generator`` (None: the global RNG). The
         mask is returned even when it masks nothing, so that the mask token takes part in every step (DDP
         needs every trainable parameter in the graph)."""
