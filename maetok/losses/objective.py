@@ -83,7 +83,8 @@ class TokenizerObjective(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Total loss (scalar) and a dict of its terms (floats, for the log). ``captions``: ``(B, T)`` int64
         CLIP BPE ids of the batch's captions, needed when a ``text`` target is configured. ``draws``: the
-        step's per-sample draws (DiffAugment of the adversarial term)."""
+        step's :class:`~maetok.global_batch.SampleRandom` over the batch (DiffAugment of the adversarial term,
+        required once it is active)."""
         logs: dict[str, float] = {}
         recon = out.reconstruction.float()
         mse = F.mse_loss(recon, images.float())
@@ -124,7 +125,7 @@ class TokenizerObjective(nn.Module):
         self, real: Tensor, fake: Tensor, step: int, lr_factor: float = 1.0, draws: Optional[SampleRandom] = None
     ) -> dict[str, float]:
         """One discriminator update at learning rate ``gan_lr * lr_factor`` (no-op before it starts); ``draws``:
-        the step's per-sample draws (DiffAugment)."""
+        the step's :class:`~maetok.global_batch.SampleRandom` over the batch (DiffAugment)."""
         if self.adversarial is None or not self.adversarial.active(step):
             return {}
         return self.adversarial.discriminator_step(real, fake.detach(), step, lr_factor=lr_factor, draws=draws)
