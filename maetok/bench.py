@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from maetok.config import DiffusionTrainConfig, TokenizerTrainConfig, load_config
+from maetok.global_batch import SampleRandom
 from maetok.train.loop import autocast
 
 # dense bf16 peak (TFLOP/s) of GPUs we know, for MFU
@@ -73,19 +74,19 @@ def bench_tokenizer(preset: str, batch_size: int, device: torch.device, override
     model = MAETok(m, {n: t.dim for n, t in objective.targets.items()}).to(device)
     optimizer = make_adamw(model.named_parameters(), cfg.optim)
     images = torch.rand(batch_size, m.in_channels, m.image_size, m.image_size, device=device) * 2 - 1
-    generator = torch.Generator().manual_seed(0)
+    draws = SampleRandom.for_batch(0, 0, batch_size)  # masks, VAE noise, DiffAugment, as a trainer's step draws
     ratio = (m.mask_ratio_min, m.mask_ratio_max) if m.mask_ratio_max > 0 else None
     step_index = [max(cfg.loss.gan_start, 0)]
 
     def step() -> None:
         with autocast(cfg.train.precision, device):
-            out = model(images, ratio, generator)
-        loss, _ = objective.generator_loss(out, images, step_index[0], model.last_decoder_layer())
+            out = model(images, ratio, draws)
+        loss, _ = objective.generator_loss(out, images, step_index[0], model.last_decoder_layer(), draws=draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with autocast(cfg.train.precision, device):
-            objective.discriminator_step(images, out.reconstruction.detach(), step_index[0])
+            objective.discriminator_step(images, out.reconstruction.detach(), step_index[0], draws=draws)
 
     counts = model.parameter_counts()
     return {"what": f"tokenizer train step ({preset}, batch {batch_size})", "params_m": counts["tokenizer (encoder + decoder)"] / 1e6,
@@ -110,10 +111,13 @@ def bench_diffusion_train(preset: str, latent_shape: tuple[int, int], num_classe
     x0 = torch.randn(batch_size, *latent_shape, device=device)
     y = torch.randint(0, max(num_classes, 1), (batch_size,), device=device) if num_classes else None
     network = torch.compile(model) if cfg.train.compile else model
+    draws = SampleRandom.for_batch(0, 0, batch_size)  # times, noise, label dropout, as a trainer's step draws
+    label_dropout = model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0
 
     def step(net: torch.nn.Module = network) -> None:
         with autocast(cfg.train.precision, device):
-            loss, _ = training_loss(net, x0, y, time_sampling=cfg.transport.time_sampling, cosine_loss_weight=cfg.transport.cosine_loss_weight)
+            loss, _ = training_loss(net, x0, y, draws, time_sampling=cfg.transport.time_sampling,
+                                    cosine_loss_weight=cfg.transport.cosine_loss_weight, label_dropout=label_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

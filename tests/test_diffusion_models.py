@@ -12,6 +12,7 @@ import torch
 
 from maetok.cli import main
 from maetok.config import DIFFUSION_SIZES, ConfigError, DiffusionModelConfig, from_dict, read_preset
+from maetok.global_batch import SampleRandom
 from maetok.model_folders import authors_sit_config
 from maetok.models.lightningdit import LightningDiT
 from maetok.models.sit import SiT, apply_guidance, build_diffusion_model
@@ -181,14 +182,17 @@ def test_output_depends_on_token_positions(kind):
 def test_label_dropout_probability_and_reproducibility():
     embedder = tiny_model("sit", class_dropout_prob=0.3).y_embedder
     labels = torch.randint(0, 10, (20000,), generator=torch.Generator().manual_seed(0))
-    first = embedder.drop_labels(labels, generator=torch.Generator().manual_seed(5))
-    second = embedder.drop_labels(labels, generator=torch.Generator().manual_seed(5))
+    first = embedder.drop_labels(labels, draws=SampleRandom.for_batch(5, 0, 20000))
+    second = embedder.drop_labels(labels, draws=SampleRandom.for_batch(5, 0, 20000))
     assert torch.equal(first, second)
+    assert not torch.equal(first, embedder.drop_labels(labels, draws=SampleRandom.for_batch(5, 1, 20000)))
     dropped = first == 10
     assert abs(dropped.float().mean().item() - 0.3) < 0.02
     assert torch.equal(first[~dropped], labels[~dropped])
     forced = embedder.drop_labels(labels[:4], force_drop_ids=torch.tensor([1, 0, 1, 0]))
     assert forced.tolist() == [10, labels[1].item(), 10, labels[3].item()]
+    with pytest.raises(ValueError, match="SiT label dropout.*none were given"):
+        embedder.drop_labels(labels)
 
 
 @pytest.mark.parametrize("kind", ["sit", "lightningdit"])
@@ -199,12 +203,14 @@ def test_force_drop_and_training_dropout(kind):
     assert torch.allclose(model(x, t, y, force_drop_ids=torch.ones(3)), null, atol=1e-6)
     assert torch.allclose(model(x, t, torch.full((3,), 10)), null, atol=1e-6)
     assert not torch.allclose(model(x, t, y), null, atol=1e-4)
-    # training mode: labels dropped per sample, reproducibly from the generator
+    # training mode: labels dropped per sample, reproducibly from the keyed draws
     model.train()
     model.y_embedder.dropout_prob = 0.5
-    a = model(x, t, y, generator=torch.Generator().manual_seed(2))
-    b = model(x, t, y, generator=torch.Generator().manual_seed(2))
+    a = model(x, t, y, draws=SampleRandom.for_batch(2, 0, 3))
+    b = model(x, t, y, draws=SampleRandom.for_batch(2, 0, 3))
     assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="SiT label dropout"):
+        model(x, t, y)
     model.eval()
     cond = model(x, t, y)
     for i in range(3):  # each sample is either the conditional or the null output

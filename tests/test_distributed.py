@@ -224,7 +224,7 @@ def _triple32(x: int) -> int:
 
 
 def test_hash_is_triple32_without_overflow():
-    from maetok.models.global_batch import hash32
+    from maetok.global_batch import hash32
 
     words = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 0xDEADBEEF]
     assert hash32(torch.tensor(words)).tolist() == [_triple32(w) for w in words]
@@ -232,7 +232,7 @@ def test_hash_is_triple32_without_overflow():
 
 
 def test_a_samples_draws_depend_on_its_global_position_only():
-    from maetok.models.global_batch import SampleRandom
+    from maetok.global_batch import SampleRandom
 
     whole = SampleRandom.for_batch(seed=3, step=7, batch_size=8)
     halves = [SampleRandom.for_batch(3, 7, 4, offset=0), SampleRandom(3, 7, [4, 5, 6, 7])]
@@ -248,7 +248,7 @@ def test_a_samples_draws_depend_on_its_global_position_only():
 
 
 def test_draw_ranges_and_moments():
-    from maetok.models.global_batch import SampleRandom
+    from maetok.global_batch import SampleRandom
 
     draws = SampleRandom.for_batch(0, 0, 512)
     u = draws.uniform("u", (256,))
@@ -263,7 +263,7 @@ def test_draw_ranges_and_moments():
 
 
 def test_masks_and_posterior_noise_per_image():
-    from maetok.models.global_batch import SampleRandom
+    from maetok.global_batch import SampleRandom
     from maetok.models.tokenizer import MAETok
 
     draws = SampleRandom.for_batch(1, 2, 64)
@@ -281,7 +281,7 @@ def test_masks_and_posterior_noise_per_image():
 
 def test_global_weighted_mean_in_one_process():
     from maetok.losses.objective import masked_token_loss
-    from maetok.models.global_batch import global_weighted_mean
+    from maetok.global_batch import global_weighted_mean
 
     values = torch.arange(6.0).view(2, 3).requires_grad_()
     weights = torch.tensor([[True, False, True], [False, False, True]])

@@ -11,7 +11,8 @@ PACKAGE = Path(maetok.__file__).parent
 
 # lowest first; a unit is a top-level module or subpackage of maetok
 LAYERS = [
-    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat", "maetok.errors"}),
+    ("base", {"maetok", "maetok.config", "maetok.runs", "maetok.assets", "maetok.compat", "maetok.errors",
+              "maetok.global_batch"}),
     ("data", {"maetok.data"}),
     ("models", {"maetok.models", "maetok.targets", "maetok.losses", "maetok.model_folders"}),
     ("diffusion", {"maetok.diffusion"}),
@@ -130,3 +131,55 @@ def test_model_folders_have_one_home():
                    and (node.name.startswith("build_") and node.name.endswith(("_model", "sit", "lightningdit"))
                         or node.name.endswith(("SiTConfig", "LightningDiTConfig", "TransformerConfig")))]
     assert definitions == [("models/sit.py", "build_diffusion_model")], definitions
+
+
+# the modules whose random draws all come from keyed per-sample draws (maetok.global_batch.SampleRandom)
+KEYED_DRAWS_ONLY = [*sorted((PACKAGE / "models").rglob("*.py")), *sorted((PACKAGE / "losses").rglob("*.py")),
+                    PACKAGE / "diffusion" / "transport.py"]
+
+
+def _randomness_problems(path: Path) -> list[str]:
+    """A torch.Generator path beside the keyed draws in one file: ``RandomSource``, ``torch.Generator``, an
+    ``isinstance(..., SampleRandom)`` branch, a ``generator`` parameter or ``generator=`` argument."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        found = None
+        if (isinstance(node, ast.Name) and node.id == "RandomSource") or \
+                (isinstance(node, ast.alias) and node.name == "RandomSource"):
+            found = "RandomSource"
+        elif isinstance(node, ast.Attribute) and node.attr == "Generator" and ast.unparse(node.value) == "torch":
+            found = "torch.Generator"
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and \
+                any(a.name == "Generator" for a in node.names):
+            found = "from torch import Generator"
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance" and len(node.args) == 2 \
+                and "SampleRandom" in ast.unparse(node.args[1]):
+            found = "an isinstance(..., SampleRandom) branch"
+        elif isinstance(node, ast.arg) and node.arg == "generator":
+            found = "a generator parameter"
+        elif isinstance(node, ast.keyword) and node.arg == "generator":
+            found = "a generator= argument"
+        if found:
+            problems.append(f"{path.name}:{getattr(node, 'lineno', '?')}: {found}")
+    return sorted(problems)
+
+
+def test_one_randomness_path():
+    """Models, losses and the transport draw every random number from the caller's keyed draws (one path, no
+    torch.Generator beside them); the draws and the multi-process helpers sit in the base layer, not in models/."""
+    assert not (PACKAGE / "models" / "global_batch.py").exists()
+    assert LAYERS[LAYER_OF["maetok.global_batch"]][0] == "base" and (PACKAGE / "global_batch.py").exists()
+    assert len(KEYED_DRAWS_ONLY) > 10
+    assert [problem for path in KEYED_DRAWS_ONLY for problem in _randomness_problems(path)] == []
+
+
+def test_the_randomness_checker_sees_a_generator_path(tmp_path):
+    source = tmp_path / "bad.py"
+    source.write_text("import torch\nfrom maetok.global_batch import RandomSource, SampleRandom\n"
+                      "def draw(n, generator=None):\n"
+                      "    if isinstance(generator, SampleRandom):\n        return generator.uniform('x')\n"
+                      "    return torch.rand(n, generator=torch.Generator())\n")
+    assert _randomness_problems(source) == [
+        "bad.py:2: RandomSource", "bad.py:3: a generator parameter",
+        "bad.py:4: an isinstance(..., SampleRandom) branch", "bad.py:6: a generator= argument",
+        "bad.py:6: torch.Generator"]

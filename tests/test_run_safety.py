@@ -256,6 +256,7 @@ def test_a_nonfinite_discriminator_step_is_skipped(image_folder):
     """NaN images (a diverging tokenizer) reach the discriminator: no LeCAM anchor update, no update."""
     from conftest import tiny_discriminator
 
+    from maetok.global_batch import SampleRandom
     from maetok.losses.adversarial import AdversarialLoss
 
     adversarial = AdversarialLoss(tiny_discriminator(0), start_step=0, lr=1e-2)
@@ -269,9 +270,10 @@ def test_a_nonfinite_discriminator_step_is_skipped(image_folder):
         return {k: v.detach().clone() for k, v in state.items() if not k.endswith(("._u", "._v"))}
 
     before = tensors()
-    logs = adversarial.discriminator_step(real, torch.full_like(real, float("nan")), step=1)
+    logs = adversarial.discriminator_step(real, torch.full_like(real, float("nan")), step=1,
+                                          draws=SampleRandom.for_batch(0, 1, 2))
     assert logs["adv/skipped"] == 1.0 and all(torch.equal(before[k], v) for k, v in tensors().items())
-    logs = adversarial.discriminator_step(real, real.flip(0), step=2)
+    logs = adversarial.discriminator_step(real, real.flip(0), step=2, draws=SampleRandom.for_batch(0, 2, 2))
     assert logs["adv/skipped"] == 0.0 and any(not torch.equal(before[k], v) for k, v in tensors().items())
 
 

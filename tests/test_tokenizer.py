@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maetok.config import ConfigError, TargetConfig, TokenizerConfig, TokenizerTrainConfig, load_config
+from maetok.global_batch import SampleRandom
 from maetok.models.blocks import Attention, apply_rope, patchify, rope_angles_2d, rope_from_angles, unpatchify
 from maetok.models.tokenizer import MAETok
 from maetok.targets import build_target
@@ -51,7 +52,8 @@ def test_shapes_of_every_variant(changes):
     cfg = tiny_config(**changes)
     model = build(cfg)
     images = torch.rand(3, cfg.in_channels, 16, 16) * 2 - 1
-    out = model(images, (cfg.mask_ratio_min, cfg.mask_ratio_max) if cfg.mask_ratio_max > 0 else None)
+    draws = SampleRandom.for_batch(seed=0, step=0, batch_size=3)
+    out = model(images, (cfg.mask_ratio_min, cfg.mask_ratio_max) if cfg.mask_ratio_max > 0 else None, draws)
     assert out.reconstruction.shape == images.shape
     assert out.latents.shape == (3, 8, 4)
     assert model.encode(images).shape == (3, 8, 4)
@@ -62,9 +64,28 @@ def test_shapes_of_every_variant(changes):
     if cfg.variant == "vae":
         assert out.posterior_mean.shape == out.posterior_logvar.shape == (3, 8, 4)
         # the posterior mean of the unmasked images is what encode returns; a sample differs from it
-        unmasked = model(images, None)
+        unmasked = model(images, None, draws)
         assert torch.allclose(model.encode(images), unmasked.posterior_mean, atol=1e-6)
-        assert not torch.allclose(model.encode(images, sample=True), unmasked.posterior_mean)
+        assert torch.equal(model.encode(images, sample=True, draws=draws), unmasked.latents)  # the same noise
+        assert not torch.allclose(model.encode(images, sample=True, draws=draws), unmasked.posterior_mean)
+
+
+def test_random_draws_need_sample_random():
+    """Masks and posterior samples come from keyed draws only: none (or a torch.Generator) is a clear error,
+    and a pass that draws nothing (an AE without masking, a VAE's posterior mean) needs none."""
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    vae = build(tiny_config(variant="vae", mask_ratio_min=0.0, mask_ratio_max=0.0, aux_targets=[]))
+    ae = build(tiny_config(variant="ae", mask_ratio_min=0.0, mask_ratio_max=0.0, aux_targets=[]))
+    for call, what in [(lambda: MAETok.random_mask(2, 16, 0.5), "MAETok.random_mask"),
+                       (lambda: build(tiny_config())(images, 0.5), "MAETok.random_mask"),
+                       (lambda: vae(images), "MAETok.sample_posterior"),
+                       (lambda: vae.encode(images, sample=True), "MAETok.sample_posterior"),
+                       (lambda: MAETok.random_mask(2, 16, 0.5, torch.Generator()), "got a Generator")]:
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert ae(images).mask is None and vae.encode(images).shape == (2, 8, 4)
+    with pytest.raises(ValueError, match="SampleRandom holds 3 samples, the batch has 2"):
+        vae(images, None, SampleRandom.for_batch(0, 0, 3))
 
 
 def test_other_resolutions_encode_and_decode():
@@ -76,13 +97,12 @@ def test_other_resolutions_encode_and_decode():
 
 
 def test_mask_ratio_is_applied_per_image():
-    g = torch.Generator().manual_seed(0)
-    mask = MAETok.random_mask(512, 100, (0.4, 0.6), g)
+    mask = MAETok.random_mask(512, 100, (0.4, 0.6), SampleRandom.for_batch(0, 0, 512))
     fractions = mask.float().mean(dim=1)
     assert fractions.min() >= 0.4 and fractions.max() <= 0.6
     assert fractions.std() > 0.03  # drawn per image, not one value per batch
     assert abs(fractions.mean().item() - 0.5) < 0.02
-    fixed = MAETok.random_mask(4, 64, 0.25, g)
+    fixed = MAETok.random_mask(4, 64, 0.25, SampleRandom.for_batch(0, 1, 4))
     assert (fixed.sum(dim=1) == 16).all()
 
 
@@ -99,7 +119,7 @@ def test_masked_tokens_replaced_by_mask_token_not_dropped():
     b = model.encoder(altered, mask)
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(model.encoder(images, None), model.encoder(altered, None))
-    out = model(images, 0.5, torch.Generator().manual_seed(1))
+    out = model(images, 0.5, SampleRandom.for_batch(1, 0, 2))
     assert out.mask.shape == (2, 16) and (out.mask.sum(dim=1) == 8).all()
 
 
@@ -249,10 +269,9 @@ def test_fixed_batch_overfits():
     hog = build_target("hog", 16, 4, 3)
     images = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4) * 2 - 1, size=16, mode="bilinear")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(300):
-        out = model(images, (0.4, 0.6), g)
+    for step in range(300):
+        out = model(images, (0.4, 0.6), SampleRandom.for_batch(0, step, 4))
         rec = (out.reconstruction - images).pow(2).mean()
         aux = ((out.aux_predictions["hog"] - hog(images, (4, 4))).pow(2).mean(-1) * out.mask).sum() / out.mask.sum()
         loss = rec + aux

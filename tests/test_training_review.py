@@ -10,6 +10,7 @@ from conftest import TINY, tiny_cfg, tiny_discriminator
 from maetok.cli import main
 from maetok.config import ConfigError, DiffusionTrainConfig, OptimConfig, TokenizerTrainConfig, load_config
 from maetok.encode import cache_latents
+from maetok.global_batch import SampleRandom
 from maetok.losses.adversarial import AdversarialLoss
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import CHECKPOINT, EMA, load_checkpoint, lr_factor, make_adamw
@@ -81,7 +82,7 @@ def test_trainer_ema_uses_the_configured_warmup(image_folder, tmp_path):
 def test_discriminator_lr_is_scaled_by_the_schedule_factor():
     adv = AdversarialLoss(tiny_discriminator(), start_step=0, lr=1e-2)
     real, fake = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
-    logs = adv.discriminator_step(real, fake, step=0, lr_factor=0.25)
+    logs = adv.discriminator_step(real, fake, step=0, lr_factor=0.25, draws=SampleRandom.for_batch(0, 0, 2))
     assert logs["adv/lr"] == pytest.approx(2.5e-3)
     assert all(g["lr"] == pytest.approx(2.5e-3) for g in adv.optimizer.param_groups)
 
@@ -92,7 +93,8 @@ def test_generator_start_step_lets_a_new_discriminator_warm_up():
     assert adv.active(0) and not adv.generator_active(2) and adv.generator_active(3)
     g_loss, _ = adv.generator_loss(fake, fake.pow(2).mean(), None, step=2)
     assert g_loss.item() == 0.0
-    assert adv.discriminator_step(fake.detach(), fake.detach(), step=0) != {}  # D trains during the warm-up
+    draws = SampleRandom.for_batch(0, 0, 2)
+    assert adv.discriminator_step(fake.detach(), fake.detach(), step=0, draws=draws) != {}  # D trains in the warm-up
 
 
 def test_discriminator_lr_follows_the_generator_schedule_in_training(image_folder, tmp_path):
@@ -171,11 +173,18 @@ def test_vae_cache_samples_the_posterior_by_default_and_records_it(tmp_path):
     assert not torch.allclose(sampled, mean, atol=1e-3)
     z = (sampled - mean) / (0.5 * logvar).exp()  # the noise drawn: standard normal
     assert abs(z.mean().item()) < 0.2 and abs(z.std().item() - 1) < 0.2
-    # a rerun after losing a shard redraws it identically (the noise is a function of (seed, shard))
+    # a rerun after losing a shard redraws it identically: the noise is a function of (seed, dataset index), so
+    # neither the shard nor the batch size changes it; another seed draws other noise
     (tmp_path / "a" / "shard-00001.safetensors").unlink()
     cache_latents(vae, data, tmp_path / "a", shard_size=4, progress=False)
     again = torch.cat([load_file(str(p))["latents"] for p in sorted((tmp_path / "a").glob("shard-*"))])
     assert torch.equal(sampled, again)
+    cache_latents(vae, data, tmp_path / "e", shard_size=3, batch_size=2, progress=False)
+    resized = torch.cat([load_file(str(p))["latents"] for p in sorted((tmp_path / "e").glob("shard-*"))])
+    torch.testing.assert_close(resized, sampled, atol=1e-6, rtol=0)  # the same noise (encoder batches may round)
+    cache_latents(vae, data, tmp_path / "f", shard_size=4, progress=False, seed=1)
+    other = torch.cat([load_file(str(p))["latents"] for p in sorted((tmp_path / "f").glob("shard-*"))])
+    assert not torch.allclose(other, sampled, atol=1e-3)
     # the posterior mean on request
     stats = json.loads(
         cache_latents(vae, data, tmp_path / "b", shard_size=4, progress=False, sample_posterior=False).read_text()

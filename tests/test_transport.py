@@ -21,6 +21,7 @@ from maetok.diffusion.transport import (
     velocity_to_score,
 )
 from maetok.config import DiffusionModelConfig
+from maetok.global_batch import SampleRandom
 from maetok.models.sit import SiT
 
 
@@ -145,20 +146,38 @@ def test_euler_maruyama_is_reproducible_and_options_work():
 
 
 def test_time_sampling():
-    uniform = sample_time(20000, "uniform", torch.Generator().manual_seed(0))
+    draws = SampleRandom.for_batch(seed=0, step=0, batch_size=20000)
+    uniform = sample_time(20000, "uniform", draws)
     assert uniform.min() >= 0 and uniform.max() < 1 and abs(uniform.mean().item() - 0.5) < 0.01
-    lognormal = sample_time(20000, "lognormal", torch.Generator().manual_seed(0))
+    lognormal = sample_time(20000, "lognormal", draws)
     assert lognormal.min() > 0 and lognormal.max() < 1
     logits = torch.logit(lognormal.double())
     assert abs(logits.mean().item()) < 0.03 and abs(logits.std().item() - 1.0) < 0.03
-    again = sample_time(20000, "lognormal", torch.Generator().manual_seed(0))
+    again = sample_time(20000, "lognormal", SampleRandom.for_batch(seed=0, step=0, batch_size=20000))
     assert torch.equal(lognormal, again)
-    clipped = sample_time(1000, "lognormal", torch.Generator().manual_seed(0), lognormal_std=20.0, time_eps=1e-3)
+    small = SampleRandom.for_batch(seed=0, step=0, batch_size=1000)
+    clipped = sample_time(1000, "lognormal", small, lognormal_std=20.0, time_eps=1e-3)
     assert clipped.min() >= 1e-3 and clipped.max() <= 1 - 1e-3
-    shrunk = sample_time(1000, "uniform", torch.Generator().manual_seed(0), time_eps=0.1)
+    shrunk = sample_time(1000, "uniform", small, time_eps=0.1)
     assert shrunk.min() >= 0.1 and shrunk.max() <= 0.9
     with pytest.raises(ValueError, match="time_sampling"):
         sample_time(4, "cosine")
+
+
+def test_training_draws_need_sample_random():
+    """Times, noise and label drops come from keyed draws only: none, a torch.Generator or draws over another
+    batch are clear errors; so is a SiT in training mode left to drop labels without draws."""
+    x0 = torch.zeros(4, 2, 3)
+    for draws, message in [(None, "sample_time draws random numbers.*none were given"),
+                           (torch.Generator(), "got a Generator"),
+                           (SampleRandom.for_batch(0, 0, 5), "SampleRandom holds 5 samples, the batch has 4")]:
+        with pytest.raises(ValueError, match=message):
+            sample_time(4, "uniform", draws)
+        with pytest.raises(ValueError, match=message.replace("sample_time", "training_loss")):
+            training_loss(lambda x_t, t, y: x_t, x0, None, draws)
+    model = SiT(DiffusionModelConfig(width=32, depth=1, num_heads=4, latent_dim=3, num_latent_tokens=2, num_classes=10))
+    with pytest.raises(ValueError, match="SiT label dropout"):
+        training_loss(model, x0, torch.arange(4), SampleRandom.for_batch(0, 0, 4))  # no label_dropout given
 
 
 def test_training_loss_terms_and_cosine_term():
@@ -166,7 +185,7 @@ def test_training_loss_terms_and_cosine_term():
     captured = {}
 
     def scaled_target_model(scale):
-        def model(x_t, t, y, generator=None):
+        def model(x_t, t, y):
             # recover the target from x_t and t the same way the loss built it
             noise = (x_t - (1 - t[:, None, None]) * x0) / t[:, None, None]
             captured["t"] = t
@@ -174,16 +193,17 @@ def test_training_loss_terms_and_cosine_term():
 
         return model
 
-    loss, terms = training_loss(scaled_target_model(1.0), x0, None, torch.Generator().manual_seed(1))
+    draws = SampleRandom.for_batch(seed=1, step=0, batch_size=4)
+    loss, terms = training_loss(scaled_target_model(1.0), x0, None, draws)
     assert loss.item() < 1e-8 and set(terms) == {"loss", "mse", "t_mean"}
     # twice the target: cosine term 0, loss = mse = mean(v^2)
     loss2, terms2 = training_loss(
-        scaled_target_model(2.0), x0, None, torch.Generator().manual_seed(1), cosine_loss_weight=1.0
+        scaled_target_model(2.0), x0, None, draws, cosine_loss_weight=1.0
     )
     assert abs(terms2["cosine"].item()) < 1e-6 and torch.isclose(loss2, terms2["mse"], rtol=1e-6)
     # opposite direction: cosine term 2 per token
     loss3, terms3 = training_loss(
-        scaled_target_model(-1.0), x0, None, torch.Generator().manual_seed(1), cosine_loss_weight=0.5
+        scaled_target_model(-1.0), x0, None, draws, cosine_loss_weight=0.5
     )
     assert abs(terms3["cosine"].item() - 2.0) < 1e-5
     assert torch.isclose(loss3, terms3["mse"] + 0.5 * 2.0, rtol=1e-5)
@@ -195,16 +215,18 @@ def test_training_loss_terms_and_cosine_term():
     assert abs(cosine_direction_loss(a, b, "sample").item() - (1 - (1 - 2) / (5**0.5 * 3**0.5))) < 1e-6
 
 
-def test_training_loss_is_reproducible_with_a_generator():
+def test_training_loss_is_reproducible_with_keyed_draws():
     model = SiT(DiffusionModelConfig(width=32, depth=1, num_heads=4, latent_dim=4, num_latent_tokens=8, num_classes=10))
     with torch.no_grad():
         model.final_layer.linear.weight.normal_()
     x0 = torch.randn(8, 8, 4, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8)
-    first, _ = training_loss(model, x0, y, torch.Generator().manual_seed(5), "lognormal", 1.0)
-    second, _ = training_loss(model, x0, y, torch.Generator().manual_seed(5), "lognormal", 1.0)
-    third, _ = training_loss(model, x0, y, torch.Generator().manual_seed(6), "lognormal", 1.0)
-    assert torch.equal(first, second) and not torch.equal(first, third)
+
+    def loss(seed: int) -> torch.Tensor:
+        return training_loss(model, x0, y, SampleRandom.for_batch(seed, 0, 8), "lognormal", 1.0,
+                             label_dropout=model.y_embedder.dropout_prob)[0]
+
+    assert torch.equal(loss(5), loss(5)) and not torch.equal(loss(5), loss(6))
 
 
 def test_tiny_model_overfits_a_fixed_batch():
@@ -217,7 +239,8 @@ def test_tiny_model_overfits_a_fixed_batch():
     with single_thread():
         for _ in range(150):
             # the same seed every step: the same times, noise and label drops, so the batch is fixed
-            loss, _ = training_loss(model, x0, y, torch.Generator().manual_seed(0), cosine_loss_weight=0.1)
+            loss, _ = training_loss(model, x0, y, SampleRandom.for_batch(0, 0, 8), cosine_loss_weight=0.1,
+                                    label_dropout=model.y_embedder.dropout_prob)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -272,8 +295,8 @@ def test_two_dimensional_mixture_mode_proportions():
     # a linear decay to 0 averages out the minibatch noise of the last steps (mode weights within ~0.02)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     with single_thread():
-        for _ in range(steps):
-            loss, _ = training_loss(model, data(512), None, generator)
+        for step in range(steps):
+            loss, _ = training_loss(model, data(512), None, SampleRandom.for_batch(0, step, 512))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -32,8 +32,8 @@ before this format (no "indices" tensor: their unreadable files were replaced by
 half-written shard and a rerun skips the finished ones (with their skip lists).
 
 A VAE's latents are by default a sample of its posterior (DiT / SiT practice: the diffusion model learns the
-distribution the decoder was trained on), drawn per shard from ``(seed, shard)`` so a resumed cache equals an
-uninterrupted one; ``sample_posterior=False`` stores the posterior mean.
+distribution the decoder was trained on), each image's noise keyed by ``(seed, dataset index)`` so a resumed cache
+equals an uninterrupted one; ``sample_posterior=False`` stores the posterior mean.
 """
 
 from __future__ import annotations

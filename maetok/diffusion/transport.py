@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maetok.models.global_batch import RandomSource, SampleRandom
+from maetok.global_batch import SampleRandom, require_draws
 
 __all__ = [
     "TIME_SAMPLINGS",
@@ -81,45 +81,30 @@ def velocity_to_score(velocity: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
 def sample_time(
     batch_size: int,
     time_sampling: str = "uniform",
-    generator: RandomSource = None,
+    draws: Optional[SampleRandom] = None,
     device: Optional[torch.device | str] = None,
     time_eps: float = 0.0,
     lognormal_mean: float = 0.0,
     lognormal_std: float = 1.0,
 ) -> Tensor:
-    """Training times ``(batch_size,)`` float32 on ``device``.
+    """Training times ``(batch_size,)`` float32 on ``device``, one per sample from its stream ``time`` of
+    ``draws`` (the batch's :class:`~maetok.global_batch.SampleRandom`, required).
 
     ``"uniform"``: ``U[time_eps, 1 - time_eps)``. ``"lognormal"`` (logit-normal, SiT/SD3/EDM style):
     ``sigmoid(n)``, ``n ~ N(lognormal_mean, lognormal_std^2)``, clamped to ``[max(time_eps, 1e-5),
-    1 - max(time_eps, 1e-5)]`` so it stays strictly inside ``(0, 1)``. Random numbers come from ``generator``
-    when given: a ``torch.Generator`` (drawn on its device) or a
-    :class:`~maetok.models.global_batch.SampleRandom` over the batch (one draw per sample, stream ``time``,
-    made on ``device``).
+    1 - max(time_eps, 1e-5)]`` so it stays strictly inside ``(0, 1)``.
     """
     if not 0.0 <= time_eps < 0.5:
         raise ValueError(f"time_eps must be in [0, 0.5), got {time_eps}")
-    per_sample = isinstance(generator, SampleRandom)
-    if per_sample and len(generator) != batch_size:
-        raise ValueError(f"SampleRandom holds {len(generator)} samples, the batch has {batch_size}")
-    draw_device = device if per_sample else generator.device if generator is not None else device
-    if time_sampling == "uniform":
-        if per_sample:
-            t = generator.uniform("time", (), draw_device)
-        else:
-            t = torch.rand(batch_size, generator=generator, device=draw_device)
-        t = time_eps + (1.0 - 2.0 * time_eps) * t
-    elif time_sampling == "lognormal":
-        if lognormal_std <= 0:
-            raise ValueError(f"lognormal_std must be positive, got {lognormal_std}")
-        if per_sample:
-            normal = generator.normal("time", (), draw_device)
-        else:
-            normal = torch.randn(batch_size, generator=generator, device=draw_device)
-        eps = max(time_eps, 1e-5)
-        t = torch.sigmoid(lognormal_mean + lognormal_std * normal).clamp(eps, 1.0 - eps)
-    else:
+    if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"unknown time_sampling {time_sampling!r}; expected one of {TIME_SAMPLINGS}")
-    return t.to(device) if device is not None else t
+    if time_sampling == "lognormal" and lognormal_std <= 0:
+        raise ValueError(f"lognormal_std must be positive, got {lognormal_std}")
+    draws = require_draws(draws, batch_size, "sample_time")
+    if time_sampling == "uniform":
+        return time_eps + (1.0 - 2.0 * time_eps) * draws.uniform("time", (), device)
+    eps = max(time_eps, 1e-5)
+    return torch.sigmoid(lognormal_mean + lognormal_std * draws.normal("time", (), device)).clamp(eps, 1.0 - eps)
 
 
 def cosine_direction_loss(prediction: Tensor, target: Tensor, reduction: str = "token") -> Tensor:
@@ -143,7 +128,7 @@ def training_loss(
     model: Callable[..., Tensor],
     x0: Tensor,
     y: Optional[Tensor] = None,
-    generator: RandomSource = None,
+    draws: Optional[SampleRandom] = None,
     time_sampling: str = "uniform",
     cosine_loss_weight: float = 0.0,
     cosine_reduction: str = "token",
@@ -154,16 +139,13 @@ def training_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Velocity-matching loss for one batch.
 
-    model: called as ``model(x_t, t, y)`` (plus ``generator=generator`` when a generator is given, so that
-    it also drives the label dropout of :class:`~maetok.models.sit.SiT`), returning ``(B, ...)`` velocities;
-    x0: ``(B, ...)`` clean (normalised) latents; y: ``(B,)`` int64 labels or ``None``. Times follow
-    ``time_sampling`` (see :func:`sample_time`); noise is ``N(0, I)``; every random draw uses ``generator``
-    when given (drawn on its device, then moved).
-
-    With a :class:`~maetok.models.global_batch.SampleRandom` as ``generator`` (the trainer's: draws keyed by each
-    sample's place in the global batch) the time, the noise and the label dropout of each sample come from its
-    own streams (``time``, ``noise``, ``label_drop``): the labels to drop (probability ``label_dropout``, the
-    model's ``class_dropout_prob``) are passed to the model as ``force_drop_ids`` instead of a generator.
+    model: called as ``model(x_t, t, y)`` returning ``(B, ...)`` velocities; x0: ``(B, ...)`` clean
+    (normalised) latents; y: ``(B,)`` int64 labels or ``None``. ``draws``: the batch's
+    :class:`~maetok.global_batch.SampleRandom` (required; the trainer's are keyed by each sample's place in the
+    global batch): the time (``time_sampling``, see :func:`sample_time`), the noise ``N(0, I)`` and the label
+    dropout of each sample come from its own streams (``time``, ``noise``, ``label_drop``). The labels to drop
+    (probability ``label_dropout``, the model's ``class_dropout_prob``) are passed to the model as
+    ``force_drop_ids``.
 
     Returns ``(loss, terms)``: ``loss = mse + cosine_loss_weight * cosine`` (a scalar with grad), where
     ``mse`` is the mean of ``(v_pred - (eps - x0))^2`` over all elements and ``cosine`` is
@@ -174,19 +156,12 @@ def training_loss(
         raise ValueError(f"cosine_loss_weight must be >= 0, got {cosine_loss_weight}")
     if x0.dim() < 2:
         raise ValueError(f"x0 must be (B, ...) latents, got shape {tuple(x0.shape)}")
-    batch = x0.shape[0]
-    t = sample_time(batch, time_sampling, generator, x0.device, time_eps, lognormal_mean, lognormal_std)
+    draws = require_draws(draws, x0.shape[0], "training_loss")
+    t = sample_time(x0.shape[0], time_sampling, draws, x0.device, time_eps, lognormal_mean, lognormal_std)
+    noise = draws.normal("noise", x0.shape[1:], x0.device).to(x0.dtype)
     call_kwargs: dict[str, Any] = {}
-    if isinstance(generator, SampleRandom):
-        noise = generator.normal("noise", x0.shape[1:], x0.device).to(x0.dtype)
-        if y is not None and label_dropout > 0:
-            call_kwargs["force_drop_ids"] = (generator.uniform("label_drop", (), y.device) < label_dropout).long()
-    elif generator is not None:
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
-        call_kwargs["generator"] = generator
-    else:
-        noise = torch.randn_like(x0)
+    if y is not None and label_dropout > 0:
+        call_kwargs["force_drop_ids"] = (draws.uniform("label_drop", (), y.device) < label_dropout).long()
     x_t = interpolate(x0, noise, t)
     target = velocity_target(x0, noise)
     prediction = model(x_t, t, y, **call_kwargs)

@@ -1,14 +1,15 @@
 """Adversarial part of the tokenizer objective (paper Eq. 6, Table 7): hinge GAN loss with a frozen-backbone
 discriminator, adaptive weight, LeCAM regularisation, differentiable augmentation and a start-step gate.
 
-Typical use in a training step (``step`` = global optimisation step)::
+Typical use in a training step (``step`` = global optimisation step, ``draws`` = the step's
+:class:`~maetok.global_batch.SampleRandom` over the batch, for the DiffAugment parameters)::
 
     adv = AdversarialLoss(build_discriminator("dinov2"), weight=0.4, start_step=30_000)
     adv.to(device)
     nll = pixel_mse + 1.0 * lpips                                  # the reconstruction loss
-    g_adv, logs = adv.generator_loss(recon, nll, decoder_last_weight, step)
+    g_adv, logs = adv.generator_loss(recon, nll, decoder_last_weight, step, draws=draws)
     (nll + g_adv + mask_loss).backward(); tokenizer_optimizer.step()
-    logs |= adv.discriminator_step(images, recon, step)            # own zero_grad/backward/step
+    logs |= adv.discriminator_step(images, recon, step, draws=draws)  # own zero_grad/backward/step
     checkpoint["adversarial"] = adv.state_dict()                   # discriminator + optimizer + LeCAM anchors
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maetok.models.global_batch import RandomSource, SampleRandom, all_finite_everywhere, average_gradients, global_mean
+from maetok.global_batch import SampleRandom, all_finite_everywhere, average_gradients, global_mean, require_draws
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses
@@ -119,11 +120,11 @@ class DiffAugment:
     ``translation_ratio`` of the size, zero fill) and ``cutout`` (a zeroed square of ``cutout_ratio`` of the
     size). Images ``(B, C, H, W)`` in [-1, 1].
 
-    ``augment(a, b, ..., generator=g)`` draws one set of random parameters per sample and applies it to every
+    ``augment(a, b, ..., draws=d)`` draws one set of random parameters per sample and applies it to every
     tensor passed (all of the same shape), so a real image and its reconstruction get the same augmentation.
-    Random numbers are drawn on the CPU from ``generator``: a ``torch.Generator`` (drawn in sequence), or a
-    :class:`~maetok.models.global_batch.SampleRandom` (each sample's parameters from its own streams, named
-    ``brightness`` ... ``cutout_left``); reproducible, device independent.
+    ``draws``: the batch's :class:`~maetok.global_batch.SampleRandom` (required unless the policy is empty);
+    each sample's parameters come from its own streams, named ``brightness`` ... ``cutout_left``, drawn on the
+    CPU: reproducible, device independent.
     """
 
     POLICIES = ("color", "translation", "cutout")
@@ -137,41 +138,25 @@ class DiffAugment:
         self.translation_ratio = translation_ratio
         self.cutout_ratio = cutout_ratio
 
-    def __call__(
-        self, *images: Tensor, generator: RandomSource = None
-    ) -> Union[Tensor, tuple[Tensor, ...]]:
+    def __call__(self, *images: Tensor, draws: Optional[SampleRandom] = None) -> Union[Tensor, tuple[Tensor, ...]]:
         if not images:
             raise ValueError("DiffAugment needs at least one image tensor")
         shape = images[0].shape
         if any(x.shape != shape for x in images) or len(shape) != 4:
             shapes = [tuple(x.shape) for x in images]
             raise ValueError(f"DiffAugment inputs must share one (B, C, H, W) shape, got {shapes}")
-        if isinstance(generator, SampleRandom) and len(generator) != shape[0]:
-            raise ValueError(f"SampleRandom holds {len(generator)} samples, the batch has {shape[0]}")
+        if self.policy:
+            draws = require_draws(draws, shape[0], "DiffAugment")
         out = list(images)
         for name in self.policy:
-            params = getattr(self, f"_sample_{name}")(shape, generator, images[0].device)
+            params = getattr(self, f"_sample_{name}")(shape, draws, images[0].device)
             out = [getattr(self, f"_apply_{name}")(x, params) for x in out]
         return out[0] if len(out) == 1 else tuple(out)
 
     @staticmethod
-    def _uniform(n: int, generator: RandomSource, device: torch.device, name: str) -> Tensor:
-        """``(n,)`` uniforms in [0, 1) on ``device`` (drawn on the CPU)."""
-        if isinstance(generator, SampleRandom):
-            return generator.uniform(name).to(device)
-        return torch.rand(n, generator=generator).to(device)
-
-    @staticmethod
-    def _integers(low: int, high: int, n: int, generator: RandomSource, name: str) -> Tensor:
-        """``(n,)`` integers in ``[low, high)`` on the CPU."""
-        if isinstance(generator, SampleRandom):
-            return generator.integers(name, low, high)
-        return torch.randint(low, high, (n,), generator=generator)
-
-    def _sample_color(self, shape, generator, device):
+    def _sample_color(shape, draws: SampleRandom, device):
         b = shape[0]
-        names = ("brightness", "saturation", "contrast")
-        return [self._uniform(b, generator, device, name).view(b, 1, 1, 1) for name in names]
+        return [draws.uniform(name).to(device).view(b, 1, 1, 1) for name in ("brightness", "saturation", "contrast")]
 
     @staticmethod
     def _apply_color(x: Tensor, params) -> Tensor:
@@ -182,11 +167,11 @@ class DiffAugment:
         image_mean = x.mean(dim=(1, 2, 3), keepdim=True)
         return (x - image_mean) * (contrast + 0.5) + image_mean
 
-    def _sample_translation(self, shape, generator, device):
-        b, _, h, w = shape
+    def _sample_translation(self, shape, draws: SampleRandom, device):
+        _, _, h, w = shape
         max_h, max_w = int(h * self.translation_ratio + 0.5), int(w * self.translation_ratio + 0.5)
-        shift_h = self._integers(-max_h, max_h + 1, b, generator, "shift_h")
-        shift_w = self._integers(-max_w, max_w + 1, b, generator, "shift_w")
+        shift_h = draws.integers("shift_h", -max_h, max_h + 1)
+        shift_w = draws.integers("shift_w", -max_w, max_w + 1)
         return max_h, max_w, shift_h.to(device), shift_w.to(device)
 
     @staticmethod
@@ -200,11 +185,11 @@ class DiffAugment:
         batch = torch.arange(b, device=x.device)[:, None, None]
         return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
-    def _sample_cutout(self, shape, generator, device):
-        b, _, h, w = shape
+    def _sample_cutout(self, shape, draws: SampleRandom, device):
+        _, _, h, w = shape
         size_h, size_w = int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5)
-        top = self._integers(-(size_h // 2), h - size_h // 2 + 1, b, generator, "cutout_top")
-        left = self._integers(-(size_w // 2), w - size_w // 2 + 1, b, generator, "cutout_left")
+        top = draws.integers("cutout_top", -(size_h // 2), h - size_h // 2 + 1)
+        left = draws.integers("cutout_left", -(size_w // 2), w - size_w // 2 + 1)
         rows = torch.arange(h)[None, :]
         cols = torch.arange(w)[None, :]
         inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)
@@ -220,6 +205,11 @@ class DiffAugment:
 # ---------------------------------------------------------------------------------------------------------
 # The wrapper the trainer uses
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _namespace(draws: Optional[SampleRandom], name: str) -> Optional[SampleRandom]:
+    """The draws' child namespace ``name`` (None stays None: :class:`DiffAugment` says what is missing)."""
+    return draws.child(name) if draws is not None else None
 
 
 @contextlib.contextmanager
@@ -262,14 +252,13 @@ class AdversarialLoss(nn.Module):
         lr / betas / weight_decay: discriminator AdamW (defaults = the tokenizer's: 1e-4, (0.9, 0.95), 1e-4);
             ``lr`` is the peak: :meth:`discriminator_step` scales it by the generator's schedule factor.
         max_grad_norm: optional gradient clipping of the discriminator.
-        seed: seed of the augmentation random generator, used only when a step is given no ``draws`` (the trainers
-            always pass keyed draws; the generator's state is still saved, for callers outside the trainers).
 
     It is an ``nn.Module`` (``.to(device)`` moves the discriminator and the anchors; it can be a submodule of
     the training objective). Its ``state_dict`` holds the discriminator heads (the frozen backbone is left
-    out), the LeCAM anchors and, under ``_extra_state``, the discriminator optimizer and the augmentation RNG
-    state, so ``load_state_dict`` resumes exactly. The optimizer state is created on the parameters' device
-    and moved onto it when loaded. ``optimizer`` is public so a scheduler can drive its learning rate.
+    out), the LeCAM anchors and, under ``_extra_state``, the discriminator optimizer, so ``load_state_dict``
+    resumes exactly (the augmentation draws are keyed by the step's ``draws``: no generator state). The
+    optimizer state is created on the parameters' device and moved onto it when loaded. ``optimizer`` is
+    public so a scheduler can drive its learning rate.
     """
 
     def __init__(
@@ -288,7 +277,6 @@ class AdversarialLoss(nn.Module):
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 1e-4,
         max_grad_norm: Optional[float] = None,
-        seed: int = 0,
     ):
         super().__init__()
         self.discriminator = discriminator
@@ -301,7 +289,6 @@ class AdversarialLoss(nn.Module):
         self.max_adaptive_weight = float(max_adaptive_weight)
         self.augment = DiffAugment(diffaug)
         self.max_grad_norm = max_grad_norm
-        self.augment_rng = torch.Generator().manual_seed(seed)
         trainable = self.trainable_parameters()
         if not trainable:
             raise ValueError("the discriminator has no trainable parameters")
@@ -326,24 +313,19 @@ class AdversarialLoss(nn.Module):
     # -- checkpointing (through nn.Module.state_dict / load_state_dict) -----------------------------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "augment_rng": self.augment_rng.get_state()}
+        return {"optimizer": self.optimizer.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """The discriminator optimizer; the ``augment_rng`` of older checkpoints (a generator state nothing
+        draws from now) is ignored."""
         if not isinstance(state, dict) or "optimizer" not in state:
             raise KeyError("adversarial state lacks the discriminator optimizer ('_extra_state.optimizer')")
         self.optimizer.load_state_dict(state["optimizer"])
-        if "augment_rng" in state:
-            self.augment_rng.set_state(state["augment_rng"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("call AdversarialLoss.generator_loss(...) or .discriminator_step(...)")
 
     # -- generator side ------------------------------------------------------------------------------------
-
-    def _augment_source(self, draws: Optional[SampleRandom], side: str) -> RandomSource:
-        """The DiffAugment draws of one side: the step's per-sample draws (namespace ``diffaug/<side>``), else
-        this loss's own generator."""
-        return draws.child(f"diffaug/{side}") if draws is not None else self.augment_rng
 
     def generator_loss(
         self,
@@ -360,8 +342,8 @@ class AdversarialLoss(nn.Module):
         when ``adaptive``). Before ``start_step`` returns a zero scalar without running the discriminator.
         The discriminator runs in eval mode here and its parameters get no gradient from this loss, so the
         generator step changes nothing in the discriminator (weights, spectral-norm vectors, optimizer).
-        ``draws``: the step's per-sample draws over the batch (for the DiffAugment parameters); without them the
-        augmentation draws from this loss's own generator.
+        ``draws``: the step's :class:`~maetok.global_batch.SampleRandom` over the batch (the DiffAugment parameters,
+        namespace ``diffaug/generator``); required unless the DiffAugment policy is empty.
         """
         if not self.generator_active(step):
             zero = torch.zeros((), device=fake.device, dtype=torch.float32)
@@ -370,7 +352,7 @@ class AdversarialLoss(nn.Module):
         self.discriminator.eval()  # no spectral-norm power iteration: the generator step leaves D untouched
         try:
             with _parameters_frozen(self.trainable_parameters()):
-                augmented = self.augment(fake, generator=self._augment_source(draws, "generator"))
+                augmented = self.augment(fake, draws=_namespace(draws, "diffaug/generator"))
                 logits_fake = self.discriminator(augmented)
         finally:
             self.discriminator.train(was_training)
@@ -404,16 +386,16 @@ class AdversarialLoss(nn.Module):
         one), e.g. ``torch.autocast("cuda", dtype=torch.bfloat16)``; losses are computed in float32 and no
         GradScaler is used. ``lr_factor``: the generator's schedule factor (warmup, cosine) at ``step``; the
         learning rate is ``lr * lr_factor``. Before ``start_step`` nothing happens and ``{}`` is returned.
-        ``draws``: as in :meth:`generator_loss`. Under several processes the gradients are averaged over them
-        before the step (and the LeCAM anchors follow the global batch), so every process keeps the same
-        discriminator, as under DDP.
+        ``draws``: as in :meth:`generator_loss` (namespace ``diffaug/discriminator``). Under several processes
+        the gradients are averaged over them before the step (and the LeCAM anchors follow the global batch),
+        so every process keeps the same discriminator, as under DDP.
         """
         if not self.active(step):
             return {}
         if real.shape != fake.shape:
             raise ValueError(f"real and fake batches differ in shape: {tuple(real.shape)} vs {tuple(fake.shape)}")
-        source = self._augment_source(draws, "discriminator")
-        real_aug, fake_aug = self.augment(real.detach(), fake.detach(), generator=source)
+        draws = _namespace(draws, "diffaug/discriminator")
+        real_aug, fake_aug = self.augment(real.detach(), fake.detach(), draws=draws)
         self.discriminator.train()
         with _enter_autocast(autocast):
             logits = self.discriminator(torch.cat([real_aug, fake_aug], dim=0))
@@ -472,7 +454,7 @@ def build_adversarial_loss(
     found locally, else VGG16 with a warning), ``gan_lr`` (1e-4), ``lecam_weight`` (1e-3) and optionally
     ``gan_backbone_weights`` (a local folder / hub id for DINOv2, or the LPIPS/VGG16 file).
     optim_cfg: ``betas`` and ``weight_decay`` of the discriminator AdamW (defaults (0.9, 0.95), 1e-4).
-    ``overrides``: any :class:`AdversarialLoss` keyword (e.g. ``diffaug``, ``seed``).
+    ``overrides``: any :class:`AdversarialLoss` keyword (e.g. ``diffaug``).
     in_channels: 1 or 3 (grayscale images are repeated to RGB by the backbone); image_size: for reference
     (DINOv2 sees 224 px inputs whatever the image size; VGG16 sees the image at its own size, >= 16 px).
     """

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from maetok.config import LossConfig, TargetConfig
 from maetok.losses.perceptual import ramp_weight
-from maetok.models.global_batch import SampleRandom, global_weighted_mean
+from maetok.global_batch import SampleRandom, global_weighted_mean
 from maetok.models.tokenizer import TokenizerOutput
 from maetok.targets.base import FeatureTarget
 
@@ -27,7 +27,7 @@ def masked_token_loss(prediction: Tensor, target: Tensor, mask: Optional[Tensor]
 
     prediction, target: ``(B, N, D)``; mask: ``(B, N)`` bool. ``kind``: ``mse`` (mean over D) or ``cosine``
     (``1 - cos``). Under several processes the count of masked tokens is the global one (processes mask
-    different numbers of tokens), see :func:`~maetok.models.global_batch.global_weighted_mean`."""
+    different numbers of tokens), see :func:`~maetok.global_batch.global_weighted_mean`."""
     prediction = prediction.float()
     if kind == "mse":
         per_token = (prediction - target).pow(2).mean(dim=-1)
@@ -83,7 +83,8 @@ class TokenizerObjective(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """Total loss (scalar) and a dict of its terms (floats, for the log). ``captions``: ``(B, T)`` int64
         CLIP BPE ids of the batch's captions, needed when a ``text`` target is configured. ``draws``: the
-        step's per-sample draws (DiffAugment of the adversarial term)."""
+        step's :class:`~maetok.global_batch.SampleRandom` over the batch (DiffAugment of the adversarial term,
+        required once it is active)."""
         logs: dict[str, float] = {}
         recon = out.reconstruction.float()
         mse = F.mse_loss(recon, images.float())
@@ -124,7 +125,7 @@ class TokenizerObjective(nn.Module):
         self, real: Tensor, fake: Tensor, step: int, lr_factor: float = 1.0, draws: Optional[SampleRandom] = None
     ) -> dict[str, float]:
         """One discriminator update at learning rate ``gan_lr * lr_factor`` (no-op before it starts); ``draws``:
-        the step's per-sample draws (DiffAugment)."""
+        the step's :class:`~maetok.global_batch.SampleRandom` over the batch (DiffAugment)."""
         if self.adversarial is None or not self.adversarial.active(step):
             return {}
         return self.adversarial.discriminator_step(real, fake.detach(), step, lr_factor=lr_factor, draws=draws)

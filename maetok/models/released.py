@@ -155,12 +155,12 @@ class _MixedRope(nn.Module):
         self.register_buffer("freqs_t_x", pos_x)
         self.register_buffer("freqs_t_y", pos_y)
 
-    def init_frequencies(self, theta: float, generator: Optional[torch.Generator] = None) -> None:
+    def init_frequencies(self, theta: float) -> None:
         """Their initialisation: magnitudes ``theta ** (-4i / head_dim)``, a random direction per head and layer."""
         depth, half = self.freqs.shape[1], self.freqs.shape[2]
         head_dim = 2 * half // self.num_heads
         mag = theta ** (-torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim)
-        angles = torch.rand(depth, self.num_heads, 1, generator=generator) * 2 * torch.pi
+        angles = torch.rand(depth, self.num_heads, 1) * 2 * torch.pi
         fx = torch.cat([mag * angles.cos(), mag * (torch.pi / 2 + angles).cos()], dim=-1)
         fy = torch.cat([mag * angles.sin(), mag * (torch.pi / 2 + angles).sin()], dim=-1)
         with torch.no_grad():

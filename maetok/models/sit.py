@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from maetok.config import DiffusionModelConfig
+from maetok.global_batch import SampleRandom, require_draws
 from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
 
 __all__ = [
@@ -87,17 +88,15 @@ class LabelEmbedder(nn.Module):
         self,
         labels: Tensor,
         force_drop_ids: Optional[Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        draws: Optional[SampleRandom] = None,
     ) -> Tensor:
-        """Replace labels by the null class: where ``force_drop_ids`` is nonzero if given, else at random
-        with probability ``dropout_prob`` (uniforms drawn from ``generator`` on its own device)."""
+        """Replace labels ``(B,)`` by the null class: where ``force_drop_ids`` ``(B,)`` is nonzero if given, else
+        with probability ``dropout_prob`` from each sample's stream ``label_drop`` of ``draws`` (the batch's
+        :class:`~maetok.global_batch.SampleRandom`, then required)."""
         if force_drop_ids is None:
-            if generator is not None:
-                uniforms = torch.rand(labels.shape[0], generator=generator, device=generator.device)
-                uniforms = uniforms.to(labels.device)
-            else:
-                uniforms = torch.rand(labels.shape[0], device=labels.device)
-            drop = uniforms < self.dropout_prob
+            draws = require_draws(draws, labels.shape[0], "SiT label dropout (training mode; or pass force_drop_ids, "
+                                  "as training_loss does with label_dropout=class_dropout_prob)")
+            drop = draws.uniform("label_drop", (), labels.device) < self.dropout_prob
         else:
             if force_drop_ids.shape != labels.shape:
                 raise ValueError(
@@ -112,13 +111,13 @@ class LabelEmbedder(nn.Module):
         labels: Tensor,
         train: bool,
         force_drop_ids: Optional[Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        draws: Optional[SampleRandom] = None,
     ) -> Tensor:
         """labels: ``(B,)`` int in ``[0, num_classes]`` (``num_classes`` = null) -> ``(B, width)``."""
         if force_drop_ids is not None or (train and self.dropout_prob > 0):
             if not self.has_null_class:
                 raise ValueError("this model was built with class_dropout_prob=0 and has no null class to drop to")
-            labels = self.drop_labels(labels, force_drop_ids, generator)
+            labels = self.drop_labels(labels, force_drop_ids, draws)
         return self.embedding_table(labels)
 
 
@@ -318,21 +317,22 @@ class AdaLNVelocityTransformer(nn.Module):
         t: Tensor | float,
         y: Optional[Tensor] = None,
         force_drop_ids: Optional[Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        draws: Optional[SampleRandom] = None,
     ) -> Tensor:
         """Velocity prediction.
 
         x: ``(B, L, C)`` noisy latents; t: ``(B,)`` (or a scalar) times in ``[0, 1]``; y: ``(B,)`` int64 labels
         (``num_classes`` = null class; ``None`` means all-null for a conditional model; ignored when
         ``num_classes == 0``). In training mode labels are dropped to the null class with probability
-        ``class_dropout_prob`` (uniforms from ``generator`` if given); ``force_drop_ids`` ``(B,)`` (nonzero =
-        drop) overrides the random drop in any mode. Returns the velocity ``(B, L, C)``.
+        ``class_dropout_prob``, drawn from ``draws`` (the batch's :class:`~maetok.global_batch.SampleRandom`);
+        ``force_drop_ids`` ``(B,)`` (nonzero = drop) replaces that draw in any mode (the trainer's
+        :func:`~maetok.diffusion.transport.training_loss` passes them). Returns the velocity ``(B, L, C)``.
         """
         t, y = self._check_inputs(x, t, y)
         tokens = self._position_inputs(self.x_embedder(x))
         c = self.t_embedder(t)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(y, self.training, force_drop_ids=force_drop_ids, generator=generator)
+            c = c + self.y_embedder(y, self.training, force_drop_ids=force_drop_ids, draws=draws)
         rope = self._rope()
         for block in self.blocks:
             tokens = block(tokens, c, rope)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.config import TokenizerConfig, to_dict
+from maetok.global_batch import SampleRandom, require_draws
 from maetok.models.blocks import (
     Block,
     PatchEmbed,
@@ -29,7 +30,6 @@ from maetok.models.blocks import (
     rope_from_angles,
     unpatchify,
 )
-from maetok.models.global_batch import RandomSource, SampleRandom
 
 def _grid_rope(grid: tuple[int, int], head_dim: int, theta: float, num_latent: int, device: torch.device) -> Rope:
     """RoPE (cos, sin) for ``[image tokens ; latent tokens]``: 2D on the grid, identity on latents."""
@@ -224,24 +224,17 @@ class MAETok(nn.Module):
         batch_size: int,
         num_tokens: int,
         ratio: MaskRatio,
-        generator: RandomSource = None,
+        draws: Optional[SampleRandom] = None,
         device: Optional[torch.device] = None,
     ) -> Tensor:
         """Boolean mask ``(B, N)``, True = masked. ``ratio``: a float, a ``(min, max)`` range drawn uniformly
         per image, or a ``(B,)`` tensor of per-image ratios. Each image gets ``round(r * N)`` masked tokens
-        chosen uniformly at random. ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` (draws per
-        image, streams ``mask_ratio`` and ``mask_order``, made on ``device``) or a ``torch.Generator`` / None
-        (the global RNG), drawn from on the CPU. The mask is on ``device``."""
-        if isinstance(generator, SampleRandom):
-            if len(generator) != batch_size:
-                raise ValueError(f"SampleRandom holds {len(generator)} samples, the batch has {batch_size}")
-            if isinstance(ratio, tuple):
-                ratio = ratio[0] + (ratio[1] - ratio[0]) * generator.uniform("mask_ratio", (), device).double()
-            order = generator.bits("mask_order", (num_tokens,), device)
-        else:
-            if isinstance(ratio, tuple):
-                ratio = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(batch_size, generator=generator)
-            order = torch.rand(batch_size, num_tokens, generator=generator).to(device)
+        chosen uniformly at random. ``draws``: the batch's :class:`~maetok.global_batch.SampleRandom` (required;
+        streams ``mask_ratio`` and ``mask_order`` of each image, made on ``device``, where the mask is)."""
+        draws = require_draws(draws, batch_size, "MAETok.random_mask")
+        if isinstance(ratio, tuple):
+            ratio = ratio[0] + (ratio[1] - ratio[0]) * draws.uniform("mask_ratio", (), device).double()
+        order = draws.bits("mask_order", (num_tokens,), device)
         ratios = torch.as_tensor(ratio, dtype=torch.float64).to(order.device).expand(batch_size)
         num_masked = torch.round(ratios * num_tokens).long()
         ranks = order.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
@@ -258,23 +251,21 @@ class MAETok(nn.Module):
         mean, logvar = out.chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, images: Tensor, sample: bool = False, generator: RandomSource = None) -> Tensor:
+    def encode(self, images: Tensor, sample: bool = False, draws: Optional[SampleRandom] = None) -> Tensor:
         """images ``(B, C, H, W)`` in [-1, 1] -> latents ``(B, L, H_lat)``. A VAE returns its posterior mean
-        unless ``sample`` (noise from ``generator``, see :meth:`sample_posterior`)."""
+        unless ``sample`` (noise from ``draws``, see :meth:`sample_posterior`)."""
         mean, logvar = self.encode_posterior(images)
         if logvar is None or not sample:
             return mean
-        return self.sample_posterior(mean, logvar, generator)
+        return self.sample_posterior(mean, logvar, draws)
 
     @staticmethod
-    def sample_posterior(mean: Tensor, logvar: Tensor, generator: RandomSource = None) -> Tensor:
-        """``mean + exp(logvar / 2) * noise``, each ``(B, L, H_lat)``; the noise is drawn per image (stream
-        ``posterior``, drawn on the device) from a :class:`~maetok.models.global_batch.SampleRandom`, else from a
-        ``torch.Generator`` (None: the global RNG) on the CPU."""
-        if isinstance(generator, SampleRandom):
-            noise = generator.normal("posterior", mean.shape[1:], mean.device, mean.dtype)
-        else:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    def sample_posterior(mean: Tensor, logvar: Tensor, draws: Optional[SampleRandom] = None) -> Tensor:
+        """``mean + exp(logvar / 2) * noise``, each ``(B, L, H_lat)``; the noise of each image comes from its
+        stream ``posterior`` of ``draws`` (the batch's :class:`~maetok.global_batch.SampleRandom`, required),
+        drawn on the device."""
+        draws = require_draws(draws, mean.shape[0], "MAETok.sample_posterior")
+        noise = draws.normal("posterior", mean.shape[1:], mean.device, mean.dtype)
         return mean + (0.5 * logvar).exp() * noise
 
     def decode(self, latents: Tensor, image_size: Optional[tuple[int, int]] = None) -> Tensor:
@@ -293,20 +284,20 @@ class MAETok(nn.Module):
         self,
         images: Tensor,
         mask_ratio: Optional[MaskRatio] = None,
-        generator: RandomSource = None,
+        draws: Optional[SampleRandom] = None,
     ) -> TokenizerOutput:
         """Training pass: mask (if ``mask_ratio``), encode, decode, run the auxiliary decoders.
 
-        ``generator``: a :class:`~maetok.models.global_batch.SampleRandom` over the batch (the trainers': draws
-        keyed by each image's place in the global batch) or a ``torch.Generator`` (None: the global RNG). The
+        ``draws``: the batch's :class:`~maetok.global_batch.SampleRandom` (the trainers': keyed by each image's
+        place in the global batch), required when the pass draws (masking, a VAE's posterior sample). The
         mask is returned even when it masks nothing, so that the mask token takes part in every step (DDP
         needs every trainable parameter in the graph)."""
         grid = self.grid_size(images)
         mask = None
         if mask_ratio is not None:
-            mask = self.random_mask(images.shape[0], grid[0] * grid[1], mask_ratio, generator, images.device)
+            mask = self.random_mask(images.shape[0], grid[0] * grid[1], mask_ratio, draws, images.device)
         mean, logvar = self.encode_posterior(images, mask)
-        latents = mean if logvar is None else self.sample_posterior(mean, logvar, generator)
+        latents = mean if logvar is None else self.sample_posterior(mean, logvar, draws)
         patches = self.decoder(latents, grid)
         reconstruction = unpatchify(patches, self.config.patch_size, grid[0], grid[1], self.config.in_channels)
         aux = {name: decoder(latents, grid) for name, decoder in self.aux_decoders.items()}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from maetok.models.global_batch import global_weighted_mean
+from maetok.global_batch import global_weighted_mean
 from maetok.targets.base import FeatureTarget, register_target
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"

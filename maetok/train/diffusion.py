@@ -83,7 +83,7 @@ class DiffusionTrainer(Trainer):
                 self.ddp_model,
                 x0,
                 y,
-                generator=draws,
+                draws=draws,
                 time_sampling=self.cfg.transport.time_sampling,
                 cosine_loss_weight=self.cfg.transport.cosine_loss_weight,
                 label_dropout=self.label_dropout,

@@ -5,7 +5,7 @@ A resumed run continues exactly as the uninterrupted one would, and a run on W p
 1-process run at the same global batch (to float rounding): the batch order is a pure function of (seed, step),
 and every other random draw of a step is a pure function of (seed, step, the sample's position in the global
 batch) (:func:`step_sample_random`); batch statistics are taken over the global batch
-(:mod:`maetok.models.global_batch`).
+(:mod:`maetok.global_batch`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
+from maetok.global_batch import SampleRandom, all_finite_everywhere
 from maetok.model_folders import check_state_keys
-from maetok.models.global_batch import SampleRandom, all_finite_everywhere
 from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,

@@ -24,7 +24,7 @@ from maetok.data import build_dataset
 from maetok.data.images import to_uint8
 from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
-from maetok.models.global_batch import broadcast_module
+from maetok.global_batch import broadcast_module
 from maetok.models.tokenizer import MAETok
 from maetok.runs import model_directory, run_directory
 from maetok.targets import build_target

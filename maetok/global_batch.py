@@ -1,5 +1,11 @@
 """One training batch split across processes: per-sample random draws and statistics of the global batch.
 
+Every random draw of the models, losses and transport comes from a :class:`SampleRandom` (one path; none of them
+takes a ``torch.Generator``): the trainers key it by (seed, step, global position), other callers by what
+identifies their samples (e.g. the latent cache by (seed, dataset index)). It depends on nothing in maetok, so it
+sits in the base layer. Only sampling (the samplers' noise, ``maetok.diffusion.generate``, the diffusers wrapper)
+and evaluation keep a ``torch.Generator``, as the ecosystem passes one.
+
 Under ``torchrun`` each process holds a slice of the global batch (sample ``i`` of rank ``r`` sits at global
 position ``r * B_local + i``). Two rules make a run on W processes equal (to float rounding) to a 1-process run
 at the same global batch, and make a resumed run draw what the uninterrupted one drew:
@@ -144,7 +150,17 @@ class SampleRandom:
         return z.to(dtype).reshape(len(self), *shape)
 
 
-RandomSource = Union[torch.Generator, SampleRandom, None]
+def require_draws(draws: Optional[SampleRandom], batch_size: int, what: str) -> SampleRandom:
+    """``draws`` checked against a batch of ``batch_size``: the one check of every function that draws random
+    numbers (``what`` names it in the message). None, a ``torch.Generator`` or draws over another batch size
+    raise ``ValueError``."""
+    if not isinstance(draws, SampleRandom):
+        given = "none were given" if draws is None else f"got a {type(draws).__name__}"
+        raise ValueError(f"{what} draws random numbers and needs draws=maetok.global_batch.SampleRandom over the "
+                         f"batch ({given}), e.g. SampleRandom.for_batch(seed, step, {batch_size})")
+    if len(draws) != batch_size:
+        raise ValueError(f"SampleRandom holds {len(draws)} samples, the batch has {batch_size}")
+    return draws
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,41 @@
+"""The errors a user causes, and only those, under one base class: :class:`MaetokError`.
+
+``maetok`` (:func:`maetok.cli.main`) prints a :class:`MaetokError` as one line, ``maetok <command>: error: ...``, and
+exits with status 2; any other exception is a bug in maetok and keeps its traceback (with a line asking for a bug
+report). Each message says what is wrong and where: the file, the key, the shape or the value.
+
+Each class also derives from the built-in exception a caller would catch for it (``ValueError``,
+``FileNotFoundError``, ``FloatingPointError``), so ``except ValueError`` keeps working around maetok's calls.
+"""
+
+from __future__ import annotations
+
+
+class MaetokError(Exception):
+    """An error the user caused (input, configuration, files, environment); the message is one line saying what
+    to fix."""
+
+
+class ConfigError(MaetokError, ValueError):
+    """A configuration value, key or command-line flag is wrong; the message names it."""
+
+
+class DataError(MaetokError, ValueError):
+    """Input data is unusable: an image folder, an image file, a reference batch, a latent cache."""
+
+
+class ModelFolderError(MaetokError, ValueError):
+    """A model folder, a training checkpoint or a run directory is unusable or would be overwritten: a missing or
+    extra weight, a wrong shape, a truncated file, a newer format, a finished run."""
+
+
+class MissingFileError(MaetokError, FileNotFoundError):
+    """A file or folder the user named (or that a named folder must hold) does not exist."""
+
+
+class AssetError(MaetokError, FileNotFoundError):
+    """Weights an evaluation or a target needs (Inception, VGG16, DINOv2, ...) are not installed or not found."""
+
+
+class NonFiniteError(MaetokError, FloatingPointError):
+    """Training or sampling produced NaN / inf (a diverged run): nothing non-finite is written."""
