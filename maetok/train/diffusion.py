@@ -35,8 +35,8 @@ class DiffusionTrainer(Trainer):
         cfg.validate()
         if not cfg.latents:
             raise ValueError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
-        self.cfg = cfg
-        super().__init__(out_dir, cfg.train, cfg.optim, cfg.train.steps, device, resume, overwrite, allow_config_change)
+        super().__init__(cfg, out_dir, optim=cfg.optim, total_steps=cfg.train.steps, inputs=[cfg.latents],
+                         device=device, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         self.train_set = LatentDataset(cfg.latents)
         stats = self.train_set.stats
         self.latent_shape = tuple(stats["latent_shape"])
@@ -54,9 +54,6 @@ class DiffusionTrainer(Trainer):
         tok_dir = stats.get("tokenizer")
         if tok_dir and Path(tok_dir, "config.json").exists():
             self.tokenizer = MAETok.from_pretrained(tok_dir).to(self.device)
-
-    def input_paths(self) -> list[Path]:
-        return [Path(self.cfg.latents)]
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

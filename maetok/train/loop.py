@@ -565,38 +565,47 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 class Trainer:
     """Fit / checkpoint / resume / log, shared by the tokenizer and diffusion trainers.
 
-    A subclass builds its data and model, calls :meth:`setup_optimization`, and implements
-    :meth:`train_step` (one optimisation step on one collated batch, returning floats to log),
-    :meth:`evaluate` (periodic, on the main process) and :meth:`export` (the final model directory).
-    ``run_kind`` names the run in its checkpoints, so a checkpoint of another kind is never resumed.
+    A subclass hands the base constructor everything it reads (the run's config, what the run reads, the
+    sections of the config it never reads) in the call, then builds its data and model, calls
+    :meth:`setup_optimization`, and implements :meth:`train_step` (one optimisation step on one
+    :class:`~maetok.data.ItemBatch`, returning floats to log), :meth:`evaluate` (periodic, on the main process) and
+    :meth:`export` (the final model directory). ``run_kind`` names the run in its checkpoints, so a checkpoint of
+    another kind is never resumed.
     """
 
     run_kind = "run"
 
-    def __init__(self, out_dir: Union[str, Path], train: TrainConfig, optim: OptimConfig, total_steps: int,
-                 device: Optional[str], resume: bool = False, overwrite: bool = False,
-                 allow_config_change: bool = False):
+    def __init__(self, cfg: Any, out_dir: Union[str, Path], *, optim: OptimConfig, total_steps: int,
+                 inputs: Sequence[Union[str, Path]], device: Optional[str], resume: bool = False,
+                 overwrite: bool = False, allow_config_change: bool = False,
+                 unused_config_sections: Sequence[str] = ()):
+        """``cfg``: the run's dataclass config (with a ``train`` section), written to ``config.yaml`` and the
+        checkpoints; ``optim`` / ``total_steps``: what this run optimises with and for how long; ``inputs``: what
+        the run reads (a stage-1 run, a latent cache, an image folder), which ``--overwrite`` never deletes;
+        ``unused_config_sections``: key prefixes of ``cfg`` this run never reads (changing them is no change).
+        The run directory is checked here (:func:`prepare_run_directory`), before anything is built."""
+        self.cfg = cfg
+        self.inputs = [Path(path) for path in inputs]
+        self.unused_config_sections = tuple(unused_config_sections)
         self.out_dir = Path(out_dir)
-        self.train_cfg = train
+        self.train_cfg: TrainConfig = cfg.train
         self.optim_cfg = optim
         self.total_steps = total_steps
         self.dist = setup_distributed(device)
         self.device = self.dist.device
-        # the subclass has set its config: refuse to touch a finished run or resume it under another config
+        # refuse to touch a finished run or to resume it under another config
         self.earlier_config = prepare_run_directory(
-            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.input_paths(),
+            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.inputs,
             self.unused_config_sections,
         )
         self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
-        self.step = 0  # random draws: self.sample_random(batch size), a function of (seed, step, global position)
+        self.step = 0  # random draws: self.sample_random(batch), a function of (seed, step, global position)
         self.ema: Optional[EMA] = None
         self.run_log: Optional[RunLog] = None
 
     # -- to implement ------------------------------------------------------------------------------------
 
-    cfg: Any  # the run's dataclass config, set by the subclass before Trainer.__init__ (which checks the run dir)
-    unused_config_sections: tuple[str, ...] = ()  # key prefixes of cfg this run never reads: changing them is no change
     train_set: Dataset
 
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -629,10 +638,6 @@ class Trainer:
 
     def describe(self) -> str:
         return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
-
-    def input_paths(self) -> list[Path]:
-        """What this run reads (a stage-1 run, a latent cache, an image folder): ``--overwrite`` never deletes them."""
-        return []
 
     def extra_state(self) -> dict:
         """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""

@@ -118,16 +118,17 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune" and init_from is None:
             raise ValueError("stage 2 (finetune) needs init_from: the stage-1 run or model directory")
         cfg.validate()
-        self.cfg = cfg
         self.stage = stage
         self.run_kind = f"tokenizer-{stage}"
-        self.unused_config_sections = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
+        self.init_from = init_from
         optim = cfg.optim
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
-        self.init_from = init_from
-        super().__init__(out_dir, cfg.train, optim, total, device, resume, overwrite, allow_config_change)
+        inputs = [Path(p) for p in (cfg.data.dataset, init_from) if p is not None and Path(p).exists()]
+        unused = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
+        super().__init__(cfg, out_dir, optim=optim, total_steps=total, inputs=inputs, device=device, resume=resume,
+                         overwrite=overwrite, allow_config_change=allow_config_change, unused_config_sections=unused)
         m = cfg.model
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
@@ -200,10 +201,6 @@ class TokenizerTrainer(Trainer):
             return stage1.train()
         model.load_state_dict(stage1.state_dict(), strict=True)
         return model
-
-    def input_paths(self) -> list[Path]:
-        paths = [Path(self.cfg.data.dataset)] if Path(self.cfg.data.dataset).exists() else []
-        return paths + ([Path(self.init_from)] if self.init_from is not None and Path(self.init_from).exists() else [])
 
     def describe(self) -> str:
         counts = {k: f"{v / 1e6:.2f}M" for k, v in self.model.parameter_counts().items()}
