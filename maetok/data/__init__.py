@@ -1,5 +1,5 @@
 """Data layer: robust image I/O, Fashion-MNIST and image-folder datasets, the stable split, subsets and batches,
-flip augmentation, latent caches (reading), ADM ``.npz`` image batches. It knows no model.
+latent caches (their files), ADM ``.npz`` image batches. It knows no model.
 
 Images leave this package as float32 tensors (C, H, W) / (B, C, H, W) in [-1, 1].
 """
