@@ -28,7 +28,6 @@ from maetok.data import (
     DatasetSubset,
     SkippedItem,
     iter_batches,
-    iter_item_batches,
     list_image_files,
 )
 from maetok.data.images import (
@@ -90,9 +89,9 @@ def reconstructions(model: torch.nn.Module, dataset: Dataset, batch_size: int = 
     model.eval()
     total = len(dataset) if limit is None else min(limit, len(dataset))
     with tqdm(total=total, desc="reconstruct", unit="img", disable=not progress) as bar:
-        for images, _ in iter_batches(dataset, batch_size, skipped=skipped, limit=limit):
-            yield images, reconstruct_images(model, images, batch_size)
-            bar.update(images.shape[0])
+        for batch in iter_batches(dataset, batch_size, skipped=skipped, limit=limit):
+            yield batch.images, reconstruct_images(model, batch.images, batch_size)
+            bar.update(len(batch.images))
 
 
 @torch.no_grad()
@@ -106,10 +105,10 @@ def encode_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 2
     model.eval()
     latents, labels = [], []
     with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
-        for images, batch_labels in iter_batches(dataset, batch_size):
-            latents.append(encode_images(model, images, batch_size).flatten(1))
-            labels.append(batch_labels)
-            bar.update(images.shape[0])
+        for batch in iter_batches(dataset, batch_size):
+            latents.append(encode_images(model, batch.images, batch_size).flatten(1))
+            labels.append(batch.labels)
+            bar.update(len(batch.images))
     return torch.cat(latents), torch.cat(labels)
 
 
@@ -174,11 +173,8 @@ def cache_latents(
             continue
         generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
         latents, flipped, labels, rows, skipped = [], [], [], [], []
-        for batch in iter_item_batches(DatasetSubset(dataset, items), batch_size, num_workers):
-            skipped.extend(batch.skipped)
-            bar.update(len(batch.indices) + len(batch.skipped))
-            if not len(batch.indices):
-                continue
+        for batch in iter_batches(DatasetSubset(dataset, items), batch_size, num_workers, skipped=skipped):
+            bar.update(len(batch.indices))
             images = batch.images.to(device, non_blocking=True)
             latents.append(tokenizer.encode(images, sample=sample_posterior, generator=generator).float().cpu())
             if flip:
@@ -187,6 +183,7 @@ def cache_latents(
                 )
             labels.append(batch.labels)
             rows.append(batch.indices)
+        bar.update(len(skipped))
         writer.write_shard(shard, latents, flipped, labels, rows, skipped)
     bar.close()
     return writer.finish(cfg.image_size, cfg.in_channels, int(getattr(dataset, "num_classes", 0) or 0),

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from maetok.config import DiffusionTrainConfig
+from maetok.data import ItemBatch
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.pipeline import LatentGenerator, build_diffusion_model
 from maetok.diffusion.transport import training_loss
@@ -62,9 +63,9 @@ class DiffusionTrainer(Trainer):
             f"{self.latent_shape}, {self.num_classes or 'no'} classes; device {self.device}"
         )
 
-    def train_step(self, batch) -> dict[str, float]:
-        pairs, labels = batch  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
-        draws = self.sample_random(pairs.shape[0])  # flips, times, noise, label dropout: per sample
+    def train_step(self, batch: ItemBatch) -> dict[str, float]:
+        pairs, labels = batch.images, batch.labels  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
+        draws = self.sample_random(batch)  # flips, times, noise, label dropout: per sample
         if self.cfg.train.flip:
             pick = flip_mask(draws).long()
         else:

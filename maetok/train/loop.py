@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
+from maetok.data import ItemBatch, item_loader
 from maetok.models.global_batch import SampleRandom, all_finite_everywhere
 from maetok.runs import (
     FORMAT_KEY,
@@ -280,10 +281,14 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def batch_stream(
     dataset: Dataset, batch_size: int, seed: int, start_step: int, dist_info: DistInfo, num_workers: int
-) -> Iterator[Any]:
-    """Endless iterator of collated batches beginning at ``start_step``."""
+) -> Iterator[ItemBatch]:
+    """Endless iterator of this process's :class:`~maetok.data.ItemBatch` es beginning at ``start_step``. An
+    unreadable file leaves no row (:func:`~maetok.data.item_loader`): its step trains on the rest of the batch, each
+    row keeping its draws (:meth:`Trainer.sample_random`); with several processes such a step weighs each process's
+    rows by their own count (DDP averages per-process means), so it equals the 1-process step only when the
+    processes lost as many rows."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, dist_info.rank, dist_info.world_size)
-    loader = DataLoader(
+    loader = item_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
@@ -293,11 +298,15 @@ def batch_stream(
     return iter(loader)
 
 
-def step_sample_random(seed: int, step: int, local_batch_size: int, dist_info: DistInfo) -> SampleRandom:
+def step_sample_random(seed: int, step: int, local_batch_size: int, dist_info: DistInfo,
+                       slots: Optional[Tensor] = None) -> SampleRandom:
     """The per-sample random draws of ``step`` for this process's slice of the global batch: sample ``i`` of
     rank ``r`` sits at global position ``r * local_batch_size + i`` (the slice :class:`StepBatchSampler` gives
-    it), so every draw of a sample is the same whatever the number of processes, and on a resume."""
-    return SampleRandom.for_batch(seed, step, local_batch_size, offset=dist_info.rank * local_batch_size)
+    it), so every draw of a sample is the same whatever the number of processes, and on a resume. ``slots``: the
+    places ``i`` of the samples present when the batch left some out (unreadable files; default: all)."""
+    if slots is None:
+        return SampleRandom.for_batch(seed, step, local_batch_size, offset=dist_info.rank * local_batch_size)
+    return SampleRandom(seed, step, dist_info.rank * local_batch_size + slots)
 
 
 def flip_mask(draws: SampleRandom, device: Optional[torch.device] = None) -> Tensor:
@@ -568,7 +577,7 @@ class Trainer:
     A subclass hands the base constructor everything it reads (the run's config, what the run reads, the
     sections of the config it never reads) in the call, then builds its data and model, calls
     :meth:`setup_optimization`, and implements :meth:`train_step` (one optimisation step on one
-    :class:`~maetok.data.ItemBatch`, returning floats to log), :meth:`evaluate` (periodic, on the main process) and
+    :class:`~maetok.data.ItemBatch`, returning floats to log; draws for its rows: :meth:`sample_random`), :meth:`evaluate` (periodic, on the main process) and
     :meth:`export` (the final model directory). ``run_kind`` names the run in its checkpoints, so a checkpoint of
     another kind is never resumed.
     """
@@ -668,9 +677,11 @@ class Trainer:
         if self.train_cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)
 
-    def sample_random(self, local_batch_size: int) -> SampleRandom:
-        """The current step's per-sample draws for this process's slice of the batch (:func:`step_sample_random`)."""
-        return step_sample_random(self.train_cfg.seed, self.step, local_batch_size, self.dist)
+    def sample_random(self, batch: ItemBatch) -> SampleRandom:
+        """The current step's per-sample draws for the rows of this process's ``batch`` (:func:`step_sample_random`;
+        a row keeps its draws when another item of the batch was left out)."""
+        local_batch_size = self.train_cfg.batch_size // self.dist.world_size
+        return step_sample_random(self.train_cfg.seed, self.step, local_batch_size, self.dist, batch.slots)
 
     def lr_factor(self) -> float:
         """The schedule's factor (warmup, then cosine or constant) at the current step."""
@@ -800,9 +811,13 @@ class Trainer:
         try:
             while self.step < end:
                 batch = next(stream)
+                if not len(batch.labels):
+                    names = ", ".join(f"{item.file} ({item.reason})" for item in batch.skipped[:3])
+                    raise ValueError(f"{self.run_kind} step {self.step + 1}: every image of the batch was unreadable "
+                                     f"({names}, ...): the dataset looks corrupt")
                 logs = self.train_step(batch)
                 self.step += 1
-                window_items += batch[0].shape[0] * dist_info.world_size
+                window_items += len(batch.labels) * dist_info.world_size
                 window_steps += 1
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v

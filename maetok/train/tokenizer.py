@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
-from maetok.data import build_dataset
+from maetok.data import ItemBatch, build_dataset, load_images
 from maetok.data.images import to_uint8
 from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
@@ -136,8 +136,7 @@ class TokenizerTrainer(Trainer):
         pixels = {"max_image_pixels": cfg.data.max_image_pixels}
         self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options, **pixels)
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels, **pixels)
-        n_eval = min(cfg.data.eval_images, len(self.eval_set))
-        self.eval_images = torch.stack([self.eval_set[i][0] for i in range(n_eval)])
+        self.eval_images, _ = load_images(self.eval_set, limit=cfg.data.eval_images)  # the first readable ones
 
         torch.manual_seed(cfg.train.seed)
         if stage == "pretrain":
@@ -225,10 +224,10 @@ class TokenizerTrainer(Trainer):
         ratio = f.mask_ratio_start + (f.mask_ratio_end - f.mask_ratio_start) * progress
         return ratio if ratio > 0 else None
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch: ItemBatch) -> dict[str, float]:
         precision = self.cfg.train.precision
-        images = batch[0].to(self.device, non_blocking=True)
-        draws = self.sample_random(images.shape[0])  # flips, masks, VAE noise, DiffAugment: per image
+        images = batch.images.to(self.device, non_blocking=True)
+        draws = self.sample_random(batch)  # flips, masks, VAE noise, DiffAugment: per image
         if self.cfg.train.flip:
             flips = flip_mask(draws, self.device).view(-1, 1, 1, 1)
             images = torch.where(flips, images.flip(-1), images)
@@ -236,7 +235,7 @@ class TokenizerTrainer(Trainer):
             out = self.ddp_model(images, self.mask_ratio(self.step), draws)
         captions = None
         if self.uses_captions:
-            captions = self.objective.targets["text"].tokenize(batch[2]).to(self.device)
+            captions = self.objective.targets["text"].tokenize(batch.captions).to(self.device)
         loss, logs = self.objective.generator_loss(
             out, images, self.step, self.model.last_decoder_layer(), captions=captions, draws=draws
         )
