@@ -30,7 +30,7 @@ from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maetok.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -906,9 +906,10 @@ class _ReadOrSkip(Dataset):
 
 
 def _collate_items(items: list) -> ItemBatch:
+    """The batch of ``_ReadOrSkip`` items (images stacked as ``default_collate`` does: in shared memory in a worker)."""
     rows = [(slot, index, item) for slot, (index, item, _) in enumerate(items) if item is not None]
     return ItemBatch(
-        images=torch.stack([item[0] for _, _, item in rows]) if rows else torch.empty(0),
+        images=default_collate([item[0] for _, _, item in rows]) if rows else torch.empty(0),
         labels=torch.tensor([int(item[1]) for _, _, item in rows], dtype=torch.int64),
         indices=torch.tensor([index for _, index, _ in rows], dtype=torch.int64),
         slots=torch.tensor([slot for slot, _, _ in rows], dtype=torch.int64),
