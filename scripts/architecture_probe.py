@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from maetok.config import TokenizerTrainConfig, load_config
-from maetok.data import build_dataset
+from maetok.data import build_dataset, load_images
 from maetok.encode import reconstruct_images
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import make_adamw
@@ -46,8 +46,8 @@ def train(args: argparse.Namespace) -> None:
     model = MAETok(cfg.model)
     train_set = build_dataset("fashion-mnist", "train", 32, 1)
     test_set = build_dataset("fashion-mnist", "test", 32, 1)
-    data = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    held_out = torch.stack([test_set[i][0] for i in range(1000)])
+    data, _ = load_images(train_set)
+    held_out, _ = load_images(test_set, range(1000))
     cfg.optim.lr = args.lr
     optimizer = make_adamw(model.named_parameters(), cfg.optim)
     forward = torch.compile(model) if args.compile else model

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from maetok.config import TokenizerTrainConfig, load_config
-from maetok.data import build_dataset
+from maetok.data import build_dataset, load_images
 from maetok.data.images import to_uint8
 from maetok.encode import reconstruct_images
 from maetok.eval.metrics import psnr
@@ -83,7 +83,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     test = build_dataset("fashion-mnist", "test", 32, 1)
-    images = torch.stack([test[i][0] for i in range(args.eval_images)])
+    images, _ = load_images(test, range(args.eval_images))
     results_path = out / "curves.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if "pca" not in results:
@@ -121,7 +121,7 @@ def pca_reference(images: torch.Tensor, num_train: int = 20000) -> dict:
     cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok")
     dim = cfg.model.num_latent_tokens * cfg.model.latent_dim
     train = build_dataset("fashion-mnist", "train", 32, 1)
-    fit = torch.stack([train[i][0] for i in range(num_train)])
+    fit, _ = load_images(train, range(num_train))
     pca = PCABaseline.fit(fit, dim)
     return {"dim": dim, "num_train": num_train, "psnr": psnr(to_uint8(images), to_uint8(pca.reconstruct(images)))}
 

@@ -23,6 +23,7 @@ from maetok.data import (
     ImageFolder,
     build_dataset,
     hash_split,
+    iter_batches,
     load_image,
     read_idx,
     resize_center_crop,
@@ -267,7 +268,7 @@ def test_fashion_mnist_packaged(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------------- ImageFolder
 
 
-def test_image_folder_skips_bad_files(messy_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_image_folder_leaves_bad_files_out(messy_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     dataset = ImageFolder(messy_folder, image_size=32, channels=3)
     assert len(dataset) == 9 and set(dataset.relative_paths) == VALID_FILES | BAD_FILES
     assert dataset.relative_paths == sorted(dataset.relative_paths)
@@ -277,25 +278,21 @@ def test_image_folder_skips_bad_files(messy_folder: Path, caplog: pytest.LogCapt
         rel: dataset.load(i) for i, rel in enumerate(dataset.relative_paths) if rel in VALID_FILES
     }
 
-    with caplog.at_level(logging.WARNING, logger="maetok.data.datasets"):
-        loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=0)
-        batches = list(loader)
-    images = torch.cat([batch[0] for batch in batches])
-    labels = torch.cat([batch[1] for batch in batches])
-    assert images.shape == (9, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
-    for image in images:  # every item is one of the valid images
-        assert any(torch.equal(image, valid) for valid in valid_tensors.values())
-    assert dataset.num_skipped == 3 and set(dataset.skipped_files) == BAD_FILES
-    assert sum("skipping" in record.message for record in caplog.records) == 3
+    skipped: list = []
+    batches = list(iter_batches(dataset, 4, skipped=skipped))
+    images = torch.cat([batch.images for batch in batches])
+    labels = torch.cat([batch.labels for batch in batches])
+    indices = torch.cat([batch.indices for batch in batches]).tolist()
+    assert images.shape == (6, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
     order = dataset.relative_paths
-    tiny_index = order.index("fish/tiny.png")
-    for index, rel in enumerate(order):
-        if rel in BAD_FILES:  # a bad index returns the next readable one (wrapping around)
-            candidates = [(index + step) % len(order) for step in range(len(order))]
-            substitute = next(candidate for candidate in candidates if order[candidate] in VALID_FILES)
-            assert torch.equal(images[index], valid_tensors[order[substitute]])
-            assert labels[index] == dataset.labels[substitute]
-    assert torch.equal(images[tiny_index], valid_tensors["fish/tiny.png"])
+    assert {order[i] for i in indices} == VALID_FILES  # one row per readable file, none made up
+    for image, label, index in zip(images, labels, indices):  # each row is its own file
+        assert torch.equal(image, valid_tensors[order[index]]) and label == dataset.labels[index]
+    assert {item.file for item in skipped} == BAD_FILES
+    assert dataset.num_skipped == 3 and set(dataset.skipped_files) == BAD_FILES
+    for rel in BAD_FILES:  # an item is what its file holds, or an error naming the file
+        with pytest.raises(BadImageError, match=rel):
+            dataset[order.index(rel)]
 
     # decoded values: 16-bit constant 100 * 257 -> 100; transparent half -> white, opaque half -> blue
     deep = to_uint8(valid_tensors["dogs/deep16.png"], channels_last=True).numpy()
@@ -305,14 +302,15 @@ def test_image_folder_skips_bad_files(messy_folder: Path, caplog: pytest.LogCapt
     np.testing.assert_array_equal(rgba[16, 29], (0, 0, 255))
     cmyk = to_uint8(valid_tensors["dogs/cmyk.jpeg"], channels_last=True).numpy()
     assert np.abs(cmyk[16, 16].astype(int) - (200, 50, 30)).max() <= 4
-    assert dataset.log_skipped() == 3
+    with caplog.at_level(logging.WARNING, logger="maetok.data.datasets"):
+        assert dataset.log_skipped() == 3
+    assert sum("3 unreadable image(s) skipped" in record.message for record in caplog.records) == 1  # one line
 
 
 def test_image_folder_workers_share_skip_count(messy_folder: Path) -> None:
     dataset = ImageFolder(messy_folder, image_size=16, channels=1)
-    loader = DataLoader(dataset, batch_size=3, shuffle=False, num_workers=1)
-    images = torch.cat([batch[0] for batch in loader])
-    assert images.shape == (9, 1, 16, 16)
+    images = torch.cat([batch.images for batch in iter_batches(dataset, 3, num_workers=1, skipped=[])])
+    assert images.shape == (6, 1, 16, 16)
     assert dataset.num_skipped == 3 and set(dataset.skipped_files) == BAD_FILES
 
 

@@ -32,7 +32,6 @@ from maetok.data import (
     draw_order,
     hash_split,
     iter_batches,
-    iter_item_batches,
     list_image_files,
     load_image,
     scan_image_folder,
@@ -169,12 +168,12 @@ def test_pixel_limit_from_the_header_and_jpeg_draft(tmp_path: Path, capsys) -> N
     assert load_image(tmp_path / "big.png", draft_size=8).shape == (60, 50, 3)  # only JPEG has draft mode
     folder = ImageFolder(tmp_path, image_size=16, max_image_pixels=100_000)
     assert folder.relative_paths == ["big.png", "huge.png", "photo.jpg"]
-    assert folder.read_item(2)[0].shape == (3, 16, 16)
+    assert folder[2][0].shape == (3, 16, 16)
     with pytest.raises(BadImageError, match="too large") as error:
-        folder.read_item(1)
+        folder[1]
     assert error.value.path == "huge.png"  # relative to the folder
     with pytest.raises(BadImageError, match="too large: 50x60"):
-        ImageFolder(tmp_path, 16, max_image_pixels=2999).read_item(0)
+        ImageFolder(tmp_path, 16, max_image_pixels=2999)[0]
 
     with pytest.raises(ConfigError, match="data.max_image_pixels must be a number of pixels >= 0"):
         load_config(TokenizerTrainConfig, "fashion-mnist-maetok", ["data.max_image_pixels=-1"])
@@ -186,30 +185,36 @@ def test_pixel_limit_from_the_header_and_jpeg_draft(tmp_path: Path, capsys) -> N
 # ----------------------------------------------------------------------------------- no row for a bad file
 
 
-def test_item_batches_leave_bad_files_out_and_name_them(tmp_path: Path) -> None:
+def test_batches_leave_bad_files_out_and_name_them(tmp_path: Path) -> None:
     for i in range(7):
         Image.fromarray(_noise(8, 8, i)).save(tmp_path / f"{i}.png")
     (tmp_path / "3.png").write_bytes(b"<html>not an image</html>")
     (tmp_path / "5.png").write_bytes(b"")
     dataset = ImageFolder(tmp_path, image_size=8)
-    batches = list(iter_item_batches(dataset, batch_size=3))
+    with pytest.raises(BadImageError, match="empty file") as error:  # an item is its own file, or an error naming it
+        dataset[5]
+    assert error.value.path == "5.png"
+    skipped: list = []
+    batches = list(iter_batches(dataset, batch_size=3, skipped=skipped))
     assert [b.indices.tolist() for b in batches] == [[0, 1, 2], [4], [6]]
+    assert [b.slots.tolist() for b in batches] == [[0, 1, 2], [1], [0]]  # places among the positions asked
     assert [(s.index, s.file) for b in batches for s in b.skipped] == [(3, "3.png"), (5, "5.png")]
+    assert [(s.index, s.file) for s in skipped] == [(3, "3.png"), (5, "5.png")]
     assert "empty file" in batches[1].skipped[1].reason
     for batch in batches:
         for row, index in enumerate(batch.indices.tolist()):
             assert torch.equal(batch.images[row], dataset.load(index))  # each row is its own file
     assert dataset.num_skipped == 2 and dataset.skipped_files == ["3.png", "5.png"]
 
-    skipped: list = []
-    images = torch.cat([images for images, _ in iter_batches(dataset, 2, num_workers=1, skipped=skipped)])
+    skipped = []
+    images = torch.cat([batch.images for batch in iter_batches(dataset, 2, num_workers=1, skipped=skipped)])
     assert images.shape[0] == 5 and [s.file for s in skipped] == ["3.png", "5.png"]
     # a draw of n readable images: the bad ones are replaced by the next images of the same seeded draw
     order, limit = draw_order(len(dataset), 4, seed=1)
     assert order[:4].tolist() == subset_indices(len(dataset), 4, seed=1).tolist() and limit == 4
     skipped = []
-    drawn = torch.cat([images for images, _ in iter_batches(DatasetSubset(dataset, order), 3, skipped=skipped,
-                                                            limit=limit)])
+    drawn = torch.cat([batch.images for batch in iter_batches(DatasetSubset(dataset, order), 3, skipped=skipped,
+                                                              limit=limit)])
     readable = [i for i in order.tolist() if i not in (3, 5)][:4]
     assert torch.equal(drawn, torch.stack([dataset.load(i) for i in readable]))
     met = order[: order.tolist().index(readable[-1]) + 1].tolist()
@@ -355,7 +360,7 @@ def test_a_folder_of_odd_and_bad_files_goes_through_every_command(tmp_path: Path
     assert set(scan.files) == good | bad and len(scan.files) == len(good | bad)
     assert {kind for _, kind in scan.left_out} == {"dangling symlink", "symlink loop", "duplicate folder link"}
 
-    # train-tokenizer: a bad file drawn is replaced by the next readable one, counted and named
+    # train-tokenizer: a bad file drawn leaves no row in its batch, and is counted and named
     train_files = [rel for rel in scan.files if hash_split(rel) == "train"]
     train_bad = set(train_files) & bad
     steps = -(-len(train_files) // 16)  # one epoch: every training file is met

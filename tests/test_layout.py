@@ -183,3 +183,21 @@ def test_the_randomness_checker_sees_a_generator_path(tmp_path):
         "bad.py:2: RandomSource", "bad.py:3: a generator parameter",
         "bad.py:4: an isinstance(..., SampleRandom) branch", "bad.py:6: a generator= argument",
         "bad.py:6: torch.Generator"]
+
+
+def test_one_module_knows_the_latent_cache_files():
+    """The latent cache's files are named and laid out in ``maetok/data/latents.py`` alone: no other module spells
+    a file name or imports the names of its layout (the encoding loop calls its writer; docstrings may mention
+    them)."""
+    names = {"cache_plan.json", "stats.json", "skipped.json"}
+    layout = {"PLAN_NAME", "STATS_NAME", "SKIPPED_NAME", "SKIPPED_METADATA_KEY", "shard_path", "read_shard_skips"}
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            literal = isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value in names or node.value.startswith("shard-"))
+            imported = isinstance(node, ast.ImportFrom) and (node.module or "").endswith("latents") and any(
+                alias.name in layout for alias in node.names)
+            if literal or imported:
+                found.add(path.relative_to(PACKAGE.parent).as_posix())
+    assert found == {"maetok/data/latents.py"}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from maetok.cli import main
 from maetok.models.tokenizer import MAETok
-from maetok.train.loop import StepBatchSampler, lr_factor
+from maetok.train.loop import StepBatchSampler, batch_stream, lr_factor, step_sample_random
 from maetok.train.tokenizer import TokenizerTrainer
 
 
@@ -43,6 +43,17 @@ def test_corrupt_images_are_skipped_and_counted(image_folder, tmp_path):
     trainer.fit()  # 24 images per epoch: every file is visited
     assert trainer.train_set.num_skipped >= 1
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # a bad file leaves no row in its batch (nothing substituted); the other rows keep their places and draws
+    train_set = trainer.train_set
+    epoch = next(batch_stream(train_set, len(train_set), seed=0, start_step=0, dist_info=trainer.dist, num_workers=0))
+    bad = {item.index for item in epoch.skipped}
+    assert bad and len(epoch.labels) == len(train_set) - len(bad) and len(set(epoch.indices.tolist())) == len(epoch.labels)
+    for image, index in zip(epoch.images, epoch.indices.tolist()):
+        assert torch.equal(image, train_set.load(index))
+    whole = StepBatchSampler(len(train_set), len(train_set), seed=0).batch_indices(0)
+    assert [whole[slot] for slot in epoch.slots.tolist()] == epoch.indices.tolist()
+    draws = step_sample_random(0, 0, len(train_set), trainer.dist, epoch.slots).uniform("flip")
+    assert torch.equal(draws, step_sample_random(0, 0, len(train_set), trainer.dist).uniform("flip")[epoch.slots])
 
 
 def test_stage2_freezes_the_encoder_and_decays_the_mask(image_folder, tmp_path):

@@ -1,5 +1,5 @@
 """Data layer: robust image I/O, Fashion-MNIST and image-folder datasets, the stable split, subsets and batches,
-flip augmentation, latent caches (reading), ADM ``.npz`` image batches. It knows no model.
+latent caches (their files), ADM ``.npz`` image batches. It knows no model.
 
 Images leave this package as float32 tensors (C, H, W) / (B, C, H, W) in [-1, 1].
 """
@@ -23,13 +23,12 @@ from maetok.data.datasets import (
     draw_order,
     hash_split,
     is_fashion_mnist,
+    item_loader,
     iter_batches,
-    iter_item_batches,
     list_image_files,
     load_images,
     log_skipped_items,
     read_idx,
-    read_item,
     scan_image_folder,
     split_paths,
     subset_indices,
@@ -69,8 +68,8 @@ __all__ = [
     "draw_order",
     "hash_split",
     "is_fashion_mnist",
+    "item_loader",
     "iter_batches",
-    "iter_item_batches",
     "list_image_files",
     "load_images",
     "load_image",
@@ -78,7 +77,6 @@ __all__ = [
     "make_image_grid",
     "pixel_limit",
     "read_idx",
-    "read_item",
     "resize_center_crop",
     "save_image_grid",
     "save_side_by_side",

@@ -5,9 +5,11 @@ an int (``(image, label, caption)`` for ``ImageFolder(return_captions=True)``), 
 ``num_classes`` (0 if unlabeled), ``class_names``, ``channels``, ``image_size`` and ``labels``
 (int64 array of length ``len(dataset)``).
 
-Reading a dataset for a cache or a measurement goes through :func:`iter_item_batches` / :func:`iter_batches`: an
-unreadable image file leaves no row and is reported (:class:`SkippedItem`), never replaced by another image.
-Only training batches (``ImageFolder.__getitem__``) substitute the next readable file, counted and named.
+One bad-file policy: an item is what its file holds, and an unreadable file raises
+:class:`~maetok.data.images.BadImageError` naming it (``ImageFolder[i]``). Every reader batches items through
+:func:`item_loader`, where an unreadable file leaves no row and is reported (:class:`SkippedItem`), never replaced
+by another image: :func:`iter_batches` reads a dataset in order (caches, measurements, :func:`load_images`), and the
+training loop's batches leave such a file out of their step.
 
 There is no random augmentation inside datasets: the training loop flips batches with draws keyed by (seed, step,
 global position) (``maetok.train.loop.flip_mask``), so a resumed run replays the exact same flips.
@@ -28,7 +30,7 @@ from typing import Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maetok.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -63,10 +65,9 @@ __all__ = [
     "list_image_files",
     "scan_image_folder",
     "subset_indices",
+    "item_loader",
     "iter_batches",
-    "iter_item_batches",
     "log_skipped_items",
-    "read_item",
     "load_images",
     "dataset_images_uint8",
 ]
@@ -90,7 +91,6 @@ FASHION_MNIST_CLASSES = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_HOLDOUT_FRACTION = 0.05
 _MAX_WARNINGS_PER_PROCESS = 5
-_MAX_CONSECUTIVE_FAILURES = 256
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -491,18 +491,12 @@ class ImageFolder(ImageDataset):
     refused from its header; 0 or None: no limit) and, with ``jpeg_draft``, JPEGs decoded at reduced scale while both sides stay
     >= ``image_size``. Odd files (CMYK, 16-bit, palette, LA, EXIF-rotated, tiny ...) are converted and used.
 
-    Bad files (truncated, corrupt, empty, not an image, too large) are met in two ways:
-
-    * ``read_item(i)`` (used by :func:`iter_item_batches` / :func:`iter_batches`, hence by latent caches and
-      evaluations) raises ``BadImageError`` naming the relative path: the caller leaves the item out and
-      reports it, no row is made up;
-    * ``__getitem__`` (training batches) deterministically returns the next readable index instead (wrapping
-      around), so a training step still gets a full batch.
-
-    Both mark the bad index in a shared-memory flag array that DataLoader workers write to, so ``num_skipped``
-    / ``skipped_files`` in the main process count and name the distinct bad files met by any worker. The first
-    few bad files are logged by each process, and ``log_skipped()`` logs a summary with their names. ``scan()``
-    validates every file up front and drops the bad ones.
+    Bad files (truncated, corrupt, empty, not an image, too large): ``dataset[i]`` raises ``BadImageError`` naming
+    the path relative to ``root``, and nothing is substituted; the readers (:func:`item_loader`) leave the item
+    out and report it. The bad index is marked in a shared-memory flag array that DataLoader workers write to, so
+    ``num_skipped`` / ``skipped_files`` in the main process count and name the distinct bad files met by any
+    worker, and ``log_skipped()`` logs a summary with their names. ``scan()`` validates every file up front and
+    drops the bad ones.
 
     Items: ``(image, label)`` or, with ``return_captions=True``, ``(image, label, caption)`` where caption is
     the stripped text of the ``.txt`` file of the same stem next to the image ("" if absent).
@@ -584,7 +578,6 @@ class ImageFolder(ImageDataset):
         self._relative_paths = _PackedStrings(relative_paths)
         self._bad_flags = self._new_flags(len(relative_paths))
         self._scanned_out: list[str] = []
-        self._warnings_logged = 0
 
     @staticmethod
     def _new_flags(count: int) -> torch.Tensor:
@@ -632,51 +625,21 @@ class ImageFolder(ImageDataset):
         pixels = resize_center_crop(pixels, self.image_size, mode=self.resize_mode)
         return to_tensor(pixels)
 
-    def read_item(self, index: int) -> tuple[torch.Tensor, int]:
-        """Item ``index`` exactly: ``(image (channels, S, S) in [-1, 1], label)``. An unreadable file raises
-        ``BadImageError`` whose ``path`` is the file relative to ``root`` (and is flagged for ``skipped_files``);
-        nothing is substituted."""
+    def __getitem__(self, index: int):
+        """Item ``index``: ``(image (channels, S, S) in [-1, 1], label)`` (``+ (caption,)`` with ``return_captions``).
+        An unreadable file raises ``BadImageError`` whose ``path`` is the file relative to ``root`` (and is flagged
+        for ``skipped_files``); nothing is substituted."""
+        count = len(self)
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for ImageFolder '{self.root}' ({count} images)")
+        index %= count
         try:
             image = self.load(index)
         except BadImageError as error:
             self._bad_flags[index] = 1
             raise BadImageError(self.relative_path(index), error.reason) from None
-        return image, int(self.labels[index])
-
-    def __getitem__(self, index: int):
-        count = len(self)
-        if not -count <= index < count:
-            raise IndexError(f"index {index} out of range for ImageFolder '{self.root}' ({count} images)")
-        index %= count
-        failures = 0
-        for step in range(count):
-            candidate = (index + step) % count
-            if self._bad_flags[candidate]:
-                continue
-            try:
-                image = self.load(candidate)
-            except BadImageError as error:
-                self._mark_bad(candidate, error)
-                failures += 1
-                if failures >= _MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(
-                        f"{failures} unreadable images in a row after index {index} in '{self.root}': "
-                        f"the dataset looks corrupt (last: {error})"
-                    ) from None
-                continue
-            label = int(self.labels[candidate])
-            if self.return_captions:
-                return image, label, self.caption(candidate)
-            return image, label
-        raise RuntimeError(f"no readable image in '{self.root}' ({count} files, all unreadable)")
-
-    def _mark_bad(self, index: int, error: BadImageError) -> None:
-        self._bad_flags[index] = 1
-        if self._warnings_logged < _MAX_WARNINGS_PER_PROCESS:
-            self._warnings_logged += 1
-            last = self._warnings_logged == _MAX_WARNINGS_PER_PROCESS
-            suffix = " (further bad files in this process are not logged)" if last else ""
-            logger.warning("skipping %s: %s%s", error.path, error.reason, suffix)
+        label = int(self.labels[index])
+        return (image, label, self.caption(index)) if self.return_captions else (image, label)
 
     # ------------------------------------------------------------------------------ bad-file bookkeeping
 
@@ -891,21 +854,8 @@ class DatasetSubset(Dataset):
     def __getitem__(self, index: int):
         return self.dataset[int(self.indices[index])]
 
-    def read_item(self, index: int) -> tuple[torch.Tensor, int]:
-        """Item ``index`` exactly (see :func:`read_item`)."""
-        return read_item(self.dataset, int(self.indices[index]))
-
     def log_skipped(self) -> int:
         return self.dataset.log_skipped() if hasattr(self.dataset, "log_skipped") else 0
-
-
-def read_item(dataset: Dataset, index: int) -> tuple[torch.Tensor, int]:
-    """Item ``index`` of ``dataset`` as it is: ``(image (C, S, S), label)``. A dataset that can meet unreadable
-    files (``ImageFolder``) raises ``BadImageError`` for them instead of substituting another item."""
-    if hasattr(dataset, "read_item"):
-        return dataset.read_item(index)
-    image, label, *_ = dataset[index]
-    return image, int(label)
 
 
 @dataclass(frozen=True)
@@ -922,21 +872,25 @@ class SkippedItem:
 
 
 class ItemBatch(NamedTuple):
-    """One batch of :func:`iter_item_batches`: the readable items of ``batch_size`` consecutive positions.
+    """The readable items among the ``n`` a batch asked for, in the order asked.
 
-    images: (B, C, S, S) float32 in [-1, 1] (B may be 0); labels: (B,) int64; indices: (B,) int64, the position
-    of each row in the dataset iterated; skipped: the items of these positions that could not be read.
+    images: ``(B, C, S, S)`` float32 in [-1, 1] (a latent cache's items: ``(B, 2, L, H)``), B <= n; labels: ``(B,)``
+    int64; indices: ``(B,)`` int64, the index of each row in the dataset read; slots: ``(B,)`` int64, each row's
+    place among the ``n`` items asked (``0 .. B - 1`` when every file was readable); skipped: the items asked that
+    could not be read; captions: ``B`` strings for a dataset with captions, else None.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
+    slots: torch.Tensor
     skipped: list[SkippedItem]
+    captions: list[str] | None = None
 
 
-class _ReadOrReport(Dataset):
-    """``dataset`` read with :func:`read_item`, reporting an unreadable item instead of raising (picklable, so
-    DataLoader workers can use it)."""
+class _ReadOrSkip(Dataset):
+    """``dataset`` whose unreadable items come back as a :class:`SkippedItem` instead of raising (picklable, so
+    DataLoader workers can use it): ``(index, item or None, SkippedItem or None)``."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -946,41 +900,44 @@ class _ReadOrReport(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image, label = read_item(self.dataset, index)
+            return index, self.dataset[index], None
         except BadImageError as error:
-            return index, None, 0, SkippedItem(index, error.path, error.reason)
-        return index, image, int(label), None
+            return index, None, SkippedItem(index, error.path, error.reason)
 
 
-def _collate_read(items: list) -> tuple:
-    rows = [item for item in items if item[1] is not None]
-    images = torch.stack([item[1] for item in rows]) if rows else None
-    labels = torch.tensor([item[2] for item in rows], dtype=torch.int64)
-    indices = torch.tensor([item[0] for item in rows], dtype=torch.int64)
-    return images, labels, indices, [item[3] for item in items if item[1] is None]
+def _collate_items(items: list) -> ItemBatch:
+    """The batch of ``_ReadOrSkip`` items (images stacked as ``default_collate`` does: in shared memory in a worker)."""
+    rows = [(slot, index, item) for slot, (index, item, _) in enumerate(items) if item is not None]
+    return ItemBatch(
+        images=default_collate([item[0] for _, _, item in rows]) if rows else torch.empty(0),
+        labels=torch.tensor([int(item[1]) for _, _, item in rows], dtype=torch.int64),
+        indices=torch.tensor([index for _, index, _ in rows], dtype=torch.int64),
+        slots=torch.tensor([slot for slot, _, _ in rows], dtype=torch.int64),
+        skipped=[skipped for _, item, skipped in items if item is None],
+        captions=[item[2] for _, _, item in rows] if rows and len(rows[0][2]) > 2 else None,
+    )
 
 
-def iter_item_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Iterator[ItemBatch]:
-    """:class:`ItemBatch` es over positions ``[0, B), [B, 2B) ...`` of ``dataset`` in order: the rows are the items
-    actually read, each with its position, and unreadable files are listed in ``skipped`` (never replaced by
-    another image). Vectorised for Fashion-MNIST, also behind a :class:`DatasetSubset`."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+def item_loader(dataset: Dataset, **options) -> DataLoader:
+    """A DataLoader of :class:`ItemBatch` es over ``dataset`` (``options``: those of ``DataLoader``: ``batch_size``
+    or ``batch_sampler``, ``num_workers`` ...): each batch holds the readable items asked for, an unreadable file
+    leaves no row and is listed in ``skipped`` (never replaced by another image). What every reader of items
+    shares: :func:`iter_batches` and the training loop's batches."""
+    return DataLoader(_ReadOrSkip(dataset), collate_fn=_collate_items, **options)
+
+
+def _batches_in_order(dataset: Dataset, batch_size: int, num_workers: int) -> Iterator[ItemBatch]:
+    """:class:`ItemBatch` es over positions ``[0, B), [B, 2B) ...`` of ``dataset``, vectorised for Fashion-MNIST (also
+    behind a :class:`DatasetSubset`)."""
     base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
-    if hasattr(base, "get_batch"):
-        indices = dataset.indices if isinstance(dataset, DatasetSubset) else np.arange(len(dataset))
-        for start in range(0, len(indices), batch_size):
-            images, labels = base.get_batch(indices[start : start + batch_size])
-            positions = torch.arange(start, start + len(labels), dtype=torch.int64)
-            yield ItemBatch(images, labels, positions, [])
+    if not hasattr(base, "get_batch"):
+        yield from item_loader(dataset, batch_size=batch_size, num_workers=num_workers)
         return
-    channels, size = getattr(dataset, "channels", None) or 3, getattr(dataset, "image_size", None) or 1
-    loader = DataLoader(_ReadOrReport(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_read)
-    for images, labels, indices, skipped in loader:
-        if images is None:
-            images = torch.empty(0, channels, size, size)
-        yield ItemBatch(images, labels, indices, skipped)
+    indices = dataset.indices if isinstance(dataset, DatasetSubset) else np.arange(len(dataset))
+    for start in range(0, len(indices), batch_size):
+        images, labels = base.get_batch(indices[start : start + batch_size])
+        positions = torch.arange(start, start + len(labels), dtype=torch.int64)
+        yield ItemBatch(images, labels, positions, positions - start, [])
 
 
 def log_skipped_items(skipped: Sequence[SkippedItem], where: str, max_names: int = 5) -> None:
@@ -991,27 +948,28 @@ def log_skipped_items(skipped: Sequence[SkippedItem], where: str, max_names: int
         logger.warning("%d unreadable image(s) left out of %s: %s%s", len(skipped), where, names, more)
 
 
-def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
-                 skipped: list[SkippedItem] | None = None,
-                 limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(images (B, C, H, W) in [-1, 1], labels (B,) int64)`` batches of the readable items of ``dataset`` in
-    order (:func:`iter_item_batches`; empty batches are not yielded), stopping after ``limit`` items when given
-    (see :func:`draw_order`). The unreadable items met are appended to ``skipped`` when a list is given, else
-    logged in one line at the end."""
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, skipped: list[SkippedItem] | None = None,
+                 limit: int | None = None) -> Iterator[ItemBatch]:
+    """The one in-order reader: :class:`ItemBatch` es of the readable items of ``dataset``, read in batches of
+    ``batch_size`` positions (``indices``: each row's position in ``dataset``; batches left without a row are not
+    yielded), stopping after ``limit`` rows when given (see :func:`draw_order`). The unreadable items met are
+    appended to ``skipped`` when a list is given, else logged in one line at the end."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     left_out: list[SkippedItem] = skipped if skipped is not None else []
     remaining = limit
-    for batch in iter_item_batches(dataset, batch_size, num_workers):
+    for batch in _batches_in_order(dataset, batch_size, num_workers):
         rows = len(batch.indices)
         if remaining is not None and rows >= remaining:  # the last batch: keep what precedes the limit
             cut = int(batch.indices[remaining - 1]) if remaining else -1
             left_out.extend(item for item in batch.skipped if item.index < cut)
             if remaining:
-                yield batch.images[:remaining], batch.labels[:remaining]
-            remaining = 0
+                yield ItemBatch(*(part[:remaining] for part in batch[:4]), [s for s in batch.skipped if s.index < cut],
+                                batch.captions[:remaining] if batch.captions is not None else None)
             break
         left_out.extend(batch.skipped)
         if rows:
-            yield batch.images, batch.labels
+            yield batch
         if remaining is not None:
             remaining -= rows
     if skipped is None:
@@ -1019,23 +977,29 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
         log_skipped_items(left_out, f"'{getattr(base, 'root', 'the dataset')}'")
 
 
-def load_images(dataset: Dataset, indices: Sequence[int], batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Items ``indices`` of ``dataset`` in memory: images ``(N, C, S, S)`` in [-1, 1] and labels ``(N,)`` int64, or
-    None for the labels when the dataset has no classes (fewer than 2, or unlabelled items). Unreadable files
-    are left out (N is then smaller than ``len(indices)``) and logged."""
-    batches = list(iter_batches(DatasetSubset(dataset, indices), batch_size))
-    images = torch.cat([images for images, _ in batches])
-    labels = torch.cat([labels for _, labels in batches])
+def load_images(dataset: Dataset, indices: Sequence[int] | None = None, limit: int | None = None,
+                batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The readable items of ``dataset`` (its items ``indices`` when given; the first ``limit`` readable ones when
+    given) in memory, read by :func:`iter_batches`: images ``(N, C, S, S)`` in [-1, 1] and labels ``(N,)`` int64,
+    or None for the labels when the dataset has no classes (fewer than 2, or unlabelled items). Unreadable files
+    are left out (N is then smaller than asked) and logged."""
+    subset = dataset if indices is None else DatasetSubset(dataset, indices)
+    batch_size = min(batch_size, limit) if limit else batch_size  # reads no more than it keeps
+    batches = list(iter_batches(subset, batch_size, limit=limit))
+    if not batches:
+        raise ValueError(f"none of the {len(subset)} images could be read")
+    labels = torch.cat([batch.labels for batch in batches])
     has_classes = int(getattr(dataset, "num_classes", 0) or 0) > 1 and bool((labels >= 0).all())
-    return images, labels if has_classes else None
+    return torch.cat([batch.images for batch in batches]), labels if has_classes else None
 
 
 def dataset_images_uint8(dataset: Dataset, batch_size: int = 256, limit: int | None = None) -> np.ndarray:
     """All readable images of ``dataset`` (the first ``limit`` readable ones when given) as uint8 RGB
     ``(N, H, W, 3)`` (gray repeated), converted with :func:`~maetok.data.images.to_uint8` exactly as
-    reconstructions and samples are (unreadable files are left out and logged)."""
-    batches = iter_batches(dataset, batch_size, limit=limit)
-    parts = [to_uint8(to_rgb(images), channels_last=True).numpy() for images, _ in batches]
+    reconstructions and samples are, batch by batch (:func:`iter_batches`; unreadable files are left out and
+    logged)."""
+    parts = [to_uint8(to_rgb(batch.images), channels_last=True).numpy()
+             for batch in iter_batches(dataset, batch_size, limit=limit)]
     if not parts:
         raise ValueError(f"none of the {len(dataset)} images could be read")
     return np.ascontiguousarray(np.concatenate(parts))

@@ -1,5 +1,6 @@
-"""Latent caches, the reading side: a dataset encoded once by a tokenizer, for diffusion training (written by
-:func:`maetok.encode.cache_latents`; this module knows no model).
+"""Latent caches: a dataset encoded once by a tokenizer, for diffusion training. This module is the one that knows a
+cache's files (layout, names, metadata, writing, completing, reading, statistics); the encoding loop that fills
+one is :func:`maetok.encode.cache_latents`, through :class:`LatentCacheWriter` (this module knows no model).
 
 A cache directory holds::
 
@@ -39,16 +40,19 @@ equals an uninterrupted one; ``sample_posterior=False`` stores the posterior mea
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from maetok.runs import check_format_version
+from maetok.data.datasets import SkippedItem, log_skipped_items
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, write_json
 
 STATS_NAME = "stats.json"
 PLAN_NAME = "cache_plan.json"
@@ -59,6 +63,188 @@ SKIPPED_METADATA_KEY = "skipped"  # safetensors metadata of a shard: JSON list o
 def shard_path(cache_dir: Path, index: int) -> Path:
     """The file of shard ``index``: items ``[index * shard_size, (index + 1) * shard_size)``."""
     return cache_dir / f"shard-{index:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LatentMoments:
+    """Float64 running sums over all (item, token) positions, per channel."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, latents: Tensor) -> None:
+        """Add latents ``(n, L, H)`` (any float dtype)."""
+        flat = latents.reshape(-1, latents.shape[-1]).double()
+        self.count += flat.shape[0]
+        self.sum += flat.sum(0)
+        self.sum_sq += flat.pow(2).sum(0)
+
+    def stats(self) -> dict:
+        """``mean`` / ``std`` over every channel and ``channel_mean`` / ``channel_std`` (H values each)."""
+        mean = self.sum / self.count
+        var = (self.sum_sq / self.count - mean.pow(2)).clamp_min(0)
+        scalar_mean = self.sum.sum() / (self.count * len(self.sum))
+        scalar_var = self.sum_sq.sum() / (self.count * len(self.sum)) - scalar_mean.pow(2)
+        return {
+            "mean": scalar_mean.item(),
+            "std": scalar_var.clamp_min(0).sqrt().item(),
+            "channel_mean": mean.tolist(),
+            "channel_std": var.sqrt().tolist(),
+        }
+
+
+# plan keys added after caches were first written: a stored plan without one was written before it existed
+_PLAN_KEYS_ADDED_LATER = ("max_image_pixels",)
+
+
+def _same_plan(stored: dict, plan: dict) -> bool:
+    """Whether a cache's stored plan asks for what ``plan`` asks (its format version aside: a version-0 cache is
+    completed as it is; keys it predates are not compared)."""
+    ignored = {FORMAT_KEY} | {key for key in _PLAN_KEYS_ADDED_LATER if key not in stored}
+    return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in plan.items() if k not in ignored}
+
+
+class LatentCacheWriter:
+    """Writes a cache into ``cache_dir`` shard by shard, completing one a crash left unfinished.
+
+    The plan: the dataset's ``num_items`` in shards of ``shard_size``, latents ``latent_shape`` ``(L, H)`` stored as
+    ``dtype`` (with those of the flipped images when ``flip``), encoded by the tokenizer in directory ``tokenizer``
+    whose weights have the fingerprint ``weights_sha256``, as posterior samples drawn from ``seed`` when
+    ``sample_posterior``; ``dataset_settings``: those that decide which files are readable (``max_image_pixels``).
+    A cache in ``cache_dir`` made with another plan is refused (``ValueError``), or with ``restart_if_stale``
+    deleted. The caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not
+    find written, hands them to :meth:`write_shard`, and ends with :meth:`finish`.
+    """
+
+    def __init__(self, cache_dir: Union[str, Path], *, num_items: int, shard_size: int, latent_shape: Sequence[int],
+                 flip: bool, dtype: torch.dtype, tokenizer: Optional[Union[str, Path]], weights_sha256: str,
+                 sample_posterior: bool, seed: int, dataset_settings: Optional[Mapping[str, Any]] = None,
+                 restart_if_stale: bool = False):
+        self.cache_dir = Path(cache_dir)
+        self.num_items, self.shard_size = num_items, shard_size
+        self.num_shards = (num_items + shard_size - 1) // shard_size
+        self.latent_shape = tuple(latent_shape)
+        self.flip, self.dtype, self.sample_posterior = flip, dtype, sample_posterior
+        self.plan = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "num_items": num_items,
+            "shard_size": shard_size,
+            "flip": flip,
+            "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+            "dtype": str(dtype),
+            "tokenizer_weights_sha256": weights_sha256,
+            "sample_posterior": sample_posterior,
+            "seed": seed if sample_posterior else None,
+            **(dataset_settings or {}),
+        }
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        plan_path = self.cache_dir / PLAN_NAME
+        if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
+            if not restart_if_stale:
+                raise ValueError(
+                    f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
+                    f"({plan_path.read_text().strip()}); use another --out or delete it"
+                )
+            shutil.rmtree(self.cache_dir)
+            self.cache_dir.mkdir(parents=True)
+        write_json(plan_path, self.plan, atomic=True)
+        if (self.cache_dir / STATS_NAME).exists():
+            os.remove(self.cache_dir / STATS_NAME)  # rewritten by finish(); its absence marks an unfinished cache
+        self.moments = LatentMoments(self.latent_shape[-1])
+        self.num_rows = 0
+        self.skipped: list[SkippedItem] = []
+        self.legacy_shards: list[int] = []  # shards written before skip lists existed
+
+    def shard_items(self, shard: int) -> range:
+        """The dataset items shard ``shard`` covers."""
+        return range(shard * self.shard_size, min(self.num_items, (shard + 1) * self.shard_size))
+
+    def resume_shard(self, shard: int) -> bool:
+        """Whether shard ``shard`` is written already; if so its rows and skip list are counted in."""
+        path = shard_path(self.cache_dir, shard)
+        if not path.exists():
+            return False
+        done = load_file(str(path))["latents"]
+        if len(done):
+            self.moments.update(done)
+        self.num_rows += len(done)
+        shard_skips = read_shard_skips(path)
+        if shard_skips is None:
+            self.legacy_shards.append(shard)
+        else:
+            self.skipped.extend(SkippedItem(*item) for item in shard_skips)
+        return True
+
+    def write_shard(self, shard: int, latents: list[Tensor], flipped: list[Tensor], labels: list[Tensor],
+                    rows: list[Tensor], skipped: Sequence[SkippedItem]) -> None:
+        """Write shard ``shard`` (to a temporary file, then renamed) from its batches: ``latents`` / ``flipped``
+        ``(b, L, H)`` each (``flipped`` ignored without flips), ``labels`` ``(b,)``, ``rows`` ``(b,)`` the position
+        of each row among the shard's items; ``skipped``: its unreadable items, ``index`` a position among them."""
+        first = shard * self.shard_size
+        skips = [SkippedItem(first + item.index, item.file, item.reason) for item in skipped]
+        empty = torch.empty(0, *self.latent_shape, dtype=self.dtype)
+        tensors = {
+            "latents": torch.cat(latents).to(self.dtype) if latents else empty,
+            "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64),
+            "indices": torch.cat(rows) + first if rows else torch.empty(0, dtype=torch.int64),
+        }
+        if self.flip:
+            tensors["latents_flip"] = torch.cat(flipped).to(self.dtype) if flipped else tensors["latents"].clone()
+        if latents:
+            self.moments.update(tensors["latents"])
+        self.num_rows += len(tensors["latents"])
+        self.skipped.extend(skips)
+        path = shard_path(self.cache_dir, shard)
+        tmp = path.with_name(path.name + ".tmp")
+        metadata = {SKIPPED_METADATA_KEY: json.dumps([[s.index, s.file, s.reason] for s in skips])}
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+
+    def finish(self, image_size: int, in_channels: int, num_classes: int, class_names: Sequence[str]) -> Path:
+        """Write ``skipped.json`` and ``stats.json`` (with the images' ``image_size`` / ``in_channels`` and the
+        dataset's classes); returns the path of ``stats.json``. A cache without a single row is refused."""
+        if self.num_rows == 0:
+            raise ValueError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
+                             f"in {self.cache_dir}")
+        log_skipped_items(self.skipped, f"the latent cache {self.cache_dir}")
+        if self.legacy_shards:
+            print(f"[maetok] {self.cache_dir}: shard(s) {self.legacy_shards} were written by an older maetok that "
+                  "replaced unreadable files by a neighbour; those are not listed in skipped.json")
+        write_json(self.cache_dir / SKIPPED_NAME, {
+            FORMAT_KEY: FORMAT_VERSION,
+            "num_skipped": len(self.skipped),
+            "skipped": [item.to_dict() for item in self.skipped],
+            "shards_without_skip_list": self.legacy_shards,
+        }, atomic=True)
+        stats = {
+            FORMAT_KEY: FORMAT_VERSION,
+            "num_items": self.num_rows,
+            "num_listed_items": self.num_items,
+            "num_skipped_images": len(self.skipped),
+            "skipped_list": SKIPPED_NAME,
+            "num_shards": self.num_shards,
+            "latent_shape": list(self.latent_shape),
+            "flip": self.flip,
+            "sample_posterior": self.sample_posterior,
+            "tokenizer": self.plan["tokenizer"],
+            "image_size": image_size,
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "class_names": list(class_names),
+            **self.moments.stats(),
+        }
+        return write_json(self.cache_dir / STATS_NAME, stats, atomic=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------
 
 
 def read_latent_stats(cache_dir: Union[str, Path]) -> dict:

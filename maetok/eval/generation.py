@@ -401,7 +401,7 @@ def tokenizer_reconstructions(
     if isinstance(reference, tuple):
         data, split, order, limit = reference
         dataset = DatasetSubset(build_dataset(data, split, size, channels), order)
-        recon_ref = reconstruct(images for images, _ in iter_batches(dataset, batch_size, limit=limit))
+        recon_ref = reconstruct(batch.images for batch in iter_batches(dataset, batch_size, limit=limit))
     else:
         if floor_data is None:
             raise ValueError("with an .npz reference the floor needs training images: pass --floor-data DATA")
@@ -424,7 +424,7 @@ def tokenizer_reconstructions(
     floor_set = build_dataset(floor_data or data, "train", size, channels)
     order, limit = draw_order(len(floor_set), len(recon_ref), seed + 1)
     floor_images = iter_batches(DatasetSubset(floor_set, order), batch_size, limit=limit)
-    recon_floor = reconstruct(images for images, _ in floor_images)
+    recon_floor = reconstruct(batch.images for batch in floor_images)
     return recon_ref, recon_floor
 
 

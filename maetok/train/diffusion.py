@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 
 from maetok.config import DiffusionTrainConfig
+from maetok.data import ItemBatch
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.generator import LatentGenerator
 from maetok.diffusion.transport import training_loss
@@ -36,8 +37,8 @@ class DiffusionTrainer(Trainer):
         cfg.validate()
         if not cfg.latents:
             raise ValueError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
-        self.cfg = cfg
-        super().__init__(out_dir, cfg.train, cfg.optim, cfg.train.steps, device, resume, overwrite, allow_config_change)
+        super().__init__(cfg, out_dir, optim=cfg.optim, total_steps=cfg.train.steps, inputs=[cfg.latents],
+                         device=device, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         self.train_set = LatentDataset(cfg.latents)
         stats = self.train_set.stats
         self.latent_shape = tuple(stats["latent_shape"])
@@ -58,9 +59,6 @@ class DiffusionTrainer(Trainer):
         if tok_dir and Path(tok_dir, "config.json").exists():
             self.tokenizer = MAETok.from_pretrained(tok_dir).to(self.device)
 
-    def input_paths(self) -> list[Path]:
-        return [Path(self.cfg.latents)]
-
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return (
@@ -68,9 +66,9 @@ class DiffusionTrainer(Trainer):
             f"{self.latent_shape}, {self.num_classes or 'no'} classes; device {self.device}"
         )
 
-    def train_step(self, batch) -> dict[str, float]:
-        pairs, labels = batch  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
-        draws = self.sample_random(pairs.shape[0])  # flips, times, noise, label dropout: per sample
+    def train_step(self, batch: ItemBatch) -> dict[str, float]:
+        pairs, labels = batch.images, batch.labels  # pairs: (B, 2, L, H) = (latents, latents of the flipped image)
+        draws = self.sample_random(batch)  # flips, times, noise, label dropout: per sample
         if self.cfg.train.flip:
             pick = flip_mask(draws).long()
         else:

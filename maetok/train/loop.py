@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
+from maetok.data import ItemBatch, item_loader
 from maetok.global_batch import SampleRandom, all_finite_everywhere
 from maetok.model_folders import check_state_keys
 from maetok.runs import (
@@ -280,10 +281,14 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def batch_stream(
     dataset: Dataset, batch_size: int, seed: int, start_step: int, dist_info: DistInfo, num_workers: int
-) -> Iterator[Any]:
-    """Endless iterator of collated batches beginning at ``start_step``."""
+) -> Iterator[ItemBatch]:
+    """Endless iterator of this process's :class:`~maetok.data.ItemBatch` es beginning at ``start_step``. An
+    unreadable file leaves no row (:func:`~maetok.data.item_loader`): its step trains on the rest of the batch, each
+    row keeping its draws (:meth:`Trainer.sample_random`); with several processes such a step weighs each process's
+    rows by their own count (DDP averages per-process means), so it equals the 1-process step only when the
+    processes lost as many rows."""
     sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, dist_info.rank, dist_info.world_size)
-    loader = DataLoader(
+    loader = item_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
@@ -293,11 +298,15 @@ def batch_stream(
     return iter(loader)
 
 
-def step_sample_random(seed: int, step: int, local_batch_size: int, dist_info: DistInfo) -> SampleRandom:
+def step_sample_random(seed: int, step: int, local_batch_size: int, dist_info: DistInfo,
+                       slots: Optional[Tensor] = None) -> SampleRandom:
     """The per-sample random draws of ``step`` for this process's slice of the global batch: sample ``i`` of
     rank ``r`` sits at global position ``r * local_batch_size + i`` (the slice :class:`StepBatchSampler` gives
-    it), so every draw of a sample is the same whatever the number of processes, and on a resume."""
-    return SampleRandom.for_batch(seed, step, local_batch_size, offset=dist_info.rank * local_batch_size)
+    it), so every draw of a sample is the same whatever the number of processes, and on a resume. ``slots``: the
+    places ``i`` of the samples present when the batch left some out (unreadable files; default: all)."""
+    if slots is None:
+        return SampleRandom.for_batch(seed, step, local_batch_size, offset=dist_info.rank * local_batch_size)
+    return SampleRandom(seed, step, dist_info.rank * local_batch_size + slots)
 
 
 def flip_mask(draws: SampleRandom, device: Optional[torch.device] = None) -> Tensor:
@@ -565,38 +574,47 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 class Trainer:
     """Fit / checkpoint / resume / log, shared by the tokenizer and diffusion trainers.
 
-    A subclass builds its data and model, calls :meth:`setup_optimization`, and implements
-    :meth:`train_step` (one optimisation step on one collated batch, returning floats to log),
-    :meth:`evaluate` (periodic, on the main process) and :meth:`export` (the final model directory).
-    ``run_kind`` names the run in its checkpoints, so a checkpoint of another kind is never resumed.
+    A subclass hands the base constructor everything it reads (the run's config, what the run reads, the
+    sections of the config it never reads) in the call, then builds its data and model, calls
+    :meth:`setup_optimization`, and implements :meth:`train_step` (one optimisation step on one
+    :class:`~maetok.data.ItemBatch`, returning floats to log; draws for its rows: :meth:`sample_random`), :meth:`evaluate` (periodic, on the main process) and
+    :meth:`export` (the final model directory). ``run_kind`` names the run in its checkpoints, so a checkpoint of
+    another kind is never resumed.
     """
 
     run_kind = "run"
 
-    def __init__(self, out_dir: Union[str, Path], train: TrainConfig, optim: OptimConfig, total_steps: int,
-                 device: Optional[str], resume: bool = False, overwrite: bool = False,
-                 allow_config_change: bool = False):
+    def __init__(self, cfg: Any, out_dir: Union[str, Path], *, optim: OptimConfig, total_steps: int,
+                 inputs: Sequence[Union[str, Path]], device: Optional[str], resume: bool = False,
+                 overwrite: bool = False, allow_config_change: bool = False,
+                 unused_config_sections: Sequence[str] = ()):
+        """``cfg``: the run's dataclass config (with a ``train`` section), written to ``config.yaml`` and the
+        checkpoints; ``optim`` / ``total_steps``: what this run optimises with and for how long; ``inputs``: what
+        the run reads (a stage-1 run, a latent cache, an image folder), which ``--overwrite`` never deletes;
+        ``unused_config_sections``: key prefixes of ``cfg`` this run never reads (changing them is no change).
+        The run directory is checked here (:func:`prepare_run_directory`), before anything is built."""
+        self.cfg = cfg
+        self.inputs = [Path(path) for path in inputs]
+        self.unused_config_sections = tuple(unused_config_sections)
         self.out_dir = Path(out_dir)
-        self.train_cfg = train
+        self.train_cfg: TrainConfig = cfg.train
         self.optim_cfg = optim
         self.total_steps = total_steps
         self.dist = setup_distributed(device)
         self.device = self.dist.device
-        # the subclass has set its config: refuse to touch a finished run or resume it under another config
+        # refuse to touch a finished run or to resume it under another config
         self.earlier_config = prepare_run_directory(
-            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.input_paths(),
+            self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.inputs,
             self.unused_config_sections,
         )
         self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
-        self.step = 0  # random draws: self.sample_random(batch size), a function of (seed, step, global position)
+        self.step = 0  # random draws: self.sample_random(batch), a function of (seed, step, global position)
         self.ema: Optional[EMA] = None
         self.run_log: Optional[RunLog] = None
 
     # -- to implement ------------------------------------------------------------------------------------
 
-    cfg: Any  # the run's dataclass config, set by the subclass before Trainer.__init__ (which checks the run dir)
-    unused_config_sections: tuple[str, ...] = ()  # key prefixes of cfg this run never reads: changing them is no change
     train_set: Dataset
 
     def train_step(self, batch: Any) -> dict[str, float]:
@@ -630,10 +648,6 @@ class Trainer:
     def describe(self) -> str:
         return f"{self.run_kind}: {len(self.train_set)} training items; device {self.device}"
 
-    def input_paths(self) -> list[Path]:
-        """What this run reads (a stage-1 run, a latent cache, an image folder): ``--overwrite`` never deletes them."""
-        return []
-
     def extra_state(self) -> dict:
         """Run-specific state to checkpoint beside model / EMA / optimizer (e.g. a discriminator)."""
         return {}
@@ -663,9 +677,11 @@ class Trainer:
         if self.train_cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)
 
-    def sample_random(self, local_batch_size: int) -> SampleRandom:
-        """The current step's per-sample draws for this process's slice of the batch (:func:`step_sample_random`)."""
-        return step_sample_random(self.train_cfg.seed, self.step, local_batch_size, self.dist)
+    def sample_random(self, batch: ItemBatch) -> SampleRandom:
+        """The current step's per-sample draws for the rows of this process's ``batch`` (:func:`step_sample_random`;
+        a row keeps its draws when another item of the batch was left out)."""
+        local_batch_size = self.train_cfg.batch_size // self.dist.world_size
+        return step_sample_random(self.train_cfg.seed, self.step, local_batch_size, self.dist, batch.slots)
 
     def lr_factor(self) -> float:
         """The schedule's factor (warmup, then cosine or constant) at the current step."""
@@ -795,9 +811,13 @@ class Trainer:
         try:
             while self.step < end:
                 batch = next(stream)
+                if not len(batch.labels):
+                    names = ", ".join(f"{item.file} ({item.reason})" for item in batch.skipped[:3])
+                    raise ValueError(f"{self.run_kind} step {self.step + 1}: every image of the batch was unreadable "
+                                     f"({names}, ...): the dataset looks corrupt")
                 logs = self.train_step(batch)
                 self.step += 1
-                window_items += batch[0].shape[0] * dist_info.world_size
+                window_items += len(batch.labels) * dist_info.world_size
                 window_steps += 1
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v

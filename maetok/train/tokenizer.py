@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
-from maetok.data import build_dataset
+from maetok.data import ItemBatch, build_dataset, load_images
 from maetok.data.images import to_uint8
 from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
@@ -118,16 +118,17 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune" and init_from is None:
             raise ValueError("stage 2 (finetune) needs init_from: the stage-1 run or model directory")
         cfg.validate()
-        self.cfg = cfg
         self.stage = stage
         self.run_kind = f"tokenizer-{stage}"
-        self.unused_config_sections = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
+        self.init_from = init_from
         optim = cfg.optim
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
-        self.init_from = init_from
-        super().__init__(out_dir, cfg.train, optim, total, device, resume, overwrite, allow_config_change)
+        inputs = [Path(p) for p in (cfg.data.dataset, init_from) if p is not None and Path(p).exists()]
+        unused = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
+        super().__init__(cfg, out_dir, optim=optim, total_steps=total, inputs=inputs, device=device, resume=resume,
+                         overwrite=overwrite, allow_config_change=allow_config_change, unused_config_sections=unused)
         m = cfg.model
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
@@ -135,8 +136,7 @@ class TokenizerTrainer(Trainer):
         pixels = {"max_image_pixels": cfg.data.max_image_pixels}
         self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options, **pixels)
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels, **pixels)
-        n_eval = min(cfg.data.eval_images, len(self.eval_set))
-        self.eval_images = torch.stack([self.eval_set[i][0] for i in range(n_eval)])
+        self.eval_images, _ = load_images(self.eval_set, limit=cfg.data.eval_images)  # the first readable ones
 
         torch.manual_seed(cfg.train.seed)
         if stage == "pretrain":
@@ -201,10 +201,6 @@ class TokenizerTrainer(Trainer):
         model.load_state_dict(stage1.state_dict(), strict=True)
         return model
 
-    def input_paths(self) -> list[Path]:
-        paths = [Path(self.cfg.data.dataset)] if Path(self.cfg.data.dataset).exists() else []
-        return paths + ([Path(self.init_from)] if self.init_from is not None and Path(self.init_from).exists() else [])
-
     def describe(self) -> str:
         counts = {k: f"{v / 1e6:.2f}M" for k, v in self.model.parameter_counts().items()}
         return f"{self.run_kind}: {counts}; {len(self.train_set)} training images; device {self.device}"
@@ -228,10 +224,10 @@ class TokenizerTrainer(Trainer):
         ratio = f.mask_ratio_start + (f.mask_ratio_end - f.mask_ratio_start) * progress
         return ratio if ratio > 0 else None
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch: ItemBatch) -> dict[str, float]:
         precision = self.cfg.train.precision
-        images = batch[0].to(self.device, non_blocking=True)
-        draws = self.sample_random(images.shape[0])  # flips, masks, VAE noise, DiffAugment: per image
+        images = batch.images.to(self.device, non_blocking=True)
+        draws = self.sample_random(batch)  # flips, masks, VAE noise, DiffAugment: per image
         if self.cfg.train.flip:
             flips = flip_mask(draws, self.device).view(-1, 1, 1, 1)
             images = torch.where(flips, images.flip(-1), images)
@@ -239,7 +235,7 @@ class TokenizerTrainer(Trainer):
             out = self.ddp_model(images, self.mask_ratio(self.step), draws)
         captions = None
         if self.uses_captions:
-            captions = self.objective.targets["text"].tokenize(batch[2]).to(self.device)
+            captions = self.objective.targets["text"].tokenize(batch.captions).to(self.device)
         loss, logs = self.objective.generator_loss(
             out, images, self.step, self.model.last_decoder_layer(), captions=captions, draws=draws
         )
