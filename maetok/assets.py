@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from maetok.errors import AssetError, ConfigError, MissingFileError
 from maetok.runs import first_line
 
 PathLike = Union[str, os.PathLike]
@@ -52,10 +53,6 @@ LPIPS_HEAD_CHANNELS = (64, 128, 256, 512, 512)
 #: index of each conv layer inside torchvision's ``vgg16().features`` Sequential.
 TORCHVISION_VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 TORCHVISION_VGG16_FILENAME = "vgg16-397923af.pth"
-
-
-class AssetError(FileNotFoundError):
-    """A required weight file is missing or not what it should be; the message says what to install / pass."""
 
 
 class InceptionWeightsError(AssetError):
@@ -452,7 +449,7 @@ def download_snapshot(repo_id: str, local_files_only: Optional[bool] = None) -> 
     except Exception as error:  # noqa: BLE001 - hub errors: not cached, no network, no such repository
         first = first_line(error)
         where = f"not in the hub cache {hf_hub_cache()}" if offline else "could not be downloaded"
-        raise FileNotFoundError(f"no folder {repo_id!r} here, and as a hub model {repo_id!r} {where} "
+        raise MissingFileError(f"no folder {repo_id!r} here, and as a hub model {repo_id!r} {where} "
                                 f"({type(error).__name__}: {first})") from None
 
 
@@ -464,7 +461,7 @@ def resolve_pretrained(source: PathLike) -> Path:
         return path
     if is_hub_id(source):
         return download_snapshot(str(source))
-    raise FileNotFoundError(f"{source} is neither a folder nor a Hugging Face hub id (owner/name)")
+    raise MissingFileError(f"{source} is neither a folder nor a Hugging Face hub id (owner/name)")
 
 
 def find_hf_snapshot(model_id: str) -> Optional[Path]:
@@ -479,7 +476,7 @@ def _import_transformers():
     try:
         import transformers  # noqa: F401  (imported lazily: optional dependency)
     except ImportError:
-        raise ImportError(
+        raise AssetError(
             "this feature needs the optional `transformers` package: `pip install transformers` "
             "(or `pip install maetok[teachers]`)"
         ) from None
@@ -510,7 +507,7 @@ def load_hf_vision_model(
     Returns the model in eval mode with ``requires_grad`` False on every parameter.
     """
     if family not in _HF_MODEL_CLASSES:
-        raise ValueError(f"unknown vision model family {family!r}; known: {sorted(_HF_MODEL_CLASSES)}")
+        raise ConfigError(f"unknown vision model family {family!r}; known: {sorted(_HF_MODEL_CLASSES)}")
     transformers = _import_transformers()
     model_class_name, config_class_name = _HF_MODEL_CLASSES[family]
     model_class = getattr(transformers, model_class_name)

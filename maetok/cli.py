@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from maetok.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
+from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
+from maetok.errors import ConfigError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -267,7 +268,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = LatentGenerator.load(args.model, args.device)
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
     if not tokenizer_dir:
-        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
+        raise ConfigError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
                          "(the authors' SiT: their tokenizer, e.g. MAETok/maetok-b-128)")
     tokenizer = load_tokenizer(tokenizer_dir, args.device)
     changes: dict[str, Any] = {}
@@ -287,7 +288,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         try:
             ids = torch.tensor([int(x) for x in args.labels.split(",")])
         except ValueError:
-            raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
         labels = ids.repeat(-(-args.num // len(ids)))[: args.num]
     images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed,
                                           normalizer=normalizer)
@@ -631,7 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from maetok.runs import check_output_folder, resolve_device
+    """Run one command. An error the user caused (:class:`maetok.errors.MaetokError`: config, data, model folder,
+    assets, a diverged run) is one line on stderr and exit status 2 (``MAETOK_DEBUG=1`` shows its traceback too);
+    anything else is a bug in maetok: its traceback, a line asking for a report, and exit status 1."""
+    import traceback
+
+    from maetok.errors import MaetokError
+    from maetok.runs import check_output_folder, first_line, resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -641,11 +648,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if getattr(args, "out", None):
             check_output_folder(args.out)  # every command's --out is a folder
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError, NotADirectoryError) as err:
+    except MaetokError as err:
         if os.environ.get("MAETOK_DEBUG"):
             raise
-        print(f"maetok {args.command}: error: {err}", file=sys.stderr)
+        print(f"maetok {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: never dressed up as a user error
+        traceback.print_exc()
+        print(f"maetok {args.command}: internal error (a bug in maetok, not in your input): please report it with the "
+              "traceback above and the command line", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

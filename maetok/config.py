@@ -25,15 +25,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from maetok.errors import ConfigError  # noqa: F401  (where config errors have always been imported from)
+
 PRESET_DIR = Path(__file__).parent / "configs"
 #: images above this many pixels (width x height, read from the file's header) are skipped unread (0: no limit)
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------------------

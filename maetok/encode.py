@@ -40,6 +40,7 @@ from maetok.data.images import (
     to_tensor,
 )
 from maetok.data.latents import LatentCacheWriter
+from maetok.errors import ConfigError, MissingFileError
 from maetok.global_batch import SampleRandom
 from maetok.models.tokenizer import MAETok
 from maetok.runs import resolve_device, weights_fingerprint
@@ -162,7 +163,7 @@ def cache_latents(
     if sample_posterior is None:
         sample_posterior = is_vae
     if sample_posterior and not is_vae:
-        raise ValueError(f"sample_posterior: only a VAE has a posterior to sample; this tokenizer is a "
+        raise ConfigError(f"sample_posterior: only a VAE has a posterior to sample; this tokenizer is a "
                          f"{cfg.variant!r} (its latents are deterministic)")
     base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
     writer = LatentCacheWriter(
@@ -209,10 +210,10 @@ def list_images(source: Union[str, Path]) -> list[Path]:
     if source.is_file():
         return [source]
     if not source.is_dir():
-        raise FileNotFoundError(f"--input {source} is neither an image file nor a folder")
+        raise MissingFileError(f"--input {source} is neither an image file nor a folder")
     files = list_image_files(source)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source}")
+        raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {source}")
     return files
 
 

@@ -4,8 +4,8 @@
 exits with status 2; any other exception is a bug in maetok and keeps its traceback (with a line asking for a bug
 report). Each message says what is wrong and where: the file, the key, the shape or the value.
 
-Each class also derives from the built-in exception a caller would catch for it (``ValueError``,
-``FileNotFoundError``, ``FloatingPointError``), so ``except ValueError`` keeps working around maetok's calls.
+Each class also derives from the built-in exception a caller would catch for it (``ValueError`` or
+``FileNotFoundError``), so ``except ValueError`` keeps working around maetok's calls.
 """
 
 from __future__ import annotations
@@ -37,5 +37,6 @@ class AssetError(MaetokError, FileNotFoundError):
     """Weights an evaluation or a target needs (Inception, VGG16, DINOv2, ...) are not installed or not found."""
 
 
-class NonFiniteError(MaetokError, FloatingPointError):
-    """Training or sampling produced NaN / inf (a diverged run): nothing non-finite is written."""
+class NonFiniteError(MaetokError, ValueError):
+    """Training or a model produced NaN / inf (a diverged run, non-finite weights): nothing non-finite is written
+    or loaded."""

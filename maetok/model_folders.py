@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from maetok.assets import resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
     from_dict, to_dict
+from maetok.errors import MissingFileError, ModelFolderError
 from maetok.models.released import (
     ARCHITECTURE_KEY,
     ReleasedArchitecture,
@@ -107,11 +108,11 @@ def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, tor
     a one-line ``ValueError`` naming it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     try:
         return load_file(str(path), device=map_location)
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) on bad files
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
+        raise ModelFolderError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
             from None
 
 
@@ -121,12 +122,12 @@ def safetensors_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
+        raise ModelFolderError(f"{path} is not a readable safetensors file (truncated or corrupt?): {first_line(err)}") \
             from None
 
 
@@ -153,7 +154,7 @@ def check_state_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str
         if names:
             more = ", ..." if len(names) > MISMATCH_NAMES_SHOWN else ""
             parts.append(f"{len(names)} {kind} ({', '.join(names[:MISMATCH_NAMES_SHOWN])}{more})")
-    raise ValueError(f"{source} does not match {model_name}: {'; '.join(parts)} (the full list is in the log)")
+    raise ModelFolderError(f"{source} does not match {model_name}: {'; '.join(parts)} (the full list is in the log)")
 
 
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: PathLike) -> torch.nn.Module:
@@ -231,7 +232,7 @@ def read_folder(source: PathLike, what: str = "model") -> ModelFolder:
     directory = model_directory(resolve_pretrained(source))
     path = directory / MODEL_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
+        raise MissingFileError(f"{path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -335,9 +336,9 @@ def authors_sit_config(reference: Mapping[str, Any]) -> DiffusionModelConfig:
     ``depth``, ``num_heads``, ``in_channels``, ``input_size``, ``num_classes``, ``class_dropout_prob``,
     ``mlp_ratio``, ``qk_norm``, ``vae_1d``, ``patch_size``, ``use_cfg``). ``ValueError`` for what it cannot load."""
     if not reference.get("vae_1d", False) or int(reference.get("patch_size", 1)) != 1:
-        raise ValueError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported")
+        raise ModelFolderError("only the 1D-latent SiT (vae_1d=true, patch_size=1) is supported")
     if int(reference.get("decoder_hidden_size", reference["hidden_size"])) != int(reference["hidden_size"]):
-        raise ValueError("decoder_hidden_size different from hidden_size is not supported")
+        raise ModelFolderError("decoder_hidden_size different from hidden_size is not supported")
     use_cfg = bool(reference.get("use_cfg", True))
     return DiffusionModelConfig(
         arch="sit",
@@ -432,7 +433,7 @@ def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
     :func:`default_folder_extras`, and ``model.safetensors`` (``state_dict``, default the model's), atomically."""
     unknown = sorted(set(extras) - set(FOLDER_EXTRAS))
     if unknown:
-        raise ValueError(f"unknown diffusion folder entries {unknown}; known: {list(FOLDER_EXTRAS)}")
+        raise ModelFolderError(f"unknown diffusion folder entries {unknown}; known: {list(FOLDER_EXTRAS)}")
     merged = {**default_folder_extras(), **{k: v for k, v in extras.items() if v is not None}}
     config = {
         "model": to_dict(model.config),
@@ -475,11 +476,11 @@ def convert(source: PathLike, out: PathLike) -> Path:
     directory = read_folder(source).directory
     out = Path(out)
     if out.exists() and out.resolve() == directory.resolve():
-        raise ValueError(f"--out {out} is the source folder: write the converted model elsewhere")
+        raise ModelFolderError(f"--out {out} is the source folder: write the converted model elsewhere")
     model = load_model(directory)
     save_model(model, out)
     if weights_fingerprint(load_model(out)) != weights_fingerprint(model):
-        raise ValueError(f"{out}: the converted model does not read back with the same weights")
+        raise ModelFolderError(f"{out}: the converted model does not read back with the same weights")
     return out
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
 from maetok.data import DatasetSubset, build_dataset, load_images, save_image_grid
 from maetok.data.images import to_uint8
+from maetok.errors import ModelFolderError
 from maetok.runs import is_finished, resolve_device, write_json
 
 __all__ = ["EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
@@ -189,7 +190,7 @@ def check_same_config(run_dir: Path, what: str, cfg: Any, unused: Sequence[str] 
     changes = run_config_changes(run_dir, cfg, unused)
     if changes:
         shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes[:3])
-        raise ValueError(f"{run_dir} holds a {what} run made under another config ({shown}"
+        raise ModelFolderError(f"{run_dir} holds a {what} run made under another config ({shown}"
                          f"{' ...' if len(changes) > 3 else ''}): write this run to another --out, or delete {run_dir}")
 
 

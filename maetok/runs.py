@@ -24,6 +24,8 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from maetok.errors import ConfigError, ModelFolderError, NonFiniteError
+
 PathLike = Union[str, Path]
 
 #: The version of every file layout this package writes (bump it when a layout changes, and teach the readers).
@@ -48,15 +50,15 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps ...)") from None
+        raise ConfigError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps ...)") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
-            raise ValueError(f"--device {device}: no CUDA GPU is available on this machine ({build}); use --device cpu")
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine ({build}); use --device cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+        raise ConfigError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return resolved
 
 
@@ -65,7 +67,7 @@ def check_output_folder(path: PathLike, flag: str = "--out") -> Path:
     ``ValueError`` naming it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is an existing file, not a folder: name a folder to write into")
+        raise ConfigError(f"{flag} {path} is an existing file, not a folder: name a folder to write into")
     return path
 
 
@@ -75,7 +77,7 @@ def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> No
     bad = [name for name, t in tensors.items()
            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ValueError(f"{source} holds non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. "
+        raise NonFiniteError(f"{source} holds non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. "
                          f"{', '.join(bad[:3])}: the model diverged")
 
 
@@ -113,9 +115,9 @@ def check_format_version(data: Mapping[str, Any], source: PathLike) -> int:
     than this package's :data:`FORMAT_VERSION` raises ``ValueError`` naming ``source``."""
     version = data.get(FORMAT_KEY, 0)
     if not isinstance(version, int) or version < 0:
-        raise ValueError(f"{source}: {FORMAT_KEY} must be a non-negative integer, got {version!r}")
+        raise ModelFolderError(f"{source}: {FORMAT_KEY} must be a non-negative integer, got {version!r}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{source} has {FORMAT_KEY} {version}, written by a newer maetok (this one reads up to "
+        raise ModelFolderError(f"{source} has {FORMAT_KEY} {version}, written by a newer maetok (this one reads up to "
                          f"{FORMAT_VERSION}): upgrade maetok to read it")
     return version
 

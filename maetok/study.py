@@ -30,6 +30,7 @@ import torch
 from maetok.config import Budget
 from maetok.data import save_image_grid
 from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
+from maetok.errors import ConfigError, ModelFolderError
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
 from maetok.runs import is_finished, write_json
@@ -126,7 +127,7 @@ def run_study(
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown study variants {unknown}; known: {list(VARIANTS)}")
+        raise ConfigError(f"unknown study variants {unknown}; known: {list(VARIANTS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -146,7 +147,7 @@ def run_study(
                                           shape + list(tokenizer_overrides), diffusion_overrides, device, progress))
     runs = {slug: r for slug, r in runs.items() if r}
     if not runs:
-        raise ValueError(f"{out}: no finished run to report")
+        raise ModelFolderError(f"{out}: no finished run to report")
     baselines_path = out / "baselines.json"
     if baselines_path.exists():
         baselines = json.loads(baselines_path.read_text())
@@ -203,7 +204,7 @@ def _gmm_latents(run_dir: Path, budget: Budget, evald: Any) -> tuple[torch.Tenso
     from maetok.encode import encode_images, load_tokenizer
 
     if evald is None or not (run_dir / "latents").exists() or not is_finished(run_dir / "tokenizer"):
-        raise ValueError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
+        raise ModelFolderError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
                          "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
     cache = LatentDataset(run_dir / "latents")
     tokenizer = load_tokenizer(run_dir / "tokenizer", "cpu")

@@ -209,3 +209,24 @@ def test_a_folder_that_is_no_tokenizer_fails_in_one_line(tmp_path, capsys):
     (folder / "config.json").write_text(json.dumps({"hidden_size": 1152, "depth": 28, "vae_1d": True}))
     assert main(["info", "--model", str(folder)]) == 2
     assert f"{folder / 'config.json'} is not a maetok model folder (no model_type;" in capsys.readouterr().err
+
+
+def test_the_format_is_detected_once_for_every_folder(tmp_path, capsys):
+    """model_folders.detect_format tells every format apart from config.json alone; a loader given another kind of
+    model (a diffusers component folder, a diffusion model for a tokenizer) says which in one line."""
+    from maetok.model_folders import detect_format
+
+    assert detect_format({"model_type": "maetok", "variant": "ae"}) == "maetok-tokenizer"
+    assert detect_format({"variant": "ae"}) == "maetok-tokenizer"  # written before model_type existed
+    assert detect_format({"model_type": "maetok-diffusion"}) == "maetok-diffusion"
+    assert detect_format({"enc_type": "vit", "encoder_model": "x", "codebook_embed_dim": 32,
+                          "num_latent_tokens": 128}) == "authors-tokenizer"
+    assert detect_format({"hidden_size": 1, "depth": 1, "num_heads": 1, "in_channels": 1, "input_size": 1}) \
+        == "authors-sit"
+    assert detect_format({"_class_name": "MAETokAutoencoder", "tokenizer_config": {}}) == "diffusers"
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "MAETokAutoencoder", "tokenizer_config": {}}))
+    assert main(["info", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a diffusers model, not a tokenizer (load it with maetok.integrations" in err

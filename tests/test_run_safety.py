@@ -12,11 +12,13 @@ from conftest import TINY, TINY_SIT
 
 from maetok.cli import main
 from maetok.config import ConfigError, DiffusionTrainConfig, TokenizerTrainConfig, load_config
+from maetok import cli
+from maetok.errors import DataError, MaetokError, NonFiniteError
 from maetok.model_folders import save_model_folder
 from maetok.runs import check_finite_tensors, resolve_device
 from maetok.train import diffusion as diffusion_training
 from maetok.train.diffusion import DiffusionTrainer
-from maetok.train.loop import NonFiniteError, config_changes
+from maetok.train.loop import config_changes
 
 # ---------------------------------------------------------------------------------------------------------
 # non-finite losses
@@ -313,3 +315,24 @@ def test_the_pipeline_reuses_a_phase_only_under_its_config(tmp_path):
     check_same_config(run, "SiT", load_config(DiffusionTrainConfig, "fashion-mnist-sit", ["train.log_every=7"]))
     with pytest.raises(ValueError, match=r"another config \(train.steps 2000 -> 5\): write this run to another --out"):
         check_same_config(run, "SiT", load_config(DiffusionTrainConfig, "fashion-mnist-sit", ["train.steps=5"]))
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """The CLI turns the errors a user causes (MaetokError) into one line with exit 2, and only those: a bug (here a
+    KeyError, a ValueError from inside a command) shows its traceback and asks for a report, with exit 1."""
+    assert issubclass(ConfigError, MaetokError) and issubclass(ConfigError, ValueError)
+    assert issubclass(NonFiniteError, MaetokError) and issubclass(DataError, ValueError)
+    for raised, status in ((DataError("folder x: no images"), 2), (KeyError("lookup"), 1), (ValueError("inner"), 1)):
+        def command(args, raised=raised):
+            raise raised
+        monkeypatch.setitem(cli.COMMANDS, "info", command)
+        assert main(["info"]) == status
+        err = capsys.readouterr().err
+        if status == 2:
+            assert err == "maetok info: error: folder x: no images\n"
+        else:
+            assert "Traceback (most recent call last)" in err and "internal error (a bug in maetok" in err
+    monkeypatch.setenv("MAETOK_DEBUG", "1")
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda args: (_ for _ in ()).throw(DataError("shown with traceback")))
+    with pytest.raises(DataError):
+        main(["info"])

@@ -208,5 +208,5 @@ def test_missing_transformers_names_the_install(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
-    with pytest.raises(ImportError, match="pip install transformers"):
+    with pytest.raises(AssetError, match="pip install transformers"):  # a user error: one line from the CLI
         build_target("dinov2", image_size=32, patch_size=16, in_channels=3, config=dict(TINY_VIT))

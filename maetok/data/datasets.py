@@ -42,6 +42,7 @@ from maetok.data.images import (
     to_tensor,
     to_uint8,
 )
+from maetok.errors import ConfigError, DataError, MissingFileError
 
 __all__ = [
     "DatasetNotFoundError",
@@ -93,7 +94,7 @@ DEFAULT_HOLDOUT_FRACTION = 0.05
 _MAX_WARNINGS_PER_PROCESS = 5
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFileError):
     """A dataset's files or folder are missing; the message says how to get them."""
 
 
@@ -114,7 +115,7 @@ def _normalise_split(split: str | None, allowed: Sequence[str]) -> str | None:
     if name == "val":
         name = "test"
     if name not in allowed:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(repr(a) for a in allowed)}")
+        raise DataError(f"unknown split {split!r}: expected one of {', '.join(repr(a) for a in allowed)}")
     return name
 
 
@@ -152,24 +153,24 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         try:
             raw = zlib.decompress(raw, wbits=31)
         except zlib.error as error:
-            raise ValueError(f"IDX file '{path}' is a damaged gzip stream ({error})") from None
+            raise DataError(f"IDX file '{path}' is a damaged gzip stream ({error})") from None
     if len(raw) < 4:
-        raise ValueError(f"IDX file '{path}' is too short ({len(raw)} bytes) to hold a header")
+        raise DataError(f"IDX file '{path}' is too short ({len(raw)} bytes) to hold a header")
     magic = struct.unpack(">I", raw[:4])[0]
     if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"IDX file '{path}' has magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+        raise DataError(f"IDX file '{path}' has magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
     type_code, num_dims = raw[2], raw[3]
     if raw[0] != 0 or raw[1] != 0 or type_code not in _IDX_DTYPES or num_dims == 0:
-        raise ValueError(f"'{path}' is not an IDX file (magic number 0x{magic:08x})")
+        raise DataError(f"'{path}' is not an IDX file (magic number 0x{magic:08x})")
     header_bytes = 4 + 4 * num_dims
     if len(raw) < header_bytes:
-        raise ValueError(f"IDX file '{path}' is truncated inside its header")
+        raise DataError(f"IDX file '{path}' is truncated inside its header")
     shape = struct.unpack(f">{num_dims}I", raw[4:header_bytes])
     dtype = _IDX_DTYPES[type_code]
     count = int(np.prod(shape, dtype=np.int64))
     expected_bytes = header_bytes + count * dtype.itemsize
     if len(raw) != expected_bytes:
-        raise ValueError(
+        raise DataError(
             f"IDX file '{path}' has {len(raw)} bytes but its header (shape {shape}, {dtype}) needs {expected_bytes}"
         )
     return np.frombuffer(raw, dtype=dtype, count=count, offset=header_bytes).reshape(shape)
@@ -210,9 +211,9 @@ class FashionMNIST(ImageDataset):
     ) -> None:
         split_name = _normalise_split(split, ("train", "test"))
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            raise DataError(f"image_size must be positive, got {image_size}")
         root_path = Path(root or os.environ.get(FASHION_MNIST_ENV) or DEFAULT_FASHION_MNIST_ROOT).expanduser()
         prefix = "train" if split_name == "train" else "t10k"
         images_file = _find_idx_file(root_path, f"{prefix}-images-idx3-ubyte")
@@ -227,11 +228,11 @@ class FashionMNIST(ImageDataset):
         images = read_idx(images_file, expected_magic=0x00000803)
         labels = read_idx(labels_file, expected_magic=0x00000801)
         if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise ValueError(f"'{images_file}' holds images of shape {images.shape[1:]}, expected (28, 28)")
+            raise DataError(f"'{images_file}' holds images of shape {images.shape[1:]}, expected (28, 28)")
         if len(images) != len(labels):
-            raise ValueError(f"'{images_file}' has {len(images)} images but '{labels_file}' has {len(labels)} labels")
+            raise DataError(f"'{images_file}' has {len(images)} images but '{labels_file}' has {len(labels)} labels")
         if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"'{labels_file}' holds label {int(labels.max())}, expected 0..9")
+            raise DataError(f"'{labels_file}' holds label {int(labels.max())}, expected 0..9")
 
         self.split = split_name
         self.root = root_path
@@ -295,7 +296,7 @@ def hash_split(relative_path: str, holdout_fraction: float = DEFAULT_HOLDOUT_FRA
     ``holdout_fraction``; the result never changes across runs or machines, nor when other files are added.
     """
     if not 0.0 <= holdout_fraction <= 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
+        raise DataError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
     key = relative_path.replace(os.sep, "/").encode("utf-8")
     position = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
     return "test" if position < holdout_fraction else "train"
@@ -520,11 +521,11 @@ class ImageFolder(ImageDataset):
         jpeg_draft: bool = True,
     ) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         if image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {image_size}")
+            raise DataError(f"image_size must be positive, got {image_size}")
         if resize_mode not in ("crop", "pad"):
-            raise ValueError(f"resize_mode must be 'crop' or 'pad', got {resize_mode!r}")
+            raise DataError(f"resize_mode must be 'crop' or 'pad', got {resize_mode!r}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder '{self.root}' does not exist or is not a directory")
@@ -550,7 +551,7 @@ class ImageFolder(ImageDataset):
         if self.split in ("train", "test"):
             keep = split_paths(relative_paths, self.split, self.holdout_fraction)
             if not keep:
-                raise ValueError(
+                raise DataError(
                     f"split {self.split!r} of '{self.root}' is empty ({len(relative_paths)} images, "
                     f"holdout_fraction={self.holdout_fraction}); use split=None or a larger folder"
                 )
@@ -712,7 +713,7 @@ class ImageFolder(ImageDataset):
         bad_set = set(bad_indices)
         keep = [i for i in range(len(self)) if i not in bad_set]
         if not keep:
-            raise RuntimeError(f"no readable image in '{self.root}' ({len(self)} files, all unreadable)")
+            raise DataError(f"no readable image in '{self.root}' ({len(self)} files, all unreadable)")
         kept_paths = [self.relative_path(i) for i in keep]
         self._scanned_out.extend(rel for rel, _ in bad)
         self.labels = self.labels[np.asarray(keep, dtype=np.int64)]
@@ -757,16 +758,16 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
         a dataset of (image (channels, S, S) float32 in [-1, 1], label int) items.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"dataset spec must be 'fashion-mnist' or a folder path, got {spec!r}")
+        raise DataError(f"dataset spec must be 'fashion-mnist' or a folder path, got {spec!r}")
     if is_fashion_mnist(spec):
         if folder_options.get("return_captions"):
-            raise ValueError(
+            raise DataError(
                 f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "
                 "with a .txt caption beside each image"
             )
         folder_options = {k: v for k, v in folder_options.items() if k != "max_image_pixels"}
         if folder_options:
-            raise TypeError(f"options {sorted(folder_options)} do not apply to fashion-mnist")
+            raise ConfigError(f"options {sorted(folder_options)} do not apply to fashion-mnist")
         return FashionMNIST(split=split, image_size=image_size, channels=channels)
     root = Path(spec).expanduser()
     if not root.exists():
@@ -774,7 +775,7 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
             f"unknown dataset spec '{spec}': it is not 'fashion-mnist' and no such folder exists"
         )
     if not root.is_dir():
-        raise ValueError(f"dataset spec '{spec}' is a file; expected 'fashion-mnist' or a folder of images")
+        raise DataError(f"dataset spec '{spec}' is a file; expected 'fashion-mnist' or a folder of images")
     held_out_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if (root / "train").is_dir() and held_out_dir is not None:
         split_name = _normalise_split(split, ("train", "test"))
@@ -814,11 +815,11 @@ def subset_indices(length: int, num: int | None, seed: int = 0) -> np.ndarray:
     or >= ``length``). A random draw, not the first ``num``: image folders list their classes one after
     the other. The order of the draw is kept, so the first ``n`` of a larger draw are a draw of ``n``."""
     if length <= 0:
-        raise ValueError("the dataset is empty")
+        raise DataError("the dataset is empty")
     if num is None or num >= length:
         return np.arange(length)
     if num < 1:
-        raise ValueError(f"number of images must be >= 1, got {num}")
+        raise DataError(f"number of images must be >= 1, got {num}")
     return np.random.default_rng(seed).permutation(length)[:num]
 
 
@@ -955,7 +956,7 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, skippe
     yielded), stopping after ``limit`` rows when given (see :func:`draw_order`). The unreadable items met are
     appended to ``skipped`` when a list is given, else logged in one line at the end."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise DataError(f"batch_size must be positive, got {batch_size}")
     left_out: list[SkippedItem] = skipped if skipped is not None else []
     remaining = limit
     for batch in _batches_in_order(dataset, batch_size, num_workers):
@@ -987,7 +988,7 @@ def load_images(dataset: Dataset, indices: Sequence[int] | None = None, limit: i
     batch_size = min(batch_size, limit) if limit else batch_size  # reads no more than it keeps
     batches = list(iter_batches(subset, batch_size, limit=limit))
     if not batches:
-        raise ValueError(f"none of the {len(subset)} images could be read")
+        raise DataError(f"none of the {len(subset)} images could be read")
     labels = torch.cat([batch.labels for batch in batches])
     has_classes = int(getattr(dataset, "num_classes", 0) or 0) > 1 and bool((labels >= 0).all())
     return torch.cat([batch.images for batch in batches]), labels if has_classes else None
@@ -1001,5 +1002,5 @@ def dataset_images_uint8(dataset: Dataset, batch_size: int = 256, limit: int | N
     parts = [to_uint8(to_rgb(batch.images), channels_last=True).numpy()
              for batch in iter_batches(dataset, batch_size, limit=limit)]
     if not parts:
-        raise ValueError(f"none of the {len(dataset)} images could be read")
+        raise DataError(f"none of the {len(dataset)} images could be read")
     return np.ascontiguousarray(np.concatenate(parts))

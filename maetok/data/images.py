@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
+from maetok.errors import ConfigError, DataError, NonFiniteError
 
 __all__ = [
     "BadImageError",
@@ -56,11 +57,11 @@ def pixel_limit(value: int | None, name: str = "max_image_pixels") -> int | None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a number of pixels >= 0 (0: no limit), got {value!r}")
+        raise ConfigError(f"{name} must be a number of pixels >= 0 (0: no limit), got {value!r}")
     return int(value) or None
 
 
-class BadImageError(Exception):
+class BadImageError(DataError):
     """An image file that cannot be decoded (missing, empty, truncated, corrupt or of an unknown format).
 
     Attributes:
@@ -355,7 +356,7 @@ def to_uint8(images: torch.Tensor | np.ndarray, channels_last: bool = False) -> 
     elif not x.is_floating_point():
         raise TypeError(f"to_uint8 expects float images in [-1, 1] or uint8, got dtype {x.dtype}")
     elif x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("to_uint8: images contain NaN or inf")
+        raise NonFiniteError("to_uint8: images contain NaN or inf")
     else:
         values = torch.clamp(127.5 * x.float() + 128.0, 0.0, 255.0).to(torch.uint8)  # to(uint8) truncates
     if channels_last:

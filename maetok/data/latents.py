@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from maetok.data.datasets import SkippedItem, log_skipped_items
+from maetok.errors import DataError, MissingFileError
 from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, write_json
 
 STATS_NAME = "stats.json"
@@ -147,7 +148,7 @@ class LatentCacheWriter:
         plan_path = self.cache_dir / PLAN_NAME
         if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
             if not restart_if_stale:
-                raise ValueError(
+                raise DataError(
                     f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
                     f"({plan_path.read_text().strip()}); use another --out or delete it"
                 )
@@ -210,7 +211,7 @@ class LatentCacheWriter:
         """Write ``skipped.json`` and ``stats.json`` (with the images' ``image_size`` / ``in_channels`` and the
         dataset's classes); returns the path of ``stats.json``. A cache without a single row is refused."""
         if self.num_rows == 0:
-            raise ValueError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
+            raise DataError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
                              f"in {self.cache_dir}")
         log_skipped_items(self.skipped, f"the latent cache {self.cache_dir}")
         if self.legacy_shards:
@@ -250,7 +251,7 @@ class LatentCacheWriter:
 def read_latent_stats(cache_dir: Union[str, Path]) -> dict:
     path = Path(cache_dir) / STATS_NAME
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found: {cache_dir} is not a finished latent cache (run `maetok cache-latents` to create "
             "or complete it)"
         )
@@ -293,7 +294,7 @@ class LatentDataset(Dataset):
         for shard in range(self.stats["num_shards"]):
             path = shard_path(self.cache_dir, shard)
             if not path.exists():
-                raise FileNotFoundError(f"latent cache {self.cache_dir} lacks {path.name}")
+                raise MissingFileError(f"latent cache {self.cache_dir} lacks {path.name}")
             tensors = load_file(str(path))
             latents.append(tensors["latents"])
             flipped.append(tensors.get("latents_flip", tensors["latents"]))
@@ -304,7 +305,7 @@ class LatentDataset(Dataset):
         self.labels = torch.cat(labels)
         self.item_indices = None if any(i is None for i in indices) else torch.cat(indices)
         if len(self.latents) != self.stats["num_items"]:
-            raise ValueError(f"{self.cache_dir}: {len(self.latents)} latents, stats.json says {self.stats['num_items']}")
+            raise DataError(f"{self.cache_dir}: {len(self.latents)} latents, stats.json says {self.stats['num_items']}")
         self.num_classes = self.stats["num_classes"]
         self.class_names = self.stats["class_names"]
 
@@ -328,7 +329,7 @@ class LatentNormalizer:
         elif mode == "none":
             self.mean, self.std = torch.tensor(0.0), torch.tensor(1.0)
         else:
-            raise ValueError(f"latent normalisation must be 'channel', 'scalar' or 'none', got {mode!r}")
+            raise DataError(f"latent normalisation must be 'channel', 'scalar' or 'none', got {mode!r}")
         self.mode = mode
 
     def normalize(self, latents: Tensor) -> Tensor:

@@ -13,19 +13,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maetok.errors import DataError, MissingFileError
+
 __all__ = ["NpzFormatError", "iter_npz_images", "load_sample_batch", "save_sample_batch"]
 
 PathLike = Union[str, Path]
 
 
-class NpzFormatError(ValueError):
+class NpzFormatError(DataError):
     """An ``.npz`` batch lacks a key or holds an array of the wrong dtype / shape; the message names both."""
 
 
 def npz_keys(path: Path) -> list[str]:
     """The array names of an ``.npz`` archive (``FileNotFoundError`` / :class:`NpzFormatError` naming the file)."""
     if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
+        raise MissingFileError(f"npz file not found: {path}")
     if not zipfile.is_zipfile(path):
         raise NpzFormatError(f"{path}: not an .npz archive")
     with zipfile.ZipFile(path) as archive:
@@ -161,7 +163,7 @@ def save_reconstruction_batch(path: PathLike, reference: np.ndarray, floor: np.n
         path = path.with_name(path.name + ".npz")
     arrays = {key: as_nhwc_uint8(images, f"{path}: {key!r}") for key, images in zip(RECONSTRUCTION_KEYS, (reference, floor))}
     if arrays["reference"].shape[1:] != arrays["floor"].shape[1:]:
-        raise ValueError(f"{path}: reference {arrays['reference'].shape[1:]} and floor {arrays['floor'].shape[1:]} "
+        raise DataError(f"{path}: reference {arrays['reference'].shape[1:]} and floor {arrays['floor'].shape[1:]} "
                          "reconstructions must share one image size")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.npz")

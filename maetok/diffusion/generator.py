@@ -20,6 +20,7 @@ from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.latents import LatentNormalizer
 from maetok.data.npz import save_sample_batch
 from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
+from maetok.errors import ConfigError
 from maetok.model_folders import load_diffusion_model, save_diffusion_model
 from maetok.models.tokenizer import MAETok
 
@@ -84,12 +85,12 @@ class LatentGenerator:
             mean, std = (float(v) for v in scalars)
         elif s.latent_norm == "tokenizer":
             if tokenizer is None:
-                raise ValueError("sampling.latent_norm='tokenizer' needs the tokenizer")
+                raise ConfigError("sampling.latent_norm='tokenizer' needs the tokenizer")
             mean, std = tokenizer_latent_scalars(tokenizer)
         else:
             return self.normalizer
         if not std > 0:
-            raise ValueError(f"the latent std must be positive, got {std}")
+            raise ConfigError(f"the latent std must be positive, got {std}")
         return LatentNormalizer.from_dict({"mode": "scalar", "mean": mean, "std": std})
 
     def balanced_labels(self, num: int) -> Optional[Tensor]:
@@ -116,7 +117,7 @@ class LatentGenerator:
         s = sampling or self.sampling
         s.validate()
         if labels is not None and self.num_classes and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"class labels must be in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
+            raise ConfigError(f"class labels must be in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
         cfg_scale = s.cfg_scale if (labels is not None and self.num_classes) else 1.0
         if labels is not None and not self.num_classes:
             labels = None
@@ -155,7 +156,7 @@ def tokenizer_latent_scalars(tokenizer: Any) -> tuple[float, float]:
             if mean is not None and std is not None:
                 return float(mean), float(std)
     names = " / ".join(f"{a}, {b}" for a, b in LATENT_SCALAR_NAMES)
-    raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) carries no scalar latent mean / std ({names}): "
+    raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) carries no scalar latent mean / std ({names}): "
                      "use the model's latent statistics (--latent-norm model) or give them (--latent-scalars MEAN STD)")
 
 
@@ -179,7 +180,7 @@ def generate_images(
     if labels is None:
         labels = pipe.balanced_labels(num)
     if labels is not None and len(labels) != num:
-        raise ValueError(f"got {len(labels)} labels for {num} samples")
+        raise ConfigError(f"got {len(labels)} labels for {num} samples")
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in tqdm(range(0, num, batch_size), desc="sample", unit="batch", disable=not progress):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from maetok.data.images import to_uint8
+from maetok.errors import ConfigError
 
 __all__ = ["GaussianGenerator", "PCABaseline", "compute_baselines"]
 
@@ -242,7 +243,7 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
     from maetok.runs import write_json
 
     if dim < 1:
-        raise ValueError(f"--dim must be >= 1, got {dim}")
+        raise ConfigError(f"--dim must be >= 1, got {dim}")
     channels = channels or (1 if is_fashion_mnist(data) else 3)
     out = Path(out)
     train_images, train_labels = load_split(data, "train", image_size, channels, num_train, seed)

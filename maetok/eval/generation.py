@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from maetok.errors import AssetError, ConfigError, DataError, MissingFileError
 from maetok.eval.fid import (
     FeatureStats,
     InceptionStats,
@@ -64,7 +65,7 @@ def reference_from_images(images: Any, inception: torch.nn.Module, batch_size: i
     takes); one Inception pass."""
     features = extract_features(images, inception, batch_size, progress, keep=("pool3", "spatial"))
     if features["pool3"] is None or len(features["pool3"]) < 2:
-        raise ValueError(f"{source}: a reference needs at least 2 images")
+        raise DataError(f"{source}: a reference needs at least 2 images")
     stats = stats_from_features(features["pool3"], features["spatial"])
     return ReferenceFeatures(stats, features["pool3"], features["spatial"], source)
 
@@ -276,7 +277,7 @@ def generation_metrics(
             sample_logits.append(features.logits.double().cpu())
     num, num_ref = pool.num, reference.num_images
     if num < 2:
-        raise ValueError("generation metrics need at least 2 samples")
+        raise DataError("generation metrics need at least 2 samples")
     sample_stats = InceptionStats(pool.mean(), pool.cov(), spatial.mean(), spatial.cov(), num)
     notes: list[str] = []
     if min(num, num_ref or num) < 2048:
@@ -345,7 +346,7 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
         images, labels = load_sample_batch(path)
         return images, labels, str(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--samples {path}: no such .npz file or folder")
+        raise MissingFileError(f"--samples {path}: no such .npz file or folder")
     if (path / "samples.npz").is_file():
         images, labels = load_sample_batch(path / "samples.npz")
         return images, labels, str(path / "samples.npz")
@@ -353,7 +354,7 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
 
     files = list_image_files(path)
     if not files:
-        raise FileNotFoundError(f"--samples {path}: no samples.npz and no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise MissingFileError(f"--samples {path}: no samples.npz and no image files ({', '.join(IMAGE_EXTENSIONS)})")
     images, skipped = [], []
     for file in files:
         image = load_image(file, channels=3, errors="none")
@@ -361,11 +362,11 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
             skipped.append(file.name)
             continue
         if images and image.shape != images[0].shape:
-            raise ValueError(f"--samples {path}: {file.name} is {image.shape[1]}x{image.shape[0]}, the first image "
+            raise DataError(f"--samples {path}: {file.name} is {image.shape[1]}x{image.shape[0]}, the first image "
                              f"{images[0].shape[1]}x{images[0].shape[0]}: generated images must share one size")
         images.append(image)
     if not images:
-        raise ValueError(f"--samples {path}: none of the {len(files)} image files could be read")
+        raise DataError(f"--samples {path}: none of the {len(files)} image files could be read")
     note = f" ({len(skipped)} unreadable files skipped, e.g. {skipped[0]})" if skipped else ""
     return np.stack(images), None, f"{len(images)} image files under {path}{note}"
 
@@ -391,7 +392,7 @@ def tokenizer_reconstructions(
     model = load_tokenizer(tokenizer, device)
     channels, tok_size = model.config.in_channels, model.config.image_size
     if tok_size != size:
-        raise ValueError(f"--tokenizer {tokenizer} makes {tok_size}x{tok_size} images, the samples are {size}x{size}")
+        raise DataError(f"--tokenizer {tokenizer} makes {tok_size}x{tok_size} images, the samples are {size}x{size}")
 
     def reconstruct(batches: Any) -> np.ndarray:
         parts = [to_uint8(to_rgb(reconstruct_images(model, images).clamp(-1, 1)), channels_last=True).numpy()
@@ -404,17 +405,17 @@ def tokenizer_reconstructions(
         recon_ref = reconstruct(batch.images for batch in iter_batches(dataset, batch_size, limit=limit))
     else:
         if floor_data is None:
-            raise ValueError("with an .npz reference the floor needs training images: pass --floor-data DATA")
+            raise DataError("with an .npz reference the floor needs training images: pass --floor-data DATA")
 
         def npz_batches() -> Any:
             for batch in iter_npz_images(reference, batch_size):
                 if batch.shape[1:3] != (size, size):
-                    raise ValueError(f"{reference}: reference images are {batch.shape[2]}x{batch.shape[1]}, the "
+                    raise DataError(f"{reference}: reference images are {batch.shape[2]}x{batch.shape[1]}, the "
                                      f"tokenizer's {size}x{size}")
                 images = to_tensor(batch)
                 if channels == 1:
                     if not bool((images == images[:, :1]).all()):
-                        raise ValueError(f"--tokenizer {tokenizer} takes 1-channel images; {reference} holds colour "
+                        raise DataError(f"--tokenizer {tokenizer} takes 1-channel images; {reference} holds colour "
                                          "images")
                     images = images[:, :1]
                 yield images
@@ -468,22 +469,22 @@ def eval_gen(
     images, labels, sample_source = load_samples(samples)
     network, reason = load_fid_network(inception, device, inception_weights)
     if network is None:
-        raise FileNotFoundError(f"eval-gen needs the FID Inception weights: {reason}")
+        raise AssetError(f"eval-gen needs the FID Inception weights: {reason}")
     ref_path = Path(ref)
     order = limit = None
     if ref_path.suffix == ".npz" or ref_path.is_file():
         if save_ref:
-            raise ValueError("--save-ref applies to a dataset reference; the reference is already an .npz")
+            raise ConfigError("--save-ref applies to a dataset reference; the reference is already an .npz")
         if num_ref is not None:
-            raise ValueError("--num-ref applies to a dataset reference, not to an .npz reference batch")
+            raise ConfigError("--num-ref applies to a dataset reference, not to an .npz reference batch")
         reference = reference_from_npz(ref_path, network, batch_size, progress)
     else:
         size = images.shape[1]
         if images.shape[2] != size:
-            raise ValueError(f"samples are {images.shape[2]}x{size}: a dataset reference needs square samples")
+            raise DataError(f"samples are {images.shape[2]}x{size}: a dataset reference needs square samples")
         dataset = build_dataset(ref, ref_split, size, 3)
         if num_ref is not None and num_ref > len(dataset):
-            raise ValueError(f"--num-ref {num_ref}: the {ref_split} split of {ref} has only {len(dataset)} images")
+            raise DataError(f"--num-ref {num_ref}: the {ref_split} split of {ref} has only {len(dataset)} images")
         count = num_ref if num_ref is not None else min(len(images), len(dataset))
         order, limit = draw_order(len(dataset), count, seed)  # unreadable files: the next images of the draw
         ref_images = dataset_images_uint8(DatasetSubset(dataset, order), limit=limit)
@@ -494,9 +495,9 @@ def eval_gen(
     decoder_free, decoder_free_source = None, None
     if tokenizer is not None or recon is not None:
         if tokenizer is not None and recon is not None:
-            raise ValueError("give --tokenizer or --recon, not both")
+            raise ConfigError("give --tokenizer or --recon, not both")
         if save_recon is not None and tokenizer is None:
-            raise ValueError("--save-recon writes the reconstructions a --tokenizer makes")
+            raise ConfigError("--save-recon writes the reconstructions a --tokenizer makes")
         if recon is not None:
             from maetok.data.npz import load_reconstruction_batch
 
@@ -512,10 +513,10 @@ def eval_gen(
 
                 decoder_free_source += f" (reconstructions saved to {save_reconstruction_batch(save_recon, recon_ref, recon_floor)})"
         if len(recon_ref) != reference.num_images:
-            raise ValueError(f"the decoder-free figures need the reconstructions of the very reference images: "
+            raise DataError(f"the decoder-free figures need the reconstructions of the very reference images: "
                              f"{len(recon_ref)} reconstructions, {reference.num_images} reference images")
         if recon_ref.shape[1:3] != images.shape[1:3]:
-            raise ValueError(f"reconstructions are {recon_ref.shape[2]}x{recon_ref.shape[1]}, the samples "
+            raise DataError(f"reconstructions are {recon_ref.shape[2]}x{recon_ref.shape[1]}, the samples "
                              f"{images.shape[2]}x{images.shape[1]}")
         decoder_free = DecoderFreeReference(
             reference_from_images(recon_ref, network, batch_size, progress, "reconstructions of the reference images"),

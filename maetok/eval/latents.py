@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from maetok.errors import ConfigError, DataError
+
 __all__ = [
     "DEFAULT_GMM_KS",
     "LinearProbe",
@@ -512,12 +514,12 @@ def parse_named_models(specs: Sequence[str]) -> dict[str, str]:
             parts = [p for p in Path(spec).resolve().parts if p not in ("model", "tokenizer", "stage1", "/")]
             name = parts[-1] if parts else spec
         if not name:
-            raise ValueError(f"--model {spec!r}: empty name before '='")
+            raise ConfigError(f"--model {spec!r}: empty name before '='")
         if name in named:
-            raise ValueError(f"two --model entries are named {name!r}: give them names with NAME=DIR")
+            raise ConfigError(f"two --model entries are named {name!r}: give them names with NAME=DIR")
         named[name] = path
     if not named:
-        raise ValueError("give at least one --model")
+        raise ConfigError("give at least one --model")
     return named
 
 
@@ -604,7 +606,7 @@ def analyze_latents(
         train = build_dataset(data, "train", cfg.image_size, cfg.in_channels)
         test = build_dataset(data, "test", cfg.image_size, cfg.in_channels)
         if not getattr(train, "num_classes", 0):
-            raise ValueError(f"{data} has no class labels: linear probing and class-coloured maps need classes")
+            raise DataError(f"{data} has no class labels: linear probing and class-coloured maps need classes")
         train_sub = DatasetSubset(train, subset_indices(len(train), num_train, seed))
         test_sub = DatasetSubset(test, subset_indices(len(test), num_test, seed))
         train_z, train_y = encode_dataset(tokenizer, train_sub, batch_size, progress, f"encode {name} train")

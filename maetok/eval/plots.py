@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from maetok.errors import DataError
+
 PathLike = Union[str, Path]
 
 
@@ -31,7 +33,7 @@ def plot_training_curves(
     logs = {label: read_log(p) for label, p in runs.items()}
     present = [k for k in keys if any(k in row for rows in logs.values() for row in rows)]
     if not present:
-        raise ValueError(f"none of the keys {list(keys)} appear in the logs {list(runs.values())}")
+        raise DataError(f"none of the keys {list(keys)} appear in the logs {list(runs.values())}")
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
     for ax, key in zip(axes[0], present):
         for label, rows in logs.items():

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from maetok.data.images import DEFAULT_MAX_IMAGE_PIXELS, to_uint8
+from maetok.errors import DataError
 from maetok.eval.fid import FeatureStats, InceptionStats, fid_label, frechet_distance, load_stats_npz
 from maetok.eval.metrics import LPIPS_LABEL, lpips_per_image, lpips_unavailable_reason, psnr_per_image, ssim_per_image
 
@@ -128,7 +129,7 @@ def evaluate_tokenizer(model: torch.nn.Module, dataset: Dataset, inception: Opti
     for images, recon in reconstructions(model, dataset, batch_size, progress, skipped=skipped, limit=limit):
         evaluator.update(images, recon)
     if not evaluator.values["psnr"]:
-        raise ValueError(f"none of the {len(dataset)} images could be read: nothing to evaluate")
+        raise DataError(f"none of the {len(dataset)} images could be read: nothing to evaluate")
     return evaluator.result()
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maetok.errors import ModelFolderError
 from maetok.global_batch import SampleRandom, all_finite_everywhere, average_gradients, global_mean, require_draws
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class AdversarialLoss(nn.Module):
         """The discriminator optimizer; the ``augment_rng`` of older checkpoints (a generator state nothing
         draws from now) is ignored."""
         if not isinstance(state, dict) or "optimizer" not in state:
-            raise KeyError("adversarial state lacks the discriminator optimizer ('_extra_state.optimizer')")
+            raise ModelFolderError("adversarial state lacks the discriminator optimizer ('_extra_state.optimizer')")
         self.optimizer.load_state_dict(state["optimizer"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

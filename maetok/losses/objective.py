@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.config import LossConfig, TargetConfig
+from maetok.errors import ModelFolderError
 from maetok.losses.perceptual import ramp_weight
 from maetok.global_batch import SampleRandom, global_weighted_mean
 from maetok.models.tokenizer import TokenizerOutput
@@ -137,5 +138,5 @@ class TokenizerObjective(nn.Module):
     def load_training_state(self, state: dict) -> None:
         if self.adversarial is not None:
             if "adversarial" not in state:
-                raise KeyError("the checkpoint has no discriminator state, but this run trains one")
+                raise ModelFolderError("the checkpoint has no discriminator state, but this run trains one")
             self.adversarial.load_state_dict(state["adversarial"])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from maetok.assets import VGG16_CONV_CHANNELS, PathLike, load_lpips_state_dict
 from maetok.data.images import to_rgb
+from maetok.errors import AssetError
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -72,7 +73,7 @@ class VGG16Features(nn.Module):
         own = {k[len(prefix):]: v for k, v in own.items() if int(k.split(".")[2]) < len(self.convs)}
         missing, unexpected = self.load_state_dict(own, strict=False)
         if missing:
-            raise KeyError(f"VGG16 weights lack {missing[:4]}")
+            raise AssetError(f"VGG16 weights lack {missing[:4]}")
         return self
 
     def forward(self, images: Tensor) -> list[Tensor]:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from maetok.config import ConfigError, TokenizerConfig, to_dict
+from maetok.errors import ModelFolderError
 from maetok.models.blocks import (
     Attention,
     Block,
@@ -346,16 +347,16 @@ def _num_heads(config: Mapping[str, Any], part: str, width: int, depth: int, sou
     kwargs = config.get(f"{part}_model_kwargs") or {}
     for key, found in (("embed_dim", width), ("depth", depth)):
         if key in kwargs and int(kwargs[key]) != found:
-            raise ValueError(f"{source}: {part}_model_kwargs.{key}={kwargs[key]} but the weights have {found}")
+            raise ModelFolderError(f"{source}: {part}_model_kwargs.{key}={kwargs[key]} but the weights have {found}")
     if "num_heads" in kwargs:
         return int(kwargs["num_heads"])
     table = timm_architecture(name)
     if table is None:
-        raise ValueError(f"{source}: unknown {part}_model {name!r} (known: {sorted(TIMM_ARCHITECTURES)}); "
+        raise ModelFolderError(f"{source}: unknown {part}_model {name!r} (known: {sorted(TIMM_ARCHITECTURES)}); "
                          f"set {part}_model_kwargs.num_heads")
     table_width, _, table_heads = table
     if table_width != width:
-        raise ValueError(f"{source}: {part}_model {name!r} has width {table_width} but the weights have {width}; "
+        raise ModelFolderError(f"{source}: {part}_model {name!r} has width {table_width} but the weights have {width}; "
                          f"set {part}_model_kwargs.num_heads")
     return table_heads
 
@@ -367,12 +368,12 @@ def authors_architecture(config: Mapping[str, Any], shapes: Mapping[str, tuple[i
     latent size, MLP ratio and which optional parts exist; the config gives image sizes, heads and statistics."""
     for key in ("enc_type", "dec_type"):
         if config.get(key, "vit") != "vit":
-            raise ValueError(f"{source}: {key}={config[key]!r}; only their ViT tokenizers (enc_type/dec_type 'vit') load")
+            raise ModelFolderError(f"{source}: {key}={config[key]!r}; only their ViT tokenizers (enc_type/dec_type 'vit') load")
     if config.get("to_pixel", "linear") != "linear":
-        raise ValueError(f"{source}: to_pixel={config['to_pixel']!r}; only their 'linear' pixel head loads")
+        raise ModelFolderError(f"{source}: to_pixel={config['to_pixel']!r}; only their 'linear' pixel head loads")
     for key, what in REQUIRED_KEYS.items():
         if key not in shapes:
-            raise ValueError(f"{weights} has no {key} ({what}): not the released MAETok architecture")
+            raise ModelFolderError(f"{weights} has no {key} ({what}): not the released MAETok architecture")
     width, in_channels, patch, _ = shapes["encoder.model.patch_embed.proj.weight"]
     dec_width = shapes["decoder.mask_token"][-1] if "decoder.mask_token" in shapes else width
     enc_depth = _block_count(shapes, "encoder.model.blocks.")

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from maetok.errors import ConfigError
+
 
 class FeatureTarget(nn.Module):
     """A frozen feature extractor whose per-patch features an auxiliary decoder learns to predict.
@@ -47,7 +49,7 @@ def register_target(name: str) -> Callable[[TargetFactory], TargetFactory]:
 def build_target(name: str, image_size: int, patch_size: int, in_channels: int, **options) -> FeatureTarget:
     """Build a registered target by name; a clear error lists the known names."""
     if name not in _TARGETS:
-        raise KeyError(f"unknown auxiliary target {name!r}; known targets: {sorted(_TARGETS)}")
+        raise ConfigError(f"unknown auxiliary target {name!r}; known targets: {sorted(_TARGETS)}")
     target = _TARGETS[name](image_size=image_size, patch_size=patch_size, in_channels=in_channels, **options)
     for p in target.parameters():
         p.requires_grad_(False)

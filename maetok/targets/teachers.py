@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from maetok.assets import PathLike, load_hf_vision_model
 from maetok.data.images import to_rgb
+from maetok.errors import ConfigError
 from maetok.targets.base import FeatureTarget, register_target, resample_to_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +68,7 @@ _NORMALIZE = ("none", "layernorm")
 
 def _check_choice(kind: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; expected one of {list(choices)}")
+        raise ConfigError(f"unknown {kind} {value!r}; expected one of {list(choices)}")
 
 
 
@@ -96,7 +97,7 @@ class HFTeacher(FeatureTarget):
         _check_choice("target loss", loss, _LOSSES)
         _check_choice("target normalisation", normalize, _NORMALIZE)
         if not (resolution in ("grid", "native") or (isinstance(resolution, int) and resolution > 0)):
-            raise ValueError(f"teacher resolution must be 'grid', 'native' or a positive int, got {resolution!r}")
+            raise ConfigError(f"teacher resolution must be 'grid', 'native' or a positive int, got {resolution!r}")
         self.name = name
         self.model = model
         self.dim = int(model.config.hidden_size)
@@ -141,7 +142,7 @@ class HFTeacher(FeatureTarget):
 
 def _model_id(family: str, table: dict[str, str], size: str) -> str:
     if size not in table:
-        raise ValueError(f"unknown {family} size {size!r}; expected one of {list(table)}")
+        raise ConfigError(f"unknown {family} size {size!r}; expected one of {list(table)}")
     return table[size]
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maetok.errors import AssetError, ConfigError
 from maetok.global_batch import global_weighted_mean
 from maetok.targets.base import FeatureTarget, register_target
 
@@ -107,14 +108,14 @@ def bpe_vocab_path() -> Path:
     if env:
         path = Path(env).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"MAETOK_BPE_VOCAB={env} is not a file (expected {VOCAB_FILENAME})")
+            raise AssetError(f"MAETOK_BPE_VOCAB={env} is not a file (expected {VOCAB_FILENAME})")
         return path
     spec = importlib.util.find_spec("open_clip")
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILENAME
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise AssetError(
         f"the CLIP BPE vocabulary {VOCAB_FILENAME} was not found: install it with `{INSTALL_LINE}` "
         "or set MAETOK_BPE_VOCAB to the file's path"
     )
@@ -133,10 +134,10 @@ class ClipBPETokenizer:
         try:
             lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
         except OSError as err:
-            raise ValueError(f"{path} is not a gzip BPE merges file ({VOCAB_FILENAME}): {err}") from None
+            raise AssetError(f"{path} is not a gzip BPE merges file ({VOCAB_FILENAME}): {err}") from None
         merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
         if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
-            raise ValueError(f"{path}: expected {NUM_MERGES} merge lines of two symbols each")
+            raise AssetError(f"{path}: expected {NUM_MERGES} merge lines of two symbols each")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         symbols = list(self.byte_encoder.values())
@@ -144,7 +145,7 @@ class ClipBPETokenizer:
         self.encoder = {s: i for i, s in enumerate(symbols)}
         self.decoder = {i: s for s, i in self.encoder.items()}
         if len(self.encoder) != VOCAB_SIZE or self.encoder[SOT_TOKEN] != SOT_ID:
-            raise ValueError(f"{path}: the vocabulary has {len(self.encoder)} symbols, expected {VOCAB_SIZE}")
+            raise AssetError(f"{path}: the vocabulary has {len(self.encoder)} symbols, expected {VOCAB_SIZE}")
         self.bpe_ranks = {m: r for r, m in enumerate(merges)}
         self.cache: dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
         self.vocab_size = VOCAB_SIZE
@@ -264,5 +265,5 @@ def build_text_target(image_size: int = 0, patch_size: int = 0, in_channels: int
     """Factory with the registry's signature (image geometry unused). Options: context_length, vocab_path."""
     unknown = set(options) - {"context_length", "vocab_path"}
     if unknown:
-        raise KeyError(f"text target: unknown options {sorted(unknown)}; known: ['context_length', 'vocab_path']")
+        raise ConfigError(f"text target: unknown options {sorted(unknown)}; known: ['context_length', 'vocab_path']")
     return TextTarget(**options)

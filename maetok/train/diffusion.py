@@ -17,6 +17,7 @@ from maetok.data import ItemBatch
 from maetok.data.latents import LatentDataset, LatentNormalizer
 from maetok.diffusion.generator import LatentGenerator
 from maetok.diffusion.transport import training_loss
+from maetok.errors import ConfigError
 from maetok.models.sit import build_diffusion_model
 from maetok.models.tokenizer import MAETok
 from maetok.train.loop import Trainer, autocast, flip_mask
@@ -36,7 +37,7 @@ class DiffusionTrainer(Trainer):
     ):
         cfg.validate()
         if not cfg.latents:
-            raise ValueError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
+            raise ConfigError("no latent cache given: pass --latents DIR (made by `maetok cache-latents`)")
         super().__init__(cfg, out_dir, optim=cfg.optim, total_steps=cfg.train.steps, inputs=[cfg.latents],
                          device=device, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         self.train_set = LatentDataset(cfg.latents)
@@ -44,7 +45,7 @@ class DiffusionTrainer(Trainer):
         self.latent_shape = tuple(stats["latent_shape"])
         self.num_classes = stats["num_classes"] if cfg.model.conditional else 0
         if self.num_classes and int(self.train_set.labels.min()) < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.latents} has unlabelled items (label -1): train an unconditional model (model.conditional=false)"
             )
         self.normalizer = LatentNormalizer(stats, cfg.transport.latent_norm)

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
 from maetok.data import ItemBatch, item_loader
+from maetok.errors import ConfigError, DataError, MissingFileError, ModelFolderError, NonFiniteError
 from maetok.global_batch import SampleRandom, all_finite_everywhere
 from maetok.model_folders import check_state_keys
 from maetok.runs import (
@@ -187,7 +188,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            raise KeyError(f"EMA state lacks keys {sorted(missing)[:5]}")
+            raise ModelFolderError(f"EMA state lacks keys {sorted(missing)[:5]}")
         for k in self.shadow:
             self.shadow[k].copy_(state[k])
 
@@ -244,9 +245,9 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
         if num_items < 1:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+            raise ConfigError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed
@@ -330,20 +331,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by :func:`atomic_torch_save` without executing pickled code."""
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         first = f"it references {found.group(1)}" if found else "unsupported content"
-        raise ValueError(f"checkpoint {path} was refused: it holds pickled code or objects beyond tensors and plain "
+        raise ModelFolderError(f"checkpoint {path} was refused: it holds pickled code or objects beyond tensors and plain "
                          f"containers, which maetok never executes ({first})") from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: name it, in one line
         first = first_line(err)
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a maetok checkpoint: {first}); "
+        raise ModelFolderError(f"cannot read checkpoint {path} (truncated or not a maetok checkpoint: {first}); "
                          f"delete it to restart the run, or restore it") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a maetok training checkpoint (no 'step' / 'model' entries)")
+        raise ModelFolderError(f"{path} is not a maetok training checkpoint (no 'step' / 'model' entries)")
     check_format_version(state, path)
     return state
 
@@ -356,10 +357,6 @@ def load_checkpoint(path: Path) -> dict:
 RUN_MARKERS = ("config.yaml", "log.csv", str(Path("checkpoints") / "last.pt"), str(Path(MODEL_DIR) / "config.json"))
 #: Keys a resumed run may change without ``--allow-config-change``: they change no number the run computes.
 BOOKKEEPING_KEYS = frozenset({"train.num_workers", "train.log_every", "train.eval_every", "train.ckpt_every"})
-
-
-class NonFiniteError(ValueError):
-    """Training met NaN / inf losses or gradients in ``train.max_nonfinite_steps`` steps in a row."""
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -435,7 +432,7 @@ def prepare_run_directory(
     """
     check_output_folder(out_dir)
     if resume and overwrite:
-        raise ValueError("pass --resume (continue the run) or --overwrite (delete it and start again), not both")
+        raise ModelFolderError("pass --resume (continue the run) or --overwrite (delete it and start again), not both")
     if not holds_run(out_dir):
         return None
     if overwrite:
@@ -443,11 +440,11 @@ def prepare_run_directory(
         for source in inputs:
             path = Path(source).resolve()
             if path == out or out in path.parents or path in out.parents:
-                raise ValueError(f"--overwrite would delete {source}, an input of this run ({out_dir} holds it or lies "
+                raise ModelFolderError(f"--overwrite would delete {source}, an input of this run ({out_dir} holds it or lies "
                                  f"in it): choose another --out")
         return None
     if resume and (out_dir / MODEL_DIR / "config.json").exists() and not (out_dir / CHECKPOINT).exists():
-        raise ValueError(f"{out_dir} holds a finished run without {CHECKPOINT}: --resume cannot continue it (it would "
+        raise ModelFolderError(f"{out_dir} holds a finished run without {CHECKPOINT}: --resume cannot continue it (it would "
                          f"start again from step 0); pass --overwrite to train it again")
     if not resume:
         if (out_dir / MODEL_DIR / "config.json").exists():
@@ -456,7 +453,7 @@ def prepare_run_directory(
             state = "an unfinished run with a checkpoint"
         else:
             state = "a run's files"
-        raise ValueError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
+        raise ModelFolderError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
                          f"it and start again (or choose another --out)")
     config_path = out_dir / "config.yaml"
     changes = changes_since(config_path, cfg, unused)
@@ -468,7 +465,7 @@ def prepare_run_directory(
             print(f"  {key}: {old!r} -> {new!r}")
     significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
     if significant and not allow_config_change:
-        raise ValueError(f"--resume with a changed config ({', '.join(significant[:4])}"
+        raise ModelFolderError(f"--resume with a changed config ({', '.join(significant[:4])}"
                          f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
                          f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
     return config_path.read_text()
@@ -761,7 +758,7 @@ class Trainer:
             return
         state = load_checkpoint(path)
         if state.get("kind") != self.run_kind:
-            raise ValueError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
+            raise ModelFolderError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
         self.check_resumable_shapes(state["model"], path)
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
@@ -781,7 +778,7 @@ class Trainer:
         try:
             check_state_keys(ours, {k: tuple(v.shape) for k, v in saved.items()}, path)
         except ValueError as err:
-            raise ValueError(f"cannot resume: the config changes the model's shape, {err}; start a new run "
+            raise ModelFolderError(f"cannot resume: the config changes the model's shape, {err}; start a new run "
                              f"(another --out, or --overwrite)") from None
 
     def fit(self, stop_at: Optional[int] = None) -> Path:
@@ -813,7 +810,7 @@ class Trainer:
                 batch = next(stream)
                 if not len(batch.labels):
                     names = ", ".join(f"{item.file} ({item.reason})" for item in batch.skipped[:3])
-                    raise ValueError(f"{self.run_kind} step {self.step + 1}: every image of the batch was unreadable "
+                    raise DataError(f"{self.run_kind} step {self.step + 1}: every image of the batch was unreadable "
                                      f"({names}, ...): the dataset looks corrupt")
                 logs = self.train_step(batch)
                 self.step += 1

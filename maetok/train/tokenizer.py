@@ -22,6 +22,7 @@ import yaml
 from maetok.config import TokenizerTrainConfig, from_dict, to_dict
 from maetok.data import ItemBatch, build_dataset, load_images
 from maetok.data.images import to_uint8
+from maetok.errors import ConfigError, MissingFileError
 from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
 from maetok.global_batch import broadcast_module
@@ -51,7 +52,7 @@ def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
     try:
         model_config = tokenizer_config(run_dir)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: {run_dir} is neither a tokenizer run directory nor a tokenizer "
+        raise MissingFileError(f"{path} not found: {run_dir} is neither a tokenizer run directory nor a tokenizer "
                                 "folder or hub id") from None
     return dataclasses.replace(load_config(TokenizerTrainConfig, PRETRAINED_FINETUNE_PRESET), model=model_config)
 
@@ -114,9 +115,9 @@ class TokenizerTrainer(Trainer):
         allow_config_change: bool = False,
     ):
         if stage not in ("pretrain", "finetune"):
-            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
+            raise ConfigError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
         if stage == "finetune" and init_from is None:
-            raise ValueError("stage 2 (finetune) needs init_from: the stage-1 run or model directory")
+            raise ConfigError("stage 2 (finetune) needs init_from: the stage-1 run or model directory")
         cfg.validate()
         self.stage = stage
         self.run_kind = f"tokenizer-{stage}"
@@ -173,7 +174,7 @@ class TokenizerTrainer(Trainer):
                 objective.adversarial.load_state_dict(stage1_state)
             except (RuntimeError, KeyError, ValueError) as err:
                 first = str(err).strip().splitlines()[0]
-                raise ValueError(
+                raise ConfigError(
                     f"the discriminator in {checkpoint} does not fit this run's loss.gan_backbone="
                     f"{cfg.loss.gan_backbone!r} ({first})"
                 ) from None
@@ -194,7 +195,7 @@ class TokenizerTrainer(Trainer):
         released one) is used as loaded."""
         stage1 = MAETok.from_pretrained(source)
         if to_dict(stage1.config) | {"aux_targets": []} != to_dict(self.cfg.model) | {"aux_targets": []}:
-            raise ValueError(f"the tokenizer in {model_directory(source)} was built with a different model config "
+            raise ConfigError(f"the tokenizer in {model_directory(source)} was built with a different model config "
                              "than this run")
         if type(stage1) is not type(model):
             return stage1.train()
