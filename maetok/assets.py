@@ -35,8 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from maetok.errors import AssetError, ConfigError, MissingFileError
-from maetok.runs import first_line
+from maetok.errors import AssetError, ConfigError, MissingFileError, first_line
 
 PathLike = Union[str, os.PathLike]
 
@@ -450,7 +449,7 @@ def download_snapshot(repo_id: str, local_files_only: Optional[bool] = None) -> 
         first = first_line(error)
         where = f"not in the hub cache {hf_hub_cache()}" if offline else "could not be downloaded"
         raise MissingFileError(f"no folder {repo_id!r} here, and as a hub model {repo_id!r} {where} "
-                                f"({type(error).__name__}: {first})") from None
+                               f"({type(error).__name__}: {first})") from None
 
 
 def resolve_pretrained(source: PathLike) -> Path:

@@ -269,7 +269,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
     if not tokenizer_dir:
         raise ConfigError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
-                         "(the authors' SiT: their tokenizer, e.g. MAETok/maetok-b-128)")
+                          "(the authors' SiT: their tokenizer, e.g. MAETok/maetok-b-128)")
     tokenizer = load_tokenizer(tokenizer_dir, args.device)
     changes: dict[str, Any] = {}
     if args.convention is not None:
@@ -637,8 +637,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     anything else is a bug in maetok: its traceback, a line asking for a report, and exit status 1."""
     import traceback
 
-    from maetok.errors import MaetokError
-    from maetok.runs import check_output_folder, first_line, resolve_device
+    from maetok.errors import MaetokError, first_line
+    from maetok.runs import check_output_folder, resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)

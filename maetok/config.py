@@ -25,7 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from maetok.errors import ConfigError  # noqa: F401  (where config errors have always been imported from)
+from maetok.errors import ConfigError, first_line  # ConfigError: also importable from here, as always
 
 PRESET_DIR = Path(__file__).parent / "configs"
 #: images above this many pixels (width x height, read from the file's header) are skipped unread (0: no limit)
@@ -304,12 +304,12 @@ def _build(cls: type[T], layers: Sequence[Mapping], where: str = "") -> T:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except _REFUSED as err:
-            raise ConfigError(_refusal(cls, layer, where) or f"{where or cls.__name__}: {_first_line(err)}") from None
+            raise ConfigError(_refusal(cls, layer, where) or f"{where or cls.__name__}: {first_line(err)}") from None
     try:
         return _tuples_restored(OmegaConf.to_object(cfg))
     except OmegaConfBaseException as err:  # a mandatory value left out, a ${...} interpolation that does not resolve
         key = ".".join(part for part in (where, str(err.full_key or "")) if part) or cls.__name__
-        raise ConfigError(f"{key}: {_first_line(err)}") from None
+        raise ConfigError(f"{key}: {first_line(err)}") from None
 
 
 def _refusal(cls: type, data: Any, where: str) -> Optional[str]:
@@ -350,12 +350,6 @@ def _accepts(cls: type, key: str, value: Any) -> bool:
     return True
 
 
-def _first_line(err: Exception) -> str:
-    """The first line of an error's message (OmegaConf's continue with the key, reference and object types)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 def _tuples_restored(cfg: T) -> T:
     """``cfg`` with its ``tuple`` fields tuples again, in nested dataclasses too: OmegaConf before 2.4 gives them
     back as lists."""
@@ -390,7 +384,7 @@ def deep_merge(base: Mapping, update: Mapping) -> dict:
     try:
         return OmegaConf.to_container(OmegaConf.merge(base, update))
     except _REFUSED as err:
-        raise ConfigError(f"cannot merge: {_first_line(err)}") from None
+        raise ConfigError(f"cannot merge: {first_line(err)}") from None
 
 
 def list_presets() -> list[str]:
@@ -435,7 +429,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         try:
             dotlist.merge_with_dotlist([item])
         except (yaml.YAMLError, *_REFUSED) as err:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {_first_line(err)}") from None
+            raise ConfigError(f"override {item!r}: cannot parse the value: {first_line(err)}") from None
     return OmegaConf.to_container(dotlist)
 
 

@@ -164,7 +164,7 @@ def cache_latents(
         sample_posterior = is_vae
     if sample_posterior and not is_vae:
         raise ConfigError(f"sample_posterior: only a VAE has a posterior to sample; this tokenizer is a "
-                         f"{cfg.variant!r} (its latents are deterministic)")
+                          f"{cfg.variant!r} (its latents are deterministic)")
     base = dataset.dataset if isinstance(dataset, DatasetSubset) else dataset
     writer = LatentCacheWriter(
         out_dir, num_items=len(dataset), shard_size=shard_size, latent_shape=(cfg.num_latent_tokens, cfg.latent_dim),

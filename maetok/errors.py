@@ -11,6 +11,12 @@ Each class also derives from the built-in exception a caller would catch for it 
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): what a one-line error shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class MaetokError(Exception):
     """An error the user caused (input, configuration, files, environment); the message is one line saying what
     to fix."""

@@ -3,7 +3,7 @@
 Every random draw of the models, losses and transport comes from a :class:`SampleRandom` (one path; none of them
 takes a ``torch.Generator``): the trainers key it by (seed, step, global position), other callers by what
 identifies their samples (e.g. the latent cache by (seed, dataset index)). It depends on nothing in maetok, so it
-sits in the base layer. Only sampling (the samplers' noise, ``maetok.diffusion.generate``, the diffusers wrapper)
+sits in the base layer. Only sampling (the samplers' noise, ``maetok.diffusion.generator``, the diffusers wrapper)
 and evaluation keep a ``torch.Generator``, as the ecosystem passes one.
 
 Under ``torchrun`` each process holds a slice of the global batch (sample ``i`` of rank ``r`` sits at global

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from maetok.assets import resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
     from_dict, to_dict
-from maetok.errors import MissingFileError, ModelFolderError
+from maetok.errors import MissingFileError, ModelFolderError, first_line
 from maetok.models.released import (
     ARCHITECTURE_KEY,
     ReleasedArchitecture,
@@ -56,7 +56,6 @@ from maetok.runs import (
     PathLike,
     check_finite_tensors,
     check_format_version,
-    first_line,
     model_directory,
     resolve_device,
     weights_fingerprint,

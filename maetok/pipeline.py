@@ -191,7 +191,7 @@ def check_same_config(run_dir: Path, what: str, cfg: Any, unused: Sequence[str] 
     if changes:
         shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes[:3])
         raise ModelFolderError(f"{run_dir} holds a {what} run made under another config ({shown}"
-                         f"{' ...' if len(changes) > 3 else ''}): write this run to another --out, or delete {run_dir}")
+                               f"{' ...' if len(changes) > 3 else ''}): write this run to another --out, or delete {run_dir}")
 
 
 def reuse_finished(run_dir: Path, what: str, cfg: Any, unused: Sequence[str] = ()) -> bool:

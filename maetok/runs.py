@@ -36,12 +36,6 @@ MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (its type's name when empty): for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """``device`` as a :class:`torch.device`; by default the first GPU when there is one, else the CPU. A device
     this machine lacks (``cuda`` without a GPU, ``cuda:3`` with two) raises ``ValueError`` naming it."""
@@ -78,7 +72,7 @@ def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> No
            if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
         raise NonFiniteError(f"{source} holds non-finite values (NaN / inf) in {len(bad)} tensor(s), e.g. "
-                         f"{', '.join(bad[:3])}: the model diverged")
+                             f"{', '.join(bad[:3])}: the model diverged")
 
 
 def model_directory(path: PathLike) -> Path:
@@ -118,7 +112,7 @@ def check_format_version(data: Mapping[str, Any], source: PathLike) -> int:
         raise ModelFolderError(f"{source}: {FORMAT_KEY} must be a non-negative integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise ModelFolderError(f"{source} has {FORMAT_KEY} {version}, written by a newer maetok (this one reads up to "
-                         f"{FORMAT_VERSION}): upgrade maetok to read it")
+                               f"{FORMAT_VERSION}): upgrade maetok to read it")
     return version
 
 

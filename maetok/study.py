@@ -205,7 +205,7 @@ def _gmm_latents(run_dir: Path, budget: Budget, evald: Any) -> tuple[torch.Tenso
 
     if evald is None or not (run_dir / "latents").exists() or not is_finished(run_dir / "tokenizer"):
         raise ModelFolderError(f"{run_dir}: its GMM curve at this PCA dimension was not stored and its latent cache / "
-                         "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
+                               "tokenizer are not here to fit it; pass --gmm-pca-dim with a dimension its result.json stores (gmm_by_dim)")
     cache = LatentDataset(run_dir / "latents")
     tokenizer = load_tokenizer(run_dir / "tokenizer", "cpu")
     return cache.latents[: budget.gmm_train], encode_images(tokenizer, evald.images)

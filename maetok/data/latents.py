@@ -149,8 +149,8 @@ class LatentCacheWriter:
         if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
             if not restart_if_stale:
                 raise DataError(
-                    f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
-                    f"({plan_path.read_text().strip()}); use another --out or delete it"
+                                f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
+                                f"({plan_path.read_text().strip()}); use another --out or delete it"
                 )
             shutil.rmtree(self.cache_dir)
             self.cache_dir.mkdir(parents=True)
@@ -212,7 +212,7 @@ class LatentCacheWriter:
         dataset's classes); returns the path of ``stats.json``. A cache without a single row is refused."""
         if self.num_rows == 0:
             raise DataError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
-                             f"in {self.cache_dir}")
+                            f"in {self.cache_dir}")
         log_skipped_items(self.skipped, f"the latent cache {self.cache_dir}")
         if self.legacy_shards:
             print(f"[maetok] {self.cache_dir}: shard(s) {self.legacy_shards} were written by an older maetok that "

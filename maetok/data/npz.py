@@ -164,7 +164,7 @@ def save_reconstruction_batch(path: PathLike, reference: np.ndarray, floor: np.n
     arrays = {key: as_nhwc_uint8(images, f"{path}: {key!r}") for key, images in zip(RECONSTRUCTION_KEYS, (reference, floor))}
     if arrays["reference"].shape[1:] != arrays["floor"].shape[1:]:
         raise DataError(f"{path}: reference {arrays['reference'].shape[1:]} and floor {arrays['floor'].shape[1:]} "
-                         "reconstructions must share one image size")
+                        "reconstructions must share one image size")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.npz")
     np.savez(tmp, **arrays)

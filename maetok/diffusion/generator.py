@@ -157,7 +157,7 @@ def tokenizer_latent_scalars(tokenizer: Any) -> tuple[float, float]:
                 return float(mean), float(std)
     names = " / ".join(f"{a}, {b}" for a, b in LATENT_SCALAR_NAMES)
     raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) carries no scalar latent mean / std ({names}): "
-                     "use the model's latent statistics (--latent-norm model) or give them (--latent-scalars MEAN STD)")
+                      "use the model's latent statistics (--latent-norm model) or give them (--latent-scalars MEAN STD)")
 
 
 @torch.no_grad()

@@ -363,7 +363,7 @@ def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]
             continue
         if images and image.shape != images[0].shape:
             raise DataError(f"--samples {path}: {file.name} is {image.shape[1]}x{image.shape[0]}, the first image "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}: generated images must share one size")
+                            f"{images[0].shape[1]}x{images[0].shape[0]}: generated images must share one size")
         images.append(image)
     if not images:
         raise DataError(f"--samples {path}: none of the {len(files)} image files could be read")
@@ -411,12 +411,12 @@ def tokenizer_reconstructions(
             for batch in iter_npz_images(reference, batch_size):
                 if batch.shape[1:3] != (size, size):
                     raise DataError(f"{reference}: reference images are {batch.shape[2]}x{batch.shape[1]}, the "
-                                     f"tokenizer's {size}x{size}")
+                                    f"tokenizer's {size}x{size}")
                 images = to_tensor(batch)
                 if channels == 1:
                     if not bool((images == images[:, :1]).all()):
                         raise DataError(f"--tokenizer {tokenizer} takes 1-channel images; {reference} holds colour "
-                                         "images")
+                                        "images")
                     images = images[:, :1]
                 yield images
 
@@ -514,10 +514,10 @@ def eval_gen(
                 decoder_free_source += f" (reconstructions saved to {save_reconstruction_batch(save_recon, recon_ref, recon_floor)})"
         if len(recon_ref) != reference.num_images:
             raise DataError(f"the decoder-free figures need the reconstructions of the very reference images: "
-                             f"{len(recon_ref)} reconstructions, {reference.num_images} reference images")
+                            f"{len(recon_ref)} reconstructions, {reference.num_images} reference images")
         if recon_ref.shape[1:3] != images.shape[1:3]:
             raise DataError(f"reconstructions are {recon_ref.shape[2]}x{recon_ref.shape[1]}, the samples "
-                             f"{images.shape[2]}x{images.shape[1]}")
+                            f"{images.shape[2]}x{images.shape[1]}")
         decoder_free = DecoderFreeReference(
             reference_from_images(recon_ref, network, batch_size, progress, "reconstructions of the reference images"),
             reference_from_images(recon_floor, network, batch_size, progress, "reconstructions of the floor images"))

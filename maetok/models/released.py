@@ -353,11 +353,11 @@ def _num_heads(config: Mapping[str, Any], part: str, width: int, depth: int, sou
     table = timm_architecture(name)
     if table is None:
         raise ModelFolderError(f"{source}: unknown {part}_model {name!r} (known: {sorted(TIMM_ARCHITECTURES)}); "
-                         f"set {part}_model_kwargs.num_heads")
+                               f"set {part}_model_kwargs.num_heads")
     table_width, _, table_heads = table
     if table_width != width:
         raise ModelFolderError(f"{source}: {part}_model {name!r} has width {table_width} but the weights have {width}; "
-                         f"set {part}_model_kwargs.num_heads")
+                               f"set {part}_model_kwargs.num_heads")
     return table_heads
 
 

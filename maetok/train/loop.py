@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
 from maetok.data import ItemBatch, item_loader
-from maetok.errors import ConfigError, DataError, MissingFileError, ModelFolderError, NonFiniteError
+from maetok.errors import ConfigError, DataError, MissingFileError, ModelFolderError, NonFiniteError, first_line
 from maetok.global_batch import SampleRandom, all_finite_everywhere
 from maetok.model_folders import check_state_keys
 from maetok.runs import (
@@ -40,7 +40,6 @@ from maetok.runs import (
     check_finite_tensors,
     check_format_version,
     check_output_folder,
-    first_line,
     resolve_device,
 )
 
@@ -338,11 +337,11 @@ def load_checkpoint(path: Path) -> dict:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         first = f"it references {found.group(1)}" if found else "unsupported content"
         raise ModelFolderError(f"checkpoint {path} was refused: it holds pickled code or objects beyond tensors and plain "
-                         f"containers, which maetok never executes ({first})") from None
+                               f"containers, which maetok never executes ({first})") from None
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: name it, in one line
         first = first_line(err)
         raise ModelFolderError(f"cannot read checkpoint {path} (truncated or not a maetok checkpoint: {first}); "
-                         f"delete it to restart the run, or restore it") from None
+                               f"delete it to restart the run, or restore it") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise ModelFolderError(f"{path} is not a maetok training checkpoint (no 'step' / 'model' entries)")
     check_format_version(state, path)
@@ -441,11 +440,11 @@ def prepare_run_directory(
             path = Path(source).resolve()
             if path == out or out in path.parents or path in out.parents:
                 raise ModelFolderError(f"--overwrite would delete {source}, an input of this run ({out_dir} holds it or lies "
-                                 f"in it): choose another --out")
+                                       f"in it): choose another --out")
         return None
     if resume and (out_dir / MODEL_DIR / "config.json").exists() and not (out_dir / CHECKPOINT).exists():
         raise ModelFolderError(f"{out_dir} holds a finished run without {CHECKPOINT}: --resume cannot continue it (it would "
-                         f"start again from step 0); pass --overwrite to train it again")
+                               f"start again from step 0); pass --overwrite to train it again")
     if not resume:
         if (out_dir / MODEL_DIR / "config.json").exists():
             state = "a finished run"
@@ -454,7 +453,7 @@ def prepare_run_directory(
         else:
             state = "a run's files"
         raise ModelFolderError(f"{out_dir} already holds {state}: pass --resume to continue it, or --overwrite to delete "
-                         f"it and start again (or choose another --out)")
+                               f"it and start again (or choose another --out)")
     config_path = out_dir / "config.yaml"
     changes = changes_since(config_path, cfg, unused)
     if not changes:
@@ -466,8 +465,8 @@ def prepare_run_directory(
     significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
     if significant and not allow_config_change:
         raise ModelFolderError(f"--resume with a changed config ({', '.join(significant[:4])}"
-                         f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
-                         f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
+                               f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
+                               f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
     return config_path.read_text()
 
 
@@ -779,7 +778,7 @@ class Trainer:
             check_state_keys(ours, {k: tuple(v.shape) for k, v in saved.items()}, path)
         except ValueError as err:
             raise ModelFolderError(f"cannot resume: the config changes the model's shape, {err}; start a new run "
-                             f"(another --out, or --overwrite)") from None
+                                   f"(another --out, or --overwrite)") from None
 
     def fit(self, stop_at: Optional[int] = None) -> Path:
         """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
@@ -811,7 +810,7 @@ class Trainer:
                 if not len(batch.labels):
                     names = ", ".join(f"{item.file} ({item.reason})" for item in batch.skipped[:3])
                     raise DataError(f"{self.run_kind} step {self.step + 1}: every image of the batch was unreadable "
-                                     f"({names}, ...): the dataset looks corrupt")
+                                    f"({names}, ...): the dataset looks corrupt")
                 logs = self.train_step(batch)
                 self.step += 1
                 window_items += len(batch.labels) * dist_info.world_size

@@ -53,7 +53,7 @@ def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
         model_config = tokenizer_config(run_dir)
     except FileNotFoundError:
         raise MissingFileError(f"{path} not found: {run_dir} is neither a tokenizer run directory nor a tokenizer "
-                                "folder or hub id") from None
+                               "folder or hub id") from None
     return dataclasses.replace(load_config(TokenizerTrainConfig, PRETRAINED_FINETUNE_PRESET), model=model_config)
 
 
@@ -196,7 +196,7 @@ class TokenizerTrainer(Trainer):
         stage1 = MAETok.from_pretrained(source)
         if to_dict(stage1.config) | {"aux_targets": []} != to_dict(self.cfg.model) | {"aux_targets": []}:
             raise ConfigError(f"the tokenizer in {model_directory(source)} was built with a different model config "
-                             "than this run")
+                              "than this run")
         if type(stage1) is not type(model):
             return stage1.train()
         model.load_state_dict(stage1.state_dict(), strict=True)
