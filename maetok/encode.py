@@ -119,7 +119,6 @@ def encode_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 2
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def posterior_draws(seed: int, indices: Tensor) -> SampleRandom:
     """The draws of a VAE's posterior samples for the dataset items ``indices`` ``(B,)`` in the latent cache:
     keyed by ``(seed, dataset index)`` (namespace ``latent_cache``; ``.child("flipped")`` for the flipped
@@ -127,6 +126,7 @@ def posterior_draws(seed: int, indices: Tensor) -> SampleRandom:
     return SampleRandom(seed, 0, indices).child("latent_cache")
 
 
+@torch.no_grad()
 def cache_latents(
     tokenizer: torch.nn.Module,
     dataset: Dataset,

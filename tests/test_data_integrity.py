@@ -229,7 +229,16 @@ def test_cache_rows_match_their_files_and_resume(tokenizer_dir: Path, tmp_path: 
     _truncate(images / "k1" / "5.png", 0.3)
     dataset = build_dataset(str(images), "all", 16, 3)
     tokenizer = MAETok.from_pretrained(tokenizer_dir).eval()
+    encode, grad_enabled = tokenizer.encode, []
+
+    def recording_encode(*args, **kwargs):  # the cache is encoded without autograd (no graph kept per batch)
+        grad_enabled.append(torch.is_grad_enabled())
+        return encode(*args, **kwargs)
+
+    tokenizer.encode = recording_encode
     cache_latents(tokenizer, dataset, tmp_path / "cache", tokenizer_dir, shard_size=3, batch_size=2, progress=False)
+    tokenizer.encode = encode
+    assert grad_enabled and not any(grad_enabled)
     cache = LatentDataset(tmp_path / "cache")
     bad = {"k0/2.png", "k1/5.png"}
     assert len(cache) == cache.stats["num_items"] == 8 and cache.stats["num_listed_items"] == 10
