@@ -171,7 +171,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     expected_bytes = header_bytes + count * dtype.itemsize
     if len(raw) != expected_bytes:
         raise DataError(
-                        f"IDX file '{path}' has {len(raw)} bytes but its header (shape {shape}, {dtype}) needs {expected_bytes}"
+            f"IDX file '{path}' has {len(raw)} bytes but its header (shape {shape}, {dtype}) needs {expected_bytes}"
         )
     return np.frombuffer(raw, dtype=dtype, count=count, offset=header_bytes).reshape(shape)
 
@@ -552,8 +552,8 @@ class ImageFolder(ImageDataset):
             keep = split_paths(relative_paths, self.split, self.holdout_fraction)
             if not keep:
                 raise DataError(
-                                f"split {self.split!r} of '{self.root}' is empty ({len(relative_paths)} images, "
-                                f"holdout_fraction={self.holdout_fraction}); use split=None or a larger folder"
+                    f"split {self.split!r} of '{self.root}' is empty ({len(relative_paths)} images, "
+                    f"holdout_fraction={self.holdout_fraction}); use split=None or a larger folder"
                 )
             relative_paths = [relative_paths[i] for i in keep]
 
@@ -762,8 +762,8 @@ def build_dataset(spec: str, split: str, image_size: int, channels: int, **folde
     if is_fashion_mnist(spec):
         if folder_options.get("return_captions"):
             raise DataError(
-                            f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "
-                            "with a .txt caption beside each image"
+                f"dataset {spec!r} has no captions (the 'text' auxiliary target needs them): use an image folder "
+                "with a .txt caption beside each image"
             )
         folder_options = {k: v for k, v in folder_options.items() if k != "max_image_pixels"}
         if folder_options:

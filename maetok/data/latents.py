@@ -149,8 +149,8 @@ class LatentCacheWriter:
         if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
             if not restart_if_stale:
                 raise DataError(
-                                f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
-                                f"({plan_path.read_text().strip()}); use another --out or delete it"
+                    f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
+                    f"({plan_path.read_text().strip()}); use another --out or delete it"
                 )
             shutil.rmtree(self.cache_dir)
             self.cache_dir.mkdir(parents=True)
