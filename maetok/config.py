@@ -543,11 +543,11 @@ class DiffusionModelConfig:
 
     @property
     def size_name(self) -> str:
-        """The name of this size in :data:`DIFFUSION_SIZES` (``"SiT-B"``), else ``"<width>w x <depth>"``."""
+        """The name of this size in :data:`DIFFUSION_SIZES` (``"SiT-B"``), else ``"custom size"``."""
         family = DIFFUSION_ARCHS[self.arch][0] if self.arch in DIFFUSION_ARCHS else self.arch
         size = TransformerSize(self.width, self.depth, self.num_heads)
         return next((name for name, row in DIFFUSION_SIZES.items() if row == size and name.startswith(family + "-")),
-                    f"{family} width {self.width} x depth {self.depth}")
+                    "custom size")
 
     def for_latents(self, latent_shape: Sequence[int], num_classes: int) -> "DiffusionModelConfig":
         """This config on latents ``(L, C) = latent_shape`` with ``num_classes`` classes (0 when not

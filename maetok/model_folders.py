@@ -511,8 +511,9 @@ def model_card(model: Union[MAETok, AdaLNVelocityTransformer], repo_id: str) -> 
     tags = "---\nlibrary_name: maetok\ntags:\n- maetok\n- pytorch_model_hub_mixin\n"
     if isinstance(model, AdaLNVelocityTransformer):
         cfg = model.config
-        return (f"{tags}- diffusion\n---\n\n# {repo_id}\n\nA {cfg.size_name} ({cfg.arch}) on {cfg.num_latent_tokens} x "
-                f"{cfg.latent_dim} MAETok latents, {model.num_classes or 'no'} classes, saved by maetok.\n\n"
+        return (f"{tags}- diffusion\n---\n\n# {repo_id}\n\nA {cfg.arch} velocity model ({cfg.size_name}: width "
+                f"{cfg.width}, depth {cfg.depth}) on {cfg.num_latent_tokens} x {cfg.latent_dim} MAETok latents, "
+                f"{model.num_classes or 'no'} classes, saved by maetok.\n\n"
                 f"```python\nfrom maetok.diffusion.generator import LatentGenerator\n\n"
                 f"generator = LatentGenerator.load(\"{repo_id}\")\n```\n")
     cfg = model.config
