@@ -9,8 +9,10 @@ format is detected once, from ``config.json`` (:func:`detect_format`):
 ``maetok-diffusion``   ours: ``model_type: maetok-diffusion``, the :class:`~maetok.config.DiffusionModelConfig`
                        under ``model`` and the sampling entries (:data:`FOLDER_EXTRAS`)
 ``authors-sit``        the authors' SiT saver: flat model arguments (``hidden_size``, ``depth``, ``input_size`` ...)
-``diffusers``          a diffusers component folder (``_class_name``), written and read by
-                       :mod:`maetok.integrations.diffusers`
+``diffusers-*``        a component folder of :mod:`maetok.integrations.diffusers` (``_class_name``
+                       ``MAETokAutoencoder``: ``diffusers-tokenizer``; ``MAETokTransformer``:
+                       ``diffusers-diffusion``), weights in ``diffusion_pytorch_model.safetensors``; written by
+                       diffusers, read here too (a diffusers transformer comes with the default sampling settings)
 =====================  ==================================================================================
 
 Every loader takes a folder, the run directory holding it as ``model/`` (:func:`maetok.runs.model_directory`) or a
@@ -76,8 +78,12 @@ AUTHORS_TOKENIZER_KEYS = ("enc_type", "encoder_model", "codebook_embed_dim", "nu
 AUTHORS_SIT_KEYS = ("hidden_size", "depth", "num_heads", "in_channels", "input_size")
 #: config.json entries of our diffusion folder besides ``model``, in file order
 FOLDER_EXTRAS = ("class_names", "latent_norm", "sampling", "tokenizer")
-TOKENIZER_FORMATS = ("maetok-tokenizer", "authors-tokenizer")
-DIFFUSION_FORMATS = ("maetok-diffusion", "authors-sit")
+#: the classes of maetok.integrations.diffusers whose folders these loaders read: _class_name -> (format, key prefix)
+DIFFUSERS_CLASSES = {"MAETokAutoencoder": ("diffusers-tokenizer", "tokenizer."),
+                     "MAETokTransformer": ("diffusers-diffusion", "model.")}
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TOKENIZER_FORMATS = ("maetok-tokenizer", "authors-tokenizer", "diffusers-tokenizer")
+DIFFUSION_FORMATS = ("maetok-diffusion", "authors-sit", "diffusers-diffusion")
 #: how many names a key-mismatch error line shows per kind (the full list goes to the log)
 MISMATCH_NAMES_SHOWN = 3
 
@@ -167,12 +173,6 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     return model
 
 
-def load_model_weights(model: torch.nn.Module, directory: PathLike, map_location: str = "cpu") -> torch.nn.Module:
-    """Load ``directory/model.safetensors`` into ``model``, strictly (:func:`load_state_strict`)."""
-    weights = Path(directory) / MODEL_WEIGHTS
-    return load_state_strict(model, read_safetensors(weights, map_location), weights)
-
-
 def require_config_fields(config: Mapping[str, Any], fields: Sequence[str], source: PathLike) -> None:
     """``ConfigError`` naming ``source`` and the first field of ``fields`` that ``config`` lacks (and how many more)."""
     missing = [name for name in fields if name not in config]
@@ -201,14 +201,22 @@ class ModelFolder:
 
     @property
     def weights_path(self) -> Path:
-        return self.directory / MODEL_WEIGHTS
+        return self.directory / (DIFFUSERS_WEIGHTS if self.format.startswith("diffusers") else MODEL_WEIGHTS)
+
+    def load_weights(self, model: torch.nn.Module, map_location: str = "cpu") -> torch.nn.Module:
+        """``model`` with this folder's weights, strictly (:func:`load_state_strict`); a diffusers folder's keys lose
+        their wrapper's prefix (``tokenizer.`` / ``model.``)."""
+        state = read_safetensors(self.weights_path, map_location)
+        prefix = DIFFUSERS_CLASSES[self.config["_class_name"]][1] if self.format.startswith("diffusers-") else ""
+        state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+        return load_state_strict(model, state, self.weights_path)
 
 
 def detect_format(config: Mapping[str, Any], source: PathLike = MODEL_CONFIG) -> str:
     """The format of a parsed ``config.json`` (see the module docstring); anything else raises ``ConfigError``
     naming ``source``."""
     if "_class_name" in config:
-        return "diffusers"
+        return DIFFUSERS_CLASSES.get(config["_class_name"], ("diffusers",))[0]
     if "model_type" not in config and FORMAT_KEY not in config:
         if all(key in config for key in AUTHORS_TOKENIZER_KEYS):
             return "authors-tokenizer"
@@ -231,6 +239,8 @@ def read_folder(source: PathLike, what: str = "model") -> ModelFolder:
     directory = model_directory(resolve_pretrained(source))
     path = directory / MODEL_CONFIG
     if not path.exists():
+        if (directory / "model_index.json").exists():
+            raise ModelFolderError(f"{directory} is a diffusers pipeline: name its vae/ or transformer/ folder")
         raise MissingFileError(f"{path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
     try:
         raw = json.loads(path.read_text())
@@ -285,9 +295,20 @@ def tokenizer_config(source: PathLike) -> TokenizerConfig:
     _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
     if folder.format == "authors-tokenizer":
         return _authors_tokenizer_architecture(folder)[0]
-    require_config_fields(folder.config, CONFIG_REQUIRED_FIELDS, folder.config_path)
-    raw = {k: v for k, v in folder.config.items() if k != ARCHITECTURE_KEY}
-    return from_dict(TokenizerConfig, raw, where=str(folder.config_path))
+    raw, where = _our_tokenizer_config(folder)
+    return from_dict(TokenizerConfig, {k: v for k, v in raw.items() if k != ARCHITECTURE_KEY}, where=where)
+
+
+def _our_tokenizer_config(folder: ModelFolder) -> tuple[dict[str, Any], str]:
+    """Our tokenizer config of a folder in our format or diffusers' (its ``tokenizer_config``), with every field
+    that decides a weight's shape; and where it was read, for errors."""
+    raw, where = folder.config, str(folder.config_path)
+    if folder.format == "diffusers-tokenizer":
+        raw, where = folder.config.get("tokenizer_config"), f"{folder.config_path}:tokenizer_config"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    require_config_fields(raw, CONFIG_REQUIRED_FIELDS, where)
+    return raw, where
 
 
 def load_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
@@ -295,10 +316,9 @@ def load_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
     eval mode (what ``MAETok.from_pretrained`` returns)."""
     folder = read_folder(source, "tokenizer")
     _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
-    if folder.format == "maetok-tokenizer":
-        require_config_fields(folder.config, CONFIG_REQUIRED_FIELDS, folder.config_path)
-        model = build_tokenizer(folder.config, folder.config_path)
-        return load_model_weights(model, folder.directory, map_location).eval()
+    if folder.format != "authors-tokenizer":
+        raw, where = _our_tokenizer_config(folder)
+        return folder.load_weights(build_tokenizer(raw, where), map_location).eval()
     # the authors' format: their key names, checked against the skeleton before any tensor is read
     tokenizer_cfg, architecture = _authors_tokenizer_architecture(folder)
     with torch.device("meta"):
@@ -391,8 +411,8 @@ class DiffusionFolder:
 
 
 def read_diffusion_folder(source: PathLike) -> DiffusionFolder:
-    """The :class:`DiffusionFolder` of ``source``: a folder of ours or the authors', the run directory holding ours
-    as ``model/``, or a hub id of either."""
+    """The :class:`DiffusionFolder` of ``source``: a folder of ours, the authors' or diffusers' (a
+    ``MAETokTransformer``), the run directory holding ours as ``model/``, or a hub id."""
     folder = read_folder(source, "diffusion model")
     _require_format(folder, DIFFUSION_FORMATS, "diffusion model")
     raw, path = folder.config, folder.config_path
@@ -403,6 +423,14 @@ def read_diffusion_folder(source: PathLike) -> DiffusionFolder:
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{path}: the authors' SiT config cannot be mapped: {err}") from None
         extras = {**default_folder_extras(), "sampling": to_dict(SamplingConfig(**AUTHORS_SAMPLING))}
+        return DiffusionFolder(folder, model_cfg, extras)
+    if folder.format == "diffusers-diffusion":  # MAETokTransformer's config; its sampling lives in the scheduler
+        if not isinstance(raw.get("diffusion_model"), dict):
+            raise ConfigError(f"{path}: diffusion_model must be a mapping, got {raw.get('diffusion_model')!r}")
+        model_cfg = diffusion_model_config(raw["diffusion_model"], f"{path}:diffusion_model", raw.get("latent_shape"),
+                                           raw.get("num_classes"))
+        extras = {**default_folder_extras(), "class_names": list(raw.get("class_names") or []),
+                  "latent_norm": raw.get("latent_norm") or default_folder_extras()["latent_norm"]}
         return DiffusionFolder(folder, model_cfg, extras)
     missing = [key for key in ("model", "latent_norm", "sampling") if key not in raw]
     if missing:
@@ -419,7 +447,7 @@ def load_diffusion_model(source: PathLike, device: Optional[Union[str, torch.dev
     the first GPU, else the CPU), with the folder's extras in its ``folder_extras``; and the folder."""
     found = read_diffusion_folder(source)
     model = build_diffusion_model(found.model_cfg)
-    load_model_weights(model, found.directory)
+    found.folder.load_weights(model)
     model.folder_extras = dict(found.extras)
     return model.to(resolve_device(device)).eval(), found
 

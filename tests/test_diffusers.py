@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 from maetok.config import DiffusionModelConfig, SamplingConfig, TokenizerConfig, to_dict  # noqa: E402
 from maetok.data.latents import LatentNormalizer  # noqa: E402
 from maetok.diffusion.generator import LatentGenerator  # noqa: E402
-from maetok.models.sit import build_diffusion_model  # noqa: E402
+from maetok.models.sit import SiT, build_diffusion_model  # noqa: E402
 from maetok.integrations.diffusers import (  # noqa: E402
     MAETokAutoencoder,
     MAETokSampler,
@@ -77,6 +77,9 @@ def test_autoencoder_wraps_the_tokenizer_and_round_trips(folders, tmp_path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()
     again = MAETokAutoencoder.from_pretrained(tmp_path / "vae")
     assert again.config.tokenizer_config == to_dict(ours.config)
+    # maetok's own loader reads the diffusers folder too (model_folders: format "diffusers-tokenizer")
+    plain = MAETok.from_pretrained(tmp_path / "vae")
+    assert type(plain) is MAETok and all(torch.equal(v, ours.state_dict()[k]) for k, v in plain.state_dict().items())
     with torch.no_grad():
         assert torch.equal(again.encode(images).latent, latents)
         assert torch.equal(again.decode(latents).sample, decoded)
@@ -124,6 +127,12 @@ def test_pipeline_call_save_and_load(folders, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     for part in ("model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
         assert (tmp_path / "pipe" / part).exists(), part
+    # maetok's loaders read the pipeline's components (a transformer with the default sampling settings)
+    sit_model = SiT.from_pretrained(tmp_path / "pipe" / "transformer")
+    assert all(torch.equal(v, pipe.transformer.model.state_dict()[k]) for k, v in sit_model.state_dict().items())
+    assert LatentGenerator.load(tmp_path / "pipe" / "transformer").normalizer.to_dict() == generator.normalizer.to_dict()
+    with pytest.raises(ValueError, match="is a diffusers pipeline: name its vae/ or transformer/ folder"):
+        MAETok.from_pretrained(tmp_path / "pipe")
     loaded = MAETokSiTPipeline.from_pretrained(tmp_path / "pipe")
     again = loaded(class_labels=[0, 2, 1], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                    output_type="pt")

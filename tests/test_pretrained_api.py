@@ -223,10 +223,16 @@ def test_the_format_is_detected_once_for_every_folder(tmp_path, capsys):
                           "num_latent_tokens": 128}) == "authors-tokenizer"
     assert detect_format({"hidden_size": 1, "depth": 1, "num_heads": 1, "in_channels": 1, "input_size": 1}) \
         == "authors-sit"
-    assert detect_format({"_class_name": "MAETokAutoencoder", "tokenizer_config": {}}) == "diffusers"
+    assert detect_format({"_class_name": "MAETokAutoencoder", "tokenizer_config": {}}) == "diffusers-tokenizer"
+    assert detect_format({"_class_name": "MAETokTransformer"}) == "diffusers-diffusion"
+    assert detect_format({"_class_name": "MAETokSampler"}) == "diffusers"
     folder = tmp_path / "vae"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "MAETokAutoencoder", "tokenizer_config": {}}))
+    assert main(["info", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json:tokenizer_config lacks the field 'variant'" in err
+    (folder / "config.json").write_text(json.dumps({"_class_name": "MAETokSampler"}))
     assert main(["info", "--model", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a diffusers model, not a tokenizer (load it with maetok.integrations" in err
