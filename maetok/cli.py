@@ -77,11 +77,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_diffusion_info(source: str) -> None:
-    """``maetok info --model`` of a diffusion model: format, architecture, parameters, latents, classes."""
+def _print_diffusion_info(source: str, folder: Any) -> None:
+    """``maetok info --model`` of a diffusion model (``folder``, read from ``source``): format, architecture,
+    parameters, latents, classes."""
     from maetok.model_folders import load_diffusion_model
 
-    model, folder = load_diffusion_model(source, "cpu")
+    model, folder = load_diffusion_model(folder, "cpu")
     arch = model.config
     params = sum(p.numel() for p in model.parameters())
     print(f"{source}: {arch.arch} (width {arch.width}, depth {arch.depth}, {arch.num_heads} heads), "
@@ -90,20 +91,21 @@ def _print_diffusion_info(source: str) -> None:
     print(f"  on {arch.num_latent_tokens} x {arch.latent_dim} latents, {model.num_classes or 'no'} classes")
     print(f"  {'parameters':<32} {params / 1e6:8.2f}M")
     norm = folder.extras.get("latent_norm") or {}
-    if folder.source_format == "maetok":
-        print(f"  latent normalisation: {norm.get('mode', 'none')} (stored with the model)")
-    else:
+    if folder.source_format == "authors-sit":
         print("  latent normalisation: the tokenizer's scalar mean / std (the authors' convention)")
+    else:
+        print(f"  latent normalisation: {norm.get('mode', 'none')} (stored with the model)")
 
 
 def _print_model_info(source: str) -> None:
     """``maetok info --model``: detected format, parameter counts, latent shape and latent statistics."""
-    from maetok.model_folders import is_diffusion_folder, summarize
+    from maetok.model_folders import is_diffusion_folder, read_folder, summarize
 
-    if is_diffusion_folder(source):
-        _print_diffusion_info(source)
+    folder = read_folder(source)  # config.json read and its format detected once
+    if is_diffusion_folder(folder):
+        _print_diffusion_info(source, folder)
         return
-    s = summarize(source)
+    s = summarize(folder)
     grid = s["image_size"] // s["patch_size"]
     print(f"{source}: {s['architecture']}, format {s['format']}")
     print(f"  folder {s['folder']}")

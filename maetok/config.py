@@ -280,7 +280,7 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true/false", "str":
 def from_dict(cls: type[T], data: Mapping, where: str = "") -> T:
     """Dataclass ``cls`` from its defaults and a (possibly partial) mapping, every key and type checked (not
     validated); ``where`` (a file, a section) prefixes the keys that errors name."""
-    return _build(cls, [_expanded(cls, data, where)], where)
+    return _build(cls, _expanded(cls, data, where), where)
 
 
 def _expanded(cls: type, data: Mapping, where: str = "") -> Mapping:
@@ -295,16 +295,13 @@ def _expanded(cls: type, data: Mapping, where: str = "") -> Mapping:
             if key in hints and dataclasses.is_dataclass(hints[key]) else value for key, value in data.items()}
 
 
-def _build(cls: type[T], layers: Sequence[Mapping], where: str = "") -> T:
-    """``cls``'s defaults with each mapping of ``layers`` merged on in turn (a nested mapping starts from the
-    field's default; lists and other values are replaced whole), as a ``cls``; a refusal is a one-line
-    :class:`ConfigError`."""
-    cfg = OmegaConf.structured(cls)
-    for layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except _REFUSED as err:
-            raise ConfigError(_refusal(cls, layer, where) or f"{where or cls.__name__}: {first_line(err)}") from None
+def _build(cls: type[T], data: Mapping, where: str = "") -> T:
+    """``cls``'s defaults with ``data`` merged on (a nested mapping starts from the field's default; lists and other
+    values are replaced whole), as a ``cls``; a refusal is a one-line :class:`ConfigError`."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(cls), data)
+    except _REFUSED as err:
+        raise ConfigError(_refusal(cls, data, where) or f"{where or cls.__name__}: {first_line(err)}") from None
     try:
         return _tuples_restored(OmegaConf.to_object(cfg))
     except OmegaConfBaseException as err:  # a mandatory value left out, a ${...} interpolation that does not resolve
@@ -439,8 +436,7 @@ def load_config(
     """Defaults <- ``preset`` (a preset name, a YAML path or a mapping, e.g. a run's config) <- ``overrides``,
     validated."""
     raw = read_preset(preset) if isinstance(preset, (str, Path)) else preset or {}
-    raw = deep_merge(raw, parse_overrides(overrides or []))
-    cfg = _build(cls, [_expanded(cls, raw)])
+    cfg = from_dict(cls, deep_merge(raw, parse_overrides(overrides or [])))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

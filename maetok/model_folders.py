@@ -232,10 +232,13 @@ def detect_format(config: Mapping[str, Any], source: PathLike = MODEL_CONFIG) ->
                       "nor the authors' MAETok or SiT format)")
 
 
-def read_folder(source: PathLike, what: str = "model") -> ModelFolder:
-    """The :class:`ModelFolder` of ``source``: a folder, the run directory holding it as ``model/``, or a hub id. A
-    missing file, invalid JSON, a non-object, a newer format version or an unknown format raise one line naming the
-    file; ``what`` names the kind of model wanted."""
+def read_folder(source: Union[PathLike, ModelFolder], what: str = "model") -> ModelFolder:
+    """The :class:`ModelFolder` of ``source``: a folder, the run directory holding it as ``model/``, or a hub id (a
+    :class:`ModelFolder` already read is returned as it is, so every loader here takes one). A missing file, invalid
+    JSON, a non-object, a newer format version or an unknown format raise one line naming the file; ``what`` names
+    the kind of model wanted."""
+    if isinstance(source, ModelFolder):
+        return source
     directory = model_directory(resolve_pretrained(source))
     path = directory / MODEL_CONFIG
     if not path.exists():
@@ -288,7 +291,7 @@ def _authors_tokenizer_architecture(folder: ModelFolder) -> tuple[TokenizerConfi
         raise ConfigError(f"{folder.config_path}: cannot read the architecture ({type(err).__name__}: {err})") from None
 
 
-def tokenizer_config(source: PathLike) -> TokenizerConfig:
+def tokenizer_config(source: Union[PathLike, ModelFolder]) -> TokenizerConfig:
     """The :class:`~maetok.config.TokenizerConfig` of a tokenizer folder (either format), run directory or hub id,
     without reading its tensors (the authors' format: from ``config.json`` and the safetensors header)."""
     folder = read_folder(source, "tokenizer")
@@ -311,9 +314,9 @@ def _our_tokenizer_config(folder: ModelFolder) -> tuple[dict[str, Any], str]:
     return raw, where
 
 
-def load_tokenizer(source: PathLike, map_location: str = "cpu") -> MAETok:
-    """The tokenizer of a folder (ours or the authors' format), a run directory or a hub id, strictly loaded, in
-    eval mode (what ``MAETok.from_pretrained`` returns)."""
+def load_tokenizer(source: Union[PathLike, ModelFolder], map_location: str = "cpu") -> MAETok:
+    """The tokenizer of a folder (ours, the authors' or diffusers' format), a run directory or a hub id, strictly
+    loaded, in eval mode (what ``MAETok.from_pretrained`` returns)."""
     folder = read_folder(source, "tokenizer")
     _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
     if folder.format != "authors-tokenizer":
@@ -410,7 +413,7 @@ class DiffusionFolder:
         return self.folder.format
 
 
-def read_diffusion_folder(source: PathLike) -> DiffusionFolder:
+def read_diffusion_folder(source: Union[PathLike, ModelFolder]) -> DiffusionFolder:
     """The :class:`DiffusionFolder` of ``source``: a folder of ours, the authors' or diffusers' (a
     ``MAETokTransformer``), the run directory holding ours as ``model/``, or a hub id."""
     folder = read_folder(source, "diffusion model")
@@ -441,9 +444,9 @@ def read_diffusion_folder(source: PathLike) -> DiffusionFolder:
     return DiffusionFolder(folder, model_cfg, extras)
 
 
-def load_diffusion_model(source: PathLike, device: Optional[Union[str, torch.device]] = None
+def load_diffusion_model(source: Union[PathLike, ModelFolder], device: Optional[Union[str, torch.device]] = None
                          ) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
-    """The model of a diffusion folder (ours or the authors'), strictly loaded, in eval mode on ``device`` (default:
+    """The model of a diffusion folder (ours, the authors' or diffusers'), strictly loaded, in eval mode on ``device`` (default:
     the first GPU, else the CPU), with the folder's extras in its ``folder_extras``; and the folder."""
     found = read_diffusion_folder(source)
     model = build_diffusion_model(found.model_cfg)
@@ -478,16 +481,18 @@ def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def is_diffusion_folder(source: PathLike) -> bool:
-    """Whether ``source`` holds a diffusion model (ours or the authors' SiT) rather than a tokenizer."""
+def is_diffusion_folder(source: Union[PathLike, ModelFolder]) -> bool:
+    """Whether ``source`` holds a diffusion model (ours, the authors' SiT or a diffusers transformer) rather than a
+    tokenizer."""
     return read_folder(source).format in DIFFUSION_FORMATS
 
 
-def load_model(source: PathLike) -> Union[MAETok, AdaLNVelocityTransformer]:
-    """The tokenizer or diffusion model of ``source`` (any format but diffusers'), on the CPU, in eval mode."""
-    if is_diffusion_folder(source):
-        return load_diffusion_model(source, "cpu")[0]
-    return load_tokenizer(source)
+def load_model(source: Union[PathLike, ModelFolder]) -> Union[MAETok, AdaLNVelocityTransformer]:
+    """The tokenizer or diffusion model of ``source`` (any format), on the CPU, in eval mode."""
+    folder = read_folder(source)
+    if folder.format in DIFFUSION_FORMATS:
+        return load_diffusion_model(folder, "cpu")[0]
+    return load_tokenizer(folder)
 
 
 def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike) -> Path:
@@ -500,27 +505,27 @@ def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLi
 def convert(source: PathLike, out: PathLike) -> Path:
     """``maetok convert``: the model of ``source`` (a tokenizer or diffusion folder of any format, a run directory or
     a hub id) written to ``out`` in our format; the written folder is read back and must hold the same tensors."""
-    directory = read_folder(source).directory
+    folder = read_folder(source)
     out = Path(out)
-    if out.exists() and out.resolve() == directory.resolve():
+    if out.exists() and out.resolve() == folder.directory.resolve():
         raise ModelFolderError(f"--out {out} is the source folder: write the converted model elsewhere")
-    model = load_model(directory)
+    model = load_model(folder)
     save_model(model, out)
     if weights_fingerprint(load_model(out)) != weights_fingerprint(model):
         raise ModelFolderError(f"{out}: the converted model does not read back with the same weights")
     return out
 
 
-def summarize(source: PathLike) -> dict[str, Any]:
+def summarize(source: Union[PathLike, ModelFolder]) -> dict[str, Any]:
     """What ``maetok info --model`` prints of a tokenizer: format, parameter counts, latent shape and statistics."""
     folder = read_folder(source, "tokenizer")
-    model = load_tokenizer(folder.directory)
+    model = load_tokenizer(folder)
     cfg = model.config
     authors = folder.format == "authors-tokenizer"
     summary: dict[str, Any] = {
-        "source": str(source),
         "folder": str(folder.directory),
-        "format": "authors (their config.json + key names)" if authors else "maetok",
+        "format": {"authors-tokenizer": "authors (their config.json + key names)",
+                   "diffusers-tokenizer": "diffusers (a MAETokAutoencoder folder)"}.get(folder.format, "maetok"),
         "architecture": "released MAETok" if isinstance(model, ReleasedMAETok) else f"maetok ({cfg.variant})",
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,

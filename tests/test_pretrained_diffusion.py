@@ -437,5 +437,7 @@ def test_convert_and_info_on_the_authors_sit(authors_folder, tmp_path, capsys):
     assert main(["info", "--model", str(folder)]) == 0
     printed = capsys.readouterr().out
     assert "format authors-sit" in printed and "on 4 x 4 latents, 3 classes" in printed and "parameters" in printed
+    assert "latent normalisation: the tokenizer's scalar mean / std (the authors' convention)" in printed
     assert main(["info", "--model", str(out)]) == 0
-    assert "format maetok" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "format maetok" in printed and "latent normalisation: none (stored with the model)" in printed
