@@ -42,15 +42,16 @@ class DiffusionTrainer(Trainer):
                          device=device, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change)
         self.train_set = LatentDataset(cfg.latents)
         stats = self.train_set.stats
-        self.latent_shape = tuple(stats["latent_shape"])
-        self.num_classes = stats["num_classes"] if cfg.model.conditional else 0
+        # the architecture on this cache's latents and classes (model.latent_dim / num_latent_tokens / num_classes;
+        # no classes when model.conditional is false)
+        self.model_cfg = cfg.model.for_latents(stats["latent_shape"], stats["num_classes"])
+        self.latent_shape = self.model_cfg.latent_shape
+        self.num_classes = self.model_cfg.num_classes
         if self.num_classes and int(self.train_set.labels.min()) < 0:
             raise ConfigError(
                 f"{cfg.latents} has unlabelled items (label -1): train an unconditional model (model.conditional=false)"
             )
         self.normalizer = LatentNormalizer(stats, cfg.transport.latent_norm)
-        # the architecture on this cache's latents and classes (model.latent_dim / num_latent_tokens / num_classes)
-        self.model_cfg = cfg.model.for_latents(self.latent_shape, self.num_classes)
         torch.manual_seed(cfg.train.seed)
         model = build_diffusion_model(self.model_cfg)
         self.label_dropout = model.y_embedder.dropout_prob if model.y_embedder is not None else 0.0
