@@ -179,6 +179,14 @@ def test_vae_cache_samples_the_posterior_by_default_and_records_it(tmp_path):
     cache_latents(vae, data, tmp_path / "a", shard_size=4, progress=False)
     again = torch.cat([load_file(str(p))["latents"] for p in sorted((tmp_path / "a").glob("shard-*"))])
     assert torch.equal(sampled, again)
+    # a posterior-sample cache of an older maetok (noise drawn per shard: its plan lacks posterior_draws) is never
+    # completed with this noise: it is refused as made with other settings
+    plan_path = tmp_path / "a" / "cache_plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan_path.write_text(json.dumps({k: v for k, v in plan.items() if k != "posterior_draws"}))
+    (tmp_path / "a" / "shard-00001.safetensors").unlink()
+    with pytest.raises(ValueError, match="holds a cache made with other settings"):
+        cache_latents(vae, data, tmp_path / "a", shard_size=4, progress=False)
     cache_latents(vae, data, tmp_path / "e", shard_size=3, batch_size=2, progress=False)
     resized = torch.cat([load_file(str(p))["latents"] for p in sorted((tmp_path / "e").glob("shard-*"))])
     torch.testing.assert_close(resized, sampled, atol=1e-6, rtol=0)  # the same noise (encoder batches may round)

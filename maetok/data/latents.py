@@ -144,6 +144,8 @@ class LatentCacheWriter:
             "seed": seed if sample_posterior else None,
             **(dataset_settings or {}),
         }
+        if sample_posterior:  # a posterior sample cache of an older maetok drew per shard: never completed with these
+            self.plan["posterior_draws"] = "keyed by (seed, dataset index)"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         plan_path = self.cache_dir / PLAN_NAME
         if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
