@@ -72,8 +72,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from maetok.model_folders import convert
 
-    out = convert(args.source, args.out)
-    print(f"[maetok] {args.source} -> {out} (maetok format: config.json + model.safetensors)")
+    out = convert(args.source, args.out, args.to)
+    files = "config.json + model.safetensors" if args.to == "maetok" else "config.json + diffusion_pytorch_model.safetensors"
+    print(f"[maetok] {args.source} -> {out} ({args.to} format: {files})")
     return 0
 
 
@@ -243,6 +244,8 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     summary = read_latent_stats(stats.parent)
     print(f"[maetok] cached {summary['num_items']} latents of {len(dataset)} listed images to {args.out} "
           f"({summary['num_skipped_images']} unreadable skipped, listed in {summary['skipped_list']}; {stats.name} written)")
+    print(f"[maetok] latent mean {summary['mean']:.6g}, std {summary['std']:.6g} (diffusers: shift_factor "
+          f"{summary['mean']:.6g}, scaling_factor {1 / summary['std']:.6g})")
     return 0
 
 
@@ -266,8 +269,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
     from maetok.diffusion.generator import LatentGenerator, generate_images, write_samples
     from maetok.encode import load_tokenizer
+    from maetok.runs import resolve_device
 
-    pipe = LatentGenerator.load(args.model, args.device)
+    pipe = LatentGenerator.load(args.model, resolve_device(args.device))  # --device: default the GPU when there is one
     tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
     if not tokenizer_dir:
         raise ConfigError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
@@ -523,11 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-png", type=positive_int, default=None, help="write at most this many PNGs (the .npz holds all)")
 
-    p = add("convert", "Write a tokenizer or a diffusion model (our folder, the authors' released folder or a hub "
-                       "id) in our format.")
+    p = add("convert", "Write a tokenizer or a diffusion model (our folder, the authors' released folder, a diffusers "
+                       "component folder or a hub id) in our format or as a diffusers component folder.")
     p.add_argument("--from", dest="source", required=True, help="model folder, run directory or hub id "
                    "(e.g. MAETok/maetok-b-128)")
     p.add_argument("--out", required=True, help="output model folder (config.json + model.safetensors)")
+    p.add_argument("--to", choices=["maetok", "diffusers"], default="maetok",
+                   help="maetok: our folder; diffusers: a MAETokAutoencoder / MAETokTransformer folder "
+                   "(maetok.integrations.diffusers; a tokenizer's latent statistics as scaling_factor / shift_factor)")
 
     p = add("info", "Print presets and their parameter counts, or (--model) what a model folder holds.")
     p.add_argument("--model", default=None, help="a tokenizer or diffusion model folder, run directory or hub id: format, parameters, "

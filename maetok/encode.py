@@ -5,7 +5,8 @@
 * :func:`encode_dataset` / :func:`reconstructions`: every image of a dataset (flattened latents + labels for the
   latent analyses; (original, reconstruction) batches for the reconstruction metrics);
 * :func:`cache_latents`: a dataset into a latent cache for diffusion training (the encoding loop; the cache's files
-  are :mod:`maetok.data.latents`);
+  are :mod:`maetok.data.latents`); :func:`latent_statistics`: the scalar latent mean / std of a seeded sample of a
+  dataset, as the cache measures them (what a tokenizer folder carries);
 * :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side PNGs (one per input,
   :func:`reconstruction_path`).
 
@@ -39,14 +40,14 @@ from maetok.data.images import (
     save_side_by_side,
     to_tensor,
 )
-from maetok.data.latents import LatentCacheWriter
+from maetok.data.latents import LatentCacheWriter, LatentMoments
 from maetok.errors import ConfigError, MissingFileError
 from maetok.global_batch import SampleRandom
 from maetok.models.tokenizer import MAETok
 from maetok.runs import resolve_device, weights_fingerprint
 
-__all__ = ["cache_latents", "encode_dataset", "encode_images", "list_images", "load_tokenizer", "reconstruct_files",
-           "reconstruct_images", "reconstruction_path", "reconstructions"]
+__all__ = ["cache_latents", "encode_dataset", "encode_images", "latent_statistics", "list_images", "load_tokenizer",
+           "reconstruct_files", "reconstruct_images", "reconstruction_path", "reconstructions"]
 
 PathLike = Union[str, Path]
 
@@ -202,6 +203,28 @@ def cache_latents(
 # ---------------------------------------------------------------------------------------------------------
 # maetok reconstruct
 # ---------------------------------------------------------------------------------------------------------
+
+
+#: how many images of the training set :func:`latent_statistics` encodes when a tokenizer trainer writes its model
+LATENT_STATISTICS_IMAGES = 2048
+
+
+@torch.no_grad()
+def latent_statistics(tokenizer: MAETok, dataset: Dataset, num_images: int = LATENT_STATISTICS_IMAGES, seed: int = 0,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """``(mean, std)``: the scalar mean and std over every latent element ``(N, L, H)`` of ``num_images`` images of
+    ``dataset`` drawn at random with ``seed`` (all of them when it has no more), encoded as ``cache_latents`` with the
+    same ``seed`` encodes them (a VAE's posterior samples, each image's noise keyed by its dataset index) and reduced as
+    the cache's ``stats.json`` (:class:`~maetok.data.latents.LatentMoments`). Unreadable files are left out."""
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+    subset = DatasetSubset(dataset, chosen.tolist())
+    sample = tokenizer.config.variant == "vae"
+    moments = LatentMoments(tokenizer.config.latent_dim)
+    for batch in iter_batches(subset, batch_size):
+        draws = posterior_draws(seed, chosen[batch.indices])
+        moments.update(tokenizer.encode(batch.images.to(_device_of(tokenizer)), sample, draws).float().cpu())
+    stats = moments.stats()
+    return stats["mean"], stats["std"]
 
 
 def list_images(source: Union[str, Path]) -> list[Path]:

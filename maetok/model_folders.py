@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,7 +50,7 @@ from maetok.models.released import (
     map_authors_state,
 )
 from maetok.models.sit import AdaLNVelocityTransformer, build_diffusion_model
-from maetok.models.tokenizer import MAETok
+from maetok.models.tokenizer import LATENT_STATISTICS, MAETok
 from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,
@@ -65,6 +66,7 @@ from maetok.runs import (
 )
 
 logger = logging.getLogger(__name__)
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 TOKENIZER_MODEL_TYPE = "maetok"  # config.json's model_type in our tokenizer folders
 DIFFUSION_MODEL_TYPE = "maetok-diffusion"  # ... in our diffusion folders
@@ -82,6 +84,11 @@ FOLDER_EXTRAS = ("class_names", "latent_norm", "sampling", "tokenizer")
 DIFFUSERS_CLASSES = {"MAETokAutoencoder": ("diffusers-tokenizer", "tokenizer."),
                      "MAETokTransformer": ("diffusers-diffusion", "model.")}
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+#: the folder formats ``maetok convert --to`` writes: ours (:func:`save_model`) or a diffusers component
+#: (:func:`save_diffusers_folder`)
+CONVERT_FORMATS = ("maetok", "diffusers")
+#: weight files of pickle formats, which no loader here ever reads (unpickling can execute code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FORMATS = ("maetok-tokenizer", "authors-tokenizer", "diffusers-tokenizer")
 DIFFUSION_FORMATS = ("maetok-diffusion", "authors-sit", "diffusers-diffusion")
 #: how many names a key-mismatch error line shows per kind (the full list goes to the log)
@@ -93,27 +100,40 @@ MISMATCH_NAMES_SHOWN = 3
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str, Any],
-                      state_dict: Mapping[str, torch.Tensor]) -> Path:
-    """Write a model folder: ``model.safetensors`` (``state_dict`` on the CPU; no pickles), then ``config.json``
-    (``model_type``, the format version and ``config``), both through a temporary file and a rename. The config is
-    written last, so its presence means the folder is complete. Returns the directory."""
+def save_model_folder(directory: PathLike, model_type: Optional[str], config: Mapping[str, Any],
+                      state_dict: Mapping[str, torch.Tensor], weights_name: str = MODEL_WEIGHTS) -> Path:
+    """Write a model folder: ``weights_name`` (``state_dict`` on the CPU; no pickles), then ``config.json``
+    (``model_type``, the format version and ``config``; ``model_type`` None: ``config`` alone, a diffusers component),
+    both through a temporary file and a rename. The config is written last, so its presence means the folder is
+    complete. Returns the directory."""
     directory = Path(directory)
-    check_finite_tensors(state_dict, f"the {model_type} to be saved to {directory}")
+    check_finite_tensors(state_dict, f"the {model_type or 'model'} to be saved to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (MODEL_WEIGHTS + ".tmp")
+    tmp = directory / (weights_name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / MODEL_WEIGHTS)
-    write_json(directory / MODEL_CONFIG, {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION, **config}, atomic=True)
+    tmp.replace(directory / weights_name)
+    header = {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION} if model_type is not None else {}
+    write_json(directory / MODEL_CONFIG, {**header, **config}, atomic=True)
     return directory
 
 
-def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; a missing file raises ``FileNotFoundError``, a truncated or corrupt one
-    a one-line ``ValueError`` naming it."""
+def check_weights_file(path: PathLike) -> Path:
+    """``path`` when the safetensors file exists; else one line naming it: ``FileNotFoundError``, or, when its folder
+    holds pickle weights only (``diffusion_pytorch_model.bin`` ...), a ``ValueError`` saying they are never loaded."""
     path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path} not found")
+    if path.exists():
+        return path
+    pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES) if path.parent.is_dir() else []
+    if pickles:
+        raise ModelFolderError(f"{path} not found: {path.parent} holds pickle weights only ({', '.join(pickles)}), which "
+                               "maetok never loads (unpickling can execute code); save them as safetensors")
+    raise MissingFileError(f"{path} not found")
+
+
+def read_safetensors(path: PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing file raises ``FileNotFoundError`` (:func:`check_weights_file`),
+    a truncated or corrupt one a one-line ``ValueError`` naming it."""
+    path = check_weights_file(path)
     try:
         return load_file(str(path), device=map_location)
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError / ValueError) on bad files
@@ -125,9 +145,7 @@ def safetensors_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     """``{name: shape}`` of a safetensors file, read from its header only (no tensor is loaded)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path} not found")
+    path = check_weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -275,12 +293,33 @@ def build_tokenizer(config: Mapping[str, Any], source: PathLike) -> MAETok:
     ``released_architecture`` entry switches the released architecture on); ``source`` names the file in errors."""
     config = dict(config)
     released = config.pop(ARCHITECTURE_KEY, None)
+    statistics = _latent_statistics(config, source)
     tokenizer_config = from_dict(TokenizerConfig, config, where=str(source))
     if released is None:
-        return MAETok(tokenizer_config)
-    if not isinstance(released, dict):
+        model = MAETok(tokenizer_config)
+    elif not isinstance(released, dict):
         raise ConfigError(f"{source}: {ARCHITECTURE_KEY} must be a mapping, got {released!r}")
-    return ReleasedMAETok(tokenizer_config, from_dict(ReleasedArchitecture, released, where=f"{source}.{ARCHITECTURE_KEY}"))
+    else:
+        model = ReleasedMAETok(tokenizer_config, from_dict(ReleasedArchitecture, released,
+                                                           where=f"{source}.{ARCHITECTURE_KEY}"))
+    for name, value in statistics.items():
+        setattr(model, name, value)
+    return model
+
+
+def _latent_statistics(config: dict[str, Any], source: PathLike) -> dict[str, float]:
+    """The scalar latent statistics (:data:`~maetok.models.tokenizer.LATENT_STATISTICS`) popped from ``config``: both
+    or none, finite, the std positive; else ``ConfigError`` naming ``source``."""
+    found = {name: config.pop(name) for name in LATENT_STATISTICS if name in config}
+    if not found:
+        return {}
+    try:
+        values = {name: float(found[name]) for name in LATENT_STATISTICS}
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{source}: {' and '.join(LATENT_STATISTICS)} must both be numbers, got {found}") from None
+    if not all(math.isfinite(v) for v in values.values()) or not values["latent_std"] > 0:
+        raise ConfigError(f"{source}: the latent statistics must be finite with a positive std, got {values}")
+    return values
 
 
 def _authors_tokenizer_architecture(folder: ModelFolder) -> tuple[TokenizerConfig, ReleasedArchitecture]:
@@ -299,7 +338,8 @@ def tokenizer_config(source: Union[PathLike, ModelFolder]) -> TokenizerConfig:
     if folder.format == "authors-tokenizer":
         return _authors_tokenizer_architecture(folder)[0]
     raw, where = _our_tokenizer_config(folder)
-    return from_dict(TokenizerConfig, {k: v for k, v in raw.items() if k != ARCHITECTURE_KEY}, where=where)
+    skipped = (ARCHITECTURE_KEY, *LATENT_STATISTICS)
+    return from_dict(TokenizerConfig, {k: v for k, v in raw.items() if k not in skipped}, where=where)
 
 
 def _our_tokenizer_config(folder: ModelFolder) -> tuple[dict[str, Any], str]:
@@ -314,14 +354,43 @@ def _our_tokenizer_config(folder: ModelFolder) -> tuple[dict[str, Any], str]:
     return raw, where
 
 
-def load_tokenizer(source: Union[PathLike, ModelFolder], map_location: str = "cpu") -> MAETok:
+def resolve_dtype(torch_dtype: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
+    """``torch_dtype`` (a floating ``torch.dtype`` or its name: ``"bfloat16"``, ``"torch.float16"`` ...) as a
+    ``torch.dtype``; None stays None. Anything else raises one line."""
+    if torch_dtype is None:
+        return None
+    resolved = getattr(torch, torch_dtype.removeprefix("torch."), None) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigError(f"torch_dtype must be a floating dtype (torch.float32, torch.bfloat16, torch.float16 or its "
+                          f"name), got {torch_dtype!r}")
+    return resolved
+
+
+def place_model(model: ModelT, device: Optional[Union[str, torch.device]] = None,
+                torch_dtype: Optional[Union[str, torch.dtype]] = None) -> ModelT:
+    """``model`` in eval mode on ``device`` (default: where it was loaded, the CPU, as torch and diffusers) in
+    ``torch_dtype`` (default: unchanged, float32): what every loader returns. The models cast their inputs to their
+    dtype."""
+    changes = {"device": resolve_device(device) if device is not None else None, "dtype": resolve_dtype(torch_dtype)}
+    changes = {name: value for name, value in changes.items() if value is not None}
+    # torch's Module.to: diffusers' ModelMixin.to warns about float32 modules on every dtype cast, even with none
+    return (torch.nn.Module.to(model, **changes) if changes else model).eval()
+
+
+def load_tokenizer(source: Union[PathLike, ModelFolder], device: Optional[Union[str, torch.device]] = None,
+                   torch_dtype: Optional[Union[str, torch.dtype]] = None) -> MAETok:
     """The tokenizer of a folder (ours, the authors' or diffusers' format), a run directory or a hub id, strictly
-    loaded, in eval mode (what ``MAETok.from_pretrained`` returns)."""
+    loaded, in eval mode on ``device`` in ``torch_dtype`` (:func:`place_model`; what ``MAETok.from_pretrained``
+    returns)."""
+    return place_model(_read_tokenizer(source), device, torch_dtype)
+
+
+def _read_tokenizer(source: Union[PathLike, ModelFolder]) -> MAETok:
     folder = read_folder(source, "tokenizer")
     _require_format(folder, TOKENIZER_FORMATS, "tokenizer")
     if folder.format != "authors-tokenizer":
         raw, where = _our_tokenizer_config(folder)
-        return folder.load_weights(build_tokenizer(raw, where), map_location).eval()
+        return folder.load_weights(build_tokenizer(raw, where))
     # the authors' format: their key names, checked against the skeleton before any tensor is read
     tokenizer_cfg, architecture = _authors_tokenizer_architecture(folder)
     with torch.device("meta"):
@@ -329,8 +398,8 @@ def load_tokenizer(source: Union[PathLike, ModelFolder], map_location: str = "cp
     kept = {k: v for k, v in safetensors_shapes(folder.weights_path).items() if not is_ignored_key(k)}
     check_state_keys(authors_expected_shapes(skeleton), kept, folder.weights_path)
     model = ReleasedMAETok(tokenizer_cfg, architecture)
-    state, _ = map_authors_state(read_safetensors(folder.weights_path, map_location))
-    return load_state_strict(model, state, folder.weights_path).eval()
+    state, _ = map_authors_state(read_safetensors(folder.weights_path))
+    return load_state_strict(model, state, folder.weights_path)
 
 
 def save_tokenizer(model: MAETok, directory: PathLike, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
@@ -444,15 +513,17 @@ def read_diffusion_folder(source: Union[PathLike, ModelFolder]) -> DiffusionFold
     return DiffusionFolder(folder, model_cfg, extras)
 
 
-def load_diffusion_model(source: Union[PathLike, ModelFolder], device: Optional[Union[str, torch.device]] = None
+def load_diffusion_model(source: Union[PathLike, ModelFolder], device: Optional[Union[str, torch.device]] = None,
+                         torch_dtype: Optional[Union[str, torch.dtype]] = None
                          ) -> tuple[AdaLNVelocityTransformer, DiffusionFolder]:
-    """The model of a diffusion folder (ours, the authors' or diffusers'), strictly loaded, in eval mode on ``device`` (default:
-    the first GPU, else the CPU), with the folder's extras in its ``folder_extras``; and the folder."""
+    """The model of a diffusion folder (ours, the authors' or diffusers'), strictly loaded, in eval mode on ``device``
+    in ``torch_dtype`` (:func:`place_model`: default the CPU, float32), with the folder's extras in its
+    ``folder_extras``; and the folder."""
     found = read_diffusion_folder(source)
     model = build_diffusion_model(found.model_cfg)
     found.folder.load_weights(model)
     model.folder_extras = dict(found.extras)
-    return model.to(resolve_device(device)).eval(), found
+    return place_model(model, device, torch_dtype), found
 
 
 def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
@@ -502,15 +573,57 @@ def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLi
     return save_tokenizer(model, directory)
 
 
-def convert(source: PathLike, out: PathLike) -> Path:
+def latent_scaling(tokenizer: MAETok) -> dict[str, float]:
+    """The tokenizer's latent statistics in diffusers' convention, ``z = (latent - shift_factor) * scaling_factor``:
+    ``shift_factor = latent_mean``, ``scaling_factor = 1 / latent_std``; ``1.0`` and ``0.0`` (the identity) when they
+    were never measured."""
+    if tokenizer.latent_mean is None or tokenizer.latent_std is None:
+        return {"scaling_factor": 1.0, "shift_factor": 0.0}
+    return {"scaling_factor": 1.0 / float(tokenizer.latent_std), "shift_factor": float(tokenizer.latent_mean)}
+
+
+def diffusers_config(model: Union[MAETok, AdaLNVelocityTransformer]) -> tuple[str, dict[str, Any]]:
+    """The diffusers component class of a model (``MAETokAutoencoder`` / ``MAETokTransformer`` of
+    :mod:`maetok.integrations.diffusers`) and its config (the class's ``__init__`` arguments): a tokenizer's config
+    with its :func:`latent_scaling`; a diffusion model's config with its ``folder_extras``' class names and latent
+    normalisation (a diffusers transformer holds neither sampling settings nor a tokenizer: a pipeline does)."""
+    if isinstance(model, AdaLNVelocityTransformer):
+        extras = {**default_folder_extras(), **model.folder_extras}
+        return "MAETokTransformer", {"diffusion_model": to_dict(model.config),
+                                     "latent_shape": list(model.config.latent_shape), "num_classes": model.num_classes,
+                                     "class_names": list(extras["class_names"]), "latent_norm": dict(extras["latent_norm"])}
+    return "MAETokAutoencoder", {"tokenizer_config": model.config_dict(), **latent_scaling(model)}
+
+
+def save_diffusers_folder(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike) -> Path:
+    """A model as the diffusers component folder its wrapper's ``save_pretrained`` writes (``config.json`` with
+    ``_class_name`` and :func:`diffusers_config`, ``diffusion_pytorch_model.safetensors`` with the wrapper's key
+    prefix), atomically; diffusers itself is not needed."""
+    from importlib import metadata
+
+    class_name, config = diffusers_config(model)
+    prefix = DIFFUSERS_CLASSES[class_name][1]
+    state = model.inference_state_dict() if isinstance(model, MAETok) else model.state_dict()
+    try:
+        version = {"_diffusers_version": metadata.version("diffusers")}
+    except metadata.PackageNotFoundError:
+        version = {}
+    return save_model_folder(directory, None, {"_class_name": class_name, **version, **config},
+                             {prefix + key: value for key, value in state.items()}, weights_name=DIFFUSERS_WEIGHTS)
+
+
+def convert(source: PathLike, out: PathLike, to: str = "maetok") -> Path:
     """``maetok convert``: the model of ``source`` (a tokenizer or diffusion folder of any format, a run directory or
-    a hub id) written to ``out`` in our format; the written folder is read back and must hold the same tensors."""
+    a hub id) written to ``out`` in our format (``to="maetok"``) or as a diffusers component folder (``"diffusers"``,
+    :func:`save_diffusers_folder`); the written folder is read back and must hold the same tensors."""
+    if to not in CONVERT_FORMATS:
+        raise ConfigError(f"convert writes {' or '.join(CONVERT_FORMATS)} folders, not {to!r}")
     folder = read_folder(source)
     out = Path(out)
     if out.exists() and out.resolve() == folder.directory.resolve():
         raise ModelFolderError(f"--out {out} is the source folder: write the converted model elsewhere")
     model = load_model(folder)
-    save_model(model, out)
+    (save_model if to == "maetok" else save_diffusers_folder)(model, out)
     if weights_fingerprint(load_model(out)) != weights_fingerprint(model):
         raise ModelFolderError(f"{out}: the converted model does not read back with the same weights")
     return out

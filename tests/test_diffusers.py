@@ -71,7 +71,7 @@ def test_autoencoder_wraps_the_tokenizer_and_round_trips(folders, tmp_path):
         assert torch.equal(latents, ours.encode(images)) and latents.shape == (2, 4, 4)
         assert torch.equal(decoded, ours.decode(latents)) and decoded.shape == (2, 3, 16, 16)
         assert torch.equal(vae(images).sample, decoded)
-        assert vae.encode(images, return_dict=False)[0].shape == (2, 4, 4)
+        assert torch.equal(vae.encode(images, return_dict=False)[0].mode(), latents)  # (latent_dist,), as AutoencoderKL
     vae.save_pretrained(tmp_path / "vae")
     assert (tmp_path / "vae" / "config.json").exists()
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").exists()

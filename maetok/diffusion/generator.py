@@ -60,12 +60,15 @@ class LatentGenerator:
                                     tokenizer=self.tokenizer_dir)
 
     @classmethod
-    def load(cls, directory: Union[str, Path], device: Optional[str] = None) -> "LatentGenerator":
+    def load(cls, directory: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+             torch_dtype: Optional[Union[str, torch.dtype]] = None) -> "LatentGenerator":
         """A diffusion model folder written by :meth:`save`, the run directory holding it as ``model/``, the
-        authors' released SiT folder, or a hub id of either (:func:`maetok.model_folders.load_diffusion_model`). The
+        authors' released SiT folder, a diffusers ``MAETokTransformer`` folder, or a hub id
+        (:func:`maetok.model_folders.load_diffusion_model`), on ``device`` (default the CPU) in ``torch_dtype``
+        (default float32; sampling integrates in :attr:`SamplingConfig.precision` whatever the model's dtype). The
         authors' SiT comes with their sampling conventions (:data:`maetok.config.AUTHORS_SAMPLING`) and no tokenizer:
         its latent normalisation is the tokenizer's (:meth:`normalizer_for`)."""
-        model, folder = load_diffusion_model(directory, device)
+        model, folder = load_diffusion_model(directory, device, torch_dtype)
         extras = folder.extras
         where = f"{folder.directory / 'config.json'}:sampling"
         return cls(model, LatentNormalizer.from_dict(extras["latent_norm"]), list(extras.get("class_names") or []),
@@ -143,8 +146,8 @@ LATENT_SCALAR_NAMES = (("latent_mean", "latent_std"), ("vq_mean", "vq_std"))
 
 def tokenizer_latent_scalars(tokenizer: Any) -> tuple[float, float]:
     """``(mean, std)``: the scalar latent statistics that ``tokenizer`` (a tokenizer model, its ``config``, or a
-    mapping) carries under one of :data:`LATENT_SCALAR_NAMES`. ``ValueError`` when it carries none (our own
-    tokenizers: their statistics are per channel, measured by ``cache-latents``)."""
+    mapping) carries under one of :data:`LATENT_SCALAR_NAMES`. ``ValueError`` when it carries none (a tokenizer
+    folder written before maetok measured them; ``cache-latents`` measures them too)."""
     for holder in (tokenizer, getattr(tokenizer, "config", None)):
         if holder is None:
             continue

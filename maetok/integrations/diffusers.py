@@ -1,8 +1,10 @@
 """maetok models as diffusers components (the ``maetok[diffusers]`` extra): save, load and call them with diffusers.
 
-* :class:`MAETokAutoencoder`: a tokenizer as a diffusers ``ModelMixin`` + ``ConfigMixin``. ``encode(x)`` returns
-  ``EncoderOutput(latent=...)`` (``AutoencoderKLOutput(latent_dist=...)`` for a VAE tokenizer), ``decode(z)``
-  ``DecoderOutput(sample=...)``; images ``(B, C, H, W)`` in [-1, 1], latents ``(B, L, H)``.
+* :class:`MAETokAutoencoder`: a tokenizer as a diffusers ``ModelMixin`` + ``ConfigMixin``, used as an
+  ``AutoencoderKL``: ``encode(x).latent_dist`` (:class:`~maetok.data.distribution.LatentDistribution`: a VAE's
+  posterior, a point mass for AE / MAETok; ``.latent`` is its mode), ``decode(z).sample``, and the latent statistics
+  in ``config.scaling_factor`` / ``config.shift_factor`` (``z = (latent - shift_factor) * scaling_factor``); images
+  ``(B, C, H, W)`` in [-1, 1], latents ``(B, L, H)``.
 * :class:`MAETokTransformer`: a SiT / LightningDiT with what undoing its latent normalisation needs.
 * :class:`MAETokSampler`: the sampler settings (:class:`maetok.config.SamplingConfig`) as a diffusers scheduler
   config (``scheduler/scheduler_config.json``); sampling itself runs through
@@ -15,14 +17,18 @@ Build from maetok folders or hub ids (ours or the authors' released weights)::
     pipe = MAETokSiTPipeline.from_maetok("MAETok/sit-xl_maetok-b-128", tokenizer="MAETok/maetok-b-128")
     images = pipe(class_labels=[207, 360], num_inference_steps=250, guidance_scale=1.9,
                   generator=torch.Generator().manual_seed(0)).images
-    pipe.save_pretrained("out/pipe");  MAETokSiTPipeline.from_pretrained("out/pipe")
+    pipe.save_pretrained("out/pipe");  MAETokSiTPipeline.from_pretrained("out/pipe", torch_dtype=torch.bfloat16)
+
+Each component's ``from_pretrained`` also reads maetok's own folders (and the authors'), ``torch_dtype=`` and
+``device=`` as every maetok loader (default float32 on the CPU); the models cast their inputs to their dtype, so a
+bfloat16 pipeline (or ``pipe.to(torch.bfloat16)``) runs as it is. Weights are read from safetensors only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,27 +36,32 @@ from torch import Tensor
 try:
     from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
     from diffusers.configuration_utils import register_to_config
-    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution, EncoderOutput
+    from diffusers.models.autoencoders.vae import DecoderOutput
     from diffusers.models.modeling_outputs import AutoencoderKLOutput
 except ImportError:  # one line, naming the extra
     raise ImportError("maetok.integrations.diffusers needs diffusers: pip install 'maetok[diffusers]'") from None
 
-from maetok.config import SamplingConfig, to_dict
+from maetok.config import SamplingConfig
 from maetok.data.latents import LatentNormalizer
 from maetok.diffusion.generator import LatentGenerator
-from maetok.encode import load_tokenizer
-from maetok.model_folders import build_tokenizer, diffusion_model_config
+from maetok.assets import resolve_pretrained
+from maetok.model_folders import (
+    ModelFolder,
+    build_tokenizer,
+    check_weights_file,
+    diffusers_config,
+    diffusion_model_config,
+    latent_scaling,
+    load_tokenizer,
+    place_model,
+    read_folder,
+)
 from maetok.models.sit import build_diffusion_model
 from maetok.models.tokenizer import MAETok
 
 __all__ = ["MAETokAutoencoder", "MAETokTransformer", "MAETokSampler", "MAETokSiTPipeline"]
 
 PathLike = Union[str, Path]
-
-
-def _tokenizer_config(tokenizer: MAETok) -> dict:
-    """What the tokenizer's ``config.json`` holds (a released tokenizer adds its architecture entry)."""
-    return tokenizer.config_dict()
 
 
 def _load_strictly(load: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -76,52 +87,109 @@ def _eager(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "low_cpu_mem_usage": False}
 
 
+#: what a component's from_pretrained takes for a maetok (or the authors') folder besides torch_dtype / dtype / device;
+#: the rest of diffusers' loading options apply to diffusers folders only
+_MAETOK_FOLDER_OPTIONS = ("subfolder", "low_cpu_mem_usage", "use_safetensors")
+
+
+def _from_pretrained(cls: type, load_diffusers: Callable, source: Union[str, Path], kwargs: dict[str, Any],
+                     load_ours: Callable[[ModelFolder], Any]) -> Any:
+    """A component's ``from_pretrained``: a folder (or ``subfolder`` of a folder or hub id) in diffusers' format through
+    ``load_diffusers`` (diffusers' loader, strictly, from safetensors only: pickle weights are refused, never loaded),
+    one in maetok's or the authors' format through ``load_ours``; then on ``device`` in ``torch_dtype`` (or diffusers'
+    spelling ``dtype``), as every maetok loader (:func:`~maetok.model_folders.place_model`)."""
+    device = kwargs.pop("device", None)
+    dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+    directory = resolve_pretrained(source)
+    if kwargs.get("subfolder"):
+        directory = directory / kwargs.pop("subfolder")
+    folder = read_folder(directory)
+    if folder.format.startswith("diffusers-"):
+        check_weights_file(folder.weights_path)
+        # cast again: diffusers leaves some models (a SiT) in float32 whatever torch_dtype says
+        loaded = _load_strictly(load_diffusers, (str(folder.directory),), {**kwargs, "use_safetensors": True})
+        if isinstance(loaded, tuple):  # output_loading_info=True
+            return place_model(loaded[0], device, dtype), loaded[1]
+        return place_model(loaded, device, dtype)
+    others = sorted(name for name, value in kwargs.items()
+                    if value is not None and name not in (*_MAETOK_FOLDER_OPTIONS, "torch_dtype", "dtype"))
+    if others:
+        raise TypeError(f"{cls.__name__}.from_pretrained: {', '.join(others)} apply to diffusers folders only; "
+                        f"{folder.directory} is a {folder.format} folder")
+    return place_model(load_ours(folder), device, dtype)
+
+
+@dataclasses.dataclass
+class MAETokEncoderOutput(AutoencoderKLOutput):
+    """What :meth:`MAETokAutoencoder.encode` returns: ``AutoencoderKL.encode``'s ``latent_dist`` (a
+    :class:`~maetok.data.distribution.LatentDistribution` over ``(B, L, H)``) and ``latent``, its mode (what
+    ``MAETok.encode`` returns)."""
+
+    latent: Optional[Tensor] = None
+
+
 class MAETokAutoencoder(ModelMixin, ConfigMixin):
-    """A maetok tokenizer as a diffusers autoencoder. Config: the tokenizer's config as a dict."""
+    """A maetok tokenizer as a diffusers autoencoder, with ``AutoencoderKL``'s interface. Config: the tokenizer's
+    config as a dict, and its latent statistics as ``scaling_factor`` / ``shift_factor`` (diffusers' convention
+    ``z = (latent - shift_factor) * scaling_factor``; by default from the tokenizer's ``latent_mean`` / ``latent_std``,
+    the identity when they were never measured: :func:`~maetok.model_folders.latent_scaling`)."""
 
     @register_to_config
-    def __init__(self, tokenizer_config: dict):
+    def __init__(self, tokenizer_config: dict, scaling_factor: Optional[float] = None,
+                 shift_factor: Optional[float] = None):
         super().__init__()
         self.tokenizer = build_tokenizer(dict(tokenizer_config), "tokenizer_config")
+        measured = latent_scaling(self.tokenizer)
+        self.register_to_config(scaling_factor=measured["scaling_factor"] if scaling_factor is None else scaling_factor,
+                                shift_factor=measured["shift_factor"] if shift_factor is None else shift_factor)
 
     @classmethod
-    def from_maetok(cls, source: PathLike, device: Optional[Union[str, torch.device]] = None) -> "MAETokAutoencoder":
-        """The tokenizer in a maetok folder, run directory or hub id (:func:`maetok.encode.load_tokenizer`)."""
-        tokenizer = load_tokenizer(source, "cpu")
-        wrapper = cls(tokenizer_config=_tokenizer_config(tokenizer))
+    def from_tokenizer(cls, tokenizer: MAETok) -> "MAETokAutoencoder":
+        """Wrap a loaded tokenizer (a copy of its weights, float32 on the CPU)."""
+        wrapper = cls(**diffusers_config(tokenizer)[1])
         wrapper.tokenizer.load_state_dict(tokenizer.state_dict())
-        return wrapper.to(device or "cpu").eval()
+        return wrapper.eval()
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokAutoencoder":
-        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id), strictly."""
-        return _load_strictly(super().from_pretrained, args, kwargs)
+    def from_maetok(cls, source: PathLike, device: Optional[Union[str, torch.device]] = None,
+                    torch_dtype: Optional[Union[str, torch.dtype]] = None) -> "MAETokAutoencoder":
+        """The tokenizer in a maetok folder, run directory or hub id (:func:`maetok.model_folders.load_tokenizer`),
+        on ``device`` (default the CPU) in ``torch_dtype`` (default float32)."""
+        return place_model(cls.from_tokenizer(load_tokenizer(source)), device, torch_dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: PathLike, **kwargs: Any) -> "MAETokAutoencoder":
+        """A folder written by :meth:`save_pretrained` (or ``maetok convert --to diffusers``), a maetok or authors'
+        tokenizer folder, a run directory or a hub id, strictly, from safetensors only; ``torch_dtype`` (or ``dtype``)
+        and ``device`` as every maetok loader."""
+        return _from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs,
+                                lambda folder: cls.from_tokenizer(load_tokenizer(folder)))
 
     @property
     def latent_shape(self) -> tuple[int, int]:
         """``(L, H)``: tokens and channels of a latent."""
         return self.tokenizer.config.num_latent_tokens, self.tokenizer.config.latent_dim
 
-    def encode(self, x: Tensor, return_dict: bool = True) -> Union[EncoderOutput, AutoencoderKLOutput, tuple]:
-        """images ``(B, C, H, W)`` in [-1, 1] -> ``EncoderOutput(latent=(B, L, H))``; a VAE tokenizer gives
-        ``AutoencoderKLOutput(latent_dist=...)`` (mean and log-variance concatenated on the token axis, as
-        ``DiagonalGaussianDistribution`` splits its parameters along dim 1)."""
-        if self.tokenizer.config.variant == "vae":
-            mean, logvar = self.tokenizer.encode_posterior(x)
-            dist = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-            return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
-        latents = self.tokenizer.encode(x)
-        return EncoderOutput(latent=latents) if return_dict else (latents,)
+    def encode(self, x: Tensor, return_dict: bool = True) -> Union[MAETokEncoderOutput, tuple]:
+        """images ``(B, C, H, W)`` in [-1, 1] (cast to the model's dtype) -> ``latent_dist``, the
+        :class:`~maetok.data.distribution.LatentDistribution` of the latents ``(B, L, H)`` (a VAE's posterior, a point
+        mass for AE / MAETok), and ``latent``, its mode; ``return_dict=False``: ``(latent_dist,)``, as
+        ``AutoencoderKL``."""
+        dist = self.tokenizer.encode_distribution(x)
+        return MAETokEncoderOutput(latent_dist=dist, latent=dist.mode()) if return_dict else (dist,)
 
     def decode(self, z: Tensor, return_dict: bool = True) -> Union[DecoderOutput, tuple]:
-        """latents ``(B, L, H)`` -> ``DecoderOutput(sample=(B, C, H, W))`` (unclamped, nominally [-1, 1])."""
+        """latents ``(B, L, H)`` -> ``DecoderOutput(sample=(B, C, H, W))`` (unclamped, nominally [-1, 1]; the model's
+        dtype)."""
         images = self.tokenizer.decode(z)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
-    def forward(self, sample: Tensor, return_dict: bool = True) -> Union[DecoderOutput, tuple]:
-        """Reconstruction: ``decode(encode(sample))`` (a VAE's posterior mean)."""
-        encoded = self.encode(sample)
-        latents = encoded.latent_dist.mode() if isinstance(encoded, AutoencoderKLOutput) else encoded.latent
+    def forward(self, sample: Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator: Optional[torch.Generator] = None) -> Union[DecoderOutput, tuple]:
+        """Reconstruction, as ``AutoencoderKL``: ``decode`` of the posterior's mode, or of a sample from it drawn with
+        ``generator`` when ``sample_posterior``."""
+        dist = self.encode(sample).latent_dist
+        latents = dist.sample(generator) if sample_posterior else dist.mode()
         return self.decode(latents, return_dict=return_dict)
 
 
@@ -141,17 +209,21 @@ class MAETokTransformer(ModelMixin, ConfigMixin):
     @classmethod
     def from_latent_generator(cls, generator: LatentGenerator, normalizer: Optional[LatentNormalizer] = None
                               ) -> "MAETokTransformer":
-        """Wrap a loaded :class:`LatentGenerator` (its model's weights), with ``normalizer`` (default its own)."""
-        wrapper = cls(diffusion_model=to_dict(generator.model.config), latent_shape=list(generator.latent_shape),
-                      num_classes=generator.num_classes, class_names=list(generator.class_names),
-                      latent_norm=(normalizer or generator.normalizer).to_dict())
+        """Wrap a loaded :class:`LatentGenerator` (its model's weights, device and dtype), with ``normalizer``
+        (default its own)."""
+        config = diffusers_config(generator.model)[1]
+        config.update(class_names=list(generator.class_names), latent_norm=(normalizer or generator.normalizer).to_dict())
+        wrapper = cls(**config)
         wrapper.model.load_state_dict(generator.model.state_dict())
-        return wrapper.to(generator.device).eval()
+        return place_model(wrapper, generator.device, next(generator.model.parameters()).dtype)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokTransformer":
-        """diffusers' ``from_pretrained`` (a folder written by :meth:`save_pretrained`, or a hub id), strictly."""
-        return _load_strictly(super().from_pretrained, args, kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: PathLike, **kwargs: Any) -> "MAETokTransformer":
+        """A folder written by :meth:`save_pretrained` (or ``maetok convert --to diffusers``), a maetok diffusion folder
+        (with its latent normalisation and classes), the authors' SiT folder, a run directory or a hub id, strictly,
+        from safetensors only; ``torch_dtype`` (or ``dtype``) and ``device`` as every maetok loader."""
+        return _from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs,
+                                lambda folder: cls.from_latent_generator(LatentGenerator.load(folder)))
 
     def forward(self, x: Tensor, t: Union[Tensor, float], y: Optional[Tensor] = None) -> Tensor:
         """Velocity ``(B, L, C)`` of noisy latents ``x`` ``(B, L, C)`` at times ``t`` ``(B,)`` (t = 1: noise)."""
@@ -213,22 +285,23 @@ class MAETokSiTPipeline(DiffusionPipeline):
         tokenizer: Optional[PathLike] = None,
         device: Optional[Union[str, torch.device]] = None,
         latent_scalars: Optional[Sequence[float]] = None,
+        torch_dtype: Optional[Union[str, torch.dtype]] = None,
         **sampling_changes: Any,
     ) -> "MAETokSiTPipeline":
         """A pipeline from a maetok diffusion folder / run directory, the authors' released SiT folder, or a hub
         id of either; ``tokenizer`` (default: the one the model names; required for the authors' SiT). The
         latent normalisation is resolved now (:meth:`LatentGenerator.normalizer_for`, with ``latent_scalars``
-        ``(mean, std)`` overriding); ``sampling_changes`` change the model's sampling defaults."""
-        generator = LatentGenerator.load(model, "cpu")
+        ``(mean, std)`` overriding); ``sampling_changes`` change the model's sampling defaults. On ``device`` (default
+        the CPU) in ``torch_dtype`` (default float32)."""
+        generator = LatentGenerator.load(model, device, torch_dtype)
         source = tokenizer or generator.tokenizer_dir
         if not source:
             raise ValueError(f"{model} names no tokenizer: pass tokenizer=DIR_OR_HUB_ID")
-        vae = MAETokAutoencoder.from_maetok(source)
+        vae = MAETokAutoencoder.from_maetok(source, device, torch_dtype)
         sampling = dataclasses.replace(generator.sampling, **sampling_changes)
         normalizer = generator.normalizer_for(sampling, vae.tokenizer, latent_scalars)
-        pipe = cls(MAETokTransformer.from_latent_generator(generator, normalizer), vae,
+        return cls(MAETokTransformer.from_latent_generator(generator, normalizer), vae,
                    MAETokSampler.from_sampling(sampling))
-        return pipe.to(device or "cpu")
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> "MAETokSiTPipeline":

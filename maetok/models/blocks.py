@@ -284,6 +284,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def as_parameter_dtype(module: nn.Module, x: Tensor) -> Tensor:
+    """``x`` in the dtype of ``module``'s parameters, so that a model cast to bfloat16 takes float32 inputs (as
+    diffusers models do); the public entry points (encode / decode / forward) call it. Non-float ``x`` unchanged."""
+    return x.to(next(module.parameters()).dtype) if x.is_floating_point() else x
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """Xavier-uniform linear weights, zero biases, unit norms (the usual ViT init); use with ``Module.apply``."""
     if isinstance(module, nn.Linear):

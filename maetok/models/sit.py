@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from maetok.config import DiffusionModelConfig
 from maetok.global_batch import SampleRandom, require_draws
-from maetok.models.blocks import Attention, Mlp, Rope, SwiGLU, make_norm, modulate, sincos_1d, timestep_embedding
+from maetok.models.blocks import (Attention, Mlp, Rope, SwiGLU, as_parameter_dtype, make_norm, modulate, sincos_1d,
+                                  timestep_embedding)
 
 __all__ = [
     "SiT",
@@ -329,7 +330,7 @@ class AdaLNVelocityTransformer(nn.Module):
         :func:`~maetok.diffusion.transport.training_loss` passes them). Returns the velocity ``(B, L, C)``.
         """
         t, y = self._check_inputs(x, t, y)
-        tokens = self._position_inputs(self.x_embedder(x))
+        tokens = self._position_inputs(self.x_embedder(as_parameter_dtype(self, x)))
         c = self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, self.training, force_drop_ids=force_drop_ids, draws=draws)
@@ -385,15 +386,17 @@ class AdaLNVelocityTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, source: Union[str, Path], device: Optional[Union[str, torch.device]] = None
+        cls, source: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+        torch_dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> "AdaLNVelocityTransformer":
-        """The model in ``source`` (our diffusion folder, its run directory, the authors' released SiT folder or a hub
-        id of either; :func:`maetok.model_folders.load_diffusion_model`), in eval mode on ``device``. The folder's
+        """The model in ``source`` (our diffusion folder, its run directory, the authors' released SiT folder, a
+        diffusers ``MAETokTransformer`` folder or a hub id; :func:`maetok.model_folders.load_diffusion_model`), in eval
+        mode on ``device`` (default the CPU) in ``torch_dtype`` (default float32). The folder's
         other entries (latent normalisation, sampling defaults, tokenizer, class names) are kept in
         :attr:`folder_extras` and written back by :meth:`save_pretrained`."""
         from maetok.model_folders import load_diffusion_model
 
-        model, folder = load_diffusion_model(source, device)
+        model, folder = load_diffusion_model(source, device, torch_dtype)
         if not isinstance(model, cls):
             raise ValueError(f"{folder.directory} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maetok.config import TokenizerConfig, to_dict
+from maetok.data.distribution import LatentDistribution
 from maetok.global_batch import SampleRandom, require_draws
 from maetok.models.blocks import (
     Block,
+    as_parameter_dtype,
     PatchEmbed,
     Rope,
     init_vit_weights,
@@ -160,6 +162,9 @@ class TokenizerOutput:
 
 
 MaskRatio = Union[float, tuple[float, float], Tensor]
+#: the scalar latent statistics a tokenizer carries, as attributes and as ``config.json`` entries (ours); diffusion
+#: models train on ``(latents - latent_mean) / latent_std`` (diffusers: ``shift_factor`` and ``1 / scaling_factor``)
+LATENT_STATISTICS = ("latent_mean", "latent_std")
 
 
 class MAETok(nn.Module):
@@ -170,9 +175,10 @@ class MAETok(nn.Module):
     targets (the caption target) to their number of 1D query tokens; their decoders output
     ``(B, length, dim)`` logits instead of ``(B, N, dim)`` patch features.
 
-    ``latent_mean`` / ``latent_std``: a scalar latent normalisation the checkpoint carries (the authors' released
-    tokenizer: their ``vq_mean`` / ``vq_std``, see :mod:`maetok.models.released`); ``None`` for ours, whose
-    per-channel statistics are measured by ``cache-latents`` (the cache's ``stats.json``).
+    ``latent_mean`` / ``latent_std``: the scalar latent statistics the model folder carries (the authors' released
+    tokenizer: their ``vq_mean`` / ``vq_std``, see :mod:`maetok.models.released`; ours: measured by the trainer when
+    it writes the model folder, :func:`maetok.encode.latent_statistics`); ``None`` when never measured.
+    ``cache-latents`` measures the scalar and per-channel statistics of a dataset (the cache's ``stats.json``).
     """
 
     latent_mean: Optional[float] = None
@@ -243,9 +249,10 @@ class MAETok(nn.Module):
     # -- encode / decode ---------------------------------------------------------------------------------
 
     def encode_posterior(self, images: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        """Encoder output: ``(mean, logvar)`` for a VAE, ``(latents, None)`` otherwise; each ``(B, L, H_lat)``."""
+        """Encoder output: ``(mean, logvar)`` for a VAE, ``(latents, None)`` otherwise; each ``(B, L, H_lat)`` in the
+        model's dtype (``images`` are cast to it)."""
         self.grid_size(images)
-        out = self.encoder(images, mask)
+        out = self.encoder(as_parameter_dtype(self, images), mask)
         if self.config.variant != "vae":
             return out, None
         mean, logvar = out.chunk(2, dim=-1)
@@ -259,6 +266,11 @@ class MAETok(nn.Module):
             return mean
         return self.sample_posterior(mean, logvar, draws)
 
+    def encode_distribution(self, images: Tensor) -> LatentDistribution:
+        """images ``(B, C, H, W)`` in [-1, 1] -> the :class:`LatentDistribution` of their latents ``(B, L, H_lat)``
+        (a VAE's posterior; a point mass for AE / MAETok), as diffusers' ``encode(x).latent_dist``."""
+        return LatentDistribution(*self.encode_posterior(images))
+
     @staticmethod
     def sample_posterior(mean: Tensor, logvar: Tensor, draws: Optional[SampleRandom] = None) -> Tensor:
         """``mean + exp(logvar / 2) * noise``, each ``(B, L, H_lat)``; the noise of each image comes from its
@@ -269,7 +281,8 @@ class MAETok(nn.Module):
         return mean + (0.5 * logvar).exp() * noise
 
     def decode(self, latents: Tensor, image_size: Optional[tuple[int, int]] = None) -> Tensor:
-        """latents ``(B, L, H_lat)`` -> images ``(B, C, H, W)`` (unclamped, nominally [-1, 1])."""
+        """latents ``(B, L, H_lat)`` -> images ``(B, C, H, W)`` (unclamped, nominally [-1, 1]) in the model's dtype
+        (``latents`` are cast to it)."""
         cfg = self.config
         if latents.dim() != 3 or latents.shape[1:] != (cfg.num_latent_tokens, cfg.latent_dim):
             raise ValueError(
@@ -277,7 +290,7 @@ class MAETok(nn.Module):
             )
         h, w = image_size or (cfg.image_size, cfg.image_size)
         grid = (h // cfg.patch_size, w // cfg.patch_size)
-        patches = self.decoder(latents, grid)
+        patches = self.decoder(as_parameter_dtype(self, latents), grid)
         return unpatchify(patches, cfg.patch_size, grid[0], grid[1], cfg.in_channels)
 
     def forward(
@@ -341,8 +354,10 @@ class MAETok(nn.Module):
     # -- persistence -------------------------------------------------------------------------------------
 
     def config_dict(self) -> dict:
-        """What ``config.json`` holds (besides ``model_type`` and the format version)."""
-        return to_dict(self.config)
+        """What ``config.json`` holds (besides ``model_type`` and the format version): the config, and the scalar
+        latent statistics (:data:`LATENT_STATISTICS`) once measured."""
+        measured = self.latent_mean is not None and self.latent_std is not None
+        return {**to_dict(self.config), **({name: getattr(self, name) for name in LATENT_STATISTICS} if measured else {})}
 
     def untrained_copy(self) -> "MAETok":
         """A freshly initialised tokenizer of the same architecture, without auxiliary decoders."""
@@ -366,11 +381,13 @@ class MAETok(nn.Module):
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
-    def from_pretrained(cls, source: Union[str, Path], map_location: str = "cpu") -> "MAETok":
-        """Load a tokenizer: a folder written by :meth:`save_pretrained` or by the authors' saver (detected from
-        its ``config.json``), the run directory holding one as ``model/``, or a Hugging Face hub id (through the
-        hub cache; ``HF_HUB_OFFLINE=1`` never downloads). Strict: every key and shape must match. Safetensors
-        only: no code is executed. See :func:`maetok.model_folders.load_tokenizer`."""
+    def from_pretrained(cls, source: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+                        torch_dtype: Optional[Union[str, torch.dtype]] = None) -> "MAETok":
+        """Load a tokenizer: a folder written by :meth:`save_pretrained`, by the authors' saver or by diffusers
+        (``MAETokAutoencoder``; detected from its ``config.json``), the run directory holding one as ``model/``, or a
+        Hugging Face hub id (through the hub cache; ``HF_HUB_OFFLINE=1`` never downloads). Strict: every key and
+        shape must match. Safetensors only: no code is executed. In eval mode on ``device`` (default the CPU) in
+        ``torch_dtype`` (default float32). See :func:`maetok.model_folders.load_tokenizer`."""
         from maetok.model_folders import load_tokenizer
 
-        return load_tokenizer(source, map_location)
+        return load_tokenizer(source, device, torch_dtype)

@@ -270,5 +270,12 @@ class TokenizerTrainer(Trainer):
         return {"eval_psnr": psnr(to_uint8(images.cpu()), to_uint8(recon.cpu()))}
 
     def export(self) -> Path:
-        """Write the EMA tokenizer to ``out_dir/model`` (config.json + model.safetensors)."""
-        return self.inference_model().save_pretrained(self.model_dir)
+        """Write the EMA tokenizer to ``out_dir/model`` (config.json + model.safetensors), with its scalar latent
+        statistics measured on a sample of the training images seeded by ``train.seed``
+        (:func:`maetok.encode.latent_statistics`; a released tokenizer keeps the authors' own)."""
+        from maetok.encode import latent_statistics
+
+        model = self.inference_model()
+        if model.latent_mean is None:
+            model.latent_mean, model.latent_std = latent_statistics(model, self.train_set, seed=self.cfg.train.seed)
+        return model.save_pretrained(self.model_dir)
