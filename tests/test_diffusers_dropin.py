@@ -103,6 +103,17 @@ def test_latent_statistics_are_measured_at_export_and_reach_the_diffusers_config
     assert (plain.config.scaling_factor, plain.config.shift_factor) == (1.0, 0.0)
 
 
+def test_the_authors_scalars_become_the_diffusers_scaling(tmp_path):
+    from released_standins import write_authors_folder
+
+    folder = write_authors_folder(tmp_path / "authors")  # their config.json: vq_mean 0.25, vq_std 1.5
+    for vae in (MAETokAutoencoder.from_pretrained(folder), MAETokAutoencoder.from_maetok(folder)):
+        assert (vae.config.scaling_factor, vae.config.shift_factor) == (1 / 1.5, 0.25)
+    assert main(["convert", "--from", str(folder), "--out", str(tmp_path / "diffusers"), "--to", "diffusers"]) == 0
+    written = json.loads((tmp_path / "diffusers" / "config.json").read_text())
+    assert (written["scaling_factor"], written["shift_factor"]) == (1 / 1.5, 0.25)
+
+
 # -- 2. loaders read the other format; convert both ways ------------------------------------------------------
 
 

@@ -41,10 +41,10 @@ try:
 except ImportError:  # one line, naming the extra
     raise ImportError("maetok.integrations.diffusers needs diffusers: pip install 'maetok[diffusers]'") from None
 
+from maetok.assets import resolve_pretrained
 from maetok.config import SamplingConfig
 from maetok.data.latents import LatentNormalizer
 from maetok.diffusion.generator import LatentGenerator
-from maetok.assets import resolve_pretrained
 from maetok.model_folders import (
     ModelFolder,
     build_tokenizer,
@@ -106,8 +106,8 @@ def _from_pretrained(cls: type, load_diffusers: Callable, source: Union[str, Pat
     folder = read_folder(directory)
     if folder.format.startswith("diffusers-"):
         check_weights_file(folder.weights_path)
-        # cast again: diffusers leaves some models (a SiT) in float32 whatever torch_dtype says
         loaded = _load_strictly(load_diffusers, (str(folder.directory),), {**kwargs, "use_safetensors": True})
+        # placed and cast again: diffusers' loader leaves some models (a SiT) in float32 whatever torch_dtype says
         if isinstance(loaded, tuple):  # output_loading_info=True
             return place_model(loaded[0], device, dtype), loaded[1]
         return place_model(loaded, device, dtype)

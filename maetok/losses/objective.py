@@ -18,7 +18,6 @@ from maetok.config import LossConfig, TargetConfig
 from maetok.errors import ModelFolderError
 from maetok.losses.perceptual import ramp_weight
 from maetok.global_batch import SampleRandom, global_weighted_mean
-from maetok.data.distribution import LatentDistribution
 from maetok.models.tokenizer import TokenizerOutput
 from maetok.targets.base import FeatureTarget
 
@@ -44,7 +43,8 @@ def masked_token_loss(prediction: Tensor, target: Tensor, mask: Optional[Tensor]
 
 def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch."""
-    return LatentDistribution(mean.float(), logvar.float()).kl().mean()
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float())
+    return kl.flatten(1).sum(dim=1).mean()
 
 
 class TokenizerObjective(nn.Module):
