@@ -206,7 +206,7 @@ def cache_latents(
 
 
 #: how many images of the training set :func:`latent_statistics` encodes when a tokenizer trainer writes its model
-LATENT_STATISTICS_IMAGES = 2048
+LATENT_STATISTICS_IMAGES = 1024
 
 
 @torch.no_grad()
