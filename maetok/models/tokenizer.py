@@ -24,9 +24,9 @@ from maetok.data.distribution import LatentDistribution
 from maetok.global_batch import SampleRandom, require_draws
 from maetok.models.blocks import (
     Block,
-    as_parameter_dtype,
     PatchEmbed,
     Rope,
+    as_parameter_dtype,
     init_vit_weights,
     rope_angles_2d,
     rope_from_angles,
