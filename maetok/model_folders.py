@@ -25,6 +25,7 @@ first, ``config.json`` last). The model classes' ``from_pretrained`` / ``save_pr
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -614,29 +615,28 @@ CARD_NAMES_SHOWN = 20
 
 
 def run_facts(directory: Optional[PathLike]) -> list[str]:
-    """What the training run behind a model folder says of it (from the run's ``config.yaml``, when ``directory`` is a
-    run's ``model/``): the data it was trained on and its steps. Empty when unknown."""
+    """What the training run behind a model folder says of it, when ``directory`` is a run's ``model/``: the data it
+    was trained on (the run's ``config.yaml``) and its steps (the last row of its ``log.csv``: a run always logs its
+    last step). Empty when unknown."""
     if directory is None or Path(directory).name != MODEL_DIR:
         return []
-    config_path = run_directory(directory) / "config.yaml"
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    if not isinstance(raw, dict):
-        return []
+    run_dir = run_directory(directory)
     facts = []
-    data = (raw.get("data") or {}).get("dataset") if isinstance(raw.get("data"), dict) else None
-    if raw.get("latents"):
-        facts.append(f"trained on the latent cache `{raw['latents']}`")
-    elif data:
-        facts.append(f"trained on `{data}`")
-    stage2 = raw.get("finetune") if isinstance(raw.get("finetune"), dict) else None
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    if stage2 and stage2.get("steps"):
-        facts.append(f"pixel decoder fine-tuned for {stage2['steps']} steps (stage 2)")
-    elif train.get("steps"):
-        facts.append(f"{train['steps']} training steps")
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data = raw.get("data") if isinstance(raw, dict) and isinstance(raw.get("data"), dict) else {}
+        if isinstance(raw, dict) and raw.get("latents"):
+            facts.append(f"trained on the latent cache `{raw['latents']}`")
+        elif data.get("dataset"):
+            facts.append(f"trained on `{data['dataset']}`")
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        with open(run_dir / "log.csv", newline="") as log:
+            rows = list(csv.DictReader(log))
+        facts.append(f"{int(float(rows[-1]['step']))} training steps")
+    except (OSError, LookupError, ValueError, TypeError):
+        pass
     return facts
 
 

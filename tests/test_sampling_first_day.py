@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SIT
+from conftest import TINY_SIT, tiny_cfg
 from released_standins import write_authors_folder
 
 from maetok.cli import main
@@ -25,6 +25,7 @@ from maetok.model_folders import model_card, save_for_hub, tokenizer_reference
 from maetok.models.sit import SiT, build_diffusion_model
 from maetok.models.tokenizer import MAETok
 from maetok.train.diffusion import DiffusionTrainer
+from maetok.train.tokenizer import TokenizerTrainer
 
 NAMES = ["T-shirt", "Sneaker", "Bag"]
 
@@ -110,7 +111,7 @@ def test_a_hub_id_stays_a_hub_id(tmp_path):
     assert tokenizer_reference(local, tmp_path / "sit", relative=False) == str(local.resolve())
 
 
-def test_the_model_card_is_written_from_the_model(demo_folder, tmp_path):
+def test_the_model_card_is_written_from_the_model(demo_folder, image_folder, tmp_path):
     cfg = TokenizerConfig(image_size=16, in_channels=1, patch_size=4, encoder_width=32, encoder_depth=1,
                           encoder_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2, num_latent_tokens=4,
                           latent_dim=6, aux_targets=[], mask_ratio_min=0.0, mask_ratio_max=0.0, variant="ae")
@@ -125,6 +126,10 @@ def test_the_model_card_is_written_from_the_model(demo_folder, tmp_path):
     assert "- classes: 2 (cats, dogs)" in card and "latent normalisation undone after sampling: channel" in card
     assert f"trained on the latent cache `{demo_folder / 'latents'}`" in card and "2 training steps" in card
     assert "maetok sample --model me/sit --tokenizer TOKENIZER --num 16 --labels cats" in card
+    # a tokenizer from its run: the data and steps, and its own shapes
+    TokenizerTrainer(tiny_cfg(image_folder, "train.steps=3", "model.in_channels=1"), tmp_path / "tok-run").fit()
+    card = model_card(MAETok.from_pretrained(tmp_path / "tok-run"), "me/tok")
+    assert f"trained on `{image_folder}`" in card and "3 training steps" in card and "(B, 1, 16, 16)" in card
     # bound for the hub, a local tokenizer is stored absolute (relative to the upload folder it would mean nothing)
     stored = json.loads((written / "config.json").read_text())["tokenizer"]
     assert stored == str((demo_folder / "tokenizer" / "model").resolve())
@@ -203,3 +208,16 @@ def test_diffusers_pipeline_bar_names_and_generators(tokenizer_dir, tmp_path):
              generator=[torch.Generator().manual_seed(s) for s in seeds[:3]])
     with pytest.raises(ConfigError, match="unknown class name 'Sandal'"):
         pipe(class_labels=["Sandal"])
+
+
+def test_a_list_of_generators_gives_each_sample_its_own_noise(tokenizer_dir, tmp_path):
+    """Euler-Maruyama draws noise at every step: with one generator per sample, a sample is the one its generator
+    gives alone, whatever else is in the batch."""
+    pipe = tiny_sit_folder(tmp_path / "sit", tokenizer_dir)
+    sampling = SamplingConfig(sampler="euler-maruyama", steps=4, cfg_scale=1.5)
+    batch = pipe.sample_latents(["Bag", "Sneaker", 0], 3, sampling,
+                                generator=[torch.Generator().manual_seed(seed) for seed in (7, 8, 9)])
+    alone = pipe.sample_latents(["Sneaker"], 1, sampling, generator=[torch.Generator().manual_seed(8)])
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="got 2 generators for 3 samples"):
+        pipe.sample_latents([0, 1, 2], 3, sampling, generator=[torch.Generator(), torch.Generator()])

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from maetok.assets import is_hub_id
 from maetok.config import SamplingConfig, from_dict, to_dict
 from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.latents import LatentNormalizer
 from maetok.data.npz import save_sample_batch
-from maetok.assets import is_hub_id
 from maetok.diffusion.samplers import Generators, Progress, euler_maruyama_sample, euler_sample, make_model_fn, \
     normal_noise
 from maetok.errors import ConfigError, MissingFileError
