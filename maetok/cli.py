@@ -264,19 +264,13 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
-
     from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
     from maetok.diffusion.generator import LatentGenerator, generate_images, write_samples
     from maetok.encode import load_tokenizer
     from maetok.runs import resolve_device
 
     pipe = LatentGenerator.load(args.model, resolve_device(args.device))  # --device: default the GPU when there is one
-    tokenizer_dir = args.tokenizer or pipe.tokenizer_dir
-    if not tokenizer_dir:
-        raise ConfigError(f"{args.model} names no tokenizer: pass --tokenizer DIR_OR_HUB_ID "
-                          "(the authors' SiT: their tokenizer, e.g. MAETok/maetok-b-128)")
-    tokenizer = load_tokenizer(tokenizer_dir, args.device)
+    tokenizer = load_tokenizer(pipe.tokenizer_source(args.tokenizer), args.device)
     changes: dict[str, Any] = {}
     if args.convention is not None:
         changes.update(AUTHORS_SAMPLING if args.convention == "authors" else MAETOK_SAMPLING)
@@ -290,11 +284,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     sampling.validate()
     normalizer = pipe.normalizer_for(sampling, tokenizer, args.latent_scalars)
     labels = None
-    if args.labels:
-        try:
-            ids = torch.tensor([int(x) for x in args.labels.split(",")])
-        except ValueError:
-            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    if args.labels:  # class names or ids (generator.resolve_class_labels)
+        ids = pipe.resolve_labels([item for item in args.labels.split(",") if item.strip()])
         labels = ids.repeat(-(-args.num // len(ids)))[: args.num]
     images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed,
                                           normalizer=normalizer)
@@ -500,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "came from; required for the authors' SiT)")
     p.add_argument("--num", type=positive_int, required=True, help="number of images")
     p.add_argument("--out", required=True)
-    p.add_argument("--labels", default=None, help="comma-separated class ids to cycle through (default: all classes evenly)")
+    p.add_argument("--labels", default=None, help="comma-separated class names or ids to cycle through, e.g. "
+                   "Sneaker,Bag or 7,8 (default: all classes evenly)")
     p.add_argument("--sampler", choices=["euler", "euler-maruyama"], default=None)
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default from the model: 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")

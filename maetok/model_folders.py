@@ -25,18 +25,22 @@ first, ``config.json`` last). The model classes' ``from_pretrained`` / ``save_pr
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from maetok.assets import resolve_pretrained
+from maetok.assets import is_hub_id, resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
     from_dict, to_dict
 from maetok.errors import MissingFileError, ModelFolderError, first_line
@@ -55,12 +59,14 @@ from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,
     MODEL_CONFIG,
+    MODEL_DIR,
     MODEL_WEIGHTS,
     PathLike,
     check_finite_tensors,
     check_format_version,
     model_directory,
     resolve_device,
+    run_directory,
     weights_fingerprint,
     write_json,
 )
@@ -227,6 +233,7 @@ class ModelFolder:
         state = read_safetensors(self.weights_path, map_location)
         prefix = DIFFUSERS_CLASSES[self.config["_class_name"]][1] if self.format.startswith("diffusers-") else ""
         state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+        model.source_folder = self.directory  # what its model card can tell of the run behind it (run_facts)
         return load_state_strict(model, state, self.weights_path)
 
 
@@ -510,7 +517,64 @@ def read_diffusion_folder(source: Union[PathLike, ModelFolder]) -> DiffusionFold
     model_cfg = diffusion_model_config(raw["model"], f"{path}:model", raw.get("latent_shape"), raw.get("num_classes"))
     from_dict(SamplingConfig, raw["sampling"], where=f"{path}:sampling")  # checked here, read by the bundle
     extras = {key: raw.get(key, default) for key, default in default_folder_extras().items()}
+    extras["tokenizer"] = resolve_tokenizer_reference(extras["tokenizer"], folder.directory)
     return DiffusionFolder(folder, model_cfg, extras)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tokenizer a diffusion folder names
+# ---------------------------------------------------------------------------------------------------------
+
+
+def hub_id_of_snapshot(path: PathLike) -> Optional[str]:
+    """The hub id ``owner/name`` of a Hugging Face hub cache snapshot folder (``.../models--owner--name/snapshots/
+    <revision>``, what a hub id resolves to), else None."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        owner, _, name = parts[-3][len("models--"):].partition("--")
+        if owner and name:
+            return f"{owner}/{name}"
+    return None
+
+
+def tokenizer_reference(tokenizer: Optional[PathLike], directory: PathLike, relative: bool = True) -> Optional[str]:
+    """What a diffusion folder written to ``directory`` stores as its tokenizer (``config.json``'s ``tokenizer``): a hub
+    id as it is (a hub cache snapshot: its hub id); a local folder as a path relative to ``directory``
+    (``../tokenizer``, recomputed on every save, so the two can move together) or, with ``relative=False`` (a folder
+    bound for the hub), absolute; a path that exists nowhere as given."""
+    if tokenizer is None:
+        return None
+    path = Path(str(tokenizer)).expanduser()
+    if not path.exists():
+        return str(tokenizer)
+    path = path.resolve()
+    hub_id = hub_id_of_snapshot(path)
+    if hub_id is not None:
+        return hub_id
+    if not relative:
+        return str(path)
+    try:
+        reference = Path(os.path.relpath(path, Path(directory).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path
+        return str(path)
+    return reference if reference.startswith("..") else f"./{reference}"  # never read as a hub id owner/name
+
+
+def resolve_tokenizer_reference(reference: Optional[str], directory: PathLike) -> Optional[str]:
+    """The tokenizer that a diffusion folder in ``directory`` names (``reference``, as :func:`tokenizer_reference`
+    wrote it), as the loaders take it: a relative path joined to the folder, an absolute path (older folders) or a hub
+    id as stored. A relative path found only from the working directory (written by an older maetok) is kept."""
+    if not reference:
+        return None
+    path = Path(reference).expanduser()
+    if path.is_absolute():
+        return str(path)
+    joined = Path(os.path.normpath(Path(directory).resolve() / path))
+    if joined.exists():
+        return str(joined)
+    if is_hub_id(reference) or path.exists():
+        return reference
+    return str(joined)  # missing: LatentGenerator.tokenizer_source names it and the config.json it came from
 
 
 def load_diffusion_model(source: Union[PathLike, ModelFolder], device: Optional[Union[str, torch.device]] = None,
@@ -527,10 +591,12 @@ def load_diffusion_model(source: Union[PathLike, ModelFolder], device: Optional[
 
 
 def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
-                         state_dict: Optional[Mapping[str, torch.Tensor]] = None, **extras: Any) -> Path:
+                         state_dict: Optional[Mapping[str, torch.Tensor]] = None, *, relative_tokenizer: bool = True,
+                         **extras: Any) -> Path:
     """Our diffusion model folder: ``config.json`` with the model config and the :data:`FOLDER_EXTRAS`
     (``class_names``; ``latent_norm``, a :class:`~maetok.data.latents.LatentNormalizer` dict; ``sampling``, a
-    :class:`~maetok.config.SamplingConfig` dict; ``tokenizer``, its folder or hub id) over
+    :class:`~maetok.config.SamplingConfig` dict; ``tokenizer``, its folder or hub id, stored by
+    :func:`tokenizer_reference`: a local folder relative to ``directory`` unless ``relative_tokenizer`` is false) over
     :func:`default_folder_extras`, and ``model.safetensors`` (``state_dict``, default the model's), atomically."""
     unknown = sorted(set(extras) - set(FOLDER_EXTRAS))
     if unknown:
@@ -541,7 +607,7 @@ def save_diffusion_model(model: AdaLNVelocityTransformer, directory: PathLike,
         "class_names": list(merged["class_names"]),
         "latent_norm": dict(merged["latent_norm"]),
         "sampling": dict(merged["sampling"]),
-        "tokenizer": str(merged["tokenizer"]) if merged["tokenizer"] is not None else None,
+        "tokenizer": tokenizer_reference(merged["tokenizer"], directory, relative_tokenizer),
     }
     state = state_dict if state_dict is not None else model.state_dict()
     return save_model_folder(directory, DIFFUSION_MODEL_TYPE, config, state)
@@ -566,10 +632,12 @@ def load_model(source: Union[PathLike, ModelFolder]) -> Union[MAETok, AdaLNVeloc
     return load_tokenizer(folder)
 
 
-def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike) -> Path:
-    """A tokenizer or diffusion model (with its ``folder_extras``) written to our folder format."""
+def save_model(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike,
+               relative_tokenizer: bool = True) -> Path:
+    """A tokenizer or diffusion model (with its ``folder_extras``; ``relative_tokenizer``: see
+    :func:`save_diffusion_model`) written to our folder format."""
     if isinstance(model, AdaLNVelocityTransformer):
-        return save_diffusion_model(model, directory, **model.folder_extras)
+        return save_diffusion_model(model, directory, relative_tokenizer=relative_tokenizer, **model.folder_extras)
     return save_tokenizer(model, directory)
 
 
@@ -652,27 +720,104 @@ def summarize(source: Union[PathLike, ModelFolder]) -> dict[str, Any]:
     return summary
 
 
+#: names under which a tokenizer's config may carry scalar latent statistics: ours (a released tokenizer's), the
+#: authors' (their ModelArgs) and diffusers-style ones; the model card shows those present
+LATENT_STATISTIC_NAMES = ("latent_mean", "latent_std", "vq_mean", "vq_std", "shift_factor", "scaling_factor")
+#: how many class names a model card lists
+CARD_NAMES_SHOWN = 20
+
+
+def run_facts(directory: Optional[PathLike]) -> list[str]:
+    """What the training run behind a model folder says of it, when ``directory`` is a run's ``model/``: the data it
+    was trained on (the run's ``config.yaml``) and its steps (the last row of its ``log.csv``: a run always logs its
+    last step). Empty when unknown."""
+    if directory is None or Path(directory).name != MODEL_DIR:
+        return []
+    run_dir = run_directory(directory)
+    facts = []
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data = raw.get("data") if isinstance(raw, dict) and isinstance(raw.get("data"), dict) else {}
+        if isinstance(raw, dict) and raw.get("latents"):
+            facts.append(f"trained on the latent cache `{raw['latents']}`")
+        elif data.get("dataset"):
+            facts.append(f"trained on `{data['dataset']}`")
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        with open(run_dir / "log.csv", newline="") as log:
+            rows = list(csv.DictReader(log))
+        facts.append(f"{int(float(rows[-1]['step']))} training steps")
+    except (OSError, LookupError, ValueError, TypeError):
+        pass
+    return facts
+
+
+def _card_names(names: Sequence[str]) -> str:
+    shown = ", ".join(str(name) for name in names[:CARD_NAMES_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > CARD_NAMES_SHOWN else "")
+
+
+def _card_statistics(values: Mapping[str, Any]) -> str:
+    """``mean 0.1, std 2`` for scalars; ``per channel (4 values)`` for lists."""
+    return ", ".join(f"{name} {value:.6g}" if isinstance(value, (int, float)) else
+                     f"{name} per channel ({len(value)} values)" for name, value in values.items())
+
+
 def model_card(model: Union[MAETok, AdaLNVelocityTransformer], repo_id: str) -> str:
-    """The ``README.md`` uploaded beside a model: what it is and the lines that load it."""
+    """The ``README.md`` uploaded beside a model, written from the model's own config: for a tokenizer its images
+    ``(B, C, H, W)``, latents and latent statistics; for a diffusion model its latents, classes and their names,
+    latent normalisation, tokenizer and sampling defaults; and what the run behind it says (:func:`run_facts`)."""
     tags = "---\nlibrary_name: maetok\ntags:\n- maetok\n- pytorch_model_hub_mixin\n"
+    facts = run_facts(getattr(model, "source_folder", None))
     if isinstance(model, AdaLNVelocityTransformer):
         cfg = model.config
+        extras = {**default_folder_extras(), **getattr(model, "folder_extras", {})}
+        names = list(extras["class_names"] or [])
+        norm = extras["latent_norm"] or {}
+        sampling = extras["sampling"] or {}
+        tokenizer = tokenizer_reference(extras["tokenizer"], ".", relative=False)
+        lines = [f"- latents: {cfg.num_latent_tokens} x {cfg.latent_dim} (tokens x channels), `(B, "
+                 f"{cfg.num_latent_tokens}, {cfg.latent_dim})`",
+                 f"- classes: {model.num_classes}" + (f" ({_card_names(names)})" if names else "")
+                 if model.num_classes else "- unconditional (no classes)",
+                 f"- latent normalisation undone after sampling: {norm.get('mode', 'none')}" +
+                 (f" ({_card_statistics({'mean': norm['mean'], 'std': norm['std']})})"
+                  if norm.get("mode", "none") != "none" and "mean" in norm and "std" in norm else ""),
+                 f"- sampling defaults: {sampling.get('sampler')}, {sampling.get('steps')} steps, guidance "
+                 f"{sampling.get('cfg_scale')} on t in [{sampling.get('guidance_low')}, {sampling.get('guidance_high')}]",
+                 f"- tokenizer: `{tokenizer}`" if tokenizer else "- tokenizer: none named (pass one)"]
+        flag = f" --tokenizer {tokenizer}" if tokenizer and is_hub_id(tokenizer) else " --tokenizer TOKENIZER"
+        labels = f" --labels {shlex.quote(str(names[0]))}" if names else ""
         return (f"{tags}- diffusion\n---\n\n# {repo_id}\n\nA {cfg.arch} velocity model ({cfg.size_name}: width "
-                f"{cfg.width}, depth {cfg.depth}) on {cfg.num_latent_tokens} x {cfg.latent_dim} MAETok latents, "
-                f"{model.num_classes or 'no'} classes, saved by maetok.\n\n"
+                f"{cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads) generating MAETok latents, saved by maetok.\n\n"
+                + "\n".join(lines + [f"- {fact}" for fact in facts]) + "\n\n"
+                f"```bash\nmaetok sample --model {repo_id}{flag} --num 16{labels} --out samples\n```\n\n"
                 f"```python\nfrom maetok.diffusion.generator import LatentGenerator\n\n"
                 f"generator = LatentGenerator.load(\"{repo_id}\")\n```\n")
     cfg = model.config
-    return (f"{tags}- image-tokenizer\n---\n\n# {repo_id}\n\nA MAETok tokenizer ({cfg.image_size}px, patch "
-            f"{cfg.patch_size}, {cfg.num_latent_tokens} x {cfg.latent_dim} latents) saved by maetok.\n\n"
+    size = f"{cfg.in_channels}, {cfg.image_size}, {cfg.image_size}"
+    statistics = {name: value for name in LATENT_STATISTIC_NAMES
+                  for value in [getattr(model, name, None), model.config_dict().get(name)]
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    lines = [f"- images: {cfg.in_channels} channel(s), {cfg.image_size} x {cfg.image_size} px in [-1, 1], "
+             f"`(B, {size})`; patch {cfg.patch_size}",
+             f"- latents: {cfg.num_latent_tokens} x {cfg.latent_dim} (tokens x channels), `(B, {cfg.num_latent_tokens}, "
+             f"{cfg.latent_dim})`",
+             f"- scalar latent statistics: {_card_statistics(statistics)}" if statistics else
+             "- latent statistics: none in the folder (a latent cache measures them: `maetok cache-latents`)"]
+    return (f"{tags}- image-tokenizer\n---\n\n# {repo_id}\n\nA MAETok tokenizer ({cfg.variant}"
+            f"{', the released architecture' if isinstance(model, ReleasedMAETok) else ''}) saved by maetok.\n\n"
+            + "\n".join(lines + [f"- {fact}" for fact in facts]) + "\n\n"
             f"```python\nfrom maetok import MAETok\n\ntokenizer = MAETok.from_pretrained(\"{repo_id}\")\n"
-            "latents = tokenizer.encode(images)  # images (B, 3, H, W) in [-1, 1]\n"
-            "images = tokenizer.decode(latents)\n```\n")
+            f"latents = tokenizer.encode(images)  # images (B, {size}) in [-1, 1] -> (B, {cfg.num_latent_tokens}, "
+            f"{cfg.latent_dim})\nimages = tokenizer.decode(latents)\n```\n")
 
 
 def save_for_hub(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike, repo_id: str) -> Path:
-    """The folder :func:`push_to_hub` uploads: :func:`save_model`'s files plus a model card."""
-    directory = save_model(model, directory)
+    """The folder :func:`push_to_hub` uploads: :func:`save_model`'s files plus a model card. A diffusion model's
+    local tokenizer is stored as an absolute path (relative to a temporary upload folder it would mean nothing)."""
+    directory = save_model(model, directory, relative_tokenizer=False)
     (directory / "README.md").write_text(model_card(model, repo_id))
     return directory
 

@@ -15,16 +15,65 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from maetok.assets import is_hub_id
 from maetok.config import SamplingConfig, from_dict, to_dict
 from maetok.data.images import save_image_grid, to_rgb, to_uint8
 from maetok.data.latents import LatentNormalizer
 from maetok.data.npz import save_sample_batch
-from maetok.diffusion.samplers import euler_maruyama_sample, euler_sample, make_model_fn
-from maetok.errors import ConfigError
+from maetok.diffusion.samplers import Generators, Progress, euler_maruyama_sample, euler_sample, make_model_fn, \
+    normal_noise
+from maetok.errors import ConfigError, MissingFileError
 from maetok.model_folders import load_diffusion_model, save_diffusion_model
 from maetok.models.tokenizer import MAETok
 
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # SamplingConfig.precision
+
+
+#: how many class names (or ids) an error about a label lists
+LABELS_SHOWN = 20
+
+
+def resolve_class_labels(labels: Union[None, int, str, Tensor, Sequence[Union[int, str]]],
+                         class_names: Sequence[str], num_classes: int) -> Optional[Tensor]:
+    """Class labels as the model takes them: a LongTensor ``(B,)`` of ids in ``[0, num_classes)``, or None.
+
+    ``labels``: None, an id, a class name, a tensor of ids, or a sequence of ids and names (a string that is no class
+    name but an integer, e.g. ``"3"`` from a command line, is an id). An unknown name, an id out of range, or labels
+    for an unconditional model (``num_classes == 0``) raise a one-line ``ConfigError`` listing the valid names (ids).
+    """
+    if labels is None:
+        return None
+    if not num_classes:
+        raise ConfigError("the model is unconditional: it takes no class labels")
+    names = list(class_names)
+    valid = ", ".join(f"{i} {name}" for i, name in enumerate(names[:LABELS_SHOWN])) if names else \
+        f"ids 0..{num_classes - 1}"
+    valid += f", ... ({len(names)} in all)" if len(names) > LABELS_SHOWN else ""
+    if isinstance(labels, Tensor):
+        if labels.is_floating_point() or labels.is_complex():
+            raise ConfigError(f"class labels must be integers, got a {labels.dtype} tensor")
+        items: list = labels.reshape(-1).tolist()
+    else:
+        items = [labels] if isinstance(labels, (int, str)) else list(labels)
+    if not items:
+        raise ConfigError(f"no class labels given; the model's classes: {valid}")
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            text = item.strip()
+            if text in names:
+                ids.append(names.index(text))
+                continue
+            try:
+                item = int(text)
+            except ValueError:
+                raise ConfigError(f"unknown class name {text!r}; the model's classes: {valid}") from None
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ConfigError(f"a class label is an id or a name, got {item!r}")
+        if not 0 <= item < num_classes:
+            raise ConfigError(f"class label {item} is out of range: the model has {num_classes} classes: {valid}")
+        ids.append(item)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 class LatentGenerator:
@@ -39,6 +88,7 @@ class LatentGenerator:
         class_names: Sequence[str],
         sampling: SamplingConfig,
         tokenizer_dir: Optional[str],
+        tokenizer_named_in: Optional[Path] = None,
     ):
         self.model = model  # a SiT / LightningDiT: its config gives the latent shape and the classes
         self.normalizer = normalizer
@@ -46,7 +96,8 @@ class LatentGenerator:
         self.num_classes: int = model.num_classes
         self.class_names = list(class_names)
         self.sampling = sampling
-        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer_dir = tokenizer_dir  # a folder (absolute, or relative to the working directory) or a hub id
+        self.tokenizer_named_in = tokenizer_named_in  # the config.json that named it (for errors)
 
     @property
     def device(self) -> torch.device:
@@ -70,9 +121,26 @@ class LatentGenerator:
         its latent normalisation is the tokenizer's (:meth:`normalizer_for`)."""
         model, folder = load_diffusion_model(directory, device, torch_dtype)
         extras = folder.extras
-        where = f"{folder.directory / 'config.json'}:sampling"
+        where = f"{folder.folder.config_path}:sampling"
         return cls(model, LatentNormalizer.from_dict(extras["latent_norm"]), list(extras.get("class_names") or []),
-                   from_dict(SamplingConfig, extras["sampling"], where=where), extras.get("tokenizer"))
+                   from_dict(SamplingConfig, extras["sampling"], where=where), extras.get("tokenizer"),
+                   folder.folder.config_path)
+
+    def tokenizer_source(self, override: Optional[Union[str, Path]] = None) -> str:
+        """The tokenizer that decodes this model's latents: ``override`` (``--tokenizer`` / ``tokenizer=``) when given,
+        else the folder or hub id the model folder names. One line when there is none (``ConfigError``) or when the
+        named folder is gone (``MissingFileError``: the path, the ``config.json`` it came from, the flag to pass)."""
+        if override:
+            return str(override)
+        named_in = f"{self.tokenizer_named_in}" if self.tokenizer_named_in else "the diffusion model"
+        hint = "pass --tokenizer DIR_OR_HUB_ID (tokenizer= in Python)"
+        if not self.tokenizer_dir:
+            raise ConfigError(f"{named_in} names no tokenizer: {hint} (the authors' SiT: their tokenizer, e.g. "
+                              "MAETok/maetok-b-128)")
+        if not Path(self.tokenizer_dir).expanduser().exists() and not is_hub_id(self.tokenizer_dir):
+            raise MissingFileError(f"tokenizer {self.tokenizer_dir} not found (the path came from {named_in}; "
+                                   f"moved or not copied?): {hint}")
+        return str(self.tokenizer_dir)
 
     def normalizer_for(
         self,
@@ -102,30 +170,38 @@ class LatentGenerator:
             return None
         return torch.arange(num) % self.num_classes
 
+    def resolve_labels(self, labels: Any) -> Optional[Tensor]:
+        """``labels`` (ids, names, a tensor or None) as ids ``(B,)`` of this model's classes
+        (:func:`resolve_class_labels`)."""
+        return resolve_class_labels(labels, self.class_names, self.num_classes)
+
     @torch.no_grad()
     def sample_latents(
         self,
-        labels: Optional[Tensor],
+        labels: Any,
         num: int,
         sampling: Optional[SamplingConfig] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         steps: Optional[int] = None,
-        progress: bool = False,
+        progress: Progress = False,
         normalizer: Optional[LatentNormalizer] = None,
     ) -> Tensor:
         """Generate ``num`` latents ``(num, L, H)`` (denormalised by ``normalizer``, default the model's own:
-        ready for ``tokenizer.decode``). ``labels`` ``(num,)`` int64 or None (unconditional; a conditional model
-        then uses its null class). The noise comes from ``generator`` (on its device), the sampler and its
-        conventions from ``sampling`` (default the model's)."""
+        ready for ``tokenizer.decode``). ``labels``: ``num`` class ids or names (:meth:`resolve_labels`), or None
+        (unconditional; a conditional model then uses its null class). The noise comes from ``generator`` (on its
+        device; or a list of ``num`` generators, one per sample: :func:`~maetok.diffusion.samplers.normal_noise`),
+        the sampler and its conventions from ``sampling`` (default the model's). ``progress``: a bar over the
+        sampling steps (:data:`~maetok.diffusion.samplers.Progress`)."""
         s = sampling or self.sampling
         s.validate()
-        if labels is not None and self.num_classes and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ConfigError(f"class labels must be in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
-        cfg_scale = s.cfg_scale if (labels is not None and self.num_classes) else 1.0
-        if labels is not None and not self.num_classes:
-            labels = None
-        noise_device = generator.device if generator is not None else None
-        noise = torch.randn((num, *self.latent_shape), generator=generator, device=noise_device).to(self.device)
+        labels = self.resolve_labels(labels)
+        if labels is not None and len(labels) != num:
+            raise ConfigError(f"got {len(labels)} class labels for {num} samples")
+        cfg_scale = s.cfg_scale if labels is not None else 1.0
+        try:
+            noise = normal_noise((num, *self.latent_shape), generator).to(self.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         model_fn = make_model_fn(self.model, labels, cfg_scale, (s.guidance_low, s.guidance_high))
         n_steps = steps or s.steps
         state_dtype = STATE_DTYPES[s.precision]
@@ -168,7 +244,7 @@ def generate_images(
     pipe: LatentGenerator,
     tokenizer: MAETok,
     num: int,
-    labels: Optional[torch.Tensor] = None,
+    labels: Any = None,
     sampling: Optional[SamplingConfig] = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -176,22 +252,28 @@ def generate_images(
     normalizer: Optional[LatentNormalizer] = None,
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """``num`` images as uint8 ``(num, H, W, C)`` and their labels ``(num,)`` (None if unconditional).
-    ``labels`` default: all classes evenly (``i % num_classes``). ``normalizer``: the latent normalisation to
-    undo (default the model's; see :meth:`LatentGenerator.normalizer_for`)."""
+    ``labels``: ``num`` class ids or names (:func:`resolve_class_labels`); default all classes evenly
+    (``i % num_classes``). ``normalizer``: the latent normalisation to undo (default the model's; see
+    :meth:`LatentGenerator.normalizer_for`). ``progress``: one bar over every sampling step of every batch (rate
+    and time left), with the count of images done."""
     from tqdm.auto import tqdm
 
-    if labels is None:
-        labels = pipe.balanced_labels(num)
+    labels = pipe.balanced_labels(num) if labels is None else pipe.resolve_labels(labels)
     if labels is not None and len(labels) != num:
         raise ConfigError(f"got {len(labels)} labels for {num} samples")
+    steps = (sampling or pipe.sampling).steps
     generator = torch.Generator().manual_seed(seed)
     images = []
-    for start in tqdm(range(0, num, batch_size), desc="sample", unit="batch", disable=not progress):
-        count = min(batch_size, num - start)
-        batch_labels = labels[start : start + count] if labels is not None else None
-        latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator, normalizer=normalizer)
-        decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
-        images.append(to_uint8(decoded.cpu(), channels_last=True).numpy())  # NaN / inf raise: never gray images
+    with tqdm(total=-(-num // batch_size) * steps, desc=f"sample {num} images", unit="step",
+              disable=not progress) as bar:
+        for start in range(0, num, batch_size):
+            count = min(batch_size, num - start)
+            batch_labels = labels[start : start + count] if labels is not None else None
+            latents = pipe.sample_latents(batch_labels, count, sampling, generator=generator, normalizer=normalizer,
+                                          progress=bar)
+            decoded = tokenizer.decode(latents.to(next(tokenizer.parameters()).device)).clamp(-1, 1)
+            images.append(to_uint8(decoded.cpu(), channels_last=True).numpy())  # NaN / inf raise: never gray images
+            bar.set_postfix(images=f"{start + count}/{num}")
     return np.concatenate(images), (labels.numpy() if labels is not None else None)
 
 

@@ -21,8 +21,9 @@ branches, so ``d_u + g (d_c - d_u) = d(v_u + g (v_c - v_u))``; the two differ by
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,8 @@ from maetok.config import CFG_TARGETS, DIFFUSION_FORMS, LAST_STEPS
 from maetok.diffusion.transport import velocity_to_score
 from maetok.models.sit import apply_guidance
 
-__all__ = ["ModelFn", "GuidedVelocity", "make_model_fn", "euler_sample", "euler_maruyama_sample", "DIFFUSION_FORMS"]
+__all__ = ["ModelFn", "GuidedVelocity", "make_model_fn", "euler_sample", "euler_maruyama_sample", "normal_noise",
+           "DIFFUSION_FORMS", "Generators", "Progress"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -119,10 +121,42 @@ def _state(noise: Tensor, state_dtype: Optional[torch.dtype] = None) -> Tensor:
     return noise.clone()
 
 
-def _progress(total: int, enabled: bool, description: str):
+#: what a sampler's ``progress`` takes: False (no bar), True (a tqdm bar over its steps), a bar already open
+#: (anything with ``update(n)``, e.g. one tqdm over several batches: advanced, left open) or a factory called as
+#: ``progress(total=steps)`` that returns a bar (e.g. ``diffusers.DiffusionPipeline.progress_bar``)
+Progress = Union[bool, Any]
+
+
+def _progress(total: int, progress: Progress, description: str) -> ContextManager[Any]:
+    """The bar a sampler advances once per model step (see :data:`Progress`), as a context manager."""
+    if hasattr(progress, "update"):
+        return contextlib.nullcontext(progress)
+    if callable(progress):
+        return progress(total=total)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=description, leave=False)
+    return tqdm(total=total, disable=not progress, desc=description, unit="step", leave=False)
+
+
+#: one ``torch.Generator`` for the whole batch, or one per sample (as diffusers pipelines take them)
+Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+
+
+def normal_noise(shape: Sequence[int], generator: Generators, device: Optional[Union[str, torch.device]] = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise of ``shape`` ``(B, ...)`` on ``device``: drawn from ``generator`` on its device (one
+    draw of the whole shape), or with a list of ``B`` generators, sample ``i`` from ``generator[i]`` (so a sample
+    does not depend on the others in its batch); ``None``: the global generator."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=generator.device,
+                           dtype=torch.float32).to(device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {shape[0]} samples: pass one per sample, or one")
+    draws = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(device=device)
+             for g in generator]
+    return torch.stack(draws).to(dtype=dtype)
 
 
 @torch.no_grad()
@@ -132,7 +166,7 @@ def euler_sample(
     num_steps: int = 250,
     t_start: float = 1.0,
     t_end: float = 0.0,
-    progress: bool = False,
+    progress: Progress = False,
     state_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Deterministic Euler integration of ``dx/dt = v(x, t)`` on ``linspace(t_start, t_end, num_steps + 1)``.
@@ -178,9 +212,9 @@ def euler_maruyama_sample(
     t_end: float = 0.04,
     diffusion_coef: Union[str, Callable[[float], float]] = "sigma",
     diffusion_norm: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     last_step: str = "drift",
-    progress: bool = False,
+    progress: Progress = False,
     cfg_on: str = "velocity",
     state_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
@@ -190,7 +224,7 @@ def euler_maruyama_sample(
     Each of the first ``num_steps - 1`` steps (``dt < 0``)::
 
         v = model_fn(x, t);  s = -(x + (1 - t) v) / t;  w = diffusion_norm * w(t)
-        x <- x + (v - w s) dt + sqrt(2 w |dt|) z,   z ~ N(0, I) (from ``generator`` on its device)
+        x <- x + (v - w s) dt + sqrt(2 w |dt|) z,   z ~ N(0, I) (from ``generator``: :func:`normal_noise`)
 
     ``diffusion_coef``: ``"sigma"`` ``w(t) = t`` (SiT default), ``"constant"`` ``w = 1``, ``"linear"``
     ``w = 1 - t``, or a callable ``t -> w``. The final step from ``t_end`` to 0 adds no noise:
@@ -235,11 +269,7 @@ def euler_maruyama_sample(
         for t_cur, t_next in zip(times[:-2], times[1:-1]):
             dt = t_next - t_cur
             _, d_cur = drift(x, t_cur)
-            if generator is not None:
-                z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
-                z = z.to(device=x.device, dtype=x.dtype)
-            else:
-                z = torch.randn_like(x)
+            z = normal_noise(x.shape, generator, x.device, x.dtype)
             w = diffusion(t_cur)
             if w < 0:
                 raise ValueError(f"the diffusion coefficient must be >= 0, got {w} at t={t_cur}")

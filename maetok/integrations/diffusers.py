@@ -9,8 +9,9 @@
 * :class:`MAETokSampler`: the sampler settings (:class:`maetok.config.SamplingConfig`) as a diffusers scheduler
   config (``scheduler/scheduler_config.json``); sampling itself runs through
   :class:`maetok.diffusion.generator.LatentGenerator`, the one place that samples.
-* :class:`MAETokSiTPipeline`: the three bundled as a ``DiffusionPipeline``, callable with ``class_labels``,
-  ``num_inference_steps``, ``guidance_scale``, ``generator``, ``output_type``; returns ``ImagePipelineOutput``.
+* :class:`MAETokSiTPipeline`: the three bundled as a ``DiffusionPipeline``, callable with ``class_labels`` (ids or
+  class names), ``num_images_per_prompt``, ``num_inference_steps``, ``guidance_scale``, ``generator`` (one or one per
+  image), ``output_type``; returns ``ImagePipelineOutput``; shows a progress bar (``set_progress_bar_config``).
 
 Build from maetok folders or hub ids (ours or the authors' released weights)::
 
@@ -294,10 +295,7 @@ class MAETokSiTPipeline(DiffusionPipeline):
         ``(mean, std)`` overriding); ``sampling_changes`` change the model's sampling defaults. On ``device`` (default
         the CPU) in ``torch_dtype`` (default float32)."""
         generator = LatentGenerator.load(model, device, torch_dtype)
-        source = tokenizer or generator.tokenizer_dir
-        if not source:
-            raise ValueError(f"{model} names no tokenizer: pass tokenizer=DIR_OR_HUB_ID")
-        vae = MAETokAutoencoder.from_maetok(source, device, torch_dtype)
+        vae = MAETokAutoencoder.from_maetok(generator.tokenizer_source(tokenizer), device, torch_dtype)
         sampling = dataclasses.replace(generator.sampling, **sampling_changes)
         normalizer = generator.normalizer_for(sampling, vae.tokenizer, latent_scalars)
         return cls(MAETokTransformer.from_latent_generator(generator, normalizer), vae,
@@ -312,41 +310,47 @@ class MAETokSiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Optional[Union[int, Sequence[int], Tensor]] = None,
+        class_labels: Optional[Union[int, str, Sequence[Union[int, str]], Tensor]] = None,
         num_inference_steps: Optional[int] = None,
         guidance_scale: Optional[float] = None,
         guidance_interval: Optional[Sequence[float]] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         batch_size: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        num_images_per_prompt: int = 1,
     ) -> Union[ImagePipelineOutput, tuple]:
-        """Generate one image per label of ``class_labels`` (an int, a list or a ``(B,)`` tensor; ``None``: the
-        model's unconditional branch, ``batch_size`` images). ``num_inference_steps``, ``guidance_scale`` and
+        """Generate ``num_images_per_prompt`` images per label of ``class_labels`` (ids or class names: an int, a name,
+        a list or a ``(B,)`` tensor; the images of one label are consecutive; ``None``: the model's unconditional
+        branch, ``batch_size`` x ``num_images_per_prompt`` images). ``num_inference_steps``, ``guidance_scale`` and
         ``guidance_interval`` ``(low, high)`` (t = 1 is noise) override the scheduler's settings; the noise comes
-        from ``generator`` (a ``torch.Generator``). ``output_type``: ``"pil"`` (a list of PIL images), ``"np"``
-        (``(B, H, W, C)`` float in [0, 1]) or ``"pt"`` (``(B, C, H, W)`` float in [0, 1])."""
+        from ``generator`` (a ``torch.Generator``, or a list of them, one per image). ``output_type``: ``"pil"`` (a
+        list of PIL images), ``"np"`` (``(B, H, W, C)`` float in [0, 1]) or ``"pt"`` (``(B, C, H, W)`` float in
+        [0, 1]). A progress bar runs over the sampling steps (``set_progress_bar_config(disable=True)`` hides it)."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if isinstance(generator, (list, tuple)):
-            raise ValueError("pass one torch.Generator (a list of generators is not supported)")
-        labels: Optional[Tensor] = None
-        if class_labels is not None:
-            labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels,
-                                     dtype=torch.long).reshape(-1).cpu()
-            num = labels.numel()
-        elif batch_size is None:
-            raise ValueError("pass class_labels, or batch_size for unconditional samples")
-        else:
-            num = int(batch_size)
+        if int(num_images_per_prompt) < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         changes: dict[str, Any] = {}
         if guidance_scale is not None:
             changes["cfg_scale"] = float(guidance_scale)
         if guidance_interval is not None:
             changes.update(guidance_low=float(guidance_interval[0]), guidance_high=float(guidance_interval[1]))
         sampling = self.scheduler.sampling_config(**changes)
-        latents = self.transformer.latent_generator(sampling).sample_latents(
-            labels, num, sampling, generator=generator, steps=num_inference_steps)
+        latent_generator = self.transformer.latent_generator(sampling)
+        labels = latent_generator.resolve_labels(class_labels)
+        if labels is not None:
+            labels = labels.repeat_interleave(int(num_images_per_prompt))
+            num = labels.numel()
+        elif batch_size is None:
+            raise ValueError("pass class_labels, or batch_size for unconditional samples")
+        else:
+            num = int(batch_size) * int(num_images_per_prompt)
+        if isinstance(generator, (list, tuple)) and len(generator) != num:
+            raise ValueError(f"got a list of {len(generator)} generators for {num} images: pass one per image "
+                             f"(class labels x num_images_per_prompt), or a single generator")
+        latents = latent_generator.sample_latents(labels, num, sampling, generator=generator,
+                                                  steps=num_inference_steps, progress=self.progress_bar)
         vae_device = next(self.vae.parameters()).device
         images = self.vae.decode(latents.to(vae_device)).sample
         images = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
