@@ -15,6 +15,7 @@ Each config class checks its values in its ``validate()``, which calls its secti
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,12 +27,40 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from maetok.errors import ConfigError, first_line  # ConfigError: also importable from here, as always
+from maetok.runs import read_text_capped
 
 PRESET_DIR = Path(__file__).parent / "configs"
 #: images above this many pixels (width x height, read from the file's header) are skipped unread (0: no limit)
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 T = TypeVar("T")
+
+# Upper bounds of the architecture fields, checked before any module is built (a config.json asking for width 10**9
+# would otherwise try to allocate terabytes): 64 x the largest value of the paper's models (MAETok-B at 512 px,
+# SiT-XL), so no real model comes near them.
+MAX_WIDTH = 65536  # encoder / decoder / diffusion transformer width (SiT-XL: 1152)
+MAX_DEPTH = 2048  # blocks (SiT-XL: 28)
+MAX_HEADS = 1024  # attention heads (16)
+MAX_IMAGE_SIZE = 32768  # pixels per side (512)
+MAX_CHANNELS = 256  # image channels (3)
+MAX_LATENT_TOKENS = 8192  # 1D latent tokens (128)
+MAX_LATENT_DIM = 2048  # channels per latent token (32)
+MAX_CLASSES = 64000  # class labels (1000)
+MAX_MLP_RATIO = 64.0  # MLP width / width (4)
+
+
+def check_numbers(cfg: Any, where: str, ranges: Optional[Mapping[str, tuple[float, float]]] = None) -> None:
+    """Every ``float`` field of the dataclass ``cfg`` must be finite (a JSON ``NaN`` or YAML ``.inf`` is refused
+    where it is read), and each field named in ``ranges`` must lie in its ``[low, high]``; ``ConfigError`` naming
+    ``where.field``, the range and the value."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {value}")
+        if ranges and f.name in ranges:
+            low, high = ranges[f.name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"{where}.{f.name} must lie in [{low:g}, {high:g}], got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,6 +109,17 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.variant not in ("maetok", "ae", "vae"):
             raise ConfigError(f"model.variant must be 'maetok', 'ae' or 'vae', got {self.variant!r}")
+        check_numbers(self, "model", {
+            "image_size": (1, MAX_IMAGE_SIZE), "in_channels": (1, MAX_CHANNELS), "patch_size": (1, MAX_IMAGE_SIZE),
+            **{f"{part}_width": (1, MAX_WIDTH) for part in ("encoder", "decoder")},
+            **{f"{part}_depth": (1, MAX_DEPTH) for part in ("encoder", "decoder")},
+            **{f"{part}_heads": (1, MAX_HEADS) for part in ("encoder", "decoder")},
+            "aux_width": (0, MAX_WIDTH), "aux_heads": (0, MAX_HEADS), "aux_depth": (0, MAX_DEPTH),
+            "mlp_ratio": (1 / 64, MAX_MLP_RATIO), "num_latent_tokens": (1, MAX_LATENT_TOKENS),
+            "latent_dim": (1, MAX_LATENT_DIM), "rope_theta": (1.0, 1e12), "layer_scale_init": (0.0, 1e3),
+        })
+        for i, target in enumerate(self.aux_targets):
+            check_numbers(target, f"model.aux_targets[{i}]")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
@@ -100,8 +140,9 @@ class TokenizerConfig:
         for t in self.aux_targets:
             if t.loss not in ("mse", "cosine"):
                 raise ConfigError(f"aux target {t.name!r}: loss must be 'mse' or 'cosine', got {t.loss!r}")
-        for part in ("encoder", "decoder"):
-            width, heads = getattr(self, f"{part}_width"), getattr(self, f"{part}_heads")
+        for part in ("encoder", "decoder") + (("aux",) if self.aux_targets else ()):
+            width = getattr(self, f"{part}_width") or self.decoder_width  # aux: 0 = the decoder's
+            heads = getattr(self, f"{part}_heads") or self.decoder_heads
             if width % heads or (width // heads) % 4:
                 raise ConfigError(
                     f"model.{part}_width={width} / {part}_heads={heads} must give a head dim divisible by 4 (2D RoPE)"
@@ -128,6 +169,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
 
     def validate(self, where: str = "optim") -> None:
+        check_numbers(self, where)
         if not (self.lr > 0 and self.lr == self.lr):
             raise ConfigError(f"{where}.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -171,6 +213,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
+        check_numbers(self, "train")
         for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "max_nonfinite_steps"):
             require_positive(f"train.{name}", getattr(self, name))
         if self.num_workers < 0:
@@ -199,6 +242,7 @@ class LossConfig:
     kl_weight: float = 1e-6  # vae only
 
     def validate(self) -> None:
+        check_numbers(self, "loss")
         if self.gan_lr <= 0 and self.gan_weight > 0:
             raise ConfigError(f"loss.gan_lr must be > 0 when loss.gan_weight > 0, got {self.gan_lr}")
         for name in ("recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "kl_weight"):
@@ -224,6 +268,7 @@ class FinetuneConfig:
     fresh_decoder: bool = False
 
     def validate(self) -> None:
+        check_numbers(self, "finetune")
         require_positive("finetune.steps", self.steps)
         if not (self.lr > 0):
             raise ConfigError(f"finetune.lr must be > 0, got {self.lr}")
@@ -388,6 +433,64 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+#: a YAML document may expand, its aliases (``*name``) followed, to this many values per character of its text
+#: (beyond YAML_EXPANSION_FLOOR): more is an alias bomb, refused before it is built (it would take minutes, gigabytes
+#: and an error message as large)
+YAML_EXPANSION_PER_CHAR = 10
+YAML_EXPANSION_FLOOR = 10_000
+
+
+def _expanded_size(node: yaml.Node, limit: int, sizes: dict[int, int]) -> int:
+    """How many values the YAML node graph under ``node`` expands to (each alias counted as a copy of what it names),
+    counted up to just beyond ``limit``; a node that contains itself counts as beyond it. ``sizes``: by node id."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = limit + 1  # while counting: a node met again inside itself is a recursive alias
+    total = 1
+    children = node.value if isinstance(node, yaml.SequenceNode) else \
+        [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []
+    for child in children:
+        total += _expanded_size(child, limit, sizes)
+        if total > limit:
+            break
+    sizes[id(node)] = total
+    return total
+
+
+def check_yaml_expansion(text: str, source: str) -> None:
+    """``ConfigError`` naming ``source`` (never the expanded value) when the aliases of the YAML document ``text``
+    expand it out of proportion to its length (:data:`YAML_EXPANSION_PER_CHAR`): checked on the node graph, before
+    anything is built. A text that does not parse passes (its parser reports it)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return
+    limit = YAML_EXPANSION_FLOOR + YAML_EXPANSION_PER_CHAR * len(text)
+    if root is not None and _expanded_size(root, limit, {}) > limit:
+        raise ConfigError(f"{source}: its aliases (*name) expand it to more than {limit} values, out of proportion "
+                          f"to its {len(text)} characters: refused (a YAML alias bomb?)")
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """The value of the YAML document ``text`` (safe types only), read from ``source``; a document that does not
+    parse or is an alias bomb (:func:`check_yaml_expansion`) is a one-line ``ConfigError`` naming ``source``."""
+    check_yaml_expansion(text, source)
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"cannot parse {source}: {' '.join(str(err).split()) or 'nested too deeply'}") from None
+
+
+def read_yaml_file(path: Union[str, Path], error_hint: str = "") -> Any:
+    """The value of the YAML file ``path``: read with a size cap (:func:`maetok.runs.read_text_capped`: a device or a
+    huge file is refused unread), then :func:`load_yaml_text`; ``error_hint`` (what to do) ends each error line."""
+    text = read_text_capped(path, what_to_do=error_hint)
+    try:
+        return load_yaml_text(text, str(path))
+    except ConfigError as err:
+        raise ConfigError(f"{err}: {error_hint}" if error_hint else str(err)) from None
+
+
 def read_preset(name_or_path: Union[str, Path], _seen: Optional[set] = None) -> dict:
     """Read a preset name or YAML path into a raw dict, resolving ``base:`` chains."""
     path = Path(name_or_path)
@@ -401,10 +504,7 @@ def read_preset(name_or_path: Union[str, Path], _seen: Optional[set] = None) -> 
     if path.resolve() in seen:
         raise ConfigError(f"preset {path} inherits from itself through 'base:'")
     seen.add(path.resolve())
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from None
+    raw = read_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file must be a mapping at the top level")
     base_name = raw.pop("base", None)
@@ -423,6 +523,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        check_yaml_expansion(value, f"override {key}")  # OmegaConf would build all an alias bomb expands to
         try:
             dotlist.merge_with_dotlist([item])
         except (yaml.YAMLError, *_REFUSED) as err:
@@ -561,14 +663,14 @@ class DiffusionModelConfig:
     def validate(self) -> None:
         if self.arch not in DIFFUSION_ARCHS:
             raise ConfigError(f"model.arch must be one of {list(DIFFUSION_ARCHS)}, got {self.arch!r}")
-        for name in ("width", "depth", "num_heads", "latent_dim", "num_latent_tokens", "frequency_dim"):
-            require_positive(f"model.{name}", getattr(self, name))
+        check_numbers(self, "model", {
+            "width": (1, MAX_WIDTH), "depth": (1, MAX_DEPTH), "num_heads": (1, MAX_HEADS),
+            "latent_dim": (1, MAX_LATENT_DIM), "num_latent_tokens": (1, MAX_LATENT_TOKENS),
+            "frequency_dim": (1, MAX_WIDTH), "num_classes": (0, MAX_CLASSES), "mlp_ratio": (1 / 64, MAX_MLP_RATIO),
+            "rope_theta": (1.0, 1e12),
+        })
         if self.width % self.num_heads:
             raise ConfigError(f"model.width {self.width} is not divisible by model.num_heads {self.num_heads}")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"model.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.arch == "sit":
@@ -591,6 +693,7 @@ class TransportConfig:
     latent_norm: str = "channel"  # "channel", "scalar" or "none": (x - mean) / std over the training latents
 
     def validate(self) -> None:
+        check_numbers(self, "transport")
         if self.time_sampling not in ("uniform", "lognormal"):
             raise ConfigError(f"transport.time_sampling must be 'uniform' or 'lognormal', got {self.time_sampling!r}")
         if self.latent_norm not in ("channel", "scalar", "none"):
@@ -636,6 +739,7 @@ class SamplingConfig:
                               ("cfg_on", CFG_TARGETS), ("precision", PRECISIONS), ("latent_norm", LATENT_NORMS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"sampling.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        check_numbers(self, "sampling")
         require_positive("sampling.steps", self.steps)
         require_positive("sampling.grid_steps", self.grid_steps)
         if self.cfg_scale < 0:

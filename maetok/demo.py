@@ -17,7 +17,6 @@ every finished phase.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +29,7 @@ from maetok.encode import load_tokenizer, reconstruct_images
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.eval.reconstruction import ReconstructionEvaluator
 from maetok.pipeline import EvalData, convergence, load_eval_data, measure_baselines, run_pipeline
-from maetok.runs import is_finished, resolve_device, write_json
+from maetok.runs import is_finished, read_json_file, resolve_device, write_json
 
 TOKENIZER_CONFIG = "fashion-mnist-maetok"
 DIFFUSION_CONFIG = "fashion-mnist-sit"
@@ -105,7 +104,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         reused.append(baselines_phase)
     with timer.phase(baselines_phase):
         if baselines_path.exists():
-            baselines = json.loads(baselines_path.read_text())
+            baselines = read_json_file(baselines_path, what_to_do="delete it to measure the baselines again")
             pca_rows = torch.load(out / "baseline_grids.pt", weights_only=True)
         else:
             baselines, b = measure_baselines(evald, latent_dim, budget, sample_labels=_grid_labels(evald, 10))
@@ -127,7 +126,8 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     )
     plot_training_curves({"SiT": out / "sit" / "log.csv"}, out / "sit_curves.png", keys=("loss", "lr"))
     # a phase reused from an earlier invocation keeps the time it took then
-    previous = json.loads((out / "metrics.json").read_text()).get("timings_s", {}) if (out / "metrics.json").exists() else {}
+    previous = read_json_file(out / "metrics.json", what_to_do="delete it (it is written again)").get("timings_s", {}) \
+        if (out / "metrics.json").exists() else {}
     for name in reused:
         timer.phases[name] = previous.get(name, timer.phases[name])
     held_out = "held-out images and their Inception statistics"

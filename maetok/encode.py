@@ -44,7 +44,7 @@ from maetok.data.latents import LatentCacheWriter, LatentMoments
 from maetok.errors import ConfigError, MissingFileError
 from maetok.global_batch import SampleRandom
 from maetok.models.tokenizer import MAETok
-from maetok.runs import resolve_device, weights_fingerprint
+from maetok.runs import check_finite_tensors, display_path, resolve_device, weights_fingerprint
 
 __all__ = ["cache_latents", "encode_dataset", "encode_images", "latent_statistics", "list_images", "load_tokenizer",
            "reconstruct_files", "reconstruct_images", "reconstruction_path", "reconstructions"]
@@ -191,6 +191,10 @@ def cache_latents(
             if flip:
                 flipped_draws = draws.child("flipped")
                 flipped.append(tokenizer.encode(images.flip(-1), sample_posterior, flipped_draws).float().cpu())
+            batch_items = batch.indices + items.start
+            check_finite_tensors({"latents": latents[-1], **({"flipped latents": flipped[-1]} if flip else {})},
+                                 f"the tokenizer's output for dataset items {int(batch_items.min())}.."
+                                 f"{int(batch_items.max())} (nothing of shard {shard} is written)")
             labels.append(batch.labels)
             rows.append(batch.indices)
         bar.update(len(skipped))
@@ -296,11 +300,13 @@ def reconstruct_files(
             continue
         images = torch.stack(tensors)
         recon = reconstruct_images(model, images, batch_size)
+        check_finite_tensors({"reconstructions": recon}, f"the tokenizer's output for {display_path(batch_files[0])}"
+                             f"{f' and {len(batch_files) - 1} more inputs' if len(batch_files) > 1 else ''}")
         for path, original, reconstruction in zip(batch_files, images, recon):
             target = reconstruction_path(out_dir, source, path)
             save_side_by_side(original[None], reconstruction[None], target, pairs_per_row=1)
             written.append(target)
     if skipped:
         print(f"[maetok] skipped {len(skipped)} unreadable image(s): "
-              + "; ".join(f"{item.file}: {item.reason}" for item in skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
+              + "; ".join(f"{display_path(item.file)}: {item.reason}" for item in skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
     return written

@@ -26,7 +26,6 @@ first, ``config.json`` last). The model classes' ``from_pretrained`` / ``save_pr
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from maetok.assets import is_hub_id, resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
     from_dict, to_dict
-from maetok.errors import MissingFileError, ModelFolderError, first_line
+from maetok.errors import MaetokError, MissingFileError, ModelFolderError, first_line
 from maetok.models.released import (
     ARCHITECTURE_KEY,
     ReleasedArchitecture,
@@ -65,6 +64,7 @@ from maetok.runs import (
     check_finite_tensors,
     check_format_version,
     model_directory,
+    read_json_file,
     resolve_device,
     run_directory,
     weights_fingerprint,
@@ -270,10 +270,7 @@ def read_folder(source: Union[PathLike, ModelFolder], what: str = "model") -> Mo
         if (directory / "model_index.json").exists():
             raise ModelFolderError(f"{directory} is a diffusers pipeline: name its vae/ or transformer/ folder")
         raise MissingFileError(f"{path} not found: a {what} directory holds {MODEL_CONFIG} and {MODEL_WEIGHTS}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    raw = read_json_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     check_format_version(raw, path)
@@ -302,6 +299,7 @@ def build_tokenizer(config: Mapping[str, Any], source: PathLike) -> MAETok:
     released = config.pop(ARCHITECTURE_KEY, None)
     statistics = _latent_statistics(config, source)
     tokenizer_config = from_dict(TokenizerConfig, config, where=str(source))
+    _validated(tokenizer_config, source)
     if released is None:
         model = MAETok(tokenizer_config)
     elif not isinstance(released, dict):
@@ -329,11 +327,26 @@ def _latent_statistics(config: dict[str, Any], source: PathLike) -> dict[str, fl
     return values
 
 
+def _validated(cfg: Any, source: PathLike) -> None:
+    """``cfg.validate()`` (sizes bounded, every number finite: before any module is built), its error naming
+    ``source``."""
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
 def _authors_tokenizer_architecture(folder: ModelFolder) -> tuple[TokenizerConfig, ReleasedArchitecture]:
     try:
-        return authors_architecture(folder.config, safetensors_shapes(folder.weights_path), folder.config_path,
-                                    folder.weights_path)
-    except (TypeError, KeyError, AttributeError) as err:  # a malformed value (null, a list for a mapping ...)
+        tokenizer_cfg, architecture = authors_architecture(folder.config, safetensors_shapes(folder.weights_path),
+                                                           folder.config_path, folder.weights_path)
+        _validated(tokenizer_cfg, folder.config_path)
+        _validated(architecture, folder.config_path)
+        return tokenizer_cfg, architecture
+    except MaetokError:
+        raise
+    # a malformed value (null, a list for a mapping, a zero patch size, NaN for an integer ...)
+    except (TypeError, KeyError, AttributeError, ValueError, ZeroDivisionError, OverflowError) as err:
         raise ConfigError(f"{folder.config_path}: cannot read the architecture ({type(err).__name__}: {err})") from None
 
 
@@ -346,7 +359,9 @@ def tokenizer_config(source: Union[PathLike, ModelFolder]) -> TokenizerConfig:
         return _authors_tokenizer_architecture(folder)[0]
     raw, where = _our_tokenizer_config(folder)
     skipped = (ARCHITECTURE_KEY, *LATENT_STATISTICS)
-    return from_dict(TokenizerConfig, {k: v for k, v in raw.items() if k not in skipped}, where=where)
+    cfg = from_dict(TokenizerConfig, {k: v for k, v in raw.items() if k not in skipped}, where=where)
+    _validated(cfg, where)
+    return cfg
 
 
 def _our_tokenizer_config(folder: ModelFolder) -> tuple[dict[str, Any], str]:
@@ -466,7 +481,7 @@ def diffusion_model_config(raw: Mapping[str, Any], where: str, latent_shape: Opt
     if num_classes is not None:
         raw.setdefault("num_classes", int(num_classes))
     cfg = from_dict(DiffusionModelConfig, raw, where=where)
-    cfg.validate()
+    _validated(cfg, where)
     return cfg
 
 
@@ -499,7 +514,7 @@ def read_diffusion_folder(source: Union[PathLike, ModelFolder]) -> DiffusionFold
         try:
             model_cfg = authors_sit_config(raw)
             model_cfg.validate()
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:  # OverflowError: int(inf)
             raise ConfigError(f"{path}: the authors' SiT config cannot be mapped: {err}") from None
         extras = {**default_folder_extras(), "sampling": to_dict(SamplingConfig(**AUTHORS_SAMPLING))}
         return DiffusionFolder(folder, model_cfg, extras)

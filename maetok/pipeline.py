@@ -23,7 +23,6 @@ class labels run unconditionally: no linear probe, no class rows, a latent map w
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, lo
 from maetok.data import DatasetSubset, build_dataset, load_images, save_image_grid
 from maetok.data.images import to_uint8
 from maetok.errors import ModelFolderError
-from maetok.runs import is_finished, resolve_device, write_json
+from maetok.runs import is_finished, read_json_file, resolve_device, write_json
 
 __all__ = ["EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
 
@@ -259,7 +258,7 @@ def run_pipeline(
                                            (out / "sit", "SiT", dif_cfg, ())):
             check_same_config(run_dir, what, cfg, unused)
         print(f"[maetok] {out}: finished before, reusing {result_path.name}", flush=True)
-        return json.loads(result_path.read_text())
+        return read_json_file(result_path, what_to_do="delete it to measure the run again")
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     timer = Timer(verbose=progress)

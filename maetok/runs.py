@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-from maetok.errors import ConfigError, ModelFolderError, NonFiniteError
+from maetok.errors import ConfigError, MaetokError, MissingFileError, ModelFolderError, NonFiniteError
 
 PathLike = Union[str, Path]
 
@@ -34,6 +36,9 @@ FORMAT_KEY = "format_version"
 MODEL_DIR = "model"
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
+#: the largest config / metadata file (JSON or YAML) read: ours are a few KB (a cache's skip list of a million files
+#: ~100 MB would be the largest a user could make); a bigger one, or a device such as /dev/zero, is refused unread
+MAX_CONFIG_BYTES = 256 * 2**20
 
 
 def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -116,10 +121,61 @@ def check_format_version(data: Mapping[str, Any], source: PathLike) -> int:
     return version
 
 
+def display_path(path: Union[PathLike, str]) -> str:
+    """``path`` as printable text that JSON and UTF-8 files can hold: a file name that is not valid UTF-8 (bytes
+    Python keeps as surrogates, e.g. ``b'\\xff.png'``) has its bad bytes written as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def read_text_capped(path: PathLike, limit: int = MAX_CONFIG_BYTES, error: type[MaetokError] = ConfigError,
+                     what_to_do: str = "") -> str:
+    """The text of a config or metadata file, read only when it is a regular file (a link to one is followed) of at
+    most ``limit`` bytes in UTF-8; otherwise ``error`` (a missing file: :class:`MissingFileError`) in one line naming
+    it, with ``what_to_do`` appended. At most ``limit + 1`` bytes are ever read (a file that grows while read)."""
+    path = Path(path)
+    hint = f": {what_to_do}" if what_to_do else ""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise MissingFileError(f"{path} not found") from None
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}{hint}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+        raise error(f"{path} is {kind}, not a file{hint}")
+    if info.st_size > limit:
+        raise error(f"{path} is {info.st_size} bytes, more than the {limit} a config or metadata file may hold{hint}")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise error(f"cannot read {path}: {err.strerror or err}{hint}") from None
+    if len(data) > limit:
+        raise error(f"{path} is more than the {limit} bytes a config or metadata file may hold{hint}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not UTF-8 text (byte {err.start}){hint}") from None
+
+
+def read_json_file(path: PathLike, error: type[MaetokError] = ConfigError, what_to_do: str = "") -> Any:
+    """The JSON value in ``path`` (:func:`read_text_capped`); a truncated or corrupt file is ``error`` in one line
+    naming it and what to do about it (``what_to_do``, e.g. "delete it and rerun cache-latents")."""
+    text = read_text_capped(path, error=error, what_to_do=what_to_do)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) \
+            else "nested too deeply"
+        raise error(f"{path} is not valid JSON (truncated or corrupt? {reason})"
+                    + (f": {what_to_do}" if what_to_do else "")) from None
+
+
 def jsonable(value: Any) -> Any:
-    """numpy scalars / arrays, Paths and non-finite floats -> plain JSON values (NaN and inf become None)."""
+    """numpy scalars / arrays, Paths and non-finite floats -> plain JSON values (NaN and inf become None; a file name
+    that is not UTF-8 is escaped: :func:`display_path`)."""
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {jsonable(str(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
@@ -132,7 +188,9 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, Path):
-        return str(value)
+        return display_path(value)
+    if isinstance(value, str):
+        return display_path(value) if any("\udc80" <= c <= "\udcff" for c in value) else value
     return value
 
 

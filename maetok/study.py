@@ -17,7 +17,6 @@ On GPUs the same command scales to the paper's presets by config (``--tokenizer-
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ from maetok.demo import dataset_shape, format_optional, format_seconds, machine_
 from maetok.errors import ConfigError, ModelFolderError
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
-from maetok.runs import is_finished, write_json
+from maetok.runs import is_finished, read_json_file, write_json
 
 # the demo's budget (BENCHMARKS.md, "Convergence per CPU-second"), MSE in both stages; stage 2 as the paper specifies
 # it (the mask ratio decaying 60% -> 0 over the whole stage) and as long relative to stage 1 (50K of 500K steps: 10%)
@@ -150,7 +149,7 @@ def run_study(
         raise ModelFolderError(f"{out}: no finished run to report")
     baselines_path = out / "baselines.json"
     if baselines_path.exists():
-        baselines = json.loads(baselines_path.read_text())
+        baselines = read_json_file(baselines_path, what_to_do="delete it to measure the baselines again")
     else:
         dim = next(iter(runs.values()))[0]["latent_dim"]
         baselines, _ = measure_baselines(evald, dim, budget)

@@ -43,6 +43,7 @@ from maetok.data.images import (
     to_uint8,
 )
 from maetok.errors import ConfigError, DataError, MissingFileError
+from maetok.runs import display_path
 
 __all__ = [
     "DatasetNotFoundError",
@@ -297,7 +298,7 @@ def hash_split(relative_path: str, holdout_fraction: float = DEFAULT_HOLDOUT_FRA
     """
     if not 0.0 <= holdout_fraction <= 1.0:
         raise DataError(f"holdout_fraction must be in [0, 1], got {holdout_fraction}")
-    key = relative_path.replace(os.sep, "/").encode("utf-8")
+    key = relative_path.replace(os.sep, "/").encode("utf-8", "surrogateescape")  # a name's own bytes, UTF-8 or not
     position = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2.0**64
     return "test" if position < holdout_fraction else "train"
 
@@ -454,7 +455,7 @@ class _PackedStrings:
     process do not copy millions of Python objects (copy-on-read through reference counts)."""
 
     def __init__(self, strings: Sequence[str]) -> None:
-        encoded = [s.encode("utf-8") for s in strings]
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]  # file names that are not UTF-8 too
         lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
@@ -464,7 +465,7 @@ class _PackedStrings:
         return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> str:
-        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
+        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8", "surrogateescape")
 
     def to_list(self) -> list[str]:
         return [self[i] for i in range(len(self))]
@@ -944,7 +945,7 @@ def _batches_in_order(dataset: Dataset, batch_size: int, num_workers: int) -> It
 def log_skipped_items(skipped: Sequence[SkippedItem], where: str, max_names: int = 5) -> None:
     """One warning line: how many items of ``where`` were left out as unreadable, naming the first ones."""
     if skipped:
-        names = ", ".join(f"{item.file} ({item.reason})" for item in skipped[:max_names])
+        names = ", ".join(f"{display_path(item.file)} ({item.reason})" for item in skipped[:max_names])
         more = ", ..." if len(skipped) > max_names else ""
         logger.warning("%d unreadable image(s) left out of %s: %s%s", len(skipped), where, names, more)
 

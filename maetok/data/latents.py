@@ -40,6 +40,7 @@ equals an uninterrupted one; ``sample_posterior=False`` stores the posterior mea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -53,12 +54,14 @@ from torch.utils.data import Dataset
 
 from maetok.data.datasets import SkippedItem, log_skipped_items
 from maetok.errors import DataError, MissingFileError
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, write_json
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, display_path, read_json_file, write_json
 
 STATS_NAME = "stats.json"
 PLAN_NAME = "cache_plan.json"
 SKIPPED_NAME = "skipped.json"
 SKIPPED_METADATA_KEY = "skipped"  # safetensors metadata of a shard: JSON list of [index, file, reason]
+
+logger = logging.getLogger(__name__)
 
 
 def shard_path(cache_dir: Path, index: int) -> Path:
@@ -104,11 +107,19 @@ class LatentMoments:
 _PLAN_KEYS_ADDED_LATER = ("max_image_pixels",)
 
 
-def _same_plan(stored: dict, plan: dict) -> bool:
-    """Whether a cache's stored plan asks for what ``plan`` asks (its format version aside: a version-0 cache is
-    completed as it is; keys it predates are not compared)."""
+def _plan_changes(stored: dict, plan: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, new value)`` for every key where a cache's stored plan asks for other than ``plan``
+    (its format version aside: a version-0 cache is completed as it is; keys it predates are not compared); [] when
+    they ask for the same."""
     ignored = {FORMAT_KEY} | {key for key in _PLAN_KEYS_ADDED_LATER if key not in stored}
-    return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in plan.items() if k not in ignored}
+    keys = sorted((set(stored) | set(plan)) - ignored)
+    return [(key, stored.get(key), plan.get(key)) for key in keys if stored.get(key) != plan.get(key)]
+
+
+def _short(value: Any, width: int = 24) -> str:
+    """``repr(value)`` cut to ``width`` characters (a path, a weights hash), for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 class LatentCacheWriter:
@@ -137,7 +148,7 @@ class LatentCacheWriter:
             "num_items": num_items,
             "shard_size": shard_size,
             "flip": flip,
-            "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+            "tokenizer": display_path(Path(tokenizer).resolve()) if tokenizer else None,  # as JSON holds it
             "dtype": str(dtype),
             "tokenizer_weights_sha256": weights_sha256,
             "sample_posterior": sample_posterior,
@@ -148,12 +159,14 @@ class LatentCacheWriter:
             self.plan["posterior_draws"] = "keyed by (seed, dataset index)"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         plan_path = self.cache_dir / PLAN_NAME
-        if plan_path.exists() and not _same_plan(json.loads(plan_path.read_text()), self.plan):
+        stored = read_cache_json(plan_path) if plan_path.exists() else None
+        changes = _plan_changes(stored, self.plan) if stored is not None else []
+        if changes:
             if not restart_if_stale:
-                raise DataError(
-                    f"{self.cache_dir} holds a cache made with other settings or another tokenizer's weights "
-                    f"({plan_path.read_text().strip()}); use another --out or delete it"
-                )
+                logger.info("%s: stored plan %s; new plan %s", plan_path, json.dumps(stored), json.dumps(self.plan))
+                described = ", ".join(f"{key} {_short(old)} -> {_short(new)}" for key, old, new in changes)
+                raise DataError(f"{self.cache_dir} holds a cache made with other settings or another tokenizer's "
+                                f"weights ({described}; all in {PLAN_NAME}): use another --out or delete it")
             shutil.rmtree(self.cache_dir)
             self.cache_dir.mkdir(parents=True)
         write_json(plan_path, self.plan, atomic=True)
@@ -250,6 +263,19 @@ class LatentCacheWriter:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def read_cache_json(path: Path) -> dict:
+    """A cache's JSON file (plan, statistics, skip list) with its format version checked; a truncated or corrupt one
+    is a one-line ``DataError`` naming it and what to do (:func:`maetok.runs.read_json_file`)."""
+    what_to_do = {PLAN_NAME: f"delete {path.parent} and run cache-latents again",
+                  STATS_NAME: "delete it and rerun cache-latents, which completes the cache and writes it again",
+                  SKIPPED_NAME: "delete stats.json and it, and rerun cache-latents, which writes both again"}[path.name]
+    data = read_json_file(path, DataError, what_to_do)
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must hold a JSON object: {what_to_do}")
+    check_format_version(data, path)
+    return data
+
+
 def read_latent_stats(cache_dir: Union[str, Path]) -> dict:
     path = Path(cache_dir) / STATS_NAME
     if not path.exists():
@@ -257,9 +283,7 @@ def read_latent_stats(cache_dir: Union[str, Path]) -> dict:
             f"{path} not found: {cache_dir} is not a finished latent cache (run `maetok cache-latents` to create "
             "or complete it)"
         )
-    stats = json.loads(path.read_text())
-    check_format_version(stats, path)
-    return stats
+    return read_cache_json(path)
 
 
 def read_shard_skips(path: Path) -> list[tuple[int, str, str]] | None:
@@ -278,9 +302,7 @@ def read_skipped(cache_dir: Union[str, Path]) -> list[dict]:
     path = Path(cache_dir) / SKIPPED_NAME
     if not path.exists():
         return []
-    data = json.loads(path.read_text())
-    check_format_version(data, path)
-    return list(data["skipped"])
+    return list(read_cache_json(path)["skipped"])
 
 
 class LatentDataset(Dataset):

@@ -5,6 +5,7 @@ statistics (``mu, sigma, mu_s, sigma_s``) are read and written by :mod:`maetok.e
 from __future__ import annotations
 
 import contextlib
+import math
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from maetok.errors import DataError, MissingFileError
+from maetok.errors import DataError, MissingFileError, first_line
 
 __all__ = ["NpzFormatError", "iter_npz_images", "load_sample_batch", "save_sample_batch"]
 
@@ -50,15 +51,26 @@ def check_images_header(path: Path, key: str, shape: tuple, dtype: np.dtype) -> 
 
 @contextlib.contextmanager
 def open_npy_member(path: Path, key: str) -> Iterator[tuple[Any, tuple, np.dtype, bool]]:
-    """``(open member, shape, dtype, fortran_order)`` of one array without reading it (shape None: unknown header)."""
+    """``(open member, shape, dtype, fortran_order)`` of one array without reading it (shape None: unknown header).
+    A header that claims more bytes than the member holds (a forged or truncated file, which would make numpy
+    allocate what it claims) is an :class:`NpzFormatError` naming the file, the key and both sizes."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            shape, fortran_order, dtype = None, True, None  # unknown header: caller falls back to np.load
+        member_size = archive.getinfo(f"{key}.npy").file_size  # uncompressed, from the archive's directory
+        try:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                shape, fortran_order, dtype = None, True, None  # unknown header: caller falls back to np.load
+        except ValueError as err:  # numpy's own words for a malformed header
+            raise NpzFormatError(f"{path}: {key!r} has no valid .npy header ({first_line(err)})") from None
+        if shape is not None and not dtype.hasobject:
+            claimed = math.prod(shape) * dtype.itemsize
+            if claimed > member_size:
+                raise NpzFormatError(f"{path}: {key!r} claims shape {tuple(shape)} ({claimed} bytes) but holds "
+                                     f"{member_size} bytes: truncated or corrupt")
         yield member, shape, dtype, bool(fortran_order)
 
 
@@ -95,7 +107,9 @@ def npz_array_length(path: Path, key: str) -> int:
 
 
 def load_array(path: Path, key: str) -> np.ndarray:
-    """Array ``key`` in full (no pickles)."""
+    """Array ``key`` in full (no pickles), its header's claimed size checked first (:func:`open_npy_member`)."""
+    with open_npy_member(path, key):
+        pass
     with np.load(path, allow_pickle=False) as data:
         return data[key]
 

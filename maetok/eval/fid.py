@@ -31,6 +31,7 @@ from maetok.data.npz import (
     as_nhwc_uint8,
     check_images_header,
     iter_npz_images,
+    load_array,
     npz_array_length,
     npz_keys,
     open_npy_member,
@@ -215,8 +216,7 @@ def load_stats_npz(path: PathLike) -> InceptionStats:
     keys = npz_keys(path)
     for key in ("mu", "sigma"):
         require_key(path, key, keys)
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
+    arrays = {k: load_array(path, k).astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
     for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if mean_key not in arrays and cov_key not in arrays:
             continue

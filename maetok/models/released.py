@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, TypeVar, Union
 import torch
 from torch import Tensor, nn
 
-from maetok.config import ConfigError, TokenizerConfig, to_dict
+from maetok.config import MAX_IMAGE_SIZE, ConfigError, TokenizerConfig, check_numbers, to_dict
 from maetok.errors import ModelFolderError
 from maetok.models.blocks import (
     Attention,
@@ -131,6 +131,9 @@ class ReleasedArchitecture:
     rope_grid: int = 16  # side of the patch grid of the stored RoPE positions (their base_image_size / patch)
     latent_mean: float = 0.0  # scalar latent normalisation of their diffusion models (their vq_mean)
     latent_std: float = 1.0  # (their vq_std)
+
+    def validate(self) -> None:
+        check_numbers(self, ARCHITECTURE_KEY, {"rope_grid": (1, MAX_IMAGE_SIZE)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class ReleasedMAETok(MAETok):
     def __init__(self, config: TokenizerConfig, architecture: ReleasedArchitecture):
         nn.Module.__init__(self)
         config.validate()
+        architecture.validate()
         if config.variant != "maetok":
             raise ConfigError(f"the released architecture is a plain-bottleneck 'maetok', got variant {config.variant!r}")
         self.config = config

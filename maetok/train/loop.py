@@ -17,7 +17,9 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -331,6 +333,12 @@ def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by :func:`atomic_torch_save` without executing pickled code."""
     if not path.exists():
         raise MissingFileError(f"no checkpoint at {path}")
+    info = path.stat()
+    kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket" if not stat.S_ISREG(info.st_mode)
+            else "empty" if info.st_size == 0 else None if zipfile.is_zipfile(path) else "not a zip file")
+    if kind:  # torch.load would read a device without end, or call a foreign file pickled code
+        raise ModelFolderError(f"cannot read checkpoint {path}: it is {kind}, not a maetok checkpoint (a torch zip file; "
+                               "truncated?): delete it to restart the run, or restore it")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
@@ -394,11 +402,15 @@ def changes_since(config_path: Path, cfg: Any, unused: Sequence[str] = ()) -> li
     """Every change from the ``config.yaml`` at ``config_path`` (defaults filled in: :func:`complete_config`) to the
     dataclass config ``cfg``, leaving out the keys under the prefixes ``unused`` (sections the run never reads, such
     as stage 2's ``finetune.`` in a stage-1 run); ``[]`` when there is no such file."""
-    import yaml
+    from maetok.config import read_yaml_file
 
     if not config_path.exists():
         return []
-    earlier = complete_config(type(cfg), yaml.safe_load(config_path.read_text()) or {})
+    earlier = read_yaml_file(config_path, "restore it, or pass --overwrite to train the run again") or {}
+    if not isinstance(earlier, dict):
+        raise ConfigError(f"{config_path} does not hold a config (a mapping): restore it, or pass --overwrite to "
+                          "train the run again")
+    earlier = complete_config(type(cfg), earlier)
     return [change for change in config_changes(earlier, to_dict(cfg)) if not change[0].startswith(tuple(unused))]
 
 

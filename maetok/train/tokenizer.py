@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-import yaml
 
-from maetok.config import TokenizerTrainConfig, from_dict, to_dict
+from maetok.config import TokenizerTrainConfig, from_dict, read_yaml_file, to_dict
 from maetok.data import ItemBatch, build_dataset, load_images
 from maetok.data.images import to_uint8
 from maetok.errors import ConfigError, MissingFileError
@@ -45,7 +44,7 @@ def read_run_config(run_dir: Union[str, Path]) -> TokenizerTrainConfig:
     the decoder on unmasked latents."""
     path = Path(run_dir) / "config.yaml"
     if path.exists():
-        return from_dict(TokenizerTrainConfig, yaml.safe_load(path.read_text()), where=str(path))
+        return from_dict(TokenizerTrainConfig, read_yaml_file(path, "restore it, or train stage 1 again"), where=str(path))
     from maetok.config import load_config
     from maetok.model_folders import tokenizer_config
 
