@@ -312,12 +312,11 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     plot_gmm_curves({f"{labels[s]} (seed {r['seed']})": r["gmm_shared"] for s, rs in runs.items() for r in rs},
                     out / "gmm_nll.png", title=f"GMM held-out NLL vs K ({data})")
     first = {slug: out / slug / f"seed{rs[0]['seed']}" for slug, rs in runs.items()}
-    recon_rows = [eval_images[:16]] + [torch.load(d / "grids.pt", weights_only=True)["reconstructions"]
+    recon_rows = [evald.images[:16]] + [torch.load(d / "grids.pt", weights_only=True)["reconstructions"]
                                        for d in first.values() if (d / "grids.pt").exists()]  # absent: runs copied from docs/
     save_image_grid(torch.cat(recon_rows), out / "reconstructions.png", nrow=16)
     command = "maetok " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("maetok", "cli.py")) else "run_study(...)"
-    eval_images = evald.images
-    n_eval = len(eval_images)
+    n_eval = len(evald.images)
     fid_n, ref_n = fid_label(budget.fid_samples), fid_label(n_eval)
     pca, gauss, floor = baselines["pca"], baselines["gaussian"], baselines["real_vs_real"]
     judged = {claim: judge(claim, stats) for claim in CLAIMS}

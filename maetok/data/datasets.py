@@ -976,9 +976,9 @@ def draw_order(length: int, num: int | None, seed: int = 0,
 
 
 def describe_draw(num_images: int, length: int, labels: np.ndarray | None, seed: int, split: str = "test") -> str:
-    """How a draw of ``num_images`` of the ``length`` images of a split was made, in words, e.g. "1000 test images,
-    100 per class, a seeded class-balanced draw (seed 0)"; ``labels``: those of the images drawn (None: no
-    classes)."""
+    """How a draw of ``num_images`` of the ``length`` images of a split was made, in words, e.g. "1000 of the 10000
+    test images, 100 per class (10 classes), a seeded class-balanced draw (seed 0)"; ``labels``: those of the images
+    drawn (None: no classes)."""
     if num_images >= length:
         return f"all {num_images} {split} images"
     if labels is None:
