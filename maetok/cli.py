@@ -27,10 +27,16 @@ def command(name: str):
 
 
 def _tokenizer_config(preset: str, data: Optional[str], overrides: list[str]):
+    """The config of ``train-tokenizer``: ``preset`` + ``overrides``, its channels and image size fitted to the data
+    unless set (:func:`~maetok.data.data_shape_overrides`, said in one line)."""
     from maetok.config import TokenizerTrainConfig, load_config
+    from maetok.data import data_shape_overrides
 
     extra = [f"data.dataset={data}"] if data else []
-    return load_config(TokenizerTrainConfig, preset, extra + overrides)
+    cfg = load_config(TokenizerTrainConfig, preset, extra + overrides)
+    shape_overrides, shape = data_shape_overrides(cfg.data.dataset, preset, extra + overrides)
+    print(f"[maetok] data: {shape.reason}", flush=True)
+    return load_config(TokenizerTrainConfig, preset, extra + overrides + shape_overrides)
 
 
 @command("train-tokenizer")
@@ -46,9 +52,16 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 @command("finetune-decoder")
 def cmd_finetune_decoder(args: argparse.Namespace) -> int:
     from maetok.config import TokenizerTrainConfig, load_config, to_dict
+    from maetok.data import data_shape
     from maetok.train.tokenizer import TokenizerTrainer, read_run_config
 
     cfg = load_config(TokenizerTrainConfig, to_dict(read_run_config(args.source)), args.overrides)
+    data_channels = data_shape(cfg.data.dataset, cfg.model.image_size, cfg.model.patch_size).channels
+    if data_channels != cfg.model.in_channels:  # stage 2 trains the decoder the encoder was trained for
+        raise ConfigError(f"{args.source} is a tokenizer of {cfg.model.in_channels}-channel images and "
+                          f"{cfg.data.dataset} holds {'colour' if data_channels == 3 else 'grayscale'} images "
+                          f"({data_channels} channel{'s' if data_channels > 1 else ''}): fine-tune it on data of its "
+                          f"channels, or train a new tokenizer on this data (train-tokenizer)")
     TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device,
                      overwrite=args.overwrite, allow_config_change=args.allow_config_change).fit()
     return 0
@@ -109,7 +122,8 @@ def _print_model_info(source: str) -> None:
     grid = s["image_size"] // s["patch_size"]
     print(f"{source}: {s['architecture']}, format {s['format']}")
     print(f"  folder {s['folder']}")
-    print(f"  {s['image_size']}px, patch {s['patch_size']} ({grid * grid} tokens) -> latents "
+    print(f"  {s['image_size']}px, {s['channels']} channel{'s' if s['channels'] > 1 else ''}, patch {s['patch_size']} "
+          f"({grid * grid} tokens) -> latents "
           f"{s['latent_shape'][0]} x {s['latent_shape'][1]}")
     for part, n in s["parameters"].items():
         print(f"  {part:<32} {n / 1e6:8.2f}M")
@@ -132,6 +146,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from maetok.config import (
         DIFFUSION_SIZES,
+        PRESET_ALIASES,
         DiffusionTrainConfig,
         TokenizerTrainConfig,
         list_presets,
@@ -148,6 +163,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"  {preset:<16} width {size.width:>5}   depth {size.depth:>3}   heads {size.num_heads:>3}")
         if args.sizes:
             return 0
+    if not args.config:
+        print("presets (" + ", ".join(f"{old} = {new}" for old, new in PRESET_ALIASES.items())
+              + " under their former names; a folder's images set a tokenizer's channels and size unless given):")
     for name in [args.config] if args.config else list_presets():
         if "arch" in read_preset(name).get("model", {}):  # a diffusion preset
             cfg = load_config(DiffusionTrainConfig, name, args.overrides)
@@ -174,8 +192,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             model = MAETok(cfg.model, dims, lengths)
         m = cfg.model
         print(
-            f"{name}: {m.variant}, {m.image_size}px, patch {m.patch_size} ({m.grid_size[0] * m.grid_size[1]} tokens) "
-            f"-> {m.num_latent_tokens} x {m.latent_dim} latents"
+            f"{name}: {m.variant}, {m.image_size}px, {m.in_channels} channel{'s' if m.in_channels > 1 else ''}, patch "
+            f"{m.patch_size} ({m.grid_size[0] * m.grid_size[1]} tokens) -> {m.num_latent_tokens} x {m.latent_dim} latents"
         )
         for part, n in model.parameter_counts().items():
             print(f"  {part:<32} {n / 1e6:8.2f}M")
@@ -220,7 +238,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 @command("cache-latents")
 def cmd_cache_latents(args: argparse.Namespace) -> int:
     from maetok.assets import resolve_pretrained
-    from maetok.data import build_dataset, pixel_limit
+    from maetok.data import build_dataset, note_channel_conversion, pixel_limit
     from maetok.data.latents import read_latent_stats
     from maetok.encode import cache_latents, load_tokenizer
     from maetok.runs import model_directory
@@ -229,6 +247,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, args.device)
     cfg = tokenizer.config
     dataset = build_dataset(args.data, args.split, cfg.image_size, cfg.in_channels, max_image_pixels=max_image_pixels)
+    note_channel_conversion(args.data, cfg.in_channels)
     stats = cache_latents(
         tokenizer,
         dataset,
@@ -439,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train-tokenizer", "Stage 1: train a MAETok / AE / VAE tokenizer.")
     p.add_argument("--config", required=True, help="preset name (see `maetok info`) or a YAML file")
-    p.add_argument("--data", default=None, help="fashion-mnist (default of the CPU presets) or an image folder")
+    p.add_argument("--data", default=None, help="fashion-mnist (default of the CPU presets) or an image folder (its images set "
+                                                  "model.in_channels / model.image_size unless given)")
     p.add_argument("--out", required=True, help="run directory")
     add_run_flags(p)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=1000")
@@ -477,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=pixels_help + "; unreadable files leave no row and are listed in OUT/skipped.json")
 
     p = add("train-diffusion", "Train SiT / LightningDiT on a latent cache.")
-    p.add_argument("--config", required=True, help="preset (sit-xl, sit-l, lightningdit-xl, fashion-mnist-sit) or YAML")
+    p.add_argument("--config", required=True, help="preset (sit-xl, sit-l, lightningdit-xl, tiny-sit) or YAML")
     p.add_argument("--latents", required=True, help="latent cache directory")
     p.add_argument("--out", required=True, help="run directory")
     add_run_flags(p)
@@ -538,8 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", "Throughput (img/s, FLOP-counted TFLOP/s, MFU on known GPUs, peak memory) of training and sampling.")
     p.add_argument("--what", choices=["tokenizer", "diffusion", "sampling", "all"], default="all")
-    p.add_argument("--tokenizer-preset", default="fashion-mnist-maetok")
-    p.add_argument("--diffusion-preset", default="fashion-mnist-sit")
+    p.add_argument("--tokenizer-preset", default="tiny-maetok")
+    p.add_argument("--diffusion-preset", default="tiny-sit")
     p.add_argument("--latent-shape", type=int, nargs=2, default=[32, 8], metavar=("L", "H"))
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -554,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=positive_int, required=True, help="numbers per image (a tokenizer's L x H, e.g. 128)")
     p.add_argument("--out", required=True, help="output folder (baselines.json, baselines.png)")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: 1 for fashion-mnist, else 3")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="default: from the images (1 when all are grayscale, else 3)")
     p.add_argument("--num-train", type=positive_int, default=20000, help="training images the PCA and Gaussians are fitted on")
     p.add_argument("--num-eval", type=positive_int, default=1000, help="held-out images measured (and generated)")
     p.add_argument("--no-lpips", action="store_true")
@@ -607,8 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "baselines, write DIR/report.md (a rerun reuses the finished phases).")
     p.add_argument("--out", required=True)
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (default) or an image folder")
-    p.add_argument("--image-size", type=int, default=None, help="default 32")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="default: 1 for fashion-mnist, else 3")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the images' size when all share one square size the patch size divides, else 32")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="default: from the images (1 when all are grayscale, else 3)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
 
     p = add("study", "The paper's Table 1a / Table 6 comparison: AE, VAE, MAETok (+ ablations) at one budget, each "
@@ -617,8 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=None,
                    help="subset of: ae vae maetok maetok-no-aux maetok-no-mask (default: all)")
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--tokenizer-config", default="fashion-mnist-maetok", help="the MAETok preset the variants derive from")
-    p.add_argument("--diffusion-config", default="fashion-mnist-sit")
+    p.add_argument("--tokenizer-config", default="tiny-maetok", help="the MAETok preset the variants derive from")
+    p.add_argument("--diffusion-config", default="tiny-sit")
     p.add_argument("--full-objective", action="store_true", help="LPIPS + GAN in both stages (the paper's Eq. 6)")
     for name in ("stage1-steps", "stage2-steps", "diffusion-steps", "eval-images", "fid-samples", "fid-sampling-steps"):
         p.add_argument(f"--{name}", type=int, default=None)

@@ -429,6 +429,11 @@ def deep_merge(base: Mapping, update: Mapping) -> dict:
         raise ConfigError(f"cannot merge: {first_line(err)}") from None
 
 
+# the names the small presets had before they were named for what they are (still accepted, same files)
+PRESET_ALIASES = {"fashion-mnist-maetok": "tiny-maetok", "fashion-mnist-ae": "tiny-ae", "fashion-mnist-vae": "tiny-vae",
+                  "fashion-mnist-sit": "tiny-sit"}
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -491,15 +496,25 @@ def read_yaml_file(path: Union[str, Path], error_hint: str = "") -> Any:
         raise ConfigError(f"{err}: {error_hint}" if error_hint else str(err)) from None
 
 
-def read_preset(name_or_path: Union[str, Path], _seen: Optional[set] = None) -> dict:
-    """Read a preset name or YAML path into a raw dict, resolving ``base:`` chains."""
+def preset_path(name_or_path: Union[str, Path]) -> Path:
+    """The YAML file of a preset name (or an alias of one, :data:`PRESET_ALIASES`) or of a YAML path."""
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(
-                f"no preset or YAML file named {str(name_or_path)!r}; presets: {', '.join(list_presets())}"
-            )
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = PRESET_DIR / f"{PRESET_ALIASES.get(str(name_or_path), name_or_path)}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no preset or YAML file named {str(name_or_path)!r}; presets: {', '.join(list_presets())}")
+    return path
+
+
+def is_packaged_preset(name_or_path: Union[str, Path]) -> bool:
+    """Whether ``name_or_path`` names one of maetok's presets (not a YAML file of the user's)."""
+    return preset_path(name_or_path).parent == PRESET_DIR
+
+
+def read_preset(name_or_path: Union[str, Path], _seen: Optional[set] = None) -> dict:
+    """Read a preset name (or alias) or YAML path into a raw dict, resolving ``base:`` chains."""
+    path = preset_path(name_or_path)
     seen = _seen or set()
     if path.resolve() in seen:
         raise ConfigError(f"preset {path} inherits from itself through 'base:'")

@@ -19,20 +19,20 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import is_fashion_mnist, save_image_grid
+from maetok.data import data_shape_overrides, save_image_grid
 from maetok.encode import load_tokenizer, reconstruct_images
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.eval.reconstruction import ReconstructionEvaluator
 from maetok.pipeline import EvalData, convergence, load_eval_data, measure_baselines, run_pipeline
 from maetok.runs import is_finished, read_json_file, resolve_device, write_json
 
-TOKENIZER_CONFIG = "fashion-mnist-maetok"
-DIFFUSION_CONFIG = "fashion-mnist-sit"
+TOKENIZER_CONFIG = "tiny-maetok"
+DIFFUSION_CONFIG = "tiny-sit"
 
 FULL = Budget(
     stage1_steps=2000,  # batch 32 (the preset's)
@@ -56,10 +56,16 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def dataset_shape(data: str, image_size: Optional[int], channels: Optional[int]) -> tuple[int, int]:
-    """The demo's image size and channels: the preset's 32 x 32 x 1 for Fashion-MNIST, 32 px RGB for a folder
-    unless given."""
-    return image_size or 32, channels or (1 if is_fashion_mnist(data) else 3)
+def dataset_shape(data: str, image_size: Optional[int], channels: Optional[int], tokenizer_config: str = TOKENIZER_CONFIG,
+                  tokenizer_overrides: Sequence[str] = ()) -> tuple[int, int]:
+    """The image size and channels of a demo / study run: as given (``image_size`` / ``channels``, or
+    ``model.*`` in ``tokenizer_overrides``), else from the data (:func:`~maetok.data.data_shape_overrides`;
+    Fashion-MNIST: the preset's 32 x 32 x 1), said in one line."""
+    given = [f"model.{key}={value}" for key, value in (("image_size", image_size), ("in_channels", channels))
+             if value is not None]
+    _, shape = data_shape_overrides(data, tokenizer_config, [*given, *tokenizer_overrides])
+    print(f"[maetok] data: {shape.reason}", flush=True)
+    return shape.image_size, shape.channels
 
 
 def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
@@ -72,7 +78,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     from maetok.pipeline import Timer, train_tokenizer
 
     budget = QUICK if quick else FULL
-    size, channels = dataset_shape(data, image_size, channels)
+    size, channels = dataset_shape(data, image_size, channels, TOKENIZER_CONFIG, tokenizer_extra)
     shape = [f"model.image_size={size}", f"model.in_channels={channels}", *tokenizer_extra]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +264,7 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         "## Tokenizer",
         "",
-        f"`{TOKENIZER_CONFIG}`: {m.image_size}x{m.image_size}x{m.in_channels} images, patch {m.patch_size} "
+        f"`{TOKENIZER_CONFIG}` on `{evald.data}`: {m.image_size}x{m.image_size}x{m.in_channels} images, patch {m.patch_size} "
         f"({m.grid_size[0] * m.grid_size[1]} tokens) -> {m.num_latent_tokens} latent tokens x {m.latent_dim} channels "
         f"= {dim} numbers per image; ViT encoder / decoder of {m.encoder_depth} / {m.decoder_depth} blocks, width "
         f"{m.encoder_width}; auxiliary decoders ({m.aux_depth} blocks) for {', '.join(t.name for t in m.aux_targets)}; "
@@ -271,7 +277,9 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         "",
         differences_from_paper(cfg, budget),
         "",
-        f"### Reconstruction of the first {n_eval} held-out images",
+        f"### Reconstruction of {n_eval} held-out images",
+        "",
+        f"The held-out images: {evald.draw}, the same on every run.",
         "",
         f"| model | PSNR (dB) | SSIM | SSIM (data_range=2) | {LPIPS_LABEL} | r{fid} |",
         "|---|---|---|---|---|---|",

@@ -30,6 +30,7 @@ from maetok.data import (
     SkippedItem,
     iter_batches,
     list_image_files,
+    note_channel_conversion,
 )
 from maetok.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -283,6 +284,8 @@ def reconstruct_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(source)
+    if Path(source).is_dir():
+        note_channel_conversion(str(source), cfg.in_channels)
     written: list[Path] = []
     skipped = skipped if skipped is not None else []
     for start in tqdm(range(0, len(files), batch_size), desc="reconstruct", unit="batch"):

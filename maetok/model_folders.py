@@ -724,6 +724,7 @@ def summarize(source: Union[PathLike, ModelFolder]) -> dict[str, Any]:
                    "diffusers-tokenizer": "diffusers (a MAETokAutoencoder folder)"}.get(folder.format, "maetok"),
         "architecture": "released MAETok" if isinstance(model, ReleasedMAETok) else f"maetok ({cfg.variant})",
         "image_size": cfg.image_size,
+        "channels": cfg.in_channels,
         "patch_size": cfg.patch_size,
         "latent_shape": [cfg.num_latent_tokens, cfg.latent_dim],
         "parameters": model.parameter_counts(),

@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from maetok.config import Budget, DiffusionTrainConfig, TokenizerTrainConfig, load_config
-from maetok.data import DatasetSubset, build_dataset, load_images, save_image_grid
+from maetok.data import DatasetSubset, build_dataset, dataset_labels, describe_draw, draw_order, load_images, \
+    save_image_grid
 from maetok.data.images import to_uint8
 from maetok.errors import ModelFolderError
 from maetok.runs import is_finished, read_json_file, resolve_device, write_json
@@ -76,8 +77,9 @@ def tokenizer_overrides(budget: Budget) -> tuple[list[str], list[str]]:
 
 @dataclass
 class EvalData:
-    """The held-out images every run is measured on: ``images (M, C, S, S)`` in [-1, 1] (the first M of the
-    test split), ``labels (M,)`` (None when the dataset has no classes), the Inception network and the
+    """The held-out images every run is measured on: ``images (M, C, S, S)`` in [-1, 1] (a seeded, class-balanced
+    draw from the test split, the same on every run; ``draw`` says how it was made), ``labels (M,)`` (None when the
+    dataset has no classes), the Inception network and the
     images' Inception statistics (``None`` with ``fid_note`` when no Inception weights exist), and ``floor_images``
     ``(M, C, S, S)``: as many training images (a seeded draw), whose FID against the held-out images is the
     real-vs-real floor and whose reconstructions give the decoder-free figure its floor."""
@@ -92,6 +94,7 @@ class EvalData:
     reference: Any
     fid_note: Optional[str] = None
     floor_images: Optional[Tensor] = None
+    draw: str = ""
 
     @property
     def conditional(self) -> bool:
@@ -100,7 +103,8 @@ class EvalData:
 
 def load_eval_data(data: str, image_size: int, channels: int, num: int, device: Optional[str] = None,
                    inception: Optional[torch.nn.Module] = None, progress: bool = True) -> EvalData:
-    """The first ``num`` test images of ``data`` with their Inception statistics (one Inception pass, memoised
+    """``num`` test images of ``data`` (a seeded draw, :data:`HELDOUT_SEED`, with every class equally when the data
+    has classes: :func:`~maetok.data.draw_order`) with their Inception statistics (one Inception pass, memoised
     on disk by :func:`~maetok.eval.inception.memoized`: a later run on the same machine reads them)."""
     from maetok.eval.fid import compute_fid_stats
     from maetok.eval.inception import load_fid_network, memoized
@@ -108,7 +112,9 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
     from maetok.eval.baselines import load_split
 
     test_set = build_dataset(data, "test", image_size, channels)
-    images, labels = load_images(test_set, range(min(num, len(test_set))))
+    order, limit = draw_order(len(test_set), num, HELDOUT_SEED, dataset_labels(test_set))
+    images, labels = load_images(test_set, order, limit=limit)
+    draw = describe_draw(len(images), len(test_set), None if labels is None else labels.numpy(), HELDOUT_SEED)
     floor_images, _ = load_split(data, "train", image_size, channels, len(images), seed=FLOOR_SEED)
     network, note = load_fid_network(inception, device)
     reference = None
@@ -116,7 +122,8 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
         reference = compute_fid_stats(to_uint8(images, channels_last=True).numpy(), memoized(network),
                                       progress=progress)  # once per machine
     class_names = list(getattr(test_set, "class_names", []) or []) if labels is not None else []
-    return EvalData(data, image_size, channels, images, labels, class_names, network, reference, note, floor_images)
+    return EvalData(data, image_size, channels, images, labels, class_names, network, reference, note, floor_images,
+                    draw)
 
 
 def measure_baselines(evald: EvalData, dim: int, budget: Budget,
@@ -375,6 +382,7 @@ def sample_grid(samples: np.ndarray, labels: Optional[np.ndarray], rows: int = 1
     return samples[chosen], per_row
 
 
+HELDOUT_SEED = 0  # the draw of the held-out test images every run is measured on
 FLOOR_SEED = 1  # the draw of training images behind the floors (real vs real, and of the decoder-free figures)
 CACHE_SEED = 2  # the draw (and order) of the training images whose latents the SiT trains on
 GMM_DIMS = 24  # GMM curves are stored for every PCA dimension up to this one (Budget.gmm_all_dims)

@@ -106,8 +106,8 @@ def run_study(
     out: Path,
     variants: Optional[Sequence[str]] = None,
     data: str = "fashion-mnist",
-    tokenizer_config: str = "fashion-mnist-maetok",
-    diffusion_config: str = "fashion-mnist-sit",
+    tokenizer_config: str = "tiny-maetok",
+    diffusion_config: str = "tiny-sit",
     budget: Budget = CPU_BUDGET,
     tokenizer_overrides: Sequence[str] = (),
     diffusion_overrides: Sequence[str] = (),
@@ -130,7 +130,7 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    size, channels = dataset_shape(data, None, None)
+    size, channels = dataset_shape(data, None, None, tokenizer_config, tokenizer_overrides)
     shape = [f"model.image_size={size}", f"model.in_channels={channels}"]
     evald = load_eval_data(data, size, channels, budget.eval_images, device, inception, progress=progress)
     runs: dict[str, list[dict[str, Any]]] = {slug: [] for slug in variants}
@@ -156,7 +156,7 @@ def run_study(
         write_json(baselines_path, baselines)
     gmm_pca = shared_gmm(out, runs, budget, gmm_pca_dim, evald)
     return write_study(out, runs, baselines, gmm_pca, data, tokenizer_config, diffusion_config, budget,
-                       evald.images, time.perf_counter() - start)
+                       evald, time.perf_counter() - start)
 
 
 def run_variant(out: Path, slug: str, seed: int, evald: Any, budget: Budget, tokenizer_config: str,
@@ -290,8 +290,10 @@ def judge(claim: tuple[str, str, str, str], stats: dict[str, dict[str, tuple]]) 
 
 
 def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dict[str, Any], gmm_pca: dict[str, Any],
-                data: str, tokenizer_config: str, diffusion_config: str, budget: Budget, eval_images: torch.Tensor,
+                data: str, tokenizer_config: str, diffusion_config: str, budget: Budget, evald: Any,
                 wall_s: float) -> Path:
+    """``out/study.md`` (and its JSON and plots) from the finished runs; ``evald``: the held-out
+    :class:`~maetok.pipeline.EvalData` they were measured on."""
     from maetok.eval.fid import fid_label
     from maetok.eval.latents import plot_gmm_curves
     from maetok.eval.plots import plot_labelled_scatter
@@ -309,11 +311,11 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
     plot_gmm_curves({f"{labels[s]} (seed {r['seed']})": r["gmm_shared"] for s, rs in runs.items() for r in rs},
                     out / "gmm_nll.png", title=f"GMM held-out NLL vs K ({data})")
     first = {slug: out / slug / f"seed{rs[0]['seed']}" for slug, rs in runs.items()}
-    recon_rows = [eval_images[:16]] + [torch.load(d / "grids.pt", weights_only=True)["reconstructions"]
+    recon_rows = [evald.images[:16]] + [torch.load(d / "grids.pt", weights_only=True)["reconstructions"]
                                        for d in first.values() if (d / "grids.pt").exists()]  # absent: runs copied from docs/
     save_image_grid(torch.cat(recon_rows), out / "reconstructions.png", nrow=16)
     command = "maetok " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("maetok", "cli.py")) else "run_study(...)"
-    n_eval = len(eval_images)
+    n_eval = len(evald.images)
     fid_n, ref_n = fid_label(budget.fid_samples), fid_label(n_eval)
     pca, gauss, floor = baselines["pca"], baselines["gaussian"], baselines["real_vs_real"]
     judged = {claim: judge(claim, stats) for claim in CLAIMS}
@@ -345,8 +347,8 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
         f"{budget.stage2_steps} decoder fine-tuning steps ({budget.stage2_loss}; frozen encoder, mask ratio decaying "
         f"to 0 for the masked variants); `{diffusion_config}` SiT, {budget.diffusion_steps} steps on the tokenizer's "
         f"cached training latents. gFID: {budget.fid_samples} class-balanced samples, {budget.fid_sampling_steps} "
-        f"steps, CFG {budget.cfg_scale if budget.cfg_scale is not None else 'of the preset'}, against the first "
-        f"{ref_n} held-out images; rFID: reconstructions of the same images. Linear probe: BatchNorm + linear "
+        f"steps, CFG {budget.cfg_scale if budget.cfg_scale is not None else 'of the preset'}, against "
+        f"{n_eval} held-out images ({evald.draw}); rFID: reconstructions of the same images. Linear probe: BatchNorm + linear "
         f"(L-BFGS) on flattened latents. GMM: held-out NLL per sample (nats) at K = {table_k}, in one standardised PCA "
         f"space of {gmm_pca['pca_dim']} dims for every run ({gmm_pca['pca_dim_source']}). Cells: mean +- std over "
         "seeds (number of seeds).",

@@ -3,7 +3,7 @@
     python3 scripts/architecture_probe.py train --name base [--steps 600] [--lr 2e-3] [--set KEY=VALUE ...] [--compile]
     python3 scripts/architecture_probe.py throughput
 
-``train``: the ``fashion-mnist-maetok`` preset as a plain autoencoder (no masking, no auxiliary decoders; ``--set``
+``train``: the ``tiny-maetok`` preset as a plain autoencoder (no masking, no auxiliary decoders; ``--set``
 adds config overrides such as ``model.encoder_heads=16``), MSE only, batch 32, AdamW with the preset's betas and
 weight-decay rule, 100 warmup steps then cosine to 5%, gradients clipped at 1.0; PSNR (per image, on the float
 reconstructions before uint8 rounding) of the raw (non-EMA) weights on the first 1000 test images at a third, two thirds and the end of the run, against training seconds
@@ -42,7 +42,7 @@ def psnr_per_image(model: MAETok, images: torch.Tensor) -> float:
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", AE + args.set)
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok", AE + args.set)
     model = MAETok(cfg.model)
     train_set = build_dataset("fashion-mnist", "train", 32, 1)
     test_set = build_dataset("fashion-mnist", "test", 32, 1)
@@ -75,7 +75,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def throughput(_: argparse.Namespace) -> None:
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", AE)
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok", AE)
     for dtype in (torch.float32, torch.bfloat16):
         for batch_size in (32, 64, 128, 256):
             model = MAETok(cfg.model)

@@ -32,8 +32,8 @@ def timed(trainer) -> float:
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", common)
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok", common)
     tok = timed(TokenizerTrainer(cfg, Path(tmp) / "tok", device="cpu"))
-    cfg = load_config(DiffusionTrainConfig, "fashion-mnist-sit", common + [f"latents={latents}"])
+    cfg = load_config(DiffusionTrainConfig, "tiny-sit", common + [f"latents={latents}"])
     sit = timed(DiffusionTrainer(cfg, Path(tmp) / "sit", device="cpu"))
 print(f"{sys.argv[2]}: tokenizer stage-1 step (batch 32) {tok * 1000:.1f} ms, SiT step (batch 128) {sit * 1000:.1f} ms")

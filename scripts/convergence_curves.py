@@ -2,7 +2,7 @@
 
     python3 scripts/convergence_curves.py --out DIR [--candidates NAME ...] [--eval-images 1000]
 
-Each candidate is the ``fashion-mnist-maetok`` preset plus overrides (below). Stage 1 trains for its step count,
+Each candidate is the ``tiny-maetok`` preset plus overrides (below). Stage 1 trains for its step count,
 then stage 2 (frozen encoder, decoder fine-tuned while the mask ratio decays) from the stage-1 model; every
 ``--points`` of each stage the EMA model reconstructs the first ``--eval-images`` test images and the PSNR is
 recorded against the training seconds spent so far (evaluation time excluded). Writes ``DIR/curves.json`` and
@@ -99,7 +99,7 @@ def main() -> int:
         s1, s2 = args.stage1_steps, args.stage2_steps
         steps = [f"train.steps={s1}", f"finetune.steps={s2}", f"finetune.mask_decay_steps={max(1, int(s2 * 0.7))}",
                  f"train.eval_every={10 * s1}", f"train.ckpt_every={10 * s1}", "train.log_every=10"]
-        cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", steps + MSE_ONLY + overrides + args.extra)
+        cfg = load_config(TokenizerTrainConfig, "tiny-maetok", steps + MSE_ONLY + overrides + args.extra)
         print(f"[curves] {label}", flush=True)
         run_dir = out / f"run{len(results)}"
         curve: list = []
@@ -118,7 +118,7 @@ def pca_reference(images: torch.Tensor, num_train: int = 20000) -> dict:
     ``num_train`` training images: the line every candidate has to cross."""
     from maetok.eval.baselines import PCABaseline
 
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok")
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok")
     dim = cfg.model.num_latent_tokens * cfg.model.latent_dim
     train = build_dataset("fashion-mnist", "train", 32, 1)
     fit, _ = load_images(train, range(num_train))

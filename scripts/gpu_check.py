@@ -84,7 +84,7 @@ def cuda_paths(work: Path) -> dict:
     data = image_folder(work / "images")
     gan = ["loss.gan_weight=0.4", "loss.gan_backbone=vgg16", "loss.gan_start=2", "loss.perceptual_weight=1.0",
            "model.aux_targets=[{name: hog}, {name: pixel}]", "finetune.steps=4"]
-    cfg = load_config(TokenizerTrainConfig, "fashion-mnist-maetok", TINY + gan + [f"data.dataset={data}", "train.steps=6"])
+    cfg = load_config(TokenizerTrainConfig, "tiny-maetok", TINY + gan + [f"data.dataset={data}", "train.steps=6"])
     straight = TokenizerTrainer(cfg, work / "s1", device=DEVICE)
     straight.fit()
     TokenizerTrainer(cfg, work / "s1b", device=DEVICE).fit(stop_at=3)
@@ -98,7 +98,7 @@ def cuda_paths(work: Path) -> dict:
     tok = MAETok.from_pretrained(work / "s2" / "model").to(DEVICE)
     train = build_dataset(str(data), "train", 32, 3)
     cache_latents(tok, train, work / "lat", work / "s2" / "model", progress=False)
-    dcfg = load_config(DiffusionTrainConfig, "fashion-mnist-sit",
+    dcfg = load_config(DiffusionTrainConfig, "tiny-sit",
                        [f"latents={work / 'lat'}", "train.steps=6", "train.batch_size=16", "train.eval_every=3",
                         "train.ckpt_every=3", "train.precision=bf16", "sampling.grid_steps=4"])
     DiffusionTrainer(dcfg, work / "sit", device=DEVICE).fit()

@@ -14,7 +14,7 @@ A run name says what it is: ``p{patch}_{tokenizer}_s{stage-1 steps}_{stage 2}[ga
 * ``_l{tokens}x{channels}``: another latent size than the preset's 16 x 8 = 128 numbers per image;
 * ``_d{steps}``: the SiT of ``--metrics all`` trained for that many steps instead of the study's 400.
 
-Everything else is the ``fashion-mnist-maetok`` preset on Fashion-MNIST (or ``--data``), MSE (+ auxiliary losses)
+Everything else is the ``tiny-maetok`` preset on Fashion-MNIST (or ``--data``), MSE (+ auxiliary losses)
 in stage 1, batch 32. Stage-1 runs are shared by every stage 2 that starts from them (``DIR/stage1/``).
 ``--metrics psnr``: PSNR / SSIM of the first 1000 test images (minutes); ``recon``: with LPIPS and rFID-1k;
 ``all``: the whole pipeline of ``maetok study`` on top (a SiT and its gFID-1k, the decoder-free FID against the
@@ -39,7 +39,7 @@ from maetok.config import Budget
 from maetok.study import CPU_BUDGET as BASE_BUDGET  # every figure but the step counts as in `maetok study`
 from maetok.study import NO_MASK_NO_AUX
 
-PRESET = "fashion-mnist-maetok"
+PRESET = "tiny-maetok"
 NAME = re.compile(r"^p(?P<patch>\d+)_(?P<tok>ae|vae|m(?P<lo>\d+)-(?P<hi>\d+))_s(?P<s1>\d+)_"
                   r"(?P<mode>paper|fresh)(?P<amount>\d+)(?P<gan>gan)?(?:_l(?P<tokens>\d+)x(?P<channels>\d+))?"
                   r"(?:_d(?P<sit>\d+))?(?:_seed(?P<seed>\d+))?$")
@@ -165,7 +165,7 @@ def run_point(point: GridPoint, out: Path, base: Budget, data: str, metrics: str
         figures = {k: v for k, v in evaluator.result().items() if k in ("psnr", "ssim", "lpips", "rfid")}
         figures["stage1_psnr"] = psnr_metrics(stage1_dir, evald.images)["psnr"]
     elif metrics == "all":
-        result = run_pipeline(run_dir, evald, budget, PRESET, "fashion-mnist-sit", overrides, seed=point.seed,
+        result = run_pipeline(run_dir, evald, budget, PRESET, "tiny-sit", overrides, seed=point.seed,
                               stage1_dir=stage1_dir, label=point.name)
         figures = flat_figures(result)
     else:

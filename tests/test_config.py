@@ -124,7 +124,7 @@ def test_overrides_are_parsed_as_yaml():
 
 
 def test_preset_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no preset or YAML file named 'nope'; presets: .*fashion-mnist-maetok"):
+    with pytest.raises(ConfigError, match="no preset or YAML file named 'nope'; presets: .*tiny-maetok"):
         read_preset("nope")
     loop = write(tmp_path / "loop.yaml", f"base: {tmp_path / 'loop.yaml'}\n")
     with pytest.raises(ConfigError, match="inherits from itself"):

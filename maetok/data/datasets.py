@@ -62,6 +62,14 @@ __all__ = [
     "DatasetSubset",
     "FolderScan",
     "draw_order",
+    "balanced_order",
+    "dataset_labels",
+    "describe_draw",
+    "DataShape",
+    "data_shape",
+    "data_shape_overrides",
+    "note_channel_conversion",
+    "image_headers",
     "ItemBatch",
     "SkippedItem",
     "list_image_files",
@@ -808,6 +816,112 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------ what images a model takes
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+SHAPE_SAMPLE = 64  # image files (a seeded draw) whose headers decide a folder's channels and size
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a dataset's images are read as: ``channels`` (1 or 3) and ``image_size`` (pixels, square), with
+    ``reason``: one line saying what was chosen and why."""
+
+    channels: int
+    image_size: int
+    reason: str
+
+
+def image_headers(spec: str, count: int = SHAPE_SAMPLE, seed: int = 0) -> list[tuple[str, int, int]]:
+    """``(kind, width, height)`` of a seeded draw of ``count`` image files of dataset ``spec``, read from the file
+    headers (``kind``: "gray" or "colour" from the PIL mode; a palette of grays is gray); files that do not open are
+    left out. Fashion-MNIST: its 28 x 28 grayscale images."""
+    from PIL import Image
+
+    if is_fashion_mnist(spec):
+        return [("gray", 28, 28)]
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        build_dataset(spec, "all", 1, 3)  # the one-line error of a missing folder or a file
+    files = scan_image_folder(root, warn=False).files
+    chosen = np.random.default_rng(seed).permutation(len(files))[:count]
+    headers = []
+    for index in sorted(chosen.tolist()):
+        try:
+            with Image.open(root / files[index]) as image:
+                palette = image.getpalette() if image.mode == "P" else None
+                gray = image.mode in GRAYSCALE_MODES or (
+                    palette is not None and palette[0::3] == palette[1::3] == palette[2::3])
+                headers.append(("gray" if gray else "colour", image.width, image.height))
+        except Exception:  # an unreadable file says nothing about the others (readers skip it)
+            continue
+    return headers
+
+
+def data_shape(spec: str, default_size: int, patch_size: int = 1, channels: int | None = None,
+               image_size: int | None = None) -> DataShape:
+    """The channels and image size a model reads dataset ``spec`` at: the given ``channels`` / ``image_size``
+    (explicit settings always win), else from the images (:func:`image_headers`): 1 channel when all are
+    grayscale, else 3; the images' size when all are square of one size that ``patch_size`` divides, else
+    ``default_size`` (the config's). Fashion-MNIST: 1 channel, 28 px images (padded to a larger size)."""
+    headers = image_headers(spec)
+    kinds = sorted({kind for kind, _, _ in headers})
+    sizes = sorted({(w, h) for _, w, h in headers})
+    found = "grayscale" if kinds == ["gray"] else "colour" if kinds else None
+    data_channels = {"grayscale": 1, "colour": 3}.get(found)
+    looked = f"{len(headers)} file(s) looked at" if not is_fashion_mnist(spec) else "Fashion-MNIST"
+    if channels is not None:
+        converted = (f"; the {found} images are converted" if data_channels not in (None, channels) else "")
+        channel_reason = f"{channels} channel{'s' if channels > 1 else ''} (as set{converted})"
+    else:
+        channels = data_channels or 3
+        channel_reason = (f"{channels} channel{'s' if channels > 1 else ''} ({found} images, {looked})" if found
+                          else "3 channels (no image header could be read)")
+    span = f"{sizes[0][0]}x{sizes[0][1]}" + (f" .. {sizes[-1][0]}x{sizes[-1][1]}" if len(sizes) > 1 else "")
+    if image_size is not None:
+        size_reason = f"{image_size} px (as set)"
+    elif len(sizes) == 1 and sizes[0][0] == sizes[0][1] and sizes[0][0] % patch_size == 0:
+        image_size = sizes[0][0]
+        size_reason = f"{image_size} px (the images' size)"
+    else:
+        image_size = default_size
+        why = ("not square or not all one size" if len(sizes) != 1 or sizes[0][0] != sizes[0][1]
+               else f"not a multiple of the patch size {patch_size}")
+        size_reason = (f"{image_size} px (the config's; the images are {span}: {why})" if sizes
+                       else f"{image_size} px (the config's)")
+    return DataShape(channels, image_size, f"{spec}: {channel_reason}, {size_reason}")
+
+
+def data_shape_overrides(spec: str, preset: str | Path, overrides: Sequence[str] = ()) -> tuple[list[str], DataShape]:
+    """Tokenizer config ``preset`` (+ ``overrides``) fitted to the images of dataset ``spec`` (:func:`data_shape`):
+    the ``model.image_size`` / ``model.in_channels`` overrides to append, and what was chosen. Values set by
+    ``overrides`` or in a YAML file of the user's (not a packaged preset, nor one it names as ``base:``) are kept; a
+    preset's are defaults."""
+    import yaml
+
+    from maetok.config import TokenizerTrainConfig, is_packaged_preset, load_config, parse_overrides, preset_path
+
+    model = load_config(TokenizerTrainConfig, preset, overrides).model  # checks the file and the overrides
+    own = {} if is_packaged_preset(preset) else yaml.safe_load(preset_path(preset).read_text()) or {}
+    given = dict(own.get("model") or {})
+    given.update(parse_overrides(overrides).get("model") or {})
+    shape = data_shape(spec, model.image_size, model.patch_size, given.get("in_channels"), given.get("image_size"))
+    return [f"model.image_size={shape.image_size}", f"model.in_channels={shape.channels}"], shape
+
+
+def note_channel_conversion(spec: str, channels: int) -> str | None:
+    """Say (one line on stdout, returned) that dataset ``spec``'s images are converted to a model's ``channels``
+    (grayscale images repeated to RGB, colour images to luma); nothing (None) when they already have them."""
+    data_channels = data_shape(spec, 1, channels=None, image_size=1).channels
+    if data_channels == channels:
+        return None
+    line = (f"{spec} holds {'colour' if data_channels == 3 else 'grayscale'} images and the model takes "
+            f"{channels} channel{'s' if channels > 1 else ''}: they are read as "
+            f"{'grayscale (luma)' if channels == 1 else 'RGB (gray repeated)'}")
+    print(f"[maetok] data: {line}", flush=True)
+    return line
+
+
 # ------------------------------------------------------------------------------------------ subsets, batches
 
 
@@ -824,16 +938,56 @@ def subset_indices(length: int, num: int | None, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(length)[:num]
 
 
-def draw_order(length: int, num: int | None, seed: int = 0) -> tuple[np.ndarray, int | None]:
+def dataset_labels(dataset: Dataset) -> np.ndarray | None:
+    """The class of each item of ``dataset`` ``(N,)`` int64, or None when it has fewer than 2 classes."""
+    labels = getattr(dataset, "labels", None)
+    return np.asarray(labels) if labels is not None and int(getattr(dataset, "num_classes", 0) or 0) > 1 else None
+
+
+def balanced_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded permutation of ``range(len(labels))`` whose every prefix is as class-balanced as the classes
+    allow: round r holds the r-th item of each class (a seeded shuffle within each class) in a seeded class order,
+    so the first ``n`` hold ``n // K`` of each of the ``K`` classes and one more of ``n % K`` of them (a class with
+    fewer items gives what it has)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes, class_of = np.unique(labels, return_inverse=True)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for k in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(class_of == k))
+        rank[members] = np.arange(len(members))
+    place_in_round = rng.random((int(rank.max()) + 1 if len(rank) else 0, len(classes)))[rank, class_of]
+    return np.lexsort((place_in_round, rank))
+
+
+def draw_order(length: int, num: int | None, seed: int = 0,
+               labels: np.ndarray | None = None) -> tuple[np.ndarray, int | None]:
     """What to read for a draw of ``num`` readable items: ``(indices, limit)``. All items in order and no limit
     when ``num`` is None or >= ``length``; else the whole seeded permutation with ``limit=num``: reading it in order
     and stopping after ``num`` readable items gives :func:`subset_indices` ``(length, num, seed)`` when no file is
     bad, and otherwise the next items of the same draw in place of the bad ones (pass ``limit`` to
-    :func:`iter_batches`)."""
+    :func:`iter_batches`). With ``labels`` (:func:`dataset_labels`) the permutation is :func:`balanced_order`: the
+    draw holds every class equally."""
     if num is None or num >= length:
         return subset_indices(length, None), None
     subset_indices(length, num, seed)  # the checks
+    if labels is not None:
+        return balanced_order(labels, seed), int(num)
     return np.random.default_rng(seed).permutation(length), int(num)
+
+
+def describe_draw(num_images: int, length: int, labels: np.ndarray | None, seed: int, split: str = "test") -> str:
+    """How a draw of ``num_images`` of the ``length`` images of a split was made, in words, e.g. "1000 of the 10000
+    test images, 100 per class (10 classes), a seeded class-balanced draw (seed 0)"; ``labels``: those of the images
+    drawn (None: no classes)."""
+    if num_images >= length:
+        return f"all {num_images} {split} images"
+    if labels is None:
+        return f"{num_images} of the {length} {split} images, a seeded uniform draw (seed {seed})"
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    per_class = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+    return (f"{num_images} of the {length} {split} images, {per_class} per class ({len(counts)} classes), a seeded "
+            f"class-balanced draw (seed {seed})")
 
 
 class DatasetSubset(Dataset):

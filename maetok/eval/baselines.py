@@ -220,12 +220,14 @@ def compute_baselines(
 
 def load_split(data: str, split: str, image_size: int, channels: int, num: Optional[int],
                seed: int = 0) -> tuple[Tensor, Optional[Tensor]]:
-    """``num`` images of a dataset split (a seeded draw; all when None) as ``(N, C, S, S)`` in [-1, 1], with
-    their labels (None when the dataset has no classes)."""
-    from maetok.data import build_dataset, load_images, subset_indices
+    """``num`` images of a dataset split (a seeded draw, every class equally when it has classes:
+    :func:`~maetok.data.draw_order`; all when None) as ``(N, C, S, S)`` in [-1, 1], with their labels (None when
+    the dataset has no classes)."""
+    from maetok.data import build_dataset, dataset_labels, draw_order, load_images
 
     dataset = build_dataset(data, split, image_size, channels)
-    return load_images(dataset, subset_indices(len(dataset), num, seed))
+    order, limit = draw_order(len(dataset), num, seed, dataset_labels(dataset))
+    return load_images(dataset, order, limit=limit)
 
 
 def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Optional[int] = None,
@@ -233,10 +235,10 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
                   device: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
     """``maetok baselines``: :func:`compute_baselines` on a dataset (train split fits, test split measures);
     writes ``out/baselines.json`` and ``out/baselines.png`` (rows: originals, PCA reconstructions, Gaussian
-    samples). ``channels`` defaults to 1 for fashion-mnist, 3 otherwise."""
+    samples). ``channels`` defaults to the images' (:func:`~maetok.data.data_shape`, said in one line)."""
     from pathlib import Path
 
-    from maetok.data import is_fashion_mnist, save_image_grid
+    from maetok.data import data_shape, save_image_grid
     from maetok.eval.fid import fid_label
     from maetok.eval.inception import load_fid_network
     from maetok.eval.metrics import lpips_unavailable_reason
@@ -244,7 +246,9 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
 
     if dim < 1:
         raise ConfigError(f"--dim must be >= 1, got {dim}")
-    channels = channels or (1 if is_fashion_mnist(data) else 3)
+    shape = data_shape(data, image_size, channels=channels, image_size=image_size)
+    print(f"[maetok] data: {shape.reason}", flush=True)
+    channels = shape.channels
     out = Path(out)
     train_images, train_labels = load_split(data, "train", image_size, channels, num_train, seed)
     eval_images, _ = load_split(data, "test", image_size, channels, num_eval, seed)

@@ -384,7 +384,8 @@ def tokenizer_reconstructions(
     ``(of the reference images, of as many training images)``. ``reference``: an ADM ``.npz`` path (its ``arr_0``)
     or ``(dataset, split, order, limit)``, the draw :func:`eval_gen` read its reference from. The floor images are a
     seeded draw from the train split of ``floor_data`` (default: the reference dataset)."""
-    from maetok.data import DatasetSubset, build_dataset, draw_order, iter_batches
+    from maetok.data import DatasetSubset, build_dataset, dataset_labels, draw_order, iter_batches, \
+        note_channel_conversion
     from maetok.data.images import to_rgb, to_tensor, to_uint8
     from maetok.data.npz import iter_npz_images
     from maetok.encode import load_tokenizer, reconstruct_images
@@ -402,6 +403,7 @@ def tokenizer_reconstructions(
     if isinstance(reference, tuple):
         data, split, order, limit = reference
         dataset = DatasetSubset(build_dataset(data, split, size, channels), order)
+        note_channel_conversion(data, channels)
         recon_ref = reconstruct(batch.images for batch in iter_batches(dataset, batch_size, limit=limit))
     else:
         if floor_data is None:
@@ -423,7 +425,7 @@ def tokenizer_reconstructions(
         recon_ref = reconstruct(npz_batches())
         data = floor_data
     floor_set = build_dataset(floor_data or data, "train", size, channels)
-    order, limit = draw_order(len(floor_set), len(recon_ref), seed + 1)
+    order, limit = draw_order(len(floor_set), len(recon_ref), seed + 1, dataset_labels(floor_set))
     floor_images = iter_batches(DatasetSubset(floor_set, order), batch_size, limit=limit)
     recon_floor = reconstruct(batch.images for batch in floor_images)
     return recon_ref, recon_floor
@@ -462,7 +464,7 @@ def eval_gen(
     the ``ref`` dataset; needed for an ``.npz`` reference); ``save_recon`` keeps them as a reconstructions ``.npz``
     (keys ``reference`` and ``floor``), which ``recon`` reads instead of a tokenizer.
     """
-    from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, draw_order
+    from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, dataset_labels, draw_order
     from maetok.eval.fid import save_reference_stats
     from maetok.eval.inception import describe_network, load_fid_network
 
@@ -486,7 +488,8 @@ def eval_gen(
         if num_ref is not None and num_ref > len(dataset):
             raise DataError(f"--num-ref {num_ref}: the {ref_split} split of {ref} has only {len(dataset)} images")
         count = num_ref if num_ref is not None else min(len(images), len(dataset))
-        order, limit = draw_order(len(dataset), count, seed)  # unreadable files: the next images of the draw
+        # every class equally; unreadable files: the next images of the draw
+        order, limit = draw_order(len(dataset), count, seed, dataset_labels(dataset))
         ref_images = dataset_images_uint8(DatasetSubset(dataset, order), limit=limit)
         source = f"{ref} {ref_split} split, {len(ref_images)} images at {size}x{size}"
         reference = reference_from_images(ref_images, network, batch_size, progress, source)

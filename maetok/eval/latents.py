@@ -591,7 +591,7 @@ def analyze_latents(
 
     models: ``{name: tokenizer dir}`` or a list of ``NAME=DIR`` / ``DIR`` strings.
     """
-    from maetok.data import DatasetSubset, build_dataset, subset_indices
+    from maetok.data import DatasetSubset, build_dataset, note_channel_conversion, subset_indices
     from maetok.encode import encode_dataset, load_tokenizer
     from maetok.runs import model_directory, write_json
 
@@ -605,6 +605,7 @@ def analyze_latents(
         cfg = tokenizer.config
         train = build_dataset(data, "train", cfg.image_size, cfg.in_channels)
         test = build_dataset(data, "test", cfg.image_size, cfg.in_channels)
+        note_channel_conversion(data, cfg.in_channels)
         if not getattr(train, "num_classes", 0):
             raise DataError(f"{data} has no class labels: linear probing and class-coloured maps need classes")
         train_sub = DatasetSubset(train, subset_indices(len(train), num_train, seed))

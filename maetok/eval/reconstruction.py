@@ -149,7 +149,7 @@ def eval_recon(
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """``maetok eval-recon``: rFID, PSNR, SSIM and LPIPS (VGG) of a tokenizer on ``num`` images (all by default,
-    a seeded random subset otherwise, :func:`~maetok.data.draw_order`) of the held-out ``split`` of ``data``.
+    a seeded draw holding every class equally otherwise, :func:`~maetok.data.draw_order`) of the held-out ``split`` of ``data``.
 
     rFID compares the reconstructions with the same original images (the paper's ImageNet-val
     convention). Returns ``rfid`` (None with ``rfid_note`` when no Inception weights exist or ``fid`` is
@@ -160,7 +160,8 @@ def eval_recon(
     for image folders, files above ``max_image_pixels`` pixels; 0 or None: no limit) are left out, never replaced: ``num_skipped_images``
     counts them and ``skipped_images`` names them (``{"file", "reason"}``, the file relative to the folder).
     """
-    from maetok.data import DatasetSubset, build_dataset, draw_order, log_skipped_items
+    from maetok.data import DatasetSubset, build_dataset, dataset_labels, draw_order, log_skipped_items, \
+        note_channel_conversion
     from maetok.encode import load_tokenizer
     from maetok.eval.inception import describe_network, load_fid_network
     from maetok.runs import model_directory
@@ -168,7 +169,9 @@ def eval_recon(
     tokenizer = load_tokenizer(model, device)
     cfg = tokenizer.config
     dataset = build_dataset(data, split, cfg.image_size, cfg.in_channels, max_image_pixels=max_image_pixels)
-    order, limit = draw_order(len(dataset), num, seed)  # a bad file drawn is replaced by the next of the draw
+    note_channel_conversion(data, cfg.in_channels)
+    # every class equally; a bad file drawn is replaced by the next of the draw
+    order, limit = draw_order(len(dataset), num, seed, dataset_labels(dataset))
     subset = DatasetSubset(dataset, order)
     network, reason = (load_fid_network(inception, device, inception_weights) if fid else (None, "disabled (--no-fid)"))
     lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from maetok.config import TokenizerTrainConfig, from_dict, read_yaml_file, to_dict
-from maetok.data import ItemBatch, build_dataset, load_images
+from maetok.data import ItemBatch, build_dataset, dataset_labels, draw_order, load_images
 from maetok.data.images import to_uint8
 from maetok.errors import ConfigError, MissingFileError
 from maetok.eval.metrics import psnr
@@ -136,7 +136,9 @@ class TokenizerTrainer(Trainer):
         pixels = {"max_image_pixels": cfg.data.max_image_pixels}
         self.train_set = build_dataset(cfg.data.dataset, "train", m.image_size, m.in_channels, **caption_options, **pixels)
         self.eval_set = build_dataset(cfg.data.dataset, "test", m.image_size, m.in_channels, **pixels)
-        self.eval_images, _ = load_images(self.eval_set, limit=cfg.data.eval_images)  # the first readable ones
+        # a seeded draw holding every class equally (a class-sorted folder's first images are its first classes)
+        order, limit = draw_order(len(self.eval_set), cfg.data.eval_images, 0, dataset_labels(self.eval_set))
+        self.eval_images, _ = load_images(self.eval_set, order, limit=limit)
 
         torch.manual_seed(cfg.train.seed)
         if stage == "pretrain":
