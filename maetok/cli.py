@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
+from maetok.errors import ConfigError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
