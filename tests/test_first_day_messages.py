@@ -279,3 +279,32 @@ def test_the_readme_names_the_image_helpers():
     for name in ("maetok.data.load_image", "maetok.data.to_tensor", "not clamped"):
         assert name in text, name
     assert re.search(r"`reconstruct` writes one output per input \(`a\.jpg` -> `a\.png`", text)
+
+
+# -- the demo end to end: its messages and bars -------------------------------------------------------------------
+
+
+def test_the_quick_demo_shows_bars_in_every_long_phase_and_says_only_true_things(tmp_path, capsys):
+    from maetok.demo import run_demo
+    from maetok.train.tokenizer import new_discriminator_schedule
+
+    root = tmp_path / "data"
+    for offset, cls in ((0, "a"), (100, "b")):
+        for i in range(40):
+            _save_noise(root / "train" / cls / f"{i}.png", 20, 20, offset + i)
+        for i in range(4):
+            _save_noise(root / "val" / cls / f"{i}.png", 20, 20, 1000 + offset + i)
+    tiny = ("model.patch_size=4", "model.encoder_width=32", "model.encoder_depth=1", "model.encoder_heads=2",
+            "model.decoder_width=32", "model.decoder_depth=1", "model.decoder_heads=2", "model.aux_width=32",
+            "model.aux_heads=2", "model.aux_depth=1", "model.num_latent_tokens=4", "model.latent_dim=4",
+            "train.batch_size=8")
+    report = run_demo(tmp_path / "demo", quick=True, inception=StubInception(), data=str(root), image_size=16,
+                      tokenizer_extra=tiny, diffusion_extra=tuple(TINY_SIT)).read_text()
+    captured = capsys.readouterr()
+    assert "--resume" not in captured.out  # a fresh run resumes nothing
+    warm_up = new_discriminator_schedule(0)  # the quick budget's stage 2: 2 steps, 2 // 5 = 0 of warm-up
+    assert warm_up in captured.out and warm_up in " ".join(report.split())
+    assert "(8 test images)" in report and "256 test images" not in report  # val/ holds 8
+    for bar in ("reconstruction metrics", "sample", "samples", "linear probe", "GMM"):  # every long phase
+        assert re.search(rf"{bar}[^\n\r]*it/s|{bar}[^\n\r]*img/s|{bar}[^\n\r]*batch/s|{bar}[^\n\r]*s/it",
+                         captured.err), bar
