@@ -288,8 +288,9 @@ def reconstruct_files(
             except BadImageError as err:
                 skipped.append(SkippedItem(index, str(path), err.reason))
                 continue
-            if array.shape[:2] != (cfg.image_size, cfg.image_size):
-                resized[displayed_size(path)] += 1
+            size = displayed_size(path)  # the file's own size (a large JPEG decodes reduced: draft_size)
+            if size != (cfg.image_size, cfg.image_size):
+                resized[size] += 1
             tensors.append(to_tensor(resize_center_crop(array, cfg.image_size)))
             batch_targets.append(targets[index])
         if not tensors:

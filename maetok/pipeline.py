@@ -125,7 +125,8 @@ def measure_baselines(evald: EvalData, dim: int, budget: Budget, sample_labels: 
     """The PCA-``dim`` / Gaussian / real-vs-real baselines of a run's data
     (:func:`~maetok.eval.baselines.compute_baselines`): fitted on ``budget.baseline_train`` training images
     (per class when ``evald`` has classes), measured on ``evald``'s held-out images and reference statistics
-    (``progress``: bars over the Inception and LPIPS passes). Returns ``(figures {"pca", "gaussian", "real_vs_real"}, everything compute_baselines returns)``."""
+    (``progress``: bars over the Inception and LPIPS passes). Returns ``(figures {"pca", "gaussian",
+    "real_vs_real"}, everything compute_baselines returns)``."""
     from maetok.eval.baselines import compute_baselines, load_split
 
     train_images, train_labels = load_split(evald.data, "train", evald.image_size, evald.channels,
