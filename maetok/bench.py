@@ -93,6 +93,12 @@ def bench_tokenizer(preset: str, batch_size: int, device: torch.device, override
             **measure(step, batch_size, device, warmup, iters)}
 
 
+def tokenizer_latent_shape(preset: str, overrides: list[str]) -> tuple[int, int]:
+    """``(L, H)``: the latents of a tokenizer preset, what a diffusion model trained on its cache sees."""
+    m = load_config(TokenizerTrainConfig, preset, overrides).model
+    return m.num_latent_tokens, m.latent_dim
+
+
 def _diffusion_model(preset: str, latent_shape: tuple[int, int], num_classes: int, overrides: list[str]):
     from maetok.models.sit import build_diffusion_model
 

@@ -76,8 +76,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     skipped: list = []
     written = reconstruct_files(args.model, args.input, args.out, device=args.device, batch_size=args.batch_size,
                                 max_image_pixels=pixel_limit(args.max_image_pixels, "--max-image-pixels"),
-                                skipped=skipped)
-    print(f"[maetok] wrote {len(written)} side-by-side PNGs to {args.out} ({len(skipped)} unreadable input(s) skipped)")
+                                skipped=skipped, recon_only=args.recon_only)
+    kind = "reconstruction" if args.recon_only else "side-by-side"
+    print(f"[maetok] wrote {len(written)} {kind} PNGs to {args.out} ({len(skipped)} unreadable input(s) skipped)")
     return 0
 
 
@@ -170,16 +171,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name in [args.config] if args.config else list_presets():
         if "arch" in read_preset(name).get("model", {}):  # a diffusion preset
             cfg = load_config(DiffusionTrainConfig, name, args.overrides)
-            shape, classes = tuple(args.latent_shape), args.classes
+            # the latent shape and classes are the latent cache's at train time: counted only for given ones
+            needs_classes = cfg.model.conditional and args.classes is None
+            given = args.latent_shape is not None and not needs_classes
+            shape = tuple(args.latent_shape) if given else (1, 1)
+            classes = (args.classes or 0) if given else 0
             with torch.device("meta"):
                 model = build_diffusion_model(cfg.model.for_latents(shape, classes))
-            params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
             arch = model.config
-            print(
-                f"{name}: {arch.arch} {arch.size_name} (width {arch.width}, depth {arch.depth}, "
-                f"{arch.num_heads} heads) on {shape[0]} x {shape[1]} latents, {classes} classes"
-            )
-            print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
+            size = f"{name}: {arch.arch} {arch.size_name} (width {arch.width}, depth {arch.depth}, {arch.num_heads} heads)"
+            if given:
+                params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+                print(f"{size} on {shape[0]} x {shape[1]} latents, {classes if arch.conditional else 'no'} classes")
+                print(f"  {'parameters (+ fixed position table)':<32} {params / 1e6:8.2f}M")
+            else:
+                unresolved = "latent shape and classes come" if cfg.model.conditional else "latent shape comes"
+                flags = "--latent-shape L H" + (" --classes N" if cfg.model.conditional else "")
+                body = sum(p.numel() for key, p in model.named_parameters() if key.startswith(("blocks.", "t_embedder.")))
+                print(f"{size}; its {unresolved} from the latent cache at train time")
+                print(f"  {'parameters of blocks + time MLP':<32} {body / 1e6:8.2f}M (the whole model for given latents: "
+                      f"{flags})")
             print(f"  {describe_ema(cfg.train)}")
             continue
         cfg = load_config(TokenizerTrainConfig, name, args.overrides)
@@ -323,7 +334,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from maetok.runs import resolve_device
 
     device = resolve_device(args.device)
-    shape = tuple(args.latent_shape)
+    shape = tuple(args.latent_shape or bench.tokenizer_latent_shape(args.tokenizer_preset, args.tokenizer_overrides or []))
     print(f"[maetok bench] device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     if args.what in ("tokenizer", "all"):
         print(bench.format_row(bench.bench_tokenizer(args.tokenizer_preset, args.batch_size, device, args.tokenizer_overrides or [])))
@@ -398,6 +409,10 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     result = eval_gen(args.samples, args.ref, num_ref=args.num_ref, save_ref=args.save_ref, batch_size=args.batch_size,
                       device=args.device, inception_weights=args.inception, ref_split=args.ref_split,
                       tokenizer=args.tokenizer, recon=args.recon, save_recon=args.save_recon, floor_data=args.floor_data)
+    # what was measured against, and the Inception Score's caveat, on stderr: stdout stays one JSON document
+    print(f"[maetok] eval-gen: {result['gfid_num_samples']} samples against {result['reference']}", file=sys.stderr)
+    if result["inception_score"] is None:
+        print(f"[maetok] eval-gen: Inception Score {result['inception_score_note']}", file=sys.stderr)
     _print_and_save(result, args.json)
     return 0
 
@@ -474,11 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     pixels_help = ("skip image files whose header announces more pixels than this, before decoding "
                    "(default 64000000; 0: no limit)")
     p = add("reconstruct", "Encode and decode images; write one side-by-side PNG (original | reconstruction) per "
-                           "input: OUT/<path relative to INPUT>.png, subfolders mirrored and the input's extension "
-                           "kept (a.jpg -> a.jpg.png, sub/a.png -> sub/a.png.png).")
+                           "input: OUT/<path relative to INPUT> with a .png extension, subfolders mirrored (a.jpg -> "
+                           "a.png, sub/b.png -> sub/b.png; a.jpg beside a.png -> a.jpg.png and a.png.png). Inputs of "
+                           "another size are resized and center-cropped to the model's (said in one line).")
     p.add_argument("--model", required=True, help="tokenizer directory (config.json + model.safetensors) or run dir")
     p.add_argument("--input", required=True, help="an image file or a folder of images (walked recursively)")
-    p.add_argument("--out", required=True, help="output folder: OUT/<relative path of each input>.png")
+    p.add_argument("--out", required=True, help="output folder (an output that would replace an input is refused)")
+    p.add_argument("--recon-only", action="store_true",
+                   help="write the reconstruction alone (at the model's size), not original | reconstruction")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help=pixels_help)
 
@@ -553,21 +571,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "latents")
     p.add_argument("--config", default=None, help="one preset or YAML (default: all presets)")
     p.add_argument("--sizes", action="store_true", help="only print the diffusion sizes (SiT-XL, ...)")
-    p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 32], metavar=("L", "H"), help="for diffusion presets")
-    p.add_argument("--classes", type=int, default=1000, help="for diffusion presets")
+    p.add_argument("--latent-shape", type=int, nargs=2, default=None, metavar=("L", "H"),
+                   help="count a diffusion preset's parameters on these latents (default: unresolved; training takes "
+                        "them from the latent cache)")
+    p.add_argument("--classes", type=int, default=None, help="with --latent-shape: the number of classes")
     p.add_argument("overrides", nargs="*")
 
     p = add("bench", "Throughput (img/s, FLOP-counted TFLOP/s, MFU on known GPUs, peak memory) of training and sampling.")
-    p.add_argument("--what", choices=["tokenizer", "diffusion", "sampling", "all"], default="all")
-    p.add_argument("--tokenizer-preset", default="tiny-maetok")
-    p.add_argument("--diffusion-preset", default="tiny-sit")
-    p.add_argument("--latent-shape", type=int, nargs=2, default=[32, 8], metavar=("L", "H"))
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--sample-batch", type=positive_int, default=64)
-    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps")
-    p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE")
-    p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE")
+    p.add_argument("--what", choices=["tokenizer", "diffusion", "sampling", "all"], default="all",
+                   help="what to time (default: %(default)s)")
+    p.add_argument("--tokenizer-preset", default="tiny-maetok", help="default: %(default)s")
+    p.add_argument("--diffusion-preset", default="tiny-sit", help="default: %(default)s")
+    p.add_argument("--latent-shape", type=int, nargs=2, default=None, metavar=("L", "H"),
+                   help="the diffusion model's latents (default: those of --tokenizer-preset)")
+    p.add_argument("--classes", type=int, default=10, help="the diffusion model's classes (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch (default: %(default)s)")
+    p.add_argument("--sample-batch", type=positive_int, default=64, help="sampling batch (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=250, help="sampling steps (default: %(default)s)")
+    p.add_argument("--tokenizer-overrides", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="key=value overrides of --tokenizer-preset (default: none)")
+    p.add_argument("--diffusion-overrides", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="key=value overrides of --diffusion-preset (default: none)")
 
     p = add("baselines", "PCA with N components as a tokenizer, a Gaussian in its space as a generator, and the "
                          "real-vs-real FID floor: the yardsticks of trained models.")
@@ -599,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="an ADM .npz, a folder with samples.npz, or a folder of images")
     p.add_argument("--ref", required=True, help="an ADM reference .npz, or a dataset (fashion-mnist, image folder)")
     p.add_argument("--num-ref", type=positive_int, default=None, help="reference images from a dataset (default: as many as samples)")
-    p.add_argument("--ref-split", default="test", choices=["test", "train", "all"], help="split of a dataset reference")
+    p.add_argument("--ref-split", default="test", choices=["test", "train", "all"],
+                   help="the split of a dataset reference the images are drawn from (default: %(default)s, the "
+                        "held-out images; all: every image)")
     p.add_argument("--save-ref", default=None, help="write the dataset reference as an ADM reference .npz")
     p.add_argument("--tokenizer", default=None,
                    help="also the decoder-free figures: the samples against this tokenizer's reconstructions of the "

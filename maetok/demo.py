@@ -75,7 +75,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     """Run the demo into ``out`` and return ``out/report.md``. ``inception``: the FID network (default: the
     TF-2015 Inception weights found by :func:`~maetok.eval.inception.load_inception`)."""
     from maetok.eval.plots import plot_training_curves
-    from maetok.pipeline import Timer, train_tokenizer
+    from maetok.pipeline import Timer, tokenizer_configs, train_tokenizer
 
     budget = QUICK if quick else FULL
     size, channels = dataset_shape(data, image_size, channels, TOKENIZER_CONFIG, tokenizer_extra)
@@ -100,7 +100,8 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
         stage1, mse_only = load_tokenizer(out / "stage1", "cpu"), load_tokenizer(mse_dir / "tokenizer", "cpu")
         comparison = {}
         for name, model in (("stage 1", stage1), ("stage 2: MSE only", mse_only)):
-            evaluator = ReconstructionEvaluator()  # PSNR / SSIM / LPIPS; the rFID is the final tokenizer's alone
+            # PSNR / SSIM / LPIPS; the rFID is the final tokenizer's alone
+            evaluator = ReconstructionEvaluator(progress=True)
             evaluator.update(evald.images, reconstruct_images(model, evald.images))
             comparison[name] = evaluator.result()
 
@@ -113,7 +114,8 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
             baselines = read_json_file(baselines_path, what_to_do="delete it to measure the baselines again")
             pca_rows = torch.load(out / "baseline_grids.pt", weights_only=True)
         else:
-            baselines, b = measure_baselines(evald, latent_dim, budget, sample_labels=_grid_labels(evald, 10))
+            baselines, b = measure_baselines(evald, latent_dim, budget, sample_labels=_grid_labels(evald, 10),
+                                             progress=True)
             pca_rows = {"reconstructions": b["reconstructions"][:16], "samples": b["samples"][:100]}
             torch.save(pca_rows, out / "baseline_grids.pt")
             write_json(baselines_path, baselines)
@@ -157,7 +159,9 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
     write_json(out / "metrics.json", metrics)
     tok_cfg = load_config(TokenizerTrainConfig, TOKENIZER_CONFIG, list(shape))
     dif_cfg = load_config(DiffusionTrainConfig, DIFFUSION_CONFIG, list(diffusion_extra))
-    return _write_report(out, tok_cfg, dif_cfg, budget, evald, metrics)
+    stage2_cfg = tokenizer_configs(data, TOKENIZER_CONFIG, budget, shape)[1]
+    return _write_report(out, tok_cfg, dif_cfg, budget, evald, metrics,
+                         discriminator_sentence(out / "stage1", stage2_cfg))
 
 
 def _grid_labels(evald: EvalData, per_class: int) -> Optional[torch.Tensor]:
@@ -189,8 +193,24 @@ def _convergence_sentence(c: dict[str, Any]) -> str:
     if c.get("gain_last_20pct_db") is None:
         return "Stage 1 logged too few evaluations for the convergence check."
     state = "converged by the 0.2 dB criterion" if c["converged"] else "still learning (criterion: < 0.2 dB)"
-    return (f"Stage 1's held-out PSNR (256 test images) went {c['psnr_at_80pct']:.2f} -> {c['psnr_final']:.2f} dB over "
-            f"its last 20% of steps: {state}; the end of the cosine schedule slows it too.")
+    return (f"Stage 1's held-out PSNR{held_out_count(c)} went {c['psnr_at_80pct']:.2f} -> {c['psnr_final']:.2f} dB "
+            f"over its last 20% of steps: {state}; the end of the cosine schedule slows it too.")
+
+
+def held_out_count(c: dict[str, Any]) -> str:
+    """`` (17 test images)``: the images a convergence record (:func:`~maetok.pipeline.convergence`) was measured on,
+    or nothing when its log predates that count."""
+    return f" ({c['num_images']} test images)" if c.get("num_images") else ""
+
+
+def discriminator_sentence(stage1_dir: Path, stage2: TokenizerTrainConfig) -> str:
+    """How stage 2's discriminator trained, in the words its trainer printed: it continues stage 1's, or a new one
+    warms up for ``finetune.disc_warmup_steps``."""
+    from maetok.train.tokenizer import new_discriminator_schedule, stage1_discriminator
+
+    if stage1_discriminator(stage1_dir)[1] is not None:
+        return "stage 2 continues stage 1's discriminator, whose adversarial loss reaches the decoder from step 0"
+    return new_discriminator_schedule(stage2.finetune.disc_warmup_steps)
 
 
 def format_optional(value: Any, spec: str = ".2f") -> str:
@@ -244,7 +264,8 @@ def heldout_sentence(h: Optional[dict[str, Any]]) -> str:
 
 
 def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainConfig, budget: Budget,
-                  evald: EvalData, results: dict) -> Path:
+                  evald: EvalData, results: dict, discriminator: str) -> Path:
+    """``out/report.md``; ``discriminator``: how stage 2's discriminator trained (:func:`discriminator_sentence`)."""
     from maetok.eval.fid import fid_label
 
     m = cfg.model
@@ -272,8 +293,8 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
         f"{cfg.train.batch_size} ({'MSE + LPIPS + GAN' if budget.stage1_loss == 'full' else 'MSE + auxiliary losses'}). "
         f"Stage 2: {budget.stage2_steps} steps of batch {budget.stage2_batch or cfg.train.batch_size} (encoder frozen, "
         f"mask ratio {cfg.finetune.mask_ratio_start:.0%} -> 0% over the whole stage) with the paper's Eq. 6 loss (MSE + "
-        "LPIPS 1.0 + adversarial 0.4, adaptive weight, LeCAM, VGG16-backbone discriminator warming up for the first "
-        "20% of the steps), and once more with MSE alone.",
+        f"LPIPS 1.0 + adversarial 0.4, adaptive weight, LeCAM, VGG16-backbone discriminator: {discriminator}), and once "
+        "more with MSE alone.",
         "",
         differences_from_paper(cfg, budget),
         "",

@@ -7,8 +7,8 @@
 * :func:`cache_latents`: a dataset into a latent cache for diffusion training (the encoding loop; the cache's files
   are :mod:`maetok.data.latents`); :func:`latent_statistics`: the scalar latent mean / std of a seeded sample of a
   dataset, as the cache measures them (what a tokenizer folder carries);
-* :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side PNGs (one per input,
-  :func:`reconstruction_path`).
+* :func:`reconstruct_files`: ``maetok reconstruct``, image files to side-by-side (or reconstruction-only) PNGs, one
+  per input (:func:`reconstruction_paths`).
 
 Unreadable image files never become rows: they are left out and reported (``skipped`` lists, ``skipped.json``).
 
@@ -35,9 +35,11 @@ from maetok.data import (
 from maetok.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
+    displayed_size,
     load_image,
     pixel_limit,
     resize_center_crop,
+    save_image_grid,
     save_side_by_side,
     to_tensor,
 )
@@ -48,7 +50,7 @@ from maetok.models.tokenizer import MAETok
 from maetok.runs import check_finite_tensors, display_path, resolve_device, weights_fingerprint
 
 __all__ = ["cache_latents", "encode_dataset", "encode_images", "latent_statistics", "list_images", "load_tokenizer",
-           "reconstruct_files", "reconstruct_images", "reconstruction_path", "reconstructions"]
+           "reconstruct_files", "reconstruct_images", "reconstruction_paths", "reconstructions"]
 
 PathLike = Union[str, Path]
 
@@ -245,17 +247,26 @@ def list_images(source: Union[str, Path]) -> list[Path]:
     return files
 
 
-RECONSTRUCTION_SUFFIX = ".png"
+def reconstruction_paths(out_dir: Union[str, Path], source: Union[str, Path],
+                         images: list[Path]) -> list[Path]:
+    """Where ``maetok reconstruct`` writes the output of each of ``images`` (the files under the ``source`` folder,
+    or ``source`` itself): its path relative to ``source`` (its name alone for a single file) under ``out_dir``, the
+    extension replaced by ``.png``: ``in/a.jpg`` -> ``out/a.png``, ``in/sub/b.png`` -> ``out/sub/b.png``. Inputs
+    that would share an output (``a.jpg`` and ``a.png`` in one folder) keep their full name instead: ``a.jpg.png``,
+    ``a.png.png``; so distinct inputs never share an output."""
+    from collections import Counter
 
-
-def reconstruction_path(out_dir: Union[str, Path], source: Union[str, Path], image: Union[str, Path]) -> Path:
-    """Where ``maetok reconstruct`` writes the side-by-side PNG of ``image``: its path relative to the ``source``
-    folder (its name alone for a single file), full file name and extension kept, plus ``.png``, under
-    ``out_dir``: ``in/a.jpg`` -> ``out/a.jpg.png``, ``in/a.png`` -> ``out/a.png.png``, ``in/sub/a.png`` ->
-    ``out/sub/a.png.png``. Distinct inputs therefore never share an output."""
-    source, image = Path(source), Path(image)
-    relative = image.relative_to(source) if source.is_dir() else Path(image.name)
-    return Path(out_dir) / relative.parent / (relative.name + RECONSTRUCTION_SUFFIX)
+    source = Path(source)
+    relatives = [Path(image).relative_to(source) if source.is_dir() else Path(Path(image).name) for image in images]
+    full_names = [relative.parent / (relative.name + ".png") for relative in relatives]
+    chosen = [relative.with_suffix(".png") for relative in relatives]
+    while True:  # each pass gives >= 1 clashing input its (unique) full name, so it ends
+        counts = Counter(chosen)
+        clashing = [i for i, path in enumerate(chosen) if counts[path] > 1 and path != full_names[i]]
+        if not clashing:
+            return [Path(out_dir) / path for path in chosen]
+        for i in clashing:
+            chosen[i] = full_names[i]
 
 
 @torch.no_grad()
@@ -267,29 +278,39 @@ def reconstruct_files(
     batch_size: int = 32,
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     skipped: Optional[list[SkippedItem]] = None,
+    recon_only: bool = False,
 ) -> list[Path]:
     """Reconstruct every image under ``source`` (a file or a folder, walked by
     :func:`~maetok.data.list_image_files`); returns the paths written.
 
-    Each input gets its own output, ``out_dir/<path relative to source>.png`` (subfolders mirrored, the input's
-    full name and extension kept: ``a.jpg`` -> ``a.jpg.png``, ``sub/a.png`` -> ``sub/a.png.png``; see
-    :func:`reconstruction_path`), holding original | reconstruction side by side. Unreadable files (and files
-    above ``max_image_pixels`` pixels; 0 or None: no limit) are skipped, reported in one line with their count, and appended to
-    ``skipped`` when a list is given."""
+    Each input gets its own PNG (:func:`reconstruction_paths`: ``a.jpg`` -> ``a.png``, subfolders mirrored; ``a.jpg``
+    beside ``a.png`` -> ``a.jpg.png`` and ``a.png.png``), holding original | reconstruction side by side, or the
+    reconstruction alone with ``recon_only``; an output that would replace an input is refused. Inputs of another size
+    than the model's are resized (shorter side) and center-cropped to it, said in one line with their sizes.
+    Unreadable files (and files above ``max_image_pixels`` pixels; 0 or None: no limit) are skipped, reported in one
+    line with their count, and appended to ``skipped`` when a list is given."""
+    from collections import Counter
+
     from tqdm.auto import tqdm
 
     max_image_pixels = pixel_limit(max_image_pixels)
     model = load_tokenizer(model_path, device)
     cfg = model.config
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(source)
     if Path(source).is_dir():
         note_channel_conversion(str(source), cfg.in_channels)
+    targets = reconstruction_paths(out_dir, source, files)
+    inputs = {path.resolve() for path in files}
+    for path, target in zip(files, targets):
+        if target.resolve() in inputs:
+            raise ConfigError(f"--out {out_dir}: {target} would replace the input image {path}; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     skipped = skipped if skipped is not None else []
+    resized: Counter[tuple[int, int]] = Counter()  # (width, height) of the inputs brought to the model's size
     for start in tqdm(range(0, len(files), batch_size), desc="reconstruct", unit="batch"):
-        batch_files, tensors = [], []
+        batch_paths, batch_targets, tensors = [], [], []
         for index, path in enumerate(files[start : start + batch_size], start):
             try:
                 array = load_image(path, channels=cfg.in_channels, max_pixels=max_image_pixels,
@@ -297,18 +318,28 @@ def reconstruct_files(
             except BadImageError as err:
                 skipped.append(SkippedItem(index, str(path), err.reason))
                 continue
+            size = displayed_size(path)  # the file's own size (a large JPEG decodes reduced: draft_size)
+            if size != (cfg.image_size, cfg.image_size):
+                resized[size] += 1
             tensors.append(to_tensor(resize_center_crop(array, cfg.image_size)))
-            batch_files.append(path)
+            batch_paths.append(path)
+            batch_targets.append(targets[index])
         if not tensors:
             continue
         images = torch.stack(tensors)
         recon = reconstruct_images(model, images, batch_size)
-        check_finite_tensors({"reconstructions": recon}, f"the tokenizer's output for {display_path(batch_files[0])}"
-                             f"{f' and {len(batch_files) - 1} more inputs' if len(batch_files) > 1 else ''}")
-        for path, original, reconstruction in zip(batch_files, images, recon):
-            target = reconstruction_path(out_dir, source, path)
-            save_side_by_side(original[None], reconstruction[None], target, pairs_per_row=1)
+        check_finite_tensors({"reconstructions": recon}, f"the tokenizer's output for {display_path(batch_paths[0])}"
+                             f"{f' and {len(batch_paths) - 1} more inputs' if len(batch_paths) > 1 else ''}")
+        for target, original, reconstruction in zip(batch_targets, images, recon):
+            if recon_only:
+                save_image_grid(reconstruction[None], target, nrow=1, pad=0)
+            else:
+                save_side_by_side(original[None], reconstruction[None], target, pairs_per_row=1)
             written.append(target)
+    if resized:
+        sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in resized.most_common(5)) + (", ..." if len(resized) > 5 else "")
+        print(f"[maetok] {sum(resized.values())} of {len(written)} inputs were resized (shorter side) and center-cropped "
+              f"to the model's {cfg.image_size}x{cfg.image_size}: {sizes}")
     if skipped:
         print(f"[maetok] skipped {len(skipped)} unreadable image(s): "
               + "; ".join(f"{display_path(item.file)}: {item.reason}" for item in skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))

@@ -126,19 +126,20 @@ def load_eval_data(data: str, image_size: int, channels: int, num: int, device: 
                     draw)
 
 
-def measure_baselines(evald: EvalData, dim: int, budget: Budget,
-                      sample_labels: Optional[Tensor] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def measure_baselines(evald: EvalData, dim: int, budget: Budget, sample_labels: Optional[Tensor] = None,
+                      progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """The PCA-``dim`` / Gaussian / real-vs-real baselines of a run's data
     (:func:`~maetok.eval.baselines.compute_baselines`): fitted on ``budget.baseline_train`` training images
-    (per class when ``evald`` has classes), measured on ``evald``'s held-out images and reference statistics.
-    Returns ``(figures {"pca", "gaussian", "real_vs_real"}, everything compute_baselines returns)``."""
+    (per class when ``evald`` has classes), measured on ``evald``'s held-out images and reference statistics
+    (``progress``: bars over the Inception and LPIPS passes). Returns ``(figures {"pca", "gaussian",
+    "real_vs_real"}, everything compute_baselines returns)``."""
     from maetok.eval.baselines import compute_baselines, load_split
 
     train_images, train_labels = load_split(evald.data, "train", evald.image_size, evald.channels,
                                             budget.baseline_train)
     full = compute_baselines(train_images, train_labels if evald.conditional else None, evald.images, dim,
                              evald.inception, evald.reference, sample_labels=sample_labels,
-                             floor_images=evald.floor_images)
+                             floor_images=evald.floor_images, progress=progress)
     return {key: full[key] for key in ("pca", "gaussian", "real_vs_real")}, full
 
 
@@ -175,15 +176,16 @@ def train_tokenizer(out: Path, data: str, config: str, budget: Budget, overrides
                     seed: int = 0, device: Optional[str] = None, stage1_dir: Optional[Path] = None) -> TokenizerTrainConfig:
     """Stage 1 into ``out/stage1`` (or use the finished ``stage1_dir``) and stage 2 into ``out/tokenizer``; a stage
     already exported is skipped, an interrupted one resumed (both only under the same config)."""
+    from maetok.train.loop import holds_run
     from maetok.train.tokenizer import PRETRAIN_UNUSED_SECTIONS, TokenizerTrainer
 
     cfg1, cfg2 = tokenizer_configs(data, config, budget, overrides, seed)
     stage1_dir = stage1_dir or out / "stage1"
     if not reuse_finished(stage1_dir, "tokenizer stage 1", cfg1, PRETRAIN_UNUSED_SECTIONS):
-        TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=True).fit()
+        TokenizerTrainer(cfg1, stage1_dir, stage="pretrain", device=device, resume=holds_run(stage1_dir)).fit()
     if not reuse_finished(out / "tokenizer", "tokenizer stage 2", cfg2):
         TokenizerTrainer(cfg2, out / "tokenizer", stage="finetune", init_from=stage1_dir, device=device,
-                         resume=True).fit()
+                         resume=holds_run(out / "tokenizer")).fit()
     return cfg2
 
 
@@ -242,6 +244,7 @@ def run_pipeline(
     from maetok.eval.metrics import lpips_unavailable_reason
     from maetok.eval.reconstruction import ReconstructionEvaluator
     from maetok.train.diffusion import DiffusionTrainer
+    from maetok.train.loop import holds_run
     from maetok.train.tokenizer import PRETRAIN_UNUSED_SECTIONS
 
     out = Path(out)
@@ -277,7 +280,7 @@ def run_pipeline(
     with timer.phase("reconstruction metrics"):
         recon = reconstruct_images(tokenizer, evald.images)
         evaluator = ReconstructionEvaluator(evald.inception, evald.reference, lpips=lpips_unavailable_reason() is None,
-                                            keep_features=True)
+                                            keep_features=True, progress=progress)
         evaluator.update(evald.images, recon)
         reconstruction = evaluator.result()
     decoder_free = None
@@ -287,7 +290,7 @@ def run_pipeline(
             decoder_free = DecoderFreeReference(
                 evaluator.reconstruction_features("reconstructions of the held-out images"),
                 reference_from_images(to_uint8(floor_recon, channels_last=True).numpy(), evald.inception,
-                                      progress=False, source="reconstructions of training images"))
+                                      progress=progress, source="reconstructions of training images"))
 
     with timer.phase("latent cache of the training split"):
         train_set = cache_draw(build_dataset(evald.data, "train", m.image_size, m.in_channels), budget.cache_limit)
@@ -296,7 +299,7 @@ def run_pipeline(
 
     with timer.phase("SiT training"):
         if not reuse_finished(out / "sit", "SiT", dif_cfg):
-            DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=True).fit()
+            DiffusionTrainer(dif_cfg, out / "sit", device=device, resume=holds_run(out / "sit")).fit()
     pipe = LatentGenerator.load(out / "sit", device=str(dev))
 
     sampling = dataclasses.replace(pipe.sampling, steps=budget.fid_sampling_steps)
@@ -306,13 +309,13 @@ def run_pipeline(
                                   "steps": sampling.steps, "num_samples": budget.fid_samples}
     with timer.phase("gFID"):
         samples, sample_labels = generate_images(pipe, tokenizer, budget.fid_samples, None, sampling, batch_size=250,
-                                                 seed=seed + 1, progress=False)
+                                                 seed=seed + 1, progress=progress)
         # the grid shows the very samples the gFID measures: one row per class (up to 10), or the first 100
         grid, per_row = sample_grid(samples, sample_labels)
         save_image_grid(torch.from_numpy(grid).permute(0, 3, 1, 2), out / "samples.png", nrow=per_row)
         if evald.inception is not None:
             gen = generation_metrics(samples, evald.reference, evald.inception, precision_recall_k=None,
-                                     progress=False, decoder_free=decoder_free)
+                                     progress=progress, decoder_free=decoder_free)
             generation.update(gfid=gen["gfid"], sfid=gen["sfid"], decoder_free=gen["decoder_free"])
         else:
             generation.update(gfid=None, sfid=None, note=evald.fid_note)
@@ -331,9 +334,9 @@ def run_pipeline(
         probe = None
         if evald.conditional:
             probe = latent_analysis(train_latents, train_labels, test_latents, evald.labels, probe_optimizer="lbfgs",
-                                    probe_epochs=10, seed=seed, progress=False, gmm=False)["linear_probe"]
+                                    probe_epochs=10, seed=seed, progress=progress, gmm=False)["linear_probe"]
         fit = train_latents[: budget.gmm_train]
-        gmm = gmm_curve(fit, test_latents, budget.gmm_ks)
+        gmm = gmm_curve(fit, test_latents, budget.gmm_ks, progress=progress)
         # the curve at every PCA dimension up to GMM_DIMS, so that a later shared-dimension comparison (the study,
         # possibly in another session) needs no latents
         gmm_by_dim = {}
@@ -397,24 +400,28 @@ def cache_draw(train_set: Any, limit: Optional[int]) -> Any:
 
 
 def convergence(log_csv: Path) -> dict[str, Any]:
-    """Stage 1's held-out PSNR at 80% and 100% of its steps (from its log) and whether the last 20% gained less
-    than :data:`CONVERGED_DB`."""
+    """Stage 1's held-out PSNR at 80% and 100% of its steps (from its log), whether the last 20% gained less
+    than :data:`CONVERGED_DB`, and ``num_images``: the held-out images it was measured on (None in a log written
+    before maetok logged that count)."""
     import csv
 
     rows = [r for r in csv.DictReader(log_csv.open()) if r.get("eval_psnr")] if log_csv.exists() else []
     if len(rows) < 2:
-        return {"psnr_at_80pct": None, "psnr_final": None, "gain_last_20pct_db": None, "converged": None}
+        return {"psnr_at_80pct": None, "psnr_final": None, "gain_last_20pct_db": None, "converged": None,
+                "num_images": None}
     before, final = float(rows[-2]["eval_psnr"]), float(rows[-1]["eval_psnr"])
     return {"psnr_at_80pct": before, "psnr_final": final, "gain_last_20pct_db": final - before,
-            "converged": final - before < CONVERGED_DB}
+            "converged": final - before < CONVERGED_DB,
+            "num_images": int(float(rows[-1]["eval_images"])) if rows[-1].get("eval_images") else None}
 
 
-def gmm_curve(fit: Tensor, test: Tensor, ks: Sequence[int], pca_dim: Optional[int] = None) -> dict[str, Any]:
+def gmm_curve(fit: Tensor, test: Tensor, ks: Sequence[int], pca_dim: Optional[int] = None,
+              progress: bool = False) -> dict[str, Any]:
     """GMM held-out NLL vs K (keys as strings, JSON-ready) in this tokenizer's own 90% PCA dimension or
-    ``pca_dim``."""
+    ``pca_dim`` (``progress``: a bar over K)."""
     from maetok.eval.latents import gmm_nll_analysis
 
     usable = [k for k in ks if k <= len(fit)]
-    r = gmm_nll_analysis(fit, usable, test_latents=test, progress=False, pca_dim=pca_dim)
+    r = gmm_nll_analysis(fit, usable, test_latents=test, progress=progress, pca_dim=pca_dim)
     return {"test_nll": {str(k): v for k, v in r["test_nll"].items()}, "pca_dim": r["pca_dim"],
             "own_pca_dim": r["own_pca_dim"], "explained_variance": r["explained_variance"], "notes": r["notes"]}

@@ -28,7 +28,7 @@ import torch
 
 from maetok.config import Budget
 from maetok.data import save_image_grid
-from maetok.demo import dataset_shape, format_optional, format_seconds, machine_description
+from maetok.demo import dataset_shape, format_optional, format_seconds, held_out_count, machine_description
 from maetok.errors import ConfigError, ModelFolderError
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
@@ -255,6 +255,12 @@ def ordering_name(claim: tuple[str, str, str, str], labels: dict[str, str]) -> s
     return f"{labels.get(winner, winner)} vs {labels.get(loser, loser)}: {key}"
 
 
+def held_out_images(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """`` (N test images)``: the held-out images behind the runs' convergence figures when they logged one count."""
+    counts = {(r.get("convergence") or {}).get("num_images") for rs in runs.values() for r in rs} - {None}
+    return held_out_count({"num_images": counts.pop()}) if len(counts) == 1 else ""
+
+
 def floor_recall(runs: dict[str, list[dict[str, Any]]]) -> str:
     """The range of the decoder-free floors' recall over the runs, as text."""
     values = [(r["generation"].get("decoder_free") or {}).get("floor_recall") for rs in runs.values() for r in rs]
@@ -365,7 +371,7 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
         f"space) | {format_optional(free.get('fid_ratio'))} | {format_optional(free.get('recall'))} | - | - | - |",
         f"| floor: real vs real | - | - | - | - | {format_optional(floor.get('fid'), '.1f')} | - | - | - | - | - |",
         "",
-        "Last-20% gain: held-out PSNR (256 test images) gained by stage 1 over its last 20% of steps; below 0.2 dB "
+        f"Last-20% gain: held-out PSNR{held_out_images(runs)} gained by stage 1 over its last 20% of steps; below 0.2 dB "
         "counts as converged (at the end of a cosine schedule this is partly the schedule's doing). "
         f"FIDs: rFID-{ref_n}, gFID-{fid_n} (no CFG). Decoder-free FID / floor: FID of the samples against the "
         "tokenizer's own reconstructions of the reference images, divided by the FID of the reconstructions of as many "

@@ -171,7 +171,7 @@ def test_commands_on_a_released_folder(image_folder, tmp_path):
     released = write_authors_folder(tmp_path / "released", seed=2)
     rec = tmp_path / "rec"
     assert main(["reconstruct", "--model", str(released), "--input", str(image_folder / "cats"), "--out", str(rec)]) == 0
-    assert len(list(rec.glob("*.png.png"))) == 10  # one output per input: 0.png -> 0.png.png
+    assert len(list(rec.glob("*.png"))) == 10  # one output per input: 0.png -> 0.png
 
     cache = tmp_path / "cache"
     assert main(["cache-latents", "--model", str(released), "--data", str(image_folder), "--out", str(cache)]) == 0

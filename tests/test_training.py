@@ -146,8 +146,8 @@ def test_cli_trains_and_reconstructs(image_folder, tmp_path):
     assert main(["finetune-decoder", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "ft"), "finetune.steps=2"]) == 0
     assert main(["reconstruct", "--model", str(tmp_path / "ft"), "--input", str(image_folder / "cats"), "--out", str(tmp_path / "rec")]) == 0
     written = sorted(p.name for p in (tmp_path / "rec").iterdir())
-    assert len(written) == 10 and "0.png.png" in written  # the truncated JPEG is reported, not fatal
-    with Image.open(tmp_path / "rec" / "0.png.png") as im:
+    assert len(written) == 10 and "0.png" in written  # the truncated JPEG is reported, not fatal
+    with Image.open(tmp_path / "rec" / "0.png") as im:
         assert im.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
 
 

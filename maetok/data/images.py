@@ -195,6 +195,18 @@ def load_image(
         raise
 
 
+def displayed_size(path: PathLike) -> tuple[int, int]:
+    """``(width, height)`` of a readable image file as :func:`load_image` shows it before any ``draft_size``
+    reduction (EXIF orientation applied), from its header."""
+    with Image.open(path) as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block: load_image ignores it too
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _load_image_or_raise(
     path: PathLike, channels: int, background: tuple[int, int, int], max_pixels: int | None, draft_size: int | None
 ) -> np.ndarray:

@@ -183,7 +183,8 @@ def compute_baselines(
     recon = torch.cat([pca.reconstruct(eval_images[i : i + 500]) for i in range(0, len(eval_images), 500)])
     if inception is not None and reference is None:
         reference = compute_fid_stats(_uint8_nhwc(eval_images), inception, progress=progress)
-    evaluator = ReconstructionEvaluator(inception, reference, lpips=lpips, keep_features=inception is not None)
+    evaluator = ReconstructionEvaluator(inception, reference, lpips=lpips, keep_features=inception is not None,
+                                        progress=progress)
     evaluator.update(eval_images, recon)
     pca_result = {"dim": dim, "explained_variance": pca.explained_variance, "fit_seconds": fit_seconds,
                   "num_train": len(train_images), **evaluator.result()}
@@ -232,10 +233,11 @@ def load_split(data: str, split: str, image_size: int, channels: int, num: Optio
 
 def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Optional[int] = None,
                   num_train: int = 20000, num_eval: int = 1000, lpips: bool = True,
-                  device: Optional[str] = None, seed: int = 0) -> dict[str, Any]:
+                  device: Optional[str] = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """``maetok baselines``: :func:`compute_baselines` on a dataset (train split fits, test split measures);
     writes ``out/baselines.json`` and ``out/baselines.png`` (rows: originals, PCA reconstructions, Gaussian
-    samples). ``channels`` defaults to the images' (:func:`~maetok.data.data_shape`, said in one line)."""
+    samples). ``channels`` defaults to the images' (:func:`~maetok.data.data_shape`, said in one line); ``progress``: bars over the
+    Inception and LPIPS passes."""
     from pathlib import Path
 
     from maetok.data import data_shape, save_image_grid
@@ -255,7 +257,7 @@ def run_baselines(data: str, dim: int, out, image_size: int = 32, channels: Opti
     inception, reason = load_fid_network(device=device)
     lpips_reason = lpips_unavailable_reason() if lpips else "disabled (--no-lpips)"
     result = compute_baselines(train_images, train_labels, eval_images, dim, inception, lpips=lpips_reason is None,
-                               seed=seed)
+                               seed=seed, progress=progress)
     grid = torch.cat([eval_images[:16], result["reconstructions"][:16], result["samples"][:16]])
     save_image_grid(grid, out / "baselines.png", nrow=min(16, len(eval_images)))
     m = len(eval_images)

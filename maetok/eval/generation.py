@@ -473,7 +473,7 @@ def eval_gen(
     if network is None:
         raise AssetError(f"eval-gen needs the FID Inception weights: {reason}")
     ref_path = Path(ref)
-    order = limit = None
+    order = limit = split_note = None
     if ref_path.suffix == ".npz" or ref_path.is_file():
         if save_ref:
             raise ConfigError("--save-ref applies to a dataset reference; the reference is already an .npz")
@@ -491,7 +491,12 @@ def eval_gen(
         # every class equally; unreadable files: the next images of the draw
         order, limit = draw_order(len(dataset), count, seed, dataset_labels(dataset))
         ref_images = dataset_images_uint8(DatasetSubset(dataset, order), limit=limit)
-        source = f"{ref} {ref_split} split, {len(ref_images)} images at {size}x{size}"
+        drawn = "all" if len(ref_images) == len(dataset) else f"a seeded draw (seed {seed}) of {len(ref_images)}"
+        source = (f"{drawn} of the {len(dataset)} images of the {ref_split} split of {ref} (--ref-split "
+                  f"{{test,train,all}}), at {size}x{size}")
+        if num_ref is None and len(dataset) < len(images):
+            split_note = (f"the {ref_split} split of {ref} holds {len(dataset)} images, fewer than the {len(images)} "
+                          "samples: the FID compares unequal counts (--ref-split train or all for more)")
         reference = reference_from_images(ref_images, network, batch_size, progress, source)
         if save_ref:
             save_reference_stats(save_ref, reference.stats, ref_images)
@@ -526,6 +531,8 @@ def eval_gen(
             reference_from_images(recon_floor, network, batch_size, progress, "reconstructions of the floor images"))
     result = generation_metrics(images, reference, network, batch_size, precision_recall_k,
                                 inception_score_split_size, progress, decoder_free)
+    if split_note is not None:
+        result["notes"].append(split_note)
     result = {"samples": sample_source, "reference": reference.source, **result,
               "inception": describe_network(network)}
     if decoder_free_source is not None:

@@ -36,13 +36,14 @@ class ReconstructionEvaluator:
     computed once and shared, or an ADM ``.npz``), else against the originals seen by ``update``. Report the rFID
     with ``num_images`` beside it (rFID-1k): below 2048 images FIDs are only comparable at equal counts.
     With ``keep_features`` the reconstructions' pool3 features are kept for :meth:`reconstruction_features` (the
-    reference of the decoder-free generation figures).
+    reference of the decoder-free generation figures). ``progress``: each ``update`` shows a bar over its images
+    (rate, ETA).
     """
 
     def __init__(self, inception: Optional[torch.nn.Module] = None,
                  reference: Optional[Union[InceptionStats, PathLike]] = None, lpips: bool = True,
                  device: Optional[Union[str, torch.device]] = None, lpips_batch_size: int = 32,
-                 chunk: int = 250, keep_features: bool = False) -> None:
+                 chunk: int = 250, keep_features: bool = False, progress: bool = False) -> None:
         self.inception = inception
         self.reference = load_stats_npz(reference) if isinstance(reference, (str, Path)) else reference
         self.use_lpips = lpips
@@ -55,6 +56,7 @@ class ReconstructionEvaluator:
         self.reconstruction_stats = FeatureStats()
         self.keep_features = keep_features
         self.reconstruction_pool3: list[Tensor] = []
+        self.progress = progress
 
     def _lpips_model(self, fallback: torch.device) -> torch.nn.Module:
         if self._lpips is None:
@@ -65,6 +67,9 @@ class ReconstructionEvaluator:
 
     def update(self, originals: Union[Tensor, Any], reconstructions: Union[Tensor, Any]) -> None:
         """Add pairs ``(B, C, H, W)``; per-image values are kept on the CPU."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(originals), desc="reconstruction metrics", unit="img", disable=not self.progress)
         for start in range(0, len(originals), self.chunk):
             a = to_uint8(originals[start : start + self.chunk])
             b = to_uint8(reconstructions[start : start + self.chunk])
@@ -80,6 +85,8 @@ class ReconstructionEvaluator:
                     self.reconstruction_pool3.append(pool3.float().cpu())
                 if self.reference is None:
                     self.original_stats.update(self.inception(a).pool3)
+            bar.update(len(a))
+        bar.close()
 
     def result(self) -> dict[str, Any]:
         if not self.values["psnr"]:

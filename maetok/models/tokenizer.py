@@ -168,7 +168,8 @@ LATENT_STATISTICS = ("latent_mean", "latent_std")
 
 
 class MAETok(nn.Module):
-    """MAETok / AE / VAE tokenizer. Images are ``(B, C, H, W)`` in [-1, 1]; latents ``(B, L, H_lat)``.
+    """MAETok / AE / VAE tokenizer. Input images are ``(B, C, H, W)`` in [-1, 1]; latents ``(B, L, H_lat)``; decoded
+    images are the decoder's raw output, near [-1, 1] but not clamped (:meth:`decode`).
 
     ``aux_dims`` maps auxiliary-target names to their feature sizes; auxiliary decoders are built only for
     training and are never part of :meth:`save_pretrained`. ``aux_query_lengths`` maps the names of sequence
@@ -281,8 +282,11 @@ class MAETok(nn.Module):
         return mean + (0.5 * logvar).exp() * noise
 
     def decode(self, latents: Tensor, image_size: Optional[tuple[int, int]] = None) -> Tensor:
-        """latents ``(B, L, H_lat)`` -> images ``(B, C, H, W)`` (unclamped, nominally [-1, 1]) in the model's dtype
-        (``latents`` are cast to it)."""
+        """latents ``(B, L, H_lat)`` -> images ``(B, C, H, W)`` in the model's dtype (``latents`` are cast to it): the
+        decoder's raw output, not clamped (as diffusers' ``decode``), so values can leave [-1, 1] a little (a trained
+        decoder's reach e.g. -1.1). Everything that makes images of it clamps: :func:`maetok.data.images.to_uint8`
+        (PNGs, grids, samples, every metric), :func:`~maetok.encode.reconstruct_images`;
+        clamp it yourself before any other use as pixels."""
         cfg = self.config
         if latents.dim() != 3 or latents.shape[1:] != (cfg.num_latent_tokens, cfg.latent_dim):
             raise ValueError(

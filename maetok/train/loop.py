@@ -765,7 +765,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             if self.dist.is_main:
-                print(f"[maetok] --resume: no checkpoint at {path}, starting from step 0")
+                print(f"[maetok] nothing to resume: no checkpoint at {path}, starting from step 0")
             return
         state = load_checkpoint(path)
         if state.get("kind") != self.run_kind:

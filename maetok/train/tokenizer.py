@@ -98,6 +98,15 @@ def stage1_discriminator(source: Path) -> tuple[Optional[Path], Optional[dict]]:
     return path, adversarial
 
 
+def new_discriminator_schedule(warmup_steps: int) -> str:
+    """How stage 2 trains a discriminator that stage 1 did not train (``finetune.disc_warmup_steps``), in words."""
+    if warmup_steps <= 0:
+        return ("a new discriminator trains from step 0 and its adversarial loss reaches the decoder from step 0 "
+                "(finetune.disc_warmup_steps=0: no warm-up)")
+    return (f"a new discriminator trains alone for the first {warmup_steps} steps (finetune.disc_warmup_steps) "
+            "before its adversarial loss reaches the decoder")
+
+
 class TokenizerTrainer(Trainer):
     """One training run of one stage. ``stage``: ``"pretrain"`` (stage 1) or ``"finetune"`` (stage 2,
     which needs ``init_from``: a stage-1 run directory or exported model directory)."""
@@ -181,10 +190,7 @@ class TokenizerTrainer(Trainer):
                 ) from None
             self._announce(f"stage 2 continues stage 1's discriminator and its optimizer ({checkpoint})")
         else:
-            self._announce(
-                f"stage 1 ({source}) trained no discriminator: a new one trains alone for {warmup} steps before "
-                "the adversarial loss reaches the decoder"
-            )
+            self._announce(f"stage 1 ({source}) trained no discriminator: {new_discriminator_schedule(warmup)}")
         return objective
 
     def _announce(self, message: str) -> None:
@@ -268,7 +274,7 @@ class TokenizerTrainer(Trainer):
         recon = model.decode(model.encode(images)).clamp(-1, 1)
         grid_path = self.out_dir / f"recon_{self.stage}_step{step:07d}.png"
         self.save_grid(torch.cat([images, recon]).cpu(), grid_path, min(16, len(images)), f"reconstructions/{self.stage}")
-        return {"eval_psnr": psnr(to_uint8(images.cpu()), to_uint8(recon.cpu()))}
+        return {"eval_psnr": psnr(to_uint8(images.cpu()), to_uint8(recon.cpu())), "eval_images": len(images)}
 
     def export(self) -> Path:
         """Write the EMA tokenizer to ``out_dir/model`` (config.json + model.safetensors), with its scalar latent
