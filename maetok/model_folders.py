@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from maetok.assets import resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
@@ -60,8 +60,10 @@ from maetok.runs import (
     check_format_version,
     model_directory,
     resolve_device,
+    save_safetensors,
     weights_fingerprint,
     write_json,
+    write_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,10 +103,8 @@ def save_model_folder(directory: PathLike, model_type: str, config: Mapping[str,
     directory = Path(directory)
     check_finite_tensors(state_dict, f"the {model_type} to be saved to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (MODEL_WEIGHTS + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / MODEL_WEIGHTS)
-    write_json(directory / MODEL_CONFIG, {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION, **config}, atomic=True)
+    save_safetensors(state_dict, directory / MODEL_WEIGHTS, metadata={"format": "pt"})
+    write_json(directory / MODEL_CONFIG, {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION, **config})
     return directory
 
 
@@ -560,7 +560,7 @@ def model_card(model: Union[MAETok, AdaLNVelocityTransformer], repo_id: str) -> 
 def save_for_hub(model: Union[MAETok, AdaLNVelocityTransformer], directory: PathLike, repo_id: str) -> Path:
     """The folder :func:`push_to_hub` uploads: :func:`save_model`'s files plus a model card."""
     directory = save_model(model, directory)
-    (directory / "README.md").write_text(model_card(model, repo_id))
+    write_text(directory / "README.md", model_card(model, repo_id))
     return directory
 
 
