@@ -29,8 +29,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -215,13 +215,12 @@ def atomic_path(final: PathLike, needed_bytes: Optional[int] = None) -> Iterator
     ends with ``.tmp``, so no reader takes it for a finished file."""
     final = Path(final)
     folder = final.parent
+    tmp = folder / f".{final.name}.{secrets.token_hex(4)}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's permissions, as open() gives
     except OSError as err:
         raise (disk_full_error(err, folder, needed_bytes) or err) from None
-    os.close(handle)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as written:

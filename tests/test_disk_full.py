@@ -116,6 +116,25 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1} and leftover_temporaries(tmp_path) == []
 
 
+def test_a_written_file_has_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert os.stat(write_json(tmp_path / "atomic.json", {})).st_mode == os.stat(plain).st_mode
+
+
+def test_a_full_disk_outside_the_atomic_writer_is_one_line_too(tmp_path, monkeypatch, capsys):
+    from maetok import cli
+
+    def full(args):  # e.g. TensorBoard's event file, appended as TensorBoard writes it
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "tensorboard" / "events"))
+
+    monkeypatch.setitem(cli.COMMANDS, "info", full)
+    assert main(["info"]) == 2
+    assert f"no space left on the disk of {tmp_path / 'tensorboard'}" in one_line_error(capsys, "info")
+
+
 def test_full_disk_errors_in_the_words_of_torch_and_safetensors_are_recognised(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
