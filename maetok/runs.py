@@ -160,13 +160,15 @@ DISK_FULL_MARGIN = 64 * 1024
 
 
 def format_bytes(count: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    """``512`` -> ``'512 B'``, ``1536`` -> ``'1.5 KiB'`` (up to GiB)."""
+    if count < 1024:
+        return f"{count} B"
+    value = count / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} GiB"
 
 
 def disk_full_error(error: BaseException, folder: Optional[PathLike] = None,

@@ -2,14 +2,17 @@
 samples and reference differ in size (point 4).
 
 Each disk case runs twice: with a simulated ``ENOSPC`` (a writer that writes part of its file, then fails as the
-library does on a full disk), which always runs, and on a real tmpfs filled down to a few pages where this machine lets the tests mount
-one (as root; skipped elsewhere, e.g. on CI)."""
+library does on a full disk), which always runs, and on a real tmpfs filled down to a few pages where this machine
+lets the tests mount one (as root; skipped elsewhere, e.g. on CI)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
 import subprocess
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +89,14 @@ def small_disk(tmp_path):
             pytest.fail(f"the tmpfs stayed busy: {unmounted.stderr.decode().strip()}")
 
 
+def report_free_space(monkeypatch, free: int) -> None:
+    """Every folder's disk reports ``free`` bytes free."""
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 20, (1 << 20) - free, free))
+
+
 def fill_disk(mount_point: Path, leave_bytes: int) -> Path:
     """Fill the tmpfs so that about ``leave_bytes`` stay free; returns the filler file (delete it to free the disk)."""
-    import shutil
-
     filler = mount_point / "filler"
     free = shutil.disk_usage(mount_point).free
     filler.write_bytes(b"\0" * max(0, free - leave_bytes))
@@ -117,8 +124,6 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
 
 
 def test_a_written_file_has_the_permissions_of_a_plain_write(tmp_path):
-    import os
-
     plain = tmp_path / "plain.json"
     plain.write_text("{}")
     assert os.stat(write_json(tmp_path / "atomic.json", {})).st_mode == os.stat(plain).st_mode
@@ -136,9 +141,6 @@ def test_a_full_disk_outside_the_atomic_writer_is_one_line_too(tmp_path, monkeyp
 
 
 def test_full_disk_errors_in_the_words_of_torch_and_safetensors_are_recognised(tmp_path, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
     from safetensors import SafetensorError
 
     quota = OSError(errno.EDQUOT, "Disk quota exceeded")
@@ -148,8 +150,7 @@ def test_full_disk_errors_in_the_words_of_torch_and_safetensors_are_recognised(t
     torch_words = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     assert disk_full_error(torch_words, tmp_path) is None  # a folder with room: torch's error is not a full disk
     assert disk_full_error(ValueError("a bug"), tmp_path) is None and disk_full_error(KeyboardInterrupt()) is None
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 20, 1 << 20, 0))
+    report_free_space(monkeypatch, 0)
     assert "0 B free" in str(disk_full_error(torch_words, tmp_path))  # ... but it is on a full one
 
 
@@ -166,7 +167,8 @@ def train_tokenizer(image_folder, out: Path, steps: int, *extra: str) -> int:
 def test_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(image_folder, tmp_path, monkeypatch,
                                                                                capsys):
     run = tmp_path / "run"
-    calls = fail_after_writing(monkeypatch, torch, "save", fail_on=2, error=OSError(errno.ENOSPC, "No space left on device"))
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    calls = fail_after_writing(monkeypatch, torch, "save", fail_on=2, error=disk_full)
     assert train_tokenizer(image_folder, run, 4) == 2
     assert len(calls) == 2  # the step-2 checkpoint was written, the step-4 one failed
     line = one_line_error(capsys, "train-tokenizer")
@@ -367,11 +369,7 @@ def test_eval_gen_says_when_samples_and_reference_differ_in_size(tmp_path, monke
 
 def test_save_torch_on_a_full_disk_names_the_size_it_needed(tmp_path, monkeypatch):
     fail_after_writing(monkeypatch, torch, "save", fail_on=1, error=RuntimeError("unexpected pos 704 vs 598"))
-    import shutil
-    from collections import namedtuple
-
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 20, 1 << 20, 512))
+    report_free_space(monkeypatch, 512)
     with pytest.raises(DiskFullError, match=r"\(4\.0 KiB needed, 512 B free\)"):
         save_torch({"weights": torch.zeros(1024)}, tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []

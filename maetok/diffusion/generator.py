@@ -239,9 +239,11 @@ def check_samples_complete(folder: Union[str, Path], flag: str = "--samples") ->
         return
     try:
         manifest = json.loads(path.read_text())
-        complete, num_samples, num_png = bool(manifest["complete"]), int(manifest["num_samples"]), int(manifest["num_png"])
+        complete = bool(manifest["complete"])
+        num_samples, num_png = int(manifest["num_samples"]), int(manifest["num_png"])
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{flag} {folder}: {path} is unreadable ({err}): rerun `maetok sample --out {folder}`") from None
+        raise DataError(f"{flag} {folder}: {path} is unreadable ({err}): rerun the `maetok sample` command that "
+                        "wrote the folder") from None
     if complete:
         return
     image_dir = folder / "images"
@@ -249,5 +251,5 @@ def check_samples_complete(folder: Union[str, Path], flag: str = "--samples") ->
         if image_dir.is_dir() else 0
     npz = "present but unconfirmed" if (folder / SAMPLES_NPZ).exists() else "missing"
     raise DataError(f"{flag} {folder} holds an interrupted `maetok sample` run of {num_samples} samples: {written} of "
-                    f"{num_png} PNGs written, samples.npz {npz}; rerun the same `maetok sample` command with --out {folder} to "
-                    "complete it")
+                    f"{num_png} PNGs written, samples.npz {npz}; rerun the same `maetok sample` command with "
+                    f"--out {folder} to complete it")

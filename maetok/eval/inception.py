@@ -524,7 +524,8 @@ class InceptionV3(nn.Module):
     def save_safetensors(self, path: Union[str, Path]) -> None:
         """Save the converted weights (torchvision names) as safetensors (atomically), a cache for later runs."""
         tensors = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
-        save_safetensors(tensors, path, metadata={"format": "maetok-fid-inception-v3", "has_logits": str(self.has_logits)})
+        save_safetensors(tensors, path,
+                         metadata={"format": "maetok-fid-inception-v3", "has_logits": str(self.has_logits)})
 
 
 # ---------------------------------------------------------------------------------------------------------
