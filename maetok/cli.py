@@ -414,6 +414,8 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     if result["inception_score"] is None:
         print(f"[maetok] eval-gen: Inception Score {result['inception_score_note']}", file=sys.stderr)
     _print_and_save(result, args.json)
+    if "size_note" in result:
+        print(f"maetok eval-gen: note: {result['size_note']}", file=sys.stderr)
     return 0
 
 
@@ -688,7 +690,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import traceback
 
     from maetok.errors import MaetokError, first_line
-    from maetok.runs import check_output_folder, resolve_device
+    from maetok.runs import check_output_folder, disk_full_error, resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -703,7 +705,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"maetok {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
-    except Exception:  # a bug: never dressed up as a user error
+    except Exception as err:  # a bug, never dressed up as a user error; but a full disk anywhere is one line
+        full = disk_full_error(err)
+        if full is not None:
+            if os.environ.get("MAETOK_DEBUG"):
+                raise
+            print(f"maetok {args.command}: error: {first_line(full)}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"maetok {args.command}: internal error (a bug in maetok, not in your input): please report it with the "
               "traceback above and the command line", file=sys.stderr)

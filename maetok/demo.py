@@ -29,7 +29,7 @@ from maetok.encode import load_tokenizer, reconstruct_images
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.eval.reconstruction import ReconstructionEvaluator
 from maetok.pipeline import EvalData, convergence, load_eval_data, measure_baselines, run_pipeline
-from maetok.runs import is_finished, read_json_file, resolve_device, write_json
+from maetok.runs import is_finished, read_json_file, resolve_device, save_torch, write_json, write_text
 
 TOKENIZER_CONFIG = "tiny-maetok"
 DIFFUSION_CONFIG = "tiny-sit"
@@ -117,7 +117,7 @@ def run_demo(out: Path, quick: bool = False, device: Optional[str] = None,
             baselines, b = measure_baselines(evald, latent_dim, budget, sample_labels=_grid_labels(evald, 10),
                                              progress=True)
             pca_rows = {"reconstructions": b["reconstructions"][:16], "samples": b["samples"][:100]}
-            torch.save(pca_rows, out / "baseline_grids.pt")
+            save_torch(pca_rows, out / "baseline_grids.pt")
             write_json(baselines_path, baselines)
 
     tokenizer = load_tokenizer(out / "tokenizer", "cpu")
@@ -405,7 +405,5 @@ def _write_report(out: Path, cfg: TokenizerTrainConfig, dif_cfg: DiffusionTrainC
     lines += [f"| {k} | {format_seconds(v)} |" for k, v in results["timings_s"].items()]
     lines += [f"| total | {format_seconds(sum(results['timings_s'].values()))} |", "",
               "A rerun into the same folder reuses the finished phases; their times are those of the run that made them.", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(out / "report.md", "\n".join(lines))
 

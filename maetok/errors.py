@@ -46,3 +46,9 @@ class AssetError(MaetokError, FileNotFoundError):
 class NonFiniteError(MaetokError, ValueError):
     """Training or a model produced NaN / inf (a diverged run, non-finite weights): nothing non-finite is written
     or loaded."""
+
+
+class DiskFullError(MaetokError, OSError):
+    """The disk (or the user's quota) is full while writing: the message names the folder, the bytes the file
+    needed where known and the bytes free. Nothing partial is left under a final name
+    (:func:`maetok.runs.atomic_path`)."""

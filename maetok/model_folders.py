@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from maetok.assets import is_hub_id, resolve_pretrained
 from maetok.config import AUTHORS_SAMPLING, ConfigError, DiffusionModelConfig, SamplingConfig, TokenizerConfig, \
-    from_dict, to_dict
+    from_dict, read_yaml_file, to_dict
 from maetok.errors import MaetokError, MissingFileError, ModelFolderError, first_line
 from maetok.models.released import (
     ARCHITECTURE_KEY,
@@ -67,8 +66,10 @@ from maetok.runs import (
     read_json_file,
     resolve_device,
     run_directory,
+    save_safetensors,
     weights_fingerprint,
     write_json,
+    write_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,11 +116,9 @@ def save_model_folder(directory: PathLike, model_type: Optional[str], config: Ma
     directory = Path(directory)
     check_finite_tensors(state_dict, f"the {model_type or 'model'} to be saved to {directory}")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (weights_name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / weights_name)
+    save_safetensors(state_dict, directory / weights_name, metadata={"format": "pt"})
     header = {"model_type": model_type, FORMAT_KEY: FORMAT_VERSION} if model_type is not None else {}
-    write_json(directory / MODEL_CONFIG, {**header, **config}, atomic=True)
+    write_json(directory / MODEL_CONFIG, {**header, **config})
     return directory
 
 
@@ -752,13 +751,13 @@ def run_facts(directory: Optional[PathLike]) -> list[str]:
     run_dir = run_directory(directory)
     facts = []
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        raw = read_yaml_file(run_dir / "config.yaml") or {}
         data = raw.get("data") if isinstance(raw, dict) and isinstance(raw.get("data"), dict) else {}
         if isinstance(raw, dict) and raw.get("latents"):
             facts.append(f"trained on the latent cache `{raw['latents']}`")
         elif data.get("dataset"):
             facts.append(f"trained on `{data['dataset']}`")
-    except (OSError, yaml.YAMLError):
+    except (OSError, ConfigError):
         pass
     try:
         with open(run_dir / "log.csv", newline="") as log:
@@ -834,7 +833,7 @@ def save_for_hub(model: Union[MAETok, AdaLNVelocityTransformer], directory: Path
     """The folder :func:`push_to_hub` uploads: :func:`save_model`'s files plus a model card. A diffusion model's
     local tokenizer is stored as an absolute path (relative to a temporary upload folder it would mean nothing)."""
     directory = save_model(model, directory, relative_tokenizer=False)
-    (directory / "README.md").write_text(model_card(model, repo_id))
+    write_text(directory / "README.md", model_card(model, repo_id))
     return directory
 
 

@@ -38,7 +38,7 @@ from maetok.data import DatasetSubset, build_dataset, dataset_labels, describe_d
     save_image_grid
 from maetok.data.images import to_uint8
 from maetok.errors import ModelFolderError
-from maetok.runs import is_finished, read_json_file, resolve_device, write_json
+from maetok.runs import is_finished, read_json_file, resolve_device, save_torch, write_json
 
 __all__ = ["EvalData", "load_eval_data", "measure_baselines", "run_pipeline", "tokenizer_overrides"]
 
@@ -348,7 +348,7 @@ def run_pipeline(
                                 f"{label or 'tokenizer'} latents ({evald.data} test)")
 
     save_image_grid(torch.cat([evald.images[:16], recon[:16]]), out / "reconstructions.png", nrow=16)
-    torch.save({"reconstructions": recon[:16]}, out / "grids.pt")
+    save_torch({"reconstructions": recon[:16]}, out / "grids.pt")
     result = {
         "label": label,
         "seed": seed,

@@ -11,22 +11,35 @@ before versions existed read as version 0 and load unchanged (``tests/fixtures/v
 is refused with a message naming it (:func:`check_format_version`). Version 2: a diffusion model's ``config.json``
 holds its whole architecture under ``model`` (versions 0 / 1 kept the latent shape and classes beside a size
 preset). Model folders themselves are read and written by :mod:`maetok.model_folders`.
+
+**Files are written whole or not at all.** Every file a later command trusts (checkpoints, model folders, run
+configs, latent caches, samples, evaluation and demo results) goes through :func:`atomic_path`: written to a
+temporary name in its folder, flushed to disk and renamed, the temporary file removed on any failure. A full disk
+or quota (``ENOSPC`` / ``EDQUOT``, also when torch or safetensors report it in their own words) becomes one
+:class:`~maetok.errors.DiskFullError` naming the folder, the bytes needed where known and the bytes free
+(:func:`disk_full_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
 import hashlib
 import json
 import math
 import os
+import secrets
+import shutil
 import stat
+import traceback
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-from maetok.errors import ConfigError, MaetokError, MissingFileError, ModelFolderError, NonFiniteError
+from maetok.errors import ConfigError, DiskFullError, MaetokError, MissingFileError, ModelFolderError, NonFiniteError
 
 PathLike = Union[str, Path]
 
@@ -194,16 +207,148 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: PathLike, data: Mapping[str, Any], atomic: bool = False) -> Path:
-    """Write ``data`` as indented JSON (numpy values converted, NaN / inf as null); returns the path. ``atomic``:
-    through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(data), indent=2) + "\n"
-    if not atomic:
-        path.write_text(text)
-        return path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+#: the errno values of a full disk or quota
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: how torch / safetensors word a full disk when they raise their own exception types (safetensors quotes the
+#: OS error; torch's zip writer only says "unexpected pos", so a failed write also counts as a full disk when the
+#: folder has less than DISK_FULL_MARGIN bytes free)
+DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+DISK_FULL_MARGIN = 64 * 1024
+
+
+def format_bytes(count: int) -> str:
+    """``512`` -> ``'512 B'``, ``1536`` -> ``'1.5 KiB'`` (up to GiB)."""
+    if count < 1024:
+        return f"{count} B"
+    value = count / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def disk_full_error(error: BaseException, folder: Optional[PathLike] = None,
+                    needed_bytes: Optional[int] = None) -> Optional[DiskFullError]:
+    """The one-line :class:`DiskFullError` for ``error`` when it is a full disk or quota (an ``OSError`` with
+    ``ENOSPC`` / ``EDQUOT`` anywhere in its chain, or torch's or safetensors' own words for it); None for any other
+    error. ``folder``: where a write failed (:func:`atomic_path`), also the test of last resort: a failed write into
+    a folder with less than :data:`DISK_FULL_MARGIN` bytes free is a full disk; without it the folder is that of the
+    file the ``OSError`` names. ``needed_bytes``: the size of the file being written, where known."""
+    if isinstance(error, DiskFullError):
+        return error
+    if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: never a disk error
+        return None
+    chain: list[BaseException] = []
+    link: Optional[BaseException] = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    full = any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in chain) or \
+        any(word in str(e).lower() for e in chain for word in DISK_FULL_WORDS)
+    if not full and folder is None:
+        return None
+    if folder is None:
+        named = [e.filename for e in chain if isinstance(e, OSError) and e.filename]
+        folder = Path(os.fsdecode(named[0])).parent if named else None
+    try:
+        free: Optional[int] = shutil.disk_usage(folder).free if folder is not None else None
+    except OSError:
+        free = None
+    if not full and (free is None or free >= DISK_FULL_MARGIN or isinstance(error, (ValueError, TypeError))):
+        return None
+    where = f"the disk of {folder}" if folder is not None else "the disk"
+    needed = f"{format_bytes(needed_bytes)} needed, " if needed_bytes is not None else ""
+    free_text = f"{format_bytes(free)} free" if free is not None else "free space unknown"
+    full_error = DiskFullError(f"no space left on {where} ({needed}{free_text}): free some space or write elsewhere")
+    full_error.errno = errno.ENOSPC
+    return full_error
+
+
+@contextlib.contextmanager
+def atomic_path(final: PathLike, needed_bytes: Optional[int] = None) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write to: on success it is flushed to disk (fsync) and renamed to
+    ``final``, so a reader never sees half a file; on any failure it is removed and ``final`` is left as it was
+    (an earlier version stays intact). A full disk raises :class:`DiskFullError` (:func:`disk_full_error`;
+    ``needed_bytes``: the file's size where known, for the message). The temporary name starts with a dot and
+    ends with ``.tmp``, so no reader takes it for a finished file."""
+    final = Path(final)
+    folder = final.parent
+    tmp = folder / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's permissions, as open() gives
+    except OSError as err:
+        raise (disk_full_error(err, folder, needed_bytes) or err) from None
+    try:
+        yield tmp
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, final)
+    except BaseException as err:
+        full = disk_full_error(err, folder, needed_bytes)  # before the removal frees the partial file's space
+        tmp.unlink(missing_ok=True)
+        if full is None:
+            raise
+        # the failed writer's frames hold its file open (torch's zip writer, in a reference cycle), and with it the
+        # space of the removed temporary file: release them now
+        link: Optional[BaseException] = err
+        while link is not None:
+            traceback.clear_frames(link.__traceback__)
+            link = link.__context__
+        gc.collect()
+        raise full from err
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`); returns the path."""
+    with atomic_path(path, len(data)) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`); returns the path."""
+    return write_bytes(path, text.encode())
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor / array in a nested structure (dicts, lists, tuples): a file's size estimate."""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return int(obj.nbytes)
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_torch(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_path`; checkpoints, tensors for later phases)."""
+    with atomic_path(path, tensor_bytes(obj)) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                     metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """A safetensors file (contiguous CPU tensors, string ``metadata``) written atomically (:func:`atomic_path`)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path, tensor_bytes(tensors)) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata is not None else None)
+    return Path(path)
+
+
+def save_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
+    """``np.savez`` of ``arrays`` to exactly ``path`` (no suffix appended), atomically (:func:`atomic_path`)."""
+    with atomic_path(path, tensor_bytes(arrays)) as tmp, open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+    return Path(path)
+
+
+def write_json(path: PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON (numpy values converted, NaN / inf as null), atomically
+    (:func:`atomic_path`); returns the path."""
+    return write_text(path, json.dumps(jsonable(data), indent=2) + "\n")

@@ -32,7 +32,7 @@ from maetok.demo import dataset_shape, format_optional, format_seconds, held_out
 from maetok.errors import ConfigError, ModelFolderError
 from maetok.eval.metrics import LPIPS_LABEL
 from maetok.pipeline import load_eval_data, measure_baselines, run_pipeline
-from maetok.runs import is_finished, read_json_file, write_json
+from maetok.runs import is_finished, read_json_file, write_json, write_text
 
 # the demo's budget (BENCHMARKS.md, "Convergence per CPU-second"), MSE in both stages; stage 2 as the paper specifies
 # it (the mask ratio decaying 60% -> 0 over the whole stage) and as long relative to stage 1 (50K of 500K steps: 10%)
@@ -403,6 +403,4 @@ def write_study(out: Path, runs: dict[str, list[dict[str, Any]]], baselines: dic
         + ", ".join(f"[{labels[s]}]({s}/seed{rs[0]['seed']}/samples.png)" for s, rs in runs.items()) + ").",
         "",
     ]
-    path = out / "study.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text(out / "study.md", "\n".join(lines) + "\n")

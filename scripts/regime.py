@@ -217,7 +217,6 @@ def cell(figures: dict[str, Any], key: str) -> str:
 def write_report(out: Path, results: dict[str, Any]) -> Path:
     """``out/regime.md``: one table row per finished run, and ``out/regime_curves.png``: held-out PSNR against
     training images (stage 1, then stage 2 from its end)."""
-    from matplotlib.figure import Figure
 
     keys = [k for k in COLUMNS if any(r["figures"].get(k) is not None for r in results.values())]
     lines = ["| run | tokens | mask | stage 2 | images seen | " + " | ".join(COLUMNS[k][0] for k in keys) + " |",

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
 from maetok.errors import ConfigError, DataError, NonFiniteError
+from maetok.runs import atomic_path
 
 __all__ = [
     "BadImageError",
@@ -34,6 +35,7 @@ __all__ = [
     "to_uint8",
     "make_image_grid",
     "save_image_grid",
+    "save_png",
     "save_side_by_side",
 ]
 
@@ -435,11 +437,15 @@ def save_image_grid(
     The PNG is (rows * (H + pad) + pad) pixels high and (cols * (W + pad) + pad) wide, cols = min(nrow, B).
     Parent folders are created. Returns the path written.
     """
-    grid = make_image_grid(images, nrow=nrow, pad=pad, pad_value=pad_value)
-    out_path = Path(path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _to_pil(grid).save(out_path, format="PNG")
-    return out_path
+    return save_png(make_image_grid(images, nrow=nrow, pad=pad, pad_value=pad_value), path)
+
+
+def save_png(image: np.ndarray, path: PathLike) -> Path:
+    """Write one uint8 image ``(H, W, C)``, C in (1, 3), as a PNG, atomically (:func:`maetok.runs.atomic_path`:
+    never a partial PNG under ``path``); parent folders are created. Returns the path."""
+    with atomic_path(path, image.nbytes) as tmp:
+        _to_pil(image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_side_by_side(

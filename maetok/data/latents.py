@@ -48,13 +48,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from maetok.data.datasets import SkippedItem, log_skipped_items
 from maetok.errors import DataError, MissingFileError
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, display_path, read_json_file, write_json
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, display_path, read_json_file, save_safetensors, \
+    write_json
 
 STATS_NAME = "stats.json"
 PLAN_NAME = "cache_plan.json"
@@ -169,7 +170,7 @@ class LatentCacheWriter:
                                 f"weights ({described}; all in {PLAN_NAME}): use another --out or delete it")
             shutil.rmtree(self.cache_dir)
             self.cache_dir.mkdir(parents=True)
-        write_json(plan_path, self.plan, atomic=True)
+        write_json(plan_path, self.plan)
         if (self.cache_dir / STATS_NAME).exists():
             os.remove(self.cache_dir / STATS_NAME)  # rewritten by finish(); its absence marks an unfinished cache
         self.moments = LatentMoments(self.latent_shape[-1])
@@ -217,10 +218,8 @@ class LatentCacheWriter:
         self.num_rows += len(tensors["latents"])
         self.skipped.extend(skips)
         path = shard_path(self.cache_dir, shard)
-        tmp = path.with_name(path.name + ".tmp")
         metadata = {SKIPPED_METADATA_KEY: json.dumps([[s.index, s.file, s.reason] for s in skips])}
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        save_safetensors(tensors, path, metadata=metadata)
 
     def finish(self, image_size: int, in_channels: int, num_classes: int, class_names: Sequence[str]) -> Path:
         """Write ``skipped.json`` and ``stats.json`` (with the images' ``image_size`` / ``in_channels`` and the
@@ -237,7 +236,7 @@ class LatentCacheWriter:
             "num_skipped": len(self.skipped),
             "skipped": [item.to_dict() for item in self.skipped],
             "shards_without_skip_list": self.legacy_shards,
-        }, atomic=True)
+        })
         stats = {
             FORMAT_KEY: FORMAT_VERSION,
             "num_items": self.num_rows,
@@ -255,7 +254,7 @@ class LatentCacheWriter:
             "class_names": list(class_names),
             **self.moments.stats(),
         }
-        return write_json(self.cache_dir / STATS_NAME, stats, atomic=True)
+        return write_json(self.cache_dir / STATS_NAME, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------

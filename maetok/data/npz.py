@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from maetok.errors import DataError, MissingFileError, first_line
+from maetok.runs import save_npz
 
 __all__ = ["NpzFormatError", "iter_npz_images", "load_sample_batch", "save_sample_batch"]
 
@@ -106,6 +107,16 @@ def npz_array_length(path: Path, key: str) -> int:
         return int(shape[0])
 
 
+def npz_image_size(path: Path, key: str = "arr_0") -> Optional[tuple[int, int]]:
+    """``(H, W)`` of the NHWC images under ``key``, read from its header; None when the archive has no ``key``."""
+    if key not in npz_keys(path):
+        return None
+    with open_npy_member(path, key) as (_, shape, _dtype, _fortran):
+        if shape is None:
+            shape = load_array(path, key).shape
+    return int(shape[1]), int(shape[2])
+
+
 def load_array(path: Path, key: str) -> np.ndarray:
     """Array ``key`` in full (no pickles), its header's claimed size checked first (:func:`open_npy_member`)."""
     with open_npy_member(path, key):
@@ -143,7 +154,8 @@ def as_nhwc_uint8(images: Union[Tensor, np.ndarray], what: str) -> np.ndarray:
 
 def save_sample_batch(path: PathLike, images: Union[Tensor, np.ndarray],
                       labels: Optional[Union[Tensor, np.ndarray]] = None) -> Path:
-    """Write an ADM sample batch: ``np.savez(path, arr_0=uint8 NHWC, arr_1=int64 labels)``.
+    """Write an ADM sample batch: ``np.savez(path, arr_0=uint8 NHWC, arr_1=int64 labels)``, atomically
+    (:func:`maetok.runs.save_npz`: a file under ``path`` is always complete).
 
     images: uint8 ``(N, H, W, 3)`` array or uint8 ``(N, 3, H, W)`` tensor. Returns the written path
     (``.npz`` appended when missing, as numpy does).
@@ -158,9 +170,7 @@ def save_sample_batch(path: PathLike, images: Union[Tensor, np.ndarray],
         if label_array.shape != (array.shape[0],):
             raise ValueError(f"labels must have shape ({array.shape[0]},), got {label_array.shape}")
         payload["arr_1"] = label_array
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **payload)
-    return path
+    return save_npz(path, payload)
 
 
 #: the keys of a reconstructions batch (the reference of the decoder-free generation figures, ``maetok eval-gen``)
@@ -179,11 +189,7 @@ def save_reconstruction_batch(path: PathLike, reference: np.ndarray, floor: np.n
     if arrays["reference"].shape[1:] != arrays["floor"].shape[1:]:
         raise DataError(f"{path}: reference {arrays['reference'].shape[1:]} and floor {arrays['floor'].shape[1:]} "
                         "reconstructions must share one image size")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-    return path
+    return save_npz(path, arrays)
 
 
 def load_reconstruction_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,16 @@
 """Sampling the diffusion models that generate MAETok latents: :class:`LatentGenerator` (a trained velocity model
 with its latent normalisation, class names, sampling defaults and tokenizer) and ``maetok sample``'s image writer
 (:func:`generate_images`, :func:`write_samples`: PNGs, a grid and an ADM-format ``.npz``, ``arr_0`` uint8 NHWC,
-``arr_1`` labels).
+``arr_1`` labels, with the manifest ``samples.json`` that says whether the folder is complete:
+:func:`check_samples_complete`).
 
 A diffusion model folder is read and written by :mod:`maetok.model_folders` (ours and the authors' released SiT).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -17,16 +20,20 @@ from torch import Tensor, nn
 
 from maetok.assets import is_hub_id
 from maetok.config import SamplingConfig, from_dict, to_dict
-from maetok.data.images import save_image_grid, to_rgb, to_uint8
+from maetok.data.images import save_image_grid, save_png, to_rgb, to_uint8
 from maetok.data.latents import LatentNormalizer
 from maetok.data.npz import save_sample_batch
 from maetok.diffusion.samplers import Generators, Progress, euler_maruyama_sample, euler_sample, make_model_fn, \
     normal_noise
-from maetok.errors import ConfigError, MissingFileError
+from maetok.errors import ConfigError, DataError, MissingFileError
 from maetok.model_folders import load_diffusion_model, save_diffusion_model
 from maetok.models.tokenizer import MAETok
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, write_json
 
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # SamplingConfig.precision
+SAMPLES_MANIFEST = "samples.json"  # written first (complete: false) and last (complete: true) by write_samples
+SAMPLES_NPZ = "samples.npz"
+SAMPLE_PNG = re.compile(r"\d{6}\.png")  # images/NNNNNN.png: the only names write_samples writes (or removes)
 
 
 #: how many class names (or ids) an error about a label lists
@@ -280,15 +287,54 @@ def generate_images(
 def write_samples(
     out_dir: Union[str, Path], images: np.ndarray, labels: Optional[np.ndarray], png_limit: Optional[int] = None
 ) -> dict[str, Path]:
-    """``out_dir/images/NNNNNN.png`` (the first ``png_limit``), ``out_dir/grid.png`` (up to 100) and
-    ``out_dir/samples.npz`` (ADM format); returns the paths."""
-    from PIL import Image
+    """``out_dir/images/NNNNNN.png`` (the first ``png_limit``), ``out_dir/grid.png`` (up to 100),
+    ``out_dir/samples.npz`` (ADM format) and the manifest ``out_dir/samples.json``; returns the paths.
 
+    Every file is written atomically, and the manifest says ``"complete": false`` (with the counts) before anything
+    else is written and ``"complete": true`` last, so an interrupted run (a full disk, a kill) leaves a folder that
+    :func:`check_samples_complete` refuses rather than one that looks finished. In a folder an earlier
+    ``maetok sample`` wrote (it holds the manifest or ``samples.npz``), the PNGs beyond this run's count are removed:
+    only ``images/NNNNNN.png``, the names written here, never other files."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images[: png_limit if png_limit is not None else len(images)]):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out_dir / "images" / f"{i:06d}.png")
+    num_png = len(images) if png_limit is None else min(png_limit, len(images))
+    manifest = {FORMAT_KEY: FORMAT_VERSION, "num_samples": len(images), "num_png": num_png, "complete": False}
+    earlier_run = (out_dir / SAMPLES_MANIFEST).exists() or (out_dir / SAMPLES_NPZ).exists()
+    write_json(out_dir / SAMPLES_MANIFEST, manifest)
+    image_dir = out_dir / "images"
+    if earlier_run and image_dir.is_dir():
+        for stale in image_dir.iterdir():
+            if SAMPLE_PNG.fullmatch(stale.name) and int(stale.stem) >= num_png and stale.is_file():
+                stale.unlink()
+    for i, image in enumerate(images[:num_png]):
+        save_png(image, image_dir / f"{i:06d}.png")
     save_image_grid(torch.from_numpy(images[:100]).permute(0, 3, 1, 2), out_dir / "grid.png", nrow=10)
-    npz = out_dir / "samples.npz"
+    npz = out_dir / SAMPLES_NPZ
     save_sample_batch(npz, to_rgb(images), labels)  # the ADM suite reads RGB
-    return {"images": out_dir / "images", "grid": out_dir / "grid.png", "npz": npz}
+    write_json(out_dir / SAMPLES_MANIFEST, {**manifest, "complete": True})
+    return {"images": image_dir, "grid": out_dir / "grid.png", "npz": npz, "manifest": out_dir / SAMPLES_MANIFEST}
+
+
+def check_samples_complete(folder: Union[str, Path], flag: str = "--samples") -> None:
+    """Refuse (one-line :class:`DataError`) a folder :func:`write_samples` left unfinished: its manifest says
+    incomplete, with how many of the PNGs and whether ``samples.npz`` are there. A folder without the manifest
+    (images of the user's own, or written by a maetok before it) is not ours to judge and passes."""
+    folder = Path(folder)
+    path = folder / SAMPLES_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+        complete = bool(manifest["complete"])
+        num_samples, num_png = int(manifest["num_samples"]), int(manifest["num_png"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{flag} {folder}: {path} is unreadable ({err}): rerun the `maetok sample` command that "
+                        "wrote the folder") from None
+    if complete:
+        return
+    image_dir = folder / "images"
+    written = sum(1 for f in image_dir.iterdir() if SAMPLE_PNG.fullmatch(f.name) and int(f.stem) < num_png) \
+        if image_dir.is_dir() else 0
+    npz = "present but unconfirmed" if (folder / SAMPLES_NPZ).exists() else "missing"
+    raise DataError(f"{flag} {folder} holds an interrupted `maetok sample` run of {num_samples} samples: {written} of "
+                    f"{num_png} PNGs written, samples.npz {npz}; rerun the same `maetok sample` command with "
+                    f"--out {folder} to complete it")

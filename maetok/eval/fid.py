@@ -38,6 +38,7 @@ from maetok.data.npz import (
     require_key,
 )
 from maetok.eval.inception import InceptionFeatures, InceptionV3
+from maetok.runs import save_npz
 
 __all__ = [
     "FeatureStats",
@@ -196,7 +197,7 @@ class InceptionStats:
 def save_reference_stats(path: PathLike, stats: InceptionStats,
                          images: Optional[Union[Tensor, np.ndarray]] = None) -> Path:
     """Write an ADM reference batch: ``mu, sigma`` (+ ``mu_s, sigma_s``, + ``arr_0`` uint8 NHWC images for
-    precision / recall). Returns the written path."""
+    precision / recall), atomically (:func:`maetok.runs.save_npz`). Returns the written path."""
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -205,9 +206,7 @@ def save_reference_stats(path: PathLike, stats: InceptionStats,
         payload["mu_s"], payload["sigma_s"] = np.asarray(stats.mu_s), np.asarray(stats.sigma_s)
     if images is not None:
         payload["arr_0"] = as_nhwc_uint8(images, f"save_reference_stats({path})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **payload)
-    return path
+    return save_npz(path, payload)
 
 
 def load_stats_npz(path: PathLike) -> InceptionStats:

@@ -338,10 +338,17 @@ def generation_metrics(
 def load_samples(path: PathLike) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """Generated images from an ADM ``.npz`` (``arr_0``, ``arr_1``), a folder holding ``samples.npz`` (what
     ``maetok sample`` writes), or a folder of image files (all resized to the first one's size is refused:
-    they must share a size). Returns ``(uint8 (N, H, W, 3), labels or None, description)``."""
+    they must share a size). A ``maetok sample`` folder its manifest calls unfinished (an interrupted run) is
+    refused, also when named through its ``samples.npz`` or ``images/``. Returns ``(uint8 (N, H, W, 3), labels or
+    None, description)``."""
     from maetok.data.npz import load_sample_batch
+    from maetok.diffusion.generator import SAMPLES_NPZ, check_samples_complete
 
     path = Path(path)
+    if path.is_dir():
+        check_samples_complete(path)
+    if path.name in (SAMPLES_NPZ, "images"):
+        check_samples_complete(path.parent)
     if path.is_file():
         images, labels = load_sample_batch(path)
         return images, labels, str(path)
@@ -465,6 +472,7 @@ def eval_gen(
     (keys ``reference`` and ``floor``), which ``recon`` reads instead of a tokenizer.
     """
     from maetok.data import DatasetSubset, build_dataset, dataset_images_uint8, dataset_labels, draw_order
+    from maetok.data.npz import npz_image_size
     from maetok.eval.fid import save_reference_stats
     from maetok.eval.inception import describe_network, load_fid_network
 
@@ -473,13 +481,14 @@ def eval_gen(
     if network is None:
         raise AssetError(f"eval-gen needs the FID Inception weights: {reason}")
     ref_path = Path(ref)
-    order = limit = split_note = None
+    order = limit = split_note = ref_size = None
     if ref_path.suffix == ".npz" or ref_path.is_file():
         if save_ref:
             raise ConfigError("--save-ref applies to a dataset reference; the reference is already an .npz")
         if num_ref is not None:
             raise ConfigError("--num-ref applies to a dataset reference, not to an .npz reference batch")
         reference = reference_from_npz(ref_path, network, batch_size, progress)
+        ref_size = npz_image_size(ref_path)  # (H, W); None: statistics only (a dataset is read at the samples' size)
     else:
         size = images.shape[1]
         if images.shape[2] != size:
@@ -535,6 +544,11 @@ def eval_gen(
         result["notes"].append(split_note)
     result = {"samples": sample_source, "reference": reference.source, **result,
               "inception": describe_network(network)}
+    if ref_size is not None and ref_size != tuple(images.shape[1:3]):
+        result["size_note"] = (f"the samples are {images.shape[2]}x{images.shape[1]}, the reference images "
+                               f"{ref_size[1]}x{ref_size[0]}: the Inception network resizes both to 299x299, but the "
+                               "FID then also measures the difference in resolution, not only in quality")
+        result["notes"].append(result["size_note"])
     if decoder_free_source is not None:
         result["decoder_free_source"] = decoder_free_source
     if labels is not None:

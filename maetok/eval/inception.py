@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from maetok.assets import InceptionWeightsError, cache_dir, find_inception_weights
 from maetok.data.images import to_rgb
-from maetok.runs import resolve_device
+from maetok.runs import resolve_device, save_safetensors, write_bytes
 
 __all__ = [
     "INCEPTION_SIZE",
@@ -522,17 +522,10 @@ class InceptionV3(nn.Module):
         return cls.from_state_dict(load_file(str(path)), source=str(path))
 
     def save_safetensors(self, path: Union[str, Path]) -> None:
-        """Save the converted weights (torchvision names) as safetensors, a cache for later runs."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            k: v.detach().cpu().contiguous()
-            for k, v in self.state_dict().items()
-            if not k.endswith("num_batches_tracked")
-        }
-        save_file(tensors, str(path), metadata={"format": "maetok-fid-inception-v3", "has_logits": str(self.has_logits)})
+        """Save the converted weights (torchvision names) as safetensors (atomically), a cache for later runs."""
+        tensors = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
+        save_safetensors(tensors, path,
+                         metadata={"format": "maetok-fid-inception-v3", "has_logits": str(self.has_logits)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -725,11 +718,8 @@ class MemoizedInception:
         payload = {k: v.detach().cpu().numpy() for k, v in features._asdict().items() if v is not None}
         buffer = io.BytesIO()
         np.savez(buffer, **payload)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(buffer.getvalue())
-            tmp.replace(path)
+            write_bytes(path, buffer.getvalue())
         except OSError as error:  # a memo that cannot be written never stops an evaluation
             if not self._warned:
                 warnings.warn(f"Inception features not memoised in {self.directory}: {error}", stacklevel=2)

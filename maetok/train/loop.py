@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import os
 import pickle
@@ -43,6 +44,8 @@ from maetok.runs import (
     check_format_version,
     check_output_folder,
     resolve_device,
+    save_torch,
+    write_text,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,16 +324,8 @@ def flip_mask(draws: SampleRandom, device: Optional[torch.device] = None) -> Ten
 # ---------------------------------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to ``path.tmp`` then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by :func:`atomic_torch_save` without executing pickled code."""
+    """Load a checkpoint written by :func:`maetok.runs.save_torch` without executing pickled code."""
     if not path.exists():
         raise MissingFileError(f"no checkpoint at {path}")
     info = path.stat()
@@ -489,8 +484,7 @@ def keep_earlier_config(out_dir: Path, earlier_text: str, step: int) -> Path:
     while path.exists():
         path = out_dir / f"config.step{step}.{k}.yaml"
         k += 1
-    path.write_text(earlier_text)
-    return path
+    return write_text(path, earlier_text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,12 +546,11 @@ class RunLog:
         columns: list[str] = []
         for r in self.rows:
             columns += [k for k in r if k not in columns]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, table.getvalue())  # the whole log, atomically: never a torn row
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
         """A uint8 image grid ``(H, W, C)`` (from :func:`maetok.data.make_image_grid`) to TensorBoard."""
@@ -759,7 +752,7 @@ class Trainer:
             "extra": self.extra_state(),
             "config": self.config_dict(),
         }
-        atomic_torch_save(state, self.out_dir / CHECKPOINT)
+        save_torch(state, self.out_dir / CHECKPOINT)  # atomic: a failed save leaves the previous one intact
 
     def resume(self) -> None:
         path = self.out_dir / CHECKPOINT
@@ -808,7 +801,7 @@ class Trainer:
                 kept = keep_earlier_config(self.out_dir, self.earlier_config, self.step)
                 print(f"[maetok] --allow-config-change: the earlier config is kept as {kept}")
                 self.earlier_config = None
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.config_dict(), sort_keys=False))
+            write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config_dict(), sort_keys=False))
             print(f"[maetok] {self.describe()}")
         stream = batch_stream(self.train_set, cfg.batch_size, cfg.seed, self.step, dist_info, cfg.num_workers)
         log = RunLog(self.out_dir / "log.csv", self.total_steps, self.step, enabled=dist_info.is_main, desc=self.run_kind)
