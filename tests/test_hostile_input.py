@@ -289,7 +289,7 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tokenizer_dir, tmp_
     assert main(["reconstruct", "--model", str(tokenizer_dir), "--input", str(images), "--out",
                  str(tmp_path / "recon")]) == 0
     assert "c1/\\xfe.png: not a recognised image format" in capsys.readouterr().out
-    assert (tmp_path / "recon" / "c0" / os.fsdecode(b"\xff.png.png")).is_file()
+    assert (tmp_path / "recon" / "c0" / os.fsdecode(b"\xff.png")).is_file()  # a.png -> a.png
 
 
 def test_a_cache_plan_refusal_is_one_line(tokenizer_dir, image_folder, tmp_path, capsys):
