@@ -897,12 +897,11 @@ def data_shape_overrides(spec: str, preset: str | Path, overrides: Sequence[str]
     the ``model.image_size`` / ``model.in_channels`` overrides to append, and what was chosen. Values set by
     ``overrides`` or in a YAML file of the user's (not a packaged preset, nor one it names as ``base:``) are kept; a
     preset's are defaults."""
-    import yaml
-
-    from maetok.config import TokenizerTrainConfig, is_packaged_preset, load_config, parse_overrides, preset_path
+    from maetok.config import (TokenizerTrainConfig, is_packaged_preset, load_config, parse_overrides, preset_path,
+                               read_yaml_file)
 
     model = load_config(TokenizerTrainConfig, preset, overrides).model  # checks the file and the overrides
-    own = {} if is_packaged_preset(preset) else yaml.safe_load(preset_path(preset).read_text()) or {}
+    own = {} if is_packaged_preset(preset) else read_yaml_file(preset_path(preset)) or {}
     given = dict(own.get("model") or {})
     given.update(parse_overrides(overrides).get("model") or {})
     shape = data_shape(spec, model.image_size, model.patch_size, given.get("in_channels"), given.get("image_size"))
