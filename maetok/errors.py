@@ -46,3 +46,18 @@ class AssetError(MaetokError, FileNotFoundError):
 class NonFiniteError(MaetokError, ValueError):
     """Training or a model produced NaN / inf (a diverged run, non-finite weights): nothing non-finite is written
     or loaded."""
+
+
+class ProcessGroupError(MaetokError, RuntimeError):
+    """A process of a ``torchrun`` job stopped answering (stopped, stuck, unreachable): every other process ends
+    with a line naming it once ``train.collective_timeout_s`` has passed."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped a command. A ``BaseException`` like ``KeyboardInterrupt`` (no ``except Exception``
+    swallows it); its message says what is kept, and ``exit_status`` is ``128 + the signal's number`` (130, 143)."""
+
+    def __init__(self, signal_number: int, message: str = ""):
+        super().__init__(message or f"stopped by signal {signal_number}")
+        self.signal_number = signal_number
+        self.exit_status = 128 + signal_number
