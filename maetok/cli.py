@@ -672,7 +672,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"maetok {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt) as stop:  # SIGINT / SIGTERM: what is kept, how to continue
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM in training (Interrupted): what is kept, how to continue
         if os.environ.get("MAETOK_DEBUG"):
             raise
         status = getattr(stop, "exit_status", 130)

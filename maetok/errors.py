@@ -53,9 +53,10 @@ class ProcessGroupError(MaetokError, RuntimeError):
     with a line naming it once ``train.collective_timeout_s`` has passed."""
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM stopped a command. A ``BaseException`` like ``KeyboardInterrupt`` (no ``except Exception``
-    swallows it); its message says what is kept, and ``exit_status`` is ``128 + the signal's number`` (130, 143)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command: a ``KeyboardInterrupt`` (no ``except Exception`` swallows it, and
+    ``except KeyboardInterrupt`` still catches Ctrl-C); its message says what is kept, and ``exit_status`` is
+    ``128 + the signal's number`` (130, 143)."""
 
     def __init__(self, signal_number: int, message: str = ""):
         super().__init__(message or f"stopped by signal {signal_number}")

@@ -117,7 +117,7 @@ class FolderHold:
             return
         self.held = False
         lock = _held_folders.get(self.folder)
-        if lock is None or lock.pid != os.getpid():  # a forked child (a data-loader worker) never lets go for its parent
+        if lock is None or lock.pid != os.getpid():  # a forked child (a data-loader worker) never lets go
             return
         lock.holds -= 1
         if lock.holds == 0:

@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: step, so that the test can act while it trains
 DRIVER = """
 import sys, time
-from maetok.train.loop import Trainer
 from maetok.train.diffusion import DiffusionTrainer
 real_step = DiffusionTrainer.train_step
 def slow_step(self, batch):
@@ -83,6 +82,12 @@ def hold_in_another_process(folder: Path) -> subprocess.Popen:
     return holder
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def one_line_error(capsys, argv: list[str], *expected: str) -> str:
     capsys.readouterr()
     assert main(argv) == 2
@@ -127,6 +132,25 @@ def test_a_folder_in_training_is_refused_to_every_other_command_and_kill_9_leave
     assert not (run / ".maetok.lock").exists()  # a run that ended lets its folder go
 
 
+def test_every_rank_of_a_job_is_refused_a_held_folder(latent_dir, tmp_path):
+    """Under torchrun rank 0 holds the run directory for the job; when another process holds it, every rank ends
+    with the line (none is left waiting in a collective)."""
+    run = tmp_path / "run"
+    holder = hold_in_another_process(run)
+    try:
+        port = str(free_port())
+        ranks = [start_training(tmp_path, sit_argv(latent_dir, run, "train.steps=2", "--device", "cpu"), 0,
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
+                                LOCAL_RANK=str(rank)) for rank in (0, 1)]
+        errors = [process.communicate(timeout=120)[1] for process in ranks]
+    finally:
+        holder.kill()
+        holder.wait()
+    for process, err in zip(ranks, errors):
+        assert process.returncode == 2, err[-3000:]
+        assert "in use by another maetok process" in err and f"pid {holder.pid}" in err and "Traceback" not in err
+
+
 def test_finetune_sample_and_cache_refuse_a_held_folder_before_reading_it(
         latent_dir, tokenizer_dir, image_folder, tmp_path, capsys):
     out = tmp_path / "out"
@@ -144,14 +168,14 @@ def test_finetune_sample_and_cache_refuse_a_held_folder_before_reading_it(
 
 
 def test_a_latent_cache_in_writing_is_held_against_other_processes(tokenizer_dir, image_folder, tmp_path):
+    from maetok import encode
     from maetok.data import build_dataset
-    from maetok.encode import cache_latents
     from maetok.models.tokenizer import MAETok
 
     cache = tmp_path / "cache"
     dataset = build_dataset(str(image_folder), "all", 16, 3)
     seen: list[str] = []
-    real_iter = __import__("maetok.encode", fromlist=["iter_batches"]).iter_batches
+    real_iter = encode.iter_batches
 
     def probe_then_encode(*args, **kwargs):  # while the first shard is encoded: another process tries the folder
         if not seen:
@@ -162,8 +186,8 @@ def test_a_latent_cache_in_writing_is_held_against_other_processes(tokenizer_dir
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("maetok.encode.iter_batches", probe_then_encode)
-        cache_latents(MAETok.from_pretrained(tokenizer_dir), dataset, cache, tokenizer_dir, shard_size=7,
-                      progress=False)
+        encode.cache_latents(MAETok.from_pretrained(tokenizer_dir), dataset, cache, tokenizer_dir, shard_size=7,
+                             progress=False)
     assert "in use by another maetok process" in seen[0] and f"pid {os.getpid()}, caching latents" in seen[0]
     assert not (cache / ".maetok.lock").exists()  # a finished cache lets its folder go
     hold_in_another_process(cache).kill()  # and another process may take it
@@ -229,12 +253,6 @@ def test_a_stop_signal_ends_training_with_one_line_and_the_run_resumes(latent_di
 def test_collective_timeout_must_be_positive(capsys):
     one_line_error(capsys, ["info", "--config", "fashion-mnist-sit", "train.collective_timeout_s=0"],
                    "train.collective_timeout_s must be > 0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_frozen_rank_ends_the_others_with_a_line_naming_it(latent_dir, tmp_path):

@@ -118,8 +118,9 @@ class LatentCacheWriter:
     whose weights have the fingerprint ``weights_sha256``, as posterior samples drawn from ``seed`` when
     ``sample_posterior``; ``dataset_settings``: those that decide which files are readable (``max_image_pixels``).
     A cache in ``cache_dir`` made with another plan is refused (``ValueError``), or with ``restart_if_stale``
-    deleted; a folder another process holds (:func:`~maetok.runs.hold_folder`) is refused before it is read. The caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not
-    find written, hands them to :meth:`write_shard`, and ends with :meth:`finish`.
+    deleted; a folder another process holds (:func:`~maetok.runs.hold_folder`) is refused before it is read. The
+    caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not find written,
+    hands them to :meth:`write_shard`, and ends with :meth:`finish`.
     """
 
     def __init__(self, cache_dir: Union[str, Path], *, num_items: int, shard_size: int, latent_shape: Sequence[int],
