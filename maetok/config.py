@@ -170,7 +170,8 @@ class TrainConfig:
     # run with an error (its last checkpoint is never overwritten by a non-finite model)
     max_nonfinite_steps: int = 5
     # under torchrun: a collective (gradient all-reduce ...) that waits this long for a process that does not answer
-    # (stopped, stuck, unreachable) ends every process with a line naming the silent one(s)
+    # (stopped, stuck, unreachable) ends every process with a line naming the silent one(s); keep it above the
+    # longest pause of rank 0 alone (its periodic evaluation, a checkpoint write), during which the others wait
     collective_timeout_s: float = 300.0
 
     def validate(self) -> None:
