@@ -297,8 +297,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
     from maetok.diffusion.generator import LatentGenerator, generate_images, write_samples
     from maetok.encode import load_tokenizer
-    from maetok.runs import resolve_device
+    from maetok.runs import hold_folder, resolve_device
 
+    hold = hold_folder(args.out, "sampling")  # until the samples are written (no other process writes there)
     pipe = LatentGenerator.load(args.model, resolve_device(args.device))  # --device: default the GPU when there is one
     tokenizer = load_tokenizer(pipe.tokenizer_source(args.tokenizer), args.device)
     changes: dict[str, Any] = {}
@@ -320,6 +321,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed,
                                           normalizer=normalizer)
     paths = write_samples(args.out, images, label_array, png_limit=args.max_png)
+    hold.release()
     print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} on the "
           f"{sampling.cfg_on} in [{sampling.guidance_low}, {sampling.guidance_high}], {sampling.precision} state, "
           f"latent norm: {normalizer.mode}): {paths['grid']}, {paths['npz']}")
@@ -683,14 +685,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def continue_command(args: argparse.Namespace, argv: Optional[list[str]]) -> str:
+    """The command line that continues an interrupted command: a training command's with ``--resume`` (never
+    ``--overwrite``); any other command's as it was (``cache-latents``, ``demo``, ``study`` complete what they
+    finished)."""
+    import shlex
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(args, "resume"):
+        words = [word for word in words if word != "--overwrite"] + ([] if "--resume" in words else ["--resume"])
+    return shlex.join(["maetok", *words])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one command. An error the user caused (:class:`maetok.errors.MaetokError`: config, data, model folder,
     assets, a diverged run) is one line on stderr and exit status 2 (``MAETOK_DEBUG=1`` shows its traceback too);
     anything else is a bug in maetok: its traceback, a line asking for a report, and exit status 1."""
     import traceback
 
-    from maetok.errors import MaetokError, first_line
-    from maetok.runs import check_output_folder, disk_full_error, resolve_device
+    from maetok.errors import Interrupted, MaetokError, first_line
+    from maetok.runs import check_apart, check_output_folder, disk_full_error, resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -699,12 +713,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             resolve_device(args.device)  # a device this machine lacks: one line, before any work
         if getattr(args, "out", None):
             check_output_folder(args.out)  # every command's --out is a folder
+            if getattr(args, "data", None):
+                check_apart(args.out, args.data)  # ... outside its --data folder
         return COMMANDS[args.command](args)
     except MaetokError as err:
         if os.environ.get("MAETOK_DEBUG"):
             raise
         print(f"maetok {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM in training (Interrupted): what is kept, how to continue
+        if os.environ.get("MAETOK_DEBUG"):
+            raise
+        status = getattr(stop, "exit_status", 130)
+        said = first_line(stop) if isinstance(stop, Interrupted) else "stopped by SIGINT"
+        print(f"maetok {args.command}: {said}; continue with: {continue_command(args, argv)}", file=sys.stderr)
+        return status
     except Exception as err:  # a bug, never dressed up as a user error; but a full disk anywhere is one line
         full = disk_full_error(err)
         if full is not None:

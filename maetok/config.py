@@ -211,11 +211,17 @@ class TrainConfig:
     # a step whose loss or gradient norm is NaN / inf is skipped (no update, no EMA); this many in a row stop the
     # run with an error (its last checkpoint is never overwritten by a non-finite model)
     max_nonfinite_steps: int = 5
+    # under torchrun: a collective (gradient all-reduce ...) that waits this long for a process that does not answer
+    # (stopped, stuck, unreachable) ends every process with a line naming the silent one(s); keep it above the
+    # longest pause of rank 0 alone (its periodic evaluation, a checkpoint write), during which the others wait
+    collective_timeout_s: float = 300.0
 
     def validate(self) -> None:
         check_numbers(self, "train")
         for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "max_nonfinite_steps"):
             require_positive(f"train.{name}", getattr(self, name))
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"train.collective_timeout_s must be > 0 (seconds), got {self.collective_timeout_s}")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -52,3 +52,19 @@ class DiskFullError(MaetokError, OSError):
     """The disk (or the user's quota) is full while writing: the message names the folder, the bytes the file
     needed where known and the bytes free. Nothing partial is left under a final name
     (:func:`maetok.runs.atomic_path`)."""
+
+
+class ProcessGroupError(MaetokError, RuntimeError):
+    """A process of a ``torchrun`` job stopped answering (stopped, stuck, unreachable): every other process ends
+    with a line naming it once ``train.collective_timeout_s`` has passed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command: a ``KeyboardInterrupt`` (no ``except Exception`` swallows it, and
+    ``except KeyboardInterrupt`` still catches Ctrl-C); its message says what is kept, and ``exit_status`` is
+    ``128 + the signal's number`` (130, 143)."""
+
+    def __init__(self, signal_number: int, message: str = ""):
+        super().__init__(message or f"stopped by signal {signal_number}")
+        self.signal_number = signal_number
+        self.exit_status = 128 + signal_number

@@ -4,6 +4,8 @@ directory, JSON files, and the format version stamped into every file the packag
 A **run directory** is what a training command writes (``config.yaml``, ``log.csv``, ``checkpoints/last.pt``
 and, once finished, ``model/``); a **model directory** is ``model/`` itself (``config.json`` +
 ``model.safetensors``). Every command that reads a model takes either: :func:`model_directory` is the one rule.
+A command writing into a folder (a run directory, a latent cache, samples) holds it (:func:`hold_folder`): one
+process at a time.
 
 **Format versions.** ``config.json`` of tokenizer and diffusion models, training checkpoints and the metadata of
 latent caches (``cache_plan.json``, ``stats.json``) carry ``"format_version": FORMAT_VERSION``. Files written
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import hashlib
 import json
@@ -33,8 +36,9 @@ import secrets
 import shutil
 import stat
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import IO, Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -81,6 +85,126 @@ def check_output_folder(path: PathLike, flag: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is an existing file, not a folder: name a folder to write into")
     return path
+
+
+def check_apart(out: PathLike, data: PathLike, out_flag: str = "--out", data_flag: str = "--data") -> None:
+    """Refuse an output folder inside the data folder ``data`` or holding it (real paths compared): what a run writes
+    (its PNG grids, a cache) would become rows of its own dataset. ``data`` that is no existing folder (a dataset
+    name such as ``fashion-mnist``) is never refused."""
+    data_path = Path(data)
+    if not data_path.is_dir():
+        return
+    real_out, real_data = Path(out).resolve(), data_path.resolve()
+    if real_out == real_data or real_data in real_out.parents or real_out in real_data.parents:
+        raise ConfigError(f"{out_flag} {out} and {data_flag} {data} overlap (one lies in the other): what is written "
+                          f"there would be read as data; write to a folder outside {data}")
+
+
+#: The lock file of a folder held by a process (:func:`hold_folder`); it holds the holder's PID and what it runs.
+LOCK_NAME = ".maetok.lock"
+
+
+@dataclass
+class _Lock:
+    """A folder's lock as a process holds it: the locked file, how many holds share it, whether the first hold
+    created the folder (removed again if left empty) and the PID that locked it (a forked child inherits the entry)."""
+
+    file: IO[str]
+    holds: int
+    created_folder: bool
+    pid: int
+
+
+_held_folders: dict[Path, _Lock] = {}  # real path -> its lock in this process
+
+
+class FolderHold:
+    """This process's hold on a folder (:func:`hold_folder`): :meth:`release` (or leaving its ``with`` block, or the
+    end of the process, even by ``kill -9``) lets it go."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.held = True
+
+    def release(self) -> None:
+        """Let the folder go (its lock file is removed when this process holds it no more)."""
+        if not self.held:
+            return
+        self.held = False
+        lock = _held_folders.get(self.folder)
+        if lock is None or lock.pid != os.getpid():  # a forked child (a data-loader worker) never lets go
+            return
+        lock.holds -= 1
+        if lock.holds == 0:
+            del _held_folders[self.folder]
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / LOCK_NAME)  # before unlocking: a waiting process then sees another file
+            lock.file.close()
+            if lock.created_folder:  # removed when nothing was written into it
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+
+    def __enter__(self) -> "FolderHold":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def hold_folder(folder: PathLike, what: str, flag: str = "--out") -> FolderHold:
+    """Hold ``folder`` (created if missing) for this process, so that no other process writes into it meanwhile: an
+    OS lock (``flock``) on ``folder/.maetok.lock``, which dies with its process (``kill -9`` leaves no stale lock).
+    ``what`` (e.g. ``"caching latents"``) is written beside the PID for the message another process gets: a folder
+    held by another process raises :class:`~maetok.errors.ModelFolderError` naming its PID. This process may hold a
+    folder several times (each hold released on its own)."""
+    folder = check_output_folder(folder, flag)
+    real = folder.resolve()
+    held = _held_folders.get(real)
+    if held is not None and held.pid == os.getpid():
+        held.holds += 1
+        return FolderHold(real)
+    created = not folder.exists()
+    while True:  # until the file we lock is the one at the path (a releasing holder removes it)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock_file = open(real / LOCK_NAME, "a+")
+        except FileNotFoundError:  # the folder was removed in between
+            continue
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "a process starting up"
+            lock_file.close()
+            raise ModelFolderError(f"{flag} {folder} is in use by another maetok process ({holder}): wait for it to "
+                                   f"end, or choose another {flag}") from None
+        try:
+            same_file = os.stat(real / LOCK_NAME).st_ino == os.fstat(lock_file.fileno()).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        lock_file.close()
+    lock_file.truncate(0)
+    lock_file.write(f"pid {os.getpid()}, {what}\n")
+    lock_file.flush()
+    _held_folders[real] = _Lock(lock_file, 1, created, os.getpid())
+    return FolderHold(real)
+
+
+def clear_held_folder(folder: PathLike) -> None:
+    """Delete everything in ``folder`` but its lock file (``--overwrite`` of a folder this process holds)."""
+    for entry in Path(folder).iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def check_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -54,8 +53,8 @@ from torch.utils.data import Dataset
 
 from maetok.data.datasets import SkippedItem, log_skipped_items
 from maetok.errors import DataError, MissingFileError
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, display_path, read_json_file, save_safetensors, \
-    write_json
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, check_format_version, clear_held_folder, display_path, hold_folder, \
+    read_json_file, save_safetensors, write_json
 
 STATS_NAME = "stats.json"
 PLAN_NAME = "cache_plan.json"
@@ -131,8 +130,9 @@ class LatentCacheWriter:
     whose weights have the fingerprint ``weights_sha256``, as posterior samples drawn from ``seed`` when
     ``sample_posterior``; ``dataset_settings``: those that decide which files are readable (``max_image_pixels``).
     A cache in ``cache_dir`` made with another plan is refused (``ValueError``), or with ``restart_if_stale``
-    deleted. The caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not
-    find written, hands them to :meth:`write_shard`, and ends with :meth:`finish`.
+    deleted; a folder another process holds (:func:`~maetok.runs.hold_folder`) is refused before it is read. The
+    caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not find written,
+    hands them to :meth:`write_shard`, and ends with :meth:`finish`.
     """
 
     def __init__(self, cache_dir: Union[str, Path], *, num_items: int, shard_size: int, latent_shape: Sequence[int],
@@ -140,6 +140,8 @@ class LatentCacheWriter:
                  sample_posterior: bool, seed: int, dataset_settings: Optional[Mapping[str, Any]] = None,
                  restart_if_stale: bool = False):
         self.cache_dir = Path(cache_dir)
+        # no other process writes into the folder until finish() (or this writer's end, or the process's)
+        self.hold = hold_folder(self.cache_dir, "caching latents")
         self.num_items, self.shard_size = num_items, shard_size
         self.num_shards = (num_items + shard_size - 1) // shard_size
         self.latent_shape = tuple(latent_shape)
@@ -168,8 +170,7 @@ class LatentCacheWriter:
                 described = ", ".join(f"{key} {_short(old)} -> {_short(new)}" for key, old, new in changes)
                 raise DataError(f"{self.cache_dir} holds a cache made with other settings or another tokenizer's "
                                 f"weights ({described}; all in {PLAN_NAME}): use another --out or delete it")
-            shutil.rmtree(self.cache_dir)
-            self.cache_dir.mkdir(parents=True)
+            clear_held_folder(self.cache_dir)
         write_json(plan_path, self.plan)
         if (self.cache_dir / STATS_NAME).exists():
             os.remove(self.cache_dir / STATS_NAME)  # rewritten by finish(); its absence marks an unfinished cache
@@ -223,7 +224,8 @@ class LatentCacheWriter:
 
     def finish(self, image_size: int, in_channels: int, num_classes: int, class_names: Sequence[str]) -> Path:
         """Write ``skipped.json`` and ``stats.json`` (with the images' ``image_size`` / ``in_channels`` and the
-        dataset's classes); returns the path of ``stats.json``. A cache without a single row is refused."""
+        dataset's classes) and let the folder go; returns the path of ``stats.json``. A cache without a single row
+        is refused."""
         if self.num_rows == 0:
             raise DataError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
                             f"in {self.cache_dir}")
@@ -254,7 +256,9 @@ class LatentCacheWriter:
             "class_names": list(class_names),
             **self.moments.stats(),
         }
-        return write_json(self.cache_dir / STATS_NAME, stats)
+        path = write_json(self.cache_dir / STATS_NAME, stats)
+        self.hold.release()
+        return path
 
 
 # ---------------------------------------------------------------------------------------------------------

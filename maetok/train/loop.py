@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import math
 import os
 import pickle
 import re
-import shutil
+import signal
 import stat
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -33,16 +35,28 @@ from torch.utils.data import Dataset, Sampler
 
 from maetok.config import OptimConfig, TrainConfig, to_dict
 from maetok.data import ItemBatch, item_loader
-from maetok.errors import ConfigError, DataError, MissingFileError, ModelFolderError, NonFiniteError, first_line
+from maetok.errors import (
+    ConfigError,
+    DataError,
+    Interrupted,
+    MissingFileError,
+    ModelFolderError,
+    NonFiniteError,
+    ProcessGroupError,
+    first_line,
+)
 from maetok.global_batch import SampleRandom, all_finite_everywhere
 from maetok.model_folders import check_state_keys
 from maetok.runs import (
     FORMAT_KEY,
     FORMAT_VERSION,
     MODEL_DIR,
+    FolderHold,
     check_finite_tensors,
     check_format_version,
     check_output_folder,
+    clear_held_folder,
+    hold_folder,
     resolve_device,
     save_torch,
     write_text,
@@ -65,8 +79,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: Optional[str] = None) -> DistInfo:
-    """One process (CPU or one GPU) or many under ``torchrun`` (NCCL on GPUs, gloo on CPUs)."""
+def setup_distributed(device: Optional[str] = None, collective_timeout_s: Optional[float] = None) -> DistInfo:
+    """One process (CPU or one GPU) or many under ``torchrun`` (NCCL on GPUs, gloo on CPUs); a collective that waits
+    ``collective_timeout_s`` (default: torch's) for a process that does not answer fails on the others."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,7 +95,8 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=collective_timeout_s) if collective_timeout_s else None
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -358,7 +374,8 @@ def load_checkpoint(path: Path) -> dict:
 #: What a training run writes; a folder holding any of them holds a run.
 RUN_MARKERS = ("config.yaml", "log.csv", str(Path("checkpoints") / "last.pt"), str(Path(MODEL_DIR) / "config.json"))
 #: Keys a resumed run may change without ``--allow-config-change``: they change no number the run computes.
-BOOKKEEPING_KEYS = frozenset({"train.num_workers", "train.log_every", "train.eval_every", "train.ckpt_every"})
+BOOKKEEPING_KEYS = frozenset({"train.num_workers", "train.log_every", "train.eval_every", "train.ckpt_every",
+                              "train.collective_timeout_s"})
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -405,6 +422,12 @@ def changes_since(config_path: Path, cfg: Any, unused: Sequence[str] = ()) -> li
     if not isinstance(earlier, dict):
         raise ConfigError(f"{config_path} does not hold a config (a mapping): restore it, or pass --overwrite to "
                           "train the run again")
+    return changes_from(earlier, cfg, unused)
+
+
+def changes_from(earlier: dict, cfg: Any, unused: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """Every change from the saved config ``earlier`` (defaults filled in: :func:`complete_config`) to the dataclass
+    config ``cfg``, leaving out the keys under the prefixes ``unused``."""
     earlier = complete_config(type(cfg), earlier)
     return [change for change in config_changes(earlier, to_dict(cfg)) if not change[0].startswith(tuple(unused))]
 
@@ -475,6 +498,25 @@ def prepare_run_directory(
                                f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
                                f"continue under the new values (the earlier config is kept beside it), or resume unchanged")
     return config_path.read_text()
+
+
+def hold_run_directory(out_dir: Path, what: str, dist_info: DistInfo) -> Optional[FolderHold]:
+    """Hold the run directory for this job (:func:`~maetok.runs.hold_folder`; ``what``: what it does): its main
+    process holds it, and when another job holds it every process of this one is refused alike (the main process
+    tells the others). Returns the main process's hold (``None`` on the others)."""
+    hold, refusal = None, None
+    if dist_info.is_main:
+        try:
+            hold = hold_folder(out_dir, what)
+        except ModelFolderError as err:
+            refusal = str(err)
+    if dist_info.world_size > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise ModelFolderError(refusal)
+    return hold
 
 
 def keep_earlier_config(out_dir: Path, earlier_text: str, step: int) -> Path:
@@ -566,6 +608,53 @@ class RunLog:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Signals and silent processes
+# ---------------------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def raise_on_stop_signals() -> Optional[dict]:
+    """From now on SIGINT and SIGTERM raise :class:`~maetok.errors.Interrupted`; returns the handlers they had (for
+    :func:`restore_signal_handlers`), or ``None`` off the main thread (where Python cannot handle signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signal_number: int, _frame: Any) -> None:
+        raise Interrupted(signal_number)
+
+    return {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+
+
+def restore_signal_handlers(previous: Optional[dict]) -> None:
+    for number, handler in (previous or {}).items():
+        signal.signal(number, handler)
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that waited past the process group's timeout (gloo: "Timed out waiting")."""
+    return dist.is_available() and dist.is_initialized() and bool(re.search(r"timed? ?out", str(error), re.IGNORECASE))
+
+
+def silent_ranks(step: int, wait_s: float) -> Optional[list[int]]:
+    """After a collective timed out: the ranks that do not answer, through the job's rendezvous store (each live
+    process writes its rank there and waits up to ``wait_s`` seconds for the others'); ``None`` when the store cannot
+    tell (it is unreachable)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        keys = {rank: f"maetok/alive/step{step}/rank{rank}" for rank in range(dist.get_world_size())}
+        store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [rank for rank, key in keys.items() if not store.check([key])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store lives in a silent process, or this torch lacks it: cannot tell
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loop every trainer shares
 # ---------------------------------------------------------------------------------------------------------
 
@@ -597,12 +686,15 @@ class Trainer:
         self.cfg = cfg
         self.inputs = [Path(path) for path in inputs]
         self.unused_config_sections = tuple(unused_config_sections)
+        self.allow_config_change = allow_config_change
         self.out_dir = Path(out_dir)
         self.train_cfg: TrainConfig = cfg.train
         self.optim_cfg = optim
         self.total_steps = total_steps
-        self.dist = setup_distributed(device)
+        self.dist = setup_distributed(device, cfg.train.collective_timeout_s)
         self.device = self.dist.device
+        # one job at a time in out_dir, held before anything there is read (released with the Trainer or the process)
+        self.folder_hold = hold_run_directory(self.out_dir, f"training {self.run_kind}", self.dist)
         # refuse to touch a finished run or to resume it under another config
         self.earlier_config = prepare_run_directory(
             self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.inputs,
@@ -610,6 +702,7 @@ class Trainer:
         )
         self.delete_old_run = overwrite and holds_run(self.out_dir)  # in fit(), once everything has loaded
         self.nonfinite_in_a_row = 0
+        self.checkpoint_step: Optional[int] = None  # the step of the checkpoint in out_dir (None: none yet)
         self.step = 0  # random draws: self.sample_random(batch), a function of (seed, step, global position)
         self.ema: Optional[EMA] = None
         self.run_log: Optional[RunLog] = None
@@ -738,6 +831,7 @@ class Trainer:
         """Rank 0 writes the state every process holds alike (model, EMA, optimizer, discriminator). There is no
         random-generator state: every draw is a function of (seed, step, global position)."""
         if not self.dist.is_main:
+            self.checkpoint_step = self.step  # the step rank 0 writes
             return
         check_finite_tensors(self.model.state_dict(), f"{self.run_kind} model at step {self.step}")
         if self.ema is not None:
@@ -753,6 +847,7 @@ class Trainer:
             "config": self.config_dict(),
         }
         save_torch(state, self.out_dir / CHECKPOINT)  # atomic: a failed save leaves the previous one intact
+        self.checkpoint_step = self.step
 
     def resume(self) -> None:
         path = self.out_dir / CHECKPOINT
@@ -763,6 +858,7 @@ class Trainer:
         state = load_checkpoint(path)
         if state.get("kind") != self.run_kind:
             raise ModelFolderError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {self.run_kind!r}")
+        self.check_checkpoint_config(state.get("config"), path)
         self.check_resumable_shapes(state["model"], path)
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
@@ -771,9 +867,40 @@ class Trainer:
         self.load_extra_state(state["extra"])
         # checkpoints written before the per-sample draws hold the states of per-process generators under
         # "generator": nothing reads them now, and any number of processes may resume any checkpoint
-        self.step = int(state["step"])
+        self.step = self.checkpoint_step = int(state["step"])
         if self.dist.is_main:
             print(f"[maetok] resumed from {path} at step {self.step}")
+
+    def kept_checkpoint(self) -> str:
+        """What a stopped run leaves to resume from, in words."""
+        if self.checkpoint_step is None:
+            return "no checkpoint was written yet (a resumed run starts from step 0)"
+        return f"{self.out_dir / CHECKPOINT} (step {self.checkpoint_step}) is kept"
+
+    def silent_process_error(self) -> ProcessGroupError:
+        """The error that ends every live process of the job when a collective timed out: which ranks do not answer
+        (:func:`silent_ranks`), after how long, and what is kept."""
+        timeout = self.train_cfg.collective_timeout_s
+        silent = silent_ranks(self.step, min(timeout, 30.0))
+        who = (f"rank {', '.join(map(str, silent))} of {self.dist.world_size}" if silent
+               else f"a process of the {self.dist.world_size}")
+        return ProcessGroupError(
+            f"{self.run_kind} step {self.step + 1}: {who} did not answer for {timeout:g} s (train.collective_timeout_s;"
+            f" stopped, stuck or unreachable), so every process ends; {self.kept_checkpoint()}: --resume once it is "
+            f"fixed")
+
+    def check_checkpoint_config(self, saved: Optional[dict], path: Path) -> None:
+        """The run resumes under the config its checkpoint was trained with (its ``config.yaml`` may be another
+        run's): changes beyond :data:`BOOKKEEPING_KEYS` need ``--allow-config-change``, as for ``config.yaml``."""
+        if saved is None or self.allow_config_change:  # checkpoints always hold their config; fixtures may not
+            return
+        changes = changes_from(saved, self.cfg, self.unused_config_sections)
+        significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
+        if significant:
+            shown = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key in significant[:3])
+            raise ModelFolderError(f"--resume with a config other than the one {path} was trained with ({shown}"
+                                   f"{' ...' if len(significant) > 3 else ''}): resume with that config, or pass "
+                                   f"--allow-config-change")
 
     def check_resumable_shapes(self, saved: dict[str, Tensor], path: Path) -> None:
         """A checkpoint resumes only into a model of its shape: a changed width / depth / latent size ... is
@@ -792,7 +919,7 @@ class Trainer:
         if dist_info.is_main:
             if self.delete_old_run:
                 print(f"[maetok] --overwrite: deleting the earlier run in {self.out_dir}")
-                shutil.rmtree(self.out_dir)
+                clear_held_folder(self.out_dir)
                 self.delete_old_run = False
             self.out_dir.mkdir(parents=True, exist_ok=True)
             import yaml
@@ -809,6 +936,7 @@ class Trainer:
         window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
         self.model.train()
         end = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
+        previous_handlers = raise_on_stop_signals()  # SIGINT / SIGTERM: one line on what is kept
         try:
             while self.step < end:
                 batch = next(stream)
@@ -837,7 +965,16 @@ class Trainer:
                     window_start, window_items, window_steps, sums = time.perf_counter(), 0, 0, {}
                 if self.step % cfg.ckpt_every == 0 or last or self.step == end:
                     self.save_checkpoint()
+        except Interrupted as stop:
+            name = signal.Signals(stop.signal_number).name
+            raise Interrupted(stop.signal_number, f"{self.run_kind} stopped by {name} at step {self.step}: "
+                                                  f"{self.kept_checkpoint()}") from None
+        except RuntimeError as err:
+            if dist_info.world_size == 1 or not is_collective_timeout(err):
+                raise
+            raise self.silent_process_error() from None
         finally:
+            restore_signal_handlers(previous_handlers)
             log.close()
             self.run_log = None
         if hasattr(self.train_set, "log_skipped"):

@@ -26,7 +26,7 @@ from maetok.eval.metrics import psnr
 from maetok.losses.objective import TokenizerObjective
 from maetok.global_batch import broadcast_module
 from maetok.models.tokenizer import MAETok
-from maetok.runs import model_directory, run_directory
+from maetok.runs import check_apart, model_directory, run_directory
 from maetok.targets import build_target
 from maetok.train.loop import CHECKPOINT, Trainer, autocast, flip_mask, load_checkpoint
 
@@ -134,6 +134,7 @@ class TokenizerTrainer(Trainer):
         if stage == "finetune":
             optim = dataclasses.replace(cfg.optim, lr=cfg.finetune.lr, warmup_steps=cfg.finetune.warmup_steps)
         total = cfg.train.steps if stage == "pretrain" else cfg.finetune.steps
+        check_apart(out_dir, cfg.data.dataset, "--out", "data.dataset")  # its PNGs would become rows
         inputs = [Path(p) for p in (cfg.data.dataset, init_from) if p is not None and Path(p).exists()]
         unused = PRETRAIN_UNUSED_SECTIONS if stage == "pretrain" else ()
         super().__init__(cfg, out_dir, optim=optim, total_steps=total, inputs=inputs, device=device, resume=resume,
