@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from maetok.config import DEFAULT_MAX_IMAGE_PIXELS
-from maetok.errors import ConfigError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -53,16 +52,9 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 @command("finetune-decoder")
 def cmd_finetune_decoder(args: argparse.Namespace) -> int:
     from maetok.config import TokenizerTrainConfig, load_config, to_dict
-    from maetok.data import data_shape
     from maetok.train.tokenizer import TokenizerTrainer, read_run_config
 
     cfg = load_config(TokenizerTrainConfig, to_dict(read_run_config(args.source)), args.overrides)
-    data_channels = data_shape(cfg.data.dataset, cfg.model.image_size, cfg.model.patch_size).channels
-    if data_channels != cfg.model.in_channels:  # stage 2 trains the decoder the encoder was trained for
-        raise ConfigError(f"{args.source} is a tokenizer of {cfg.model.in_channels}-channel images and "
-                          f"{cfg.data.dataset} holds {'colour' if data_channels == 3 else 'grayscale'} images "
-                          f"({data_channels} channel{'s' if data_channels > 1 else ''}): fine-tune it on data of its "
-                          f"channels, or train a new tokenizer on this data (train-tokenizer)")
     TokenizerTrainer(cfg, args.out, stage="finetune", init_from=args.source, resume=args.resume, device=args.device,
                      overwrite=args.overwrite, allow_config_change=args.allow_config_change).fit()
     return 0
@@ -292,14 +284,20 @@ def cmd_train_diffusion(args: argparse.Namespace) -> int:
 
 @command("sample")
 def cmd_sample(args: argparse.Namespace) -> int:
+    from maetok.runs import hold_folder
+
+    with hold_folder(args.out, "sampling"):  # no other process writes there until the samples are written
+        return _sample(args)
+
+
+def _sample(args: argparse.Namespace) -> int:
     import dataclasses
 
     from maetok.config import AUTHORS_SAMPLING, MAETOK_SAMPLING
     from maetok.diffusion.generator import LatentGenerator, generate_images, write_samples
     from maetok.encode import load_tokenizer
-    from maetok.runs import hold_folder, resolve_device
+    from maetok.runs import resolve_device
 
-    hold = hold_folder(args.out, "sampling")  # until the samples are written (no other process writes there)
     pipe = LatentGenerator.load(args.model, resolve_device(args.device))  # --device: default the GPU when there is one
     tokenizer = load_tokenizer(pipe.tokenizer_source(args.tokenizer), args.device)
     changes: dict[str, Any] = {}
@@ -321,7 +319,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images, label_array = generate_images(pipe, tokenizer, args.num, labels, sampling, args.batch_size, args.seed,
                                           normalizer=normalizer)
     paths = write_samples(args.out, images, label_array, png_limit=args.max_png)
-    hold.release()
     print(f"[maetok] {args.num} samples ({sampling.sampler}, {sampling.steps} steps, cfg {sampling.cfg_scale} on the "
           f"{sampling.cfg_on} in [{sampling.guidance_low}, {sampling.guidance_high}], {sampling.precision} state, "
           f"latent norm: {normalizer.mode}): {paths['grid']}, {paths['npz']}")

@@ -179,32 +179,33 @@ def cache_latents(
     )
     device = next(tokenizer.parameters()).device
     tokenizer.eval()
-    bar = tqdm(total=len(dataset), desc="cache latents", unit="img", disable=not progress)
-    for shard in range(writer.num_shards):
-        items = writer.shard_items(shard)
-        if writer.resume_shard(shard):
-            bar.update(len(items))
-            continue
-        latents, flipped, labels, rows, skipped = [], [], [], [], []
-        for batch in iter_batches(DatasetSubset(dataset, items), batch_size, num_workers, skipped=skipped):
-            bar.update(len(batch.indices))
-            images = batch.images.to(device, non_blocking=True)
-            draws = posterior_draws(seed, batch.indices + items.start)  # keyed by dataset index
-            latents.append(tokenizer.encode(images, sample_posterior, draws).float().cpu())
-            if flip:
-                flipped_draws = draws.child("flipped")
-                flipped.append(tokenizer.encode(images.flip(-1), sample_posterior, flipped_draws).float().cpu())
-            batch_items = batch.indices + items.start
-            check_finite_tensors({"latents": latents[-1], **({"flipped latents": flipped[-1]} if flip else {})},
-                                 f"the tokenizer's output for dataset items {int(batch_items.min())}.."
-                                 f"{int(batch_items.max())} (nothing of shard {shard} is written)")
-            labels.append(batch.labels)
-            rows.append(batch.indices)
-        bar.update(len(skipped))
-        writer.write_shard(shard, latents, flipped, labels, rows, skipped)
-    bar.close()
-    return writer.finish(cfg.image_size, cfg.in_channels, int(getattr(dataset, "num_classes", 0) or 0),
-                         list(getattr(dataset, "class_names", []) or []))
+    with writer.hold:  # let go however this ends (finish() lets it go too)
+        bar = tqdm(total=len(dataset), desc="cache latents", unit="img", disable=not progress)
+        for shard in range(writer.num_shards):
+            items = writer.shard_items(shard)
+            if writer.resume_shard(shard):
+                bar.update(len(items))
+                continue
+            latents, flipped, labels, rows, skipped = [], [], [], [], []
+            for batch in iter_batches(DatasetSubset(dataset, items), batch_size, num_workers, skipped=skipped):
+                bar.update(len(batch.indices))
+                images = batch.images.to(device, non_blocking=True)
+                draws = posterior_draws(seed, batch.indices + items.start)  # keyed by dataset index
+                latents.append(tokenizer.encode(images, sample_posterior, draws).float().cpu())
+                if flip:
+                    flipped_draws = draws.child("flipped")
+                    flipped.append(tokenizer.encode(images.flip(-1), sample_posterior, flipped_draws).float().cpu())
+                batch_items = batch.indices + items.start
+                check_finite_tensors({"latents": latents[-1], **({"flipped latents": flipped[-1]} if flip else {})},
+                                     f"the tokenizer's output for dataset items {int(batch_items.min())}.."
+                                     f"{int(batch_items.max())} (nothing of shard {shard} is written)")
+                labels.append(batch.labels)
+                rows.append(batch.indices)
+            bar.update(len(skipped))
+            writer.write_shard(shard, latents, flipped, labels, rows, skipped)
+        bar.close()
+        return writer.finish(cfg.image_size, cfg.in_channels, int(getattr(dataset, "num_classes", 0) or 0),
+                             list(getattr(dataset, "class_names", []) or []))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -695,6 +695,7 @@ class Trainer:
         self.device = self.dist.device
         # one job at a time in out_dir, held before anything there is read (released with the Trainer or the process)
         self.folder_hold = hold_run_directory(self.out_dir, f"training {self.run_kind}", self.dist)
+        self.folder_released = False  # fit() lets the folder go when it ends, and takes it again
         # refuse to touch a finished run or to resume it under another config
         self.earlier_config = prepare_run_directory(
             self.out_dir, self.cfg, resume, overwrite, allow_config_change, self.dist.is_main, self.inputs,
@@ -914,7 +915,19 @@ class Trainer:
 
     def fit(self, stop_at: Optional[int] = None) -> Path:
         """Train to ``total_steps`` (or only up to ``stop_at``, checkpointing there: for time-limited jobs
-        that continue with ``--resume``); export the final model when the run is complete."""
+        that continue with ``--resume``); export the final model when the run is complete. The run directory is
+        held while it runs and let go when it ends, however it ends."""
+        if self.folder_released:  # an earlier fit() let it go
+            self.folder_hold = hold_run_directory(self.out_dir, f"training {self.run_kind}", self.dist)
+            self.folder_released = False
+        try:
+            return self._fit(stop_at)
+        finally:
+            if self.folder_hold is not None:
+                self.folder_hold.release()
+            self.folder_released = True
+
+    def _fit(self, stop_at: Optional[int]) -> Path:
         cfg, dist_info = self.train_cfg, self.dist
         if dist_info.is_main:
             if self.delete_old_run:

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 
 from maetok.config import TokenizerTrainConfig, from_dict, read_yaml_file, to_dict
-from maetok.data import ItemBatch, build_dataset, dataset_labels, draw_order, load_images
+from maetok.data import ItemBatch, build_dataset, data_shape, dataset_labels, draw_order, load_images
 from maetok.data.images import to_uint8
 from maetok.errors import ConfigError, MissingFileError
 from maetok.eval.metrics import psnr
@@ -140,6 +140,13 @@ class TokenizerTrainer(Trainer):
         super().__init__(cfg, out_dir, optim=optim, total_steps=total, inputs=inputs, device=device, resume=resume,
                          overwrite=overwrite, allow_config_change=allow_config_change, unused_config_sections=unused)
         m = cfg.model
+        if stage == "finetune":  # stage 2 trains the decoder the encoder was trained for: on images of its channels
+            data_channels = data_shape(cfg.data.dataset, m.image_size, m.patch_size).channels
+            if data_channels != m.in_channels:
+                raise ConfigError(f"{init_from} is a tokenizer of {m.in_channels}-channel images and "
+                                  f"{cfg.data.dataset} holds {'colour' if data_channels == 3 else 'grayscale'} images "
+                                  f"({data_channels} channel{'s' if data_channels > 1 else ''}): fine-tune it on data "
+                                  "of its channels, or train a new tokenizer on this data (train-tokenizer)")
         # the caption target needs (image, label, caption) items; only stage 1 trains auxiliary decoders
         self.uses_captions = stage == "pretrain" and any(t.name == "text" for t in m.aux_targets)
         caption_options = {"return_captions": True} if self.uses_captions else {}
