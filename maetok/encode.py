@@ -179,7 +179,7 @@ def cache_latents(
     )
     device = next(tokenizer.parameters()).device
     tokenizer.eval()
-    with writer.hold:  # let go however this ends (finish() lets it go too)
+    with writer.hold:  # the folder is let go however this ends
         bar = tqdm(total=len(dataset), desc="cache latents", unit="img", disable=not progress)
         for shard in range(writer.num_shards):
             items = writer.shard_items(shard)
@@ -190,12 +190,12 @@ def cache_latents(
             for batch in iter_batches(DatasetSubset(dataset, items), batch_size, num_workers, skipped=skipped):
                 bar.update(len(batch.indices))
                 images = batch.images.to(device, non_blocking=True)
-                draws = posterior_draws(seed, batch.indices + items.start)  # keyed by dataset index
+                batch_items = batch.indices + items.start  # dataset indices
+                draws = posterior_draws(seed, batch_items)  # keyed by dataset index
                 latents.append(tokenizer.encode(images, sample_posterior, draws).float().cpu())
                 if flip:
                     flipped_draws = draws.child("flipped")
                     flipped.append(tokenizer.encode(images.flip(-1), sample_posterior, flipped_draws).float().cpu())
-                batch_items = batch.indices + items.start
                 check_finite_tensors({"latents": latents[-1], **({"flipped latents": flipped[-1]} if flip else {})},
                                      f"the tokenizer's output for dataset items {int(batch_items.min())}.."
                                      f"{int(batch_items.max())} (nothing of shard {shard} is written)")

@@ -132,7 +132,8 @@ class LatentCacheWriter:
     A cache in ``cache_dir`` made with another plan is refused (``ValueError``), or with ``restart_if_stale``
     deleted; a folder another process holds (:func:`~maetok.runs.hold_folder`) is refused before it is read. The
     caller encodes the items (:meth:`shard_items`) of each shard that :meth:`resume_shard` does not find written,
-    hands them to :meth:`write_shard`, and ends with :meth:`finish`.
+    hands them to :meth:`write_shard`, and ends with :meth:`finish`, inside ``with writer.hold:`` (the folder is let
+    go however that ends).
     """
 
     def __init__(self, cache_dir: Union[str, Path], *, num_items: int, shard_size: int, latent_shape: Sequence[int],
@@ -140,7 +141,7 @@ class LatentCacheWriter:
                  sample_posterior: bool, seed: int, dataset_settings: Optional[Mapping[str, Any]] = None,
                  restart_if_stale: bool = False):
         self.cache_dir = Path(cache_dir)
-        # no other process writes into the folder until finish() (or this writer's end, or the process's)
+        # no other process writes into the folder until ``hold`` is let go (its ``with`` block) or the process ends
         self.hold = hold_folder(self.cache_dir, "caching latents")
         self.num_items, self.shard_size = num_items, shard_size
         self.num_shards = (num_items + shard_size - 1) // shard_size
@@ -224,8 +225,7 @@ class LatentCacheWriter:
 
     def finish(self, image_size: int, in_channels: int, num_classes: int, class_names: Sequence[str]) -> Path:
         """Write ``skipped.json`` and ``stats.json`` (with the images' ``image_size`` / ``in_channels`` and the
-        dataset's classes) and let the folder go; returns the path of ``stats.json``. A cache without a single row
-        is refused."""
+        dataset's classes); returns the path of ``stats.json``. A cache without a single row is refused."""
         if self.num_rows == 0:
             raise DataError(f"none of the {self.num_items} images of the dataset could be read: no latents to cache "
                             f"in {self.cache_dir}")
@@ -256,9 +256,7 @@ class LatentCacheWriter:
             "class_names": list(class_names),
             **self.moments.stats(),
         }
-        path = write_json(self.cache_dir / STATS_NAME, stats)
-        self.hold.release()
-        return path
+        return write_json(self.cache_dir / STATS_NAME, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ A diffusion model folder is read and written by :mod:`maetok.model_folders` (our
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -28,7 +27,7 @@ from maetok.diffusion.samplers import Generators, Progress, euler_maruyama_sampl
 from maetok.errors import ConfigError, DataError, MissingFileError
 from maetok.model_folders import load_diffusion_model, save_diffusion_model
 from maetok.models.tokenizer import MAETok
-from maetok.runs import FORMAT_KEY, FORMAT_VERSION, write_json
+from maetok.runs import FORMAT_KEY, FORMAT_VERSION, read_json_file, write_json
 
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # SamplingConfig.precision
 SAMPLES_MANIFEST = "samples.json"  # written first (complete: false) and last (complete: true) by write_samples
@@ -322,13 +321,13 @@ def check_samples_complete(folder: Union[str, Path], flag: str = "--samples") ->
     path = folder / SAMPLES_MANIFEST
     if not path.is_file():
         return
+    rerun = "rerun the `maetok sample` command that wrote the folder"
+    manifest = read_json_file(path, DataError, rerun)  # size-capped; a truncated file: one line naming it
     try:
-        manifest = json.loads(path.read_text())
         complete = bool(manifest["complete"])
         num_samples, num_png = int(manifest["num_samples"]), int(manifest["num_png"])
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{flag} {folder}: {path} is unreadable ({err}): rerun the `maetok sample` command that "
-                        "wrote the folder") from None
+        raise DataError(f"{flag} {folder}: {path} is unreadable ({err}): {rerun}") from None
     if complete:
         return
     image_dir = folder / "images"

@@ -432,11 +432,15 @@ def changes_from(earlier: dict, cfg: Any, unused: Sequence[str] = ()) -> list[tu
     return [change for change in config_changes(earlier, to_dict(cfg)) if not change[0].startswith(tuple(unused))]
 
 
+def significant_changes(changes: Sequence[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """The config changes beyond :data:`BOOKKEEPING_KEYS`: those a resumed run needs ``--allow-config-change`` for."""
+    return [change for change in changes if change[0] not in BOOKKEEPING_KEYS]
+
+
 def run_config_changes(run_dir: Path, cfg: Any, unused: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
     """The changes beyond :data:`BOOKKEEPING_KEYS` (and the ``unused`` sections) from the ``config.yaml`` that
     ``run_dir`` ran under to the dataclass config ``cfg`` (``[]`` when it holds none)."""
-    changes = changes_since(Path(run_dir) / "config.yaml", cfg, unused)
-    return [change for change in changes if change[0] not in BOOKKEEPING_KEYS]
+    return significant_changes(changes_since(Path(run_dir) / "config.yaml", cfg, unused))
 
 
 def prepare_run_directory(
@@ -492,7 +496,7 @@ def prepare_run_directory(
         print(f"[maetok] --resume: the config differs from {config_path}:")
         for key, old, new in changes:
             print(f"  {key}: {old!r} -> {new!r}")
-    significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
+    significant = [key for key, _, _ in significant_changes(changes)]
     if significant and not allow_config_change:
         raise ModelFolderError(f"--resume with a changed config ({', '.join(significant[:4])}"
                                f"{' ...' if len(significant) > 4 else ''}) of {config_path}: pass --allow-config-change to "
@@ -895,10 +899,9 @@ class Trainer:
         run's): changes beyond :data:`BOOKKEEPING_KEYS` need ``--allow-config-change``, as for ``config.yaml``."""
         if saved is None or self.allow_config_change:  # checkpoints always hold their config; fixtures may not
             return
-        changes = changes_from(saved, self.cfg, self.unused_config_sections)
-        significant = [key for key, _, _ in changes if key not in BOOKKEEPING_KEYS]
+        significant = significant_changes(changes_from(saved, self.cfg, self.unused_config_sections))
         if significant:
-            shown = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key in significant[:3])
+            shown = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in significant[:3])
             raise ModelFolderError(f"--resume with a config other than the one {path} was trained with ({shown}"
                                    f"{' ...' if len(significant) > 3 else ''}): resume with that config, or pass "
                                    f"--allow-config-change")
