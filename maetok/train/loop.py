@@ -10,6 +10,7 @@ batch) (:func:`step_sample_random`); batch statistics are taken over the global 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import datetime
@@ -97,7 +98,15 @@ def setup_distributed(device: Optional[str] = None, collective_timeout_s: Option
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=collective_timeout_s) if collective_timeout_s else None
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        # torn down before the interpreter exits, however the command ends: a group left alive when a peer has
+        # already gone (a refused or failed job) aborts the process in C++ ("terminate called ...") at exit
+        atexit.register(_teardown_distributed)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
